@@ -1,0 +1,77 @@
+import { z } from 'zod'
+import { DEVICE_ID_PATTERN, Envelope } from './envelope.ts'
+
+const SiteId = z.string().regex(DEVICE_ID_PATTERN)
+/** Printable, no whitespace or control characters. */
+const Label = (max: number) => z.string().regex(new RegExp(`^[^\\s\\p{C}]{1,${max}}$`, 'u'))
+export const MetricName = z.string().regex(/^[a-z][a-z0-9_]{0,63}$/)
+export const Unit = Label(16)
+export const SensorStatus = z.enum(['active', 'inactive', 'maintenance', 'decommissioned'])
+export type SensorStatus = z.infer<typeof SensorStatus>
+
+/** A sensor joined the fleet (or was re-registered). Subject: fleet.events.<deviceId>.registered */
+export const SensorRegistered = Envelope.extend({
+  type: z.literal('sensor.registered'),
+  version: z.literal(1),
+  data: z.strictObject({
+    site: SiteId,
+    model: Label(64),
+    firmware: Label(32),
+    /** Seconds of silence after which the sensor's status becomes unknown. */
+    inactivityTimeoutSeconds: z
+      .number()
+      .int()
+      .min(1)
+      .max(7 * 24 * 3600)
+      .optional(),
+  }),
+})
+export type SensorRegistered = z.infer<typeof SensorRegistered>
+
+/** One sensor value. Subject: fleet.events.<deviceId>.reading */
+export const ReadingRecorded = Envelope.extend({
+  type: z.literal('reading.recorded'),
+  version: z.literal(1),
+  data: z.strictObject({ metric: MetricName, value: z.number(), unit: Unit }),
+})
+export type ReadingRecorded = z.infer<typeof ReadingRecorded>
+
+/** The device is alive. Subject: fleet.events.<deviceId>.heartbeat */
+export const HeartbeatReceived = Envelope.extend({
+  type: z.literal('heartbeat.received'),
+  version: z.literal(1),
+  data: z.strictObject({
+    batteryPercent: z.number().min(0).max(100).optional(),
+    rssiDbm: z.number().min(-200).max(0).optional(),
+    uptimeSeconds: z.number().int().min(0).optional(),
+  }),
+})
+export type HeartbeatReceived = z.infer<typeof HeartbeatReceived>
+
+/** An explicit status change (by the device or an operator). Subject: fleet.events.<deviceId>.status */
+export const StatusChanged = Envelope.extend({
+  type: z.literal('status.changed'),
+  version: z.literal(1),
+  data: z.strictObject({ status: SensorStatus, reason: z.string().max(256).optional() }),
+})
+export type StatusChanged = z.infer<typeof StatusChanged>
+
+/** Every event fleetstream accepts; `type` selects the schema, unknown types are rejected. */
+export const FleetEvent = z.discriminatedUnion('type', [
+  SensorRegistered,
+  ReadingRecorded,
+  HeartbeatReceived,
+  StatusChanged,
+])
+export type FleetEvent = z.infer<typeof FleetEvent>
+export type EventType = FleetEvent['type']
+export type EventOfType<T extends EventType> = Extract<FleetEvent, { type: T }>
+
+/** The subject token for each event type: `fleet.events.<deviceId>.<kind>`. */
+export const EVENT_KINDS = {
+  'sensor.registered': 'registered',
+  'reading.recorded': 'reading',
+  'heartbeat.received': 'heartbeat',
+  'status.changed': 'status',
+} as const satisfies Record<EventType, string>
+export type EventKind = (typeof EVENT_KINDS)[EventType]
