@@ -1,0 +1,116 @@
+import { hostname } from 'node:os'
+import { z } from 'zod'
+import { HLC_NODE_PATTERN } from '../schemas/hlc.ts'
+import { ValidationError, describeIssues } from '../schemas/validation.ts'
+
+/** An integer from an environment string; anything else is reported as the string it was. */
+const int = (min: number, max: number) =>
+  z.preprocess(
+    (v) => (typeof v === 'string' && /^\s*-?\d+\s*$/.test(v) ? Number(v) : v),
+    z.number().int().min(min).max(max),
+  )
+
+/** Environment variables fleetstream reads, with their defaults. */
+const Env = z.object({
+  NATS_URL: z
+    .string()
+    .regex(/^(nats|tls|wss?):\/\/\S+$/)
+    .default('nats://127.0.0.1:4222'),
+  DATABASE_URL: z
+    .string()
+    .regex(/^postgres(ql)?:\/\/\S+$/)
+    .default('postgres://postgres@127.0.0.1:5432/fleetstream'),
+  /** HLC node id of this process; defaults to a token derived from the host name. */
+  FLEETSTREAM_NODE_ID: z.string().regex(HLC_NODE_PATTERN).optional(),
+  HLC_MAX_OFFSET_MS: int(0, 3_600_000).default(500),
+  FLEET_STREAM_REPLICAS: int(1, 5).default(1),
+  FLEET_DUPLICATE_WINDOW_SECONDS: int(1, 7 * 24 * 3600).default(120),
+  FLEET_MAX_MSG_BYTES: int(1024, 1024 * 1024).default(16 * 1024),
+  /** -1: unlimited. With a limit, new events are refused when full; old ones are never dropped. */
+  FLEET_STREAM_MAX_BYTES: int(-1, Number.MAX_SAFE_INTEGER).default(-1),
+  DLQ_MAX_AGE_DAYS: int(1, 3650).default(30),
+  PROCESSOR_BATCH_SIZE: int(1, 10_000).default(1000),
+  PROCESSOR_BATCH_LINGER_MS: int(0, 10_000).default(20),
+  PROCESSOR_MAX_ACK_PENDING: int(1, 1_000_000).default(10_000),
+  PROCESSOR_ACK_WAIT_SECONDS: int(1, 3600).default(60),
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+})
+
+/**
+ * Everything a fleetstream process is configured with, parsed once from the environment.
+ *
+ * ```ts
+ * const config = loadConfig()                       // from process.env
+ * const test = loadConfig({ NATS_URL: server.url }) // tests build their own
+ * ```
+ */
+export interface Config {
+  readonly natsUrl: string
+  readonly databaseUrl: string
+  readonly nodeId: string
+  readonly hlcMaxOffsetMs: number
+  readonly streams: {
+    readonly events: string
+    readonly dlq: string
+    readonly replicas: number
+    readonly duplicateWindowSeconds: number
+    readonly maxMsgBytes: number
+    readonly maxBytes: number
+    readonly dlqMaxAgeDays: number
+  }
+  readonly processor: {
+    readonly batchSize: number
+    readonly batchLingerMs: number
+    readonly maxAckPending: number
+    readonly ackWaitSeconds: number
+  }
+  readonly logLevel: z.infer<typeof Env>['LOG_LEVEL']
+}
+
+/** Bad configuration: start-up stops with every problem listed. */
+export class ConfigError extends ValidationError {}
+
+export function loadConfig(env: Record<string, string | undefined> = process.env): Config {
+  const present = Object.fromEntries(
+    Object.entries(env).filter(([, v]) => v !== undefined && v !== ''),
+  )
+  const parsed = Env.safeParse(present, { reportInput: true })
+  if (!parsed.success) throw new ConfigError(describeIssues(parsed.error.issues), 'configuration')
+  const e = parsed.data
+  const config: Config = {
+    natsUrl: e.NATS_URL,
+    databaseUrl: e.DATABASE_URL,
+    nodeId: e.FLEETSTREAM_NODE_ID ?? defaultNodeId(),
+    hlcMaxOffsetMs: e.HLC_MAX_OFFSET_MS,
+    streams: {
+      events: 'FLEET_EVENTS',
+      dlq: 'FLEET_DLQ',
+      replicas: e.FLEET_STREAM_REPLICAS,
+      duplicateWindowSeconds: e.FLEET_DUPLICATE_WINDOW_SECONDS,
+      maxMsgBytes: e.FLEET_MAX_MSG_BYTES,
+      maxBytes: e.FLEET_STREAM_MAX_BYTES,
+      dlqMaxAgeDays: e.DLQ_MAX_AGE_DAYS,
+    },
+    processor: {
+      batchSize: e.PROCESSOR_BATCH_SIZE,
+      batchLingerMs: e.PROCESSOR_BATCH_LINGER_MS,
+      maxAckPending: Math.max(e.PROCESSOR_MAX_ACK_PENDING, e.PROCESSOR_BATCH_SIZE),
+      ackWaitSeconds: e.PROCESSOR_ACK_WAIT_SECONDS,
+    },
+    logLevel: e.LOG_LEVEL,
+  }
+  return deepFreeze(config)
+}
+
+function defaultNodeId(): string {
+  const token = hostname()
+    .toLowerCase()
+    .replace(/[^a-z0-9-]+/g, '-')
+    .replace(/^-+|-+$/g, '')
+  return (token || 'node').slice(0, 64)
+}
+
+function deepFreeze<T extends object>(o: T): T {
+  for (const v of Object.values(o)) if (typeof v === 'object' && v !== null) deepFreeze(v as object)
+  return Object.freeze(o)
+}

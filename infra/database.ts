@@ -1,0 +1,84 @@
+import { Kysely, PostgresDialect } from 'kysely'
+import pg from 'pg'
+import type { Logger } from './logger.ts'
+import { redact } from './nats.ts'
+import { withBackoff } from './retry.ts'
+
+/**
+ * A pg pool for one database. int8 columns (stream sequences, counts) come back as numbers: they
+ * stay far below 2^53 here, and numbers are what the rest of the code compares.
+ */
+export function createPool(
+  url: string,
+  opts: { max?: number; applicationName?: string; log: Logger },
+): pg.Pool {
+  const pool = new pg.Pool({
+    connectionString: url,
+    max: opts.max ?? 4,
+    application_name: opts.applicationName ?? 'fleetstream',
+    connectionTimeoutMillis: 5000,
+    idleTimeoutMillis: 30_000,
+    types: numericTypes(),
+  })
+  // An idle client that loses its server emits here; without a listener Node would crash.
+  pool.on('error', (err) => {
+    opts.log.warn({ err: err.message }, 'idle Postgres connection lost')
+  })
+  return pool
+}
+
+function numericTypes(): pg.TypeOverrides {
+  const types = new pg.TypeOverrides()
+  types.setTypeParser(pg.types.builtins.INT8, Number)
+  types.setTypeParser(pg.types.builtins.NUMERIC, Number)
+  return types
+}
+
+/** Kysely over a pool the caller owns (the dialect receives its pool). */
+export function createKysely<DB>(pool: pg.Pool): Kysely<DB> {
+  return new Kysely<DB>({ dialect: new PostgresDialect({ pool }) })
+}
+
+/** Waits with backoff until the server answers a query. */
+export async function waitForPostgres(
+  pool: pg.Pool,
+  log: Logger,
+  signal?: AbortSignal,
+): Promise<void> {
+  await withBackoff(log, 'connect to PostgreSQL').execute(() => pool.query('select 1'), signal)
+}
+
+/**
+ * Creates the database named in `url` if it does not exist yet, connecting to the server's
+ * `postgres` database to do so. Safe to run from several processes at once.
+ */
+export async function ensureDatabase(
+  url: string,
+  log: Logger,
+  signal?: AbortSignal,
+): Promise<void> {
+  const target = new URL(url)
+  const name = decodeURIComponent(target.pathname.replace(/^\//, ''))
+  if (!/^[A-Za-z0-9_-]{1,63}$/.test(name)) {
+    throw new Error(
+      `'DATABASE_URL' database name must match /^[A-Za-z0-9_-]{1,63}$/, got '${name}'`,
+    )
+  }
+  const admin = new URL(url)
+  admin.pathname = '/postgres'
+  const client = createPool(admin.toString(), { max: 1, log })
+  try {
+    await waitForPostgres(client, log, signal)
+    const found = await client.query('select 1 from pg_database where datname = $1', [name])
+    if (found.rowCount === 0) {
+      try {
+        await client.query(`create database "${name}"`)
+        log.info({ database: name, url: redact(url) }, 'created database')
+      } catch (err) {
+        if ((err as { code?: string }).code !== '42P04') throw err // 42P04: created meanwhile
+      }
+    }
+  } finally {
+    await client.end()
+  }
+}

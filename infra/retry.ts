@@ -1,0 +1,59 @@
+import { ExponentialBackoff, handleWhen, retry, type RetryPolicy } from 'cockatiel'
+import type { Logger } from './logger.ts'
+
+export interface BackoffOptions {
+  /** First delay; later ones grow exponentially with decorrelated jitter, so peers never sync up. */
+  readonly initialDelayMs?: number
+  readonly maxDelayMs?: number
+  /** Defaults to retrying until the call succeeds or the signal aborts. */
+  readonly maxAttempts?: number
+  /** Errors for which a retry cannot help; they are rethrown at once. */
+  readonly isPermanent?: (err: unknown) => boolean
+}
+
+/**
+ * A retry policy for a dependency that may not be up yet or may come and go. Each failure is
+ * logged with the next delay; nothing is cached: every attempt asks again.
+ *
+ * ```ts
+ * const nc = await withBackoff(log, 'connect to NATS').execute(() => connect({ servers }), signal)
+ * ```
+ */
+export function withBackoff(log: Logger, what: string, opts: BackoffOptions = {}): RetryPolicy {
+  const isPermanent = opts.isPermanent ?? (() => false)
+  const policy = retry(
+    handleWhen((err) => !isPermanent(err)),
+    {
+      maxAttempts: opts.maxAttempts ?? Number.POSITIVE_INFINITY,
+      backoff: new ExponentialBackoff({
+        initialDelay: opts.initialDelayMs ?? 200,
+        maxDelay: opts.maxDelayMs ?? 10_000,
+      }),
+    },
+  )
+  policy.onRetry((e) => {
+    const err = 'error' in e ? e.error : undefined
+    log.warn(
+      { attempt: e.attempt, delayMs: Math.round(e.delay), err: errorSummary(err) },
+      `${what}: not ready, retrying`,
+    )
+  })
+  return policy
+}
+
+/** A one-line description of an error, with its cause chain. */
+export function errorSummary(err: unknown): string {
+  const parts: string[] = []
+  let e: unknown = err
+  for (let i = 0; e !== undefined && e !== null && i < 4; i++) {
+    if (e instanceof Error) {
+      const code = (e as { code?: unknown }).code
+      parts.push(`${e.name}: ${e.message}${typeof code === 'string' ? ` (${code})` : ''}`)
+      e = e.cause
+    } else {
+      parts.push(typeof e === 'string' ? e : JSON.stringify(e))
+      break
+    }
+  }
+  return parts.join(' <- ')
+}

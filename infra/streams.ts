@@ -1,0 +1,160 @@
+import {
+  DiscardPolicy,
+  JetStreamApiCodes,
+  JetStreamApiError,
+  RetentionPolicy,
+  StorageType,
+  type JetStreamManager,
+  type StreamConfig,
+  type StreamInfo,
+} from '@nats-io/jetstream'
+import { nanos } from '@nats-io/transport-node'
+import { DLQ_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX } from '../schemas/subjects.ts'
+import type { Config } from './config.ts'
+
+/** JetStream API error 10058: a stream with that name already exists (with another config). */
+const STREAM_NAME_IN_USE = 10058
+
+/** The settings fleetstream owns on a stream; anything else the server fills in is left alone. */
+export type StreamSpec = Pick<
+  StreamConfig,
+  | 'name'
+  | 'description'
+  | 'subjects'
+  | 'retention'
+  | 'storage'
+  | 'discard'
+  | 'max_msgs'
+  | 'max_bytes'
+  | 'max_age'
+  | 'max_msg_size'
+  | 'duplicate_window'
+  | 'num_replicas'
+  | 'deny_delete'
+  | 'deny_purge'
+  | 'allow_rollup_hdrs'
+>
+
+/**
+ * FLEET_EVENTS: the one source of truth. Append-only (no delete, no purge, no rollups), kept
+ * forever, and when a byte limit is set it refuses new events rather than dropping old ones.
+ */
+export function eventsStreamSpec(c: Config['streams']): StreamSpec {
+  return {
+    name: c.events,
+    description: 'fleetstream device events: append-only source of truth',
+    subjects: [`${EVENTS_SUBJECT_PREFIX}.>`],
+    retention: RetentionPolicy.Limits,
+    storage: StorageType.File,
+    discard: DiscardPolicy.New,
+    max_msgs: -1,
+    max_bytes: c.maxBytes,
+    max_age: 0,
+    max_msg_size: c.maxMsgBytes,
+    duplicate_window: nanos(c.duplicateWindowSeconds * 1000),
+    num_replicas: c.replicas,
+    deny_delete: true,
+    deny_purge: true,
+    allow_rollup_hdrs: false,
+  }
+}
+
+/** FLEET_DLQ: parked events with their reason, browsable, kept for a limited time. */
+export function dlqStreamSpec(c: Config['streams']): StreamSpec {
+  return {
+    name: c.dlq,
+    description: 'fleetstream dead letters: events a processor refused, with the reason',
+    subjects: [`${DLQ_SUBJECT_PREFIX}.>`],
+    retention: RetentionPolicy.Limits,
+    storage: StorageType.File,
+    discard: DiscardPolicy.Old,
+    max_msgs: -1,
+    max_bytes: -1,
+    max_age: nanos(c.dlqMaxAgeDays * 24 * 3600 * 1000),
+    // Room for the original event plus the DLQ headers.
+    max_msg_size: c.maxMsgBytes + 8 * 1024,
+    duplicate_window: nanos(120_000),
+    num_replicas: c.replicas,
+    deny_delete: false,
+    deny_purge: true,
+    allow_rollup_hdrs: false,
+  }
+}
+
+/** A stream exists with settings that differ from what fleetstream needs; nothing was changed. */
+export class StreamConflictError extends Error {
+  override readonly name = 'StreamConflictError'
+  constructor(
+    readonly stream: string,
+    readonly differences: readonly string[],
+  ) {
+    super(
+      `stream ${stream} exists with a conflicting configuration (left unchanged): ` +
+        `${differences.join('; ')}. Align the environment with the stream, or migrate the ` +
+        `stream deliberately (nats stream info ${stream}).`,
+    )
+  }
+}
+
+export type EnsureResult = 'created' | 'unchanged'
+
+/**
+ * Creates the stream if it is missing; if it exists, checks every setting fleetstream owns and
+ * throws {@link StreamConflictError} listing each difference instead of silently changing it.
+ * Running it twice is a no-op.
+ */
+export async function ensureStream(jsm: JetStreamManager, spec: StreamSpec): Promise<EnsureResult> {
+  const existing = await streamInfo(jsm, spec.name)
+  if (existing === undefined) {
+    try {
+      await jsm.streams.add(spec)
+      return 'created'
+    } catch (err) {
+      // Another process created it meanwhile: fall through to the comparison.
+      if (!(err instanceof JetStreamApiError && err.code === STREAM_NAME_IN_USE)) throw err
+    }
+  }
+  const info = existing ?? (await jsm.streams.info(spec.name))
+  const differences = streamDifferences(spec, info.config)
+  if (differences.length > 0) throw new StreamConflictError(spec.name, differences)
+  return 'unchanged'
+}
+
+/** Both fleetstream streams; returns what was done to each. */
+export async function ensureStreams(
+  jsm: JetStreamManager,
+  c: Config['streams'],
+): Promise<Record<string, EnsureResult>> {
+  const events = eventsStreamSpec(c)
+  const dlq = dlqStreamSpec(c)
+  return {
+    [events.name]: await ensureStream(jsm, events),
+    [dlq.name]: await ensureStream(jsm, dlq),
+  }
+}
+
+export function streamDifferences(spec: StreamSpec, actual: StreamConfig): string[] {
+  const out: string[] = []
+  for (const key of Object.keys(spec) as (keyof StreamSpec)[]) {
+    if (key === 'description') continue
+    const want = spec[key]
+    const have = actual[key]
+    const same =
+      key === 'subjects'
+        ? [...(want as string[])].sort().join(',') === [...(have as string[])].sort().join(',')
+        : want === have
+    if (!same)
+      out.push(`${key} is ${JSON.stringify(have)}, fleetstream expects ${JSON.stringify(want)}`)
+  }
+  return out
+}
+
+async function streamInfo(jsm: JetStreamManager, name: string): Promise<StreamInfo | undefined> {
+  try {
+    return await jsm.streams.info(name)
+  } catch (err) {
+    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound)
+      return undefined
+    throw err
+  }
+}
