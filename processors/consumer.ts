@@ -1,0 +1,182 @@
+import {
+  AckPolicy,
+  DeliverPolicy,
+  JetStreamApiCodes,
+  JetStreamApiError,
+  ReplayPolicy,
+  type ConsumerConfig,
+  type ConsumerInfo,
+  type JetStreamManager,
+  type JsMsg,
+} from '@nats-io/jetstream'
+import { nanos } from '@nats-io/transport-node'
+import type { CheckpointPosition } from '../projections/checkpoints.ts'
+
+export interface ConsumerSpec {
+  readonly stream: string
+  /** Durable name; the same as the processor's name and checkpoint key. */
+  readonly name: string
+  readonly filterSubject: string
+  readonly maxAckPending: number
+  readonly ackWaitSeconds: number
+}
+
+/** The durable consumer config for a processor whose checkpoint is at `from`. */
+export function consumerConfig(
+  spec: ConsumerSpec,
+  from: CheckpointPosition,
+): Partial<ConsumerConfig> {
+  return {
+    durable_name: spec.name,
+    description: `fleetstream ${spec.name} processor (its checkpoint in Postgres is the source of truth)`,
+    filter_subject: spec.filterSubject,
+    // Acking the last message of a batch acks the batch: one ack per commit.
+    ack_policy: AckPolicy.All,
+    ...(from.lastSeq > 0
+      ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: from.lastSeq + 1 }
+      : { deliver_policy: DeliverPolicy.All }),
+    ack_wait: nanos(spec.ackWaitSeconds * 1000),
+    max_ack_pending: spec.maxAckPending,
+    // Unlimited: the server must never drop an event on its own. Poison is parked by the processor.
+    max_deliver: -1,
+    replay_policy: ReplayPolicy.Instant,
+  }
+}
+
+export type AnchorResult = 'created' | 'reused' | 'recreated'
+
+/**
+ * Makes the durable consumer deliver exactly from the checkpoint on. The consumer is reused only
+ * when the server's view agrees with Postgres (ack floor at the checkpoint, nothing in flight,
+ * same settings); otherwise it is recreated at checkpoint + 1. This matters with AckPolicy.All:
+ * messages delivered to a crashed instance but never applied would otherwise be acked by the
+ * next batch's ack and skipped.
+ */
+export async function anchorConsumer(
+  jsm: JetStreamManager,
+  spec: ConsumerSpec,
+  from: CheckpointPosition,
+): Promise<AnchorResult> {
+  const want = consumerConfig(spec, from)
+  const info = await consumerInfo(jsm, spec.stream, spec.name)
+  if (info !== undefined && agrees(info, want, from)) return 'reused'
+  if (info !== undefined) await jsm.consumers.delete(spec.stream, spec.name)
+  await jsm.consumers.add(spec.stream, want)
+  return info === undefined ? 'created' : 'recreated'
+}
+
+function agrees(
+  info: ConsumerInfo,
+  want: Partial<ConsumerConfig>,
+  from: CheckpointPosition,
+): boolean {
+  const c = info.config
+  return (
+    c.filter_subject === want.filter_subject &&
+    c.ack_policy === want.ack_policy &&
+    c.max_ack_pending === want.max_ack_pending &&
+    c.ack_wait === want.ack_wait &&
+    (c.max_deliver ?? -1) === -1 &&
+    info.ack_floor.stream_seq === from.lastSeq &&
+    info.delivered.stream_seq === from.lastSeq &&
+    info.num_ack_pending === 0
+  )
+}
+
+export async function consumerInfo(
+  jsm: JetStreamManager,
+  stream: string,
+  name: string,
+): Promise<ConsumerInfo | undefined> {
+  try {
+    return await jsm.consumers.info(stream, name)
+  } catch (err) {
+    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound)
+      return undefined
+    throw err
+  }
+}
+
+/**
+ * Messages pushed by a consume() callback, taken out in batches: waits for the first message,
+ * then lingers briefly for more so that a busy stream gives full batches and a quiet one low
+ * latency. Its size is bounded by the consumer's max_ack_pending, not by this class.
+ */
+export class MessageBuffer {
+  #items: JsMsg[] = []
+  #wake: (() => void) | undefined
+  #closed = false
+
+  push(m: JsMsg): void {
+    this.#items.push(m)
+    this.#notify()
+  }
+
+  close(): void {
+    this.#closed = true
+    this.#notify()
+  }
+
+  get size(): number {
+    return this.#items.length
+  }
+
+  get closed(): boolean {
+    return this.#closed
+  }
+
+  /** Up to `max` messages; an empty array once closed or aborted. */
+  async take(max: number, lingerMs: number, signal: AbortSignal): Promise<JsMsg[]> {
+    while (this.#items.length === 0 && !this.#closed && !signal.aborted) {
+      await this.#wait(signal, undefined)
+    }
+    const deadline = Date.now() + lingerMs
+    while (this.#items.length < max && !this.#closed && !signal.aborted) {
+      const left = deadline - Date.now()
+      if (left <= 0) break
+      await this.#wait(signal, left)
+    }
+    if (signal.aborted) return []
+    return this.#items.splice(0, max)
+  }
+
+  #notify(): void {
+    const wake = this.#wake
+    this.#wake = undefined
+    wake?.()
+  }
+
+  #wait(signal: AbortSignal, ms: number | undefined): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer)
+        signal.removeEventListener('abort', done)
+        resolve()
+      }
+      const timer = ms === undefined ? undefined : setTimeout(done, ms)
+      signal.addEventListener('abort', done, { once: true })
+      this.#wake = done
+    })
+  }
+}
+
+/**
+ * Creates the consumer at checkpoint + 1 if it does not exist; an existing one is left to its
+ * processor, which anchors it when it starts (set-up never pulls a consumer from under a
+ * running processor).
+ */
+export async function ensureConsumer(
+  jsm: JetStreamManager,
+  spec: ConsumerSpec,
+  from: CheckpointPosition,
+): Promise<'created' | 'exists'> {
+  if ((await consumerInfo(jsm, spec.stream, spec.name)) !== undefined) return 'exists'
+  try {
+    await jsm.consumers.add(spec.stream, consumerConfig(spec, from))
+  } catch (err) {
+    // Its processor created it meanwhile.
+    if ((await consumerInfo(jsm, spec.stream, spec.name)) === undefined) throw err
+    return 'exists'
+  }
+  return 'created'
+}

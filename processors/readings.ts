@@ -1,0 +1,16 @@
+import { anyEvents } from '../projections/projection.ts'
+import { readingsProjection } from '../projections/readings.ts'
+import { kindFilter } from '../schemas/subjects.ts'
+import type { ProcessorSpec } from './processor.ts'
+
+/**
+ * readings
+ * - reads:   FLEET_EVENTS, durable consumer `readings`, filter `fleet.events.*.reading`
+ * - handles: reading.recorded
+ * - writes:  readings, latest_readings (+ its row in processor_checkpoints)
+ */
+export const readingsProcessor: ProcessorSpec = {
+  name: 'readings',
+  filterSubject: kindFilter('reading'),
+  projection: anyEvents(readingsProjection),
+}

@@ -1,0 +1,53 @@
+import type { Transaction } from 'kysely'
+import type { EventOfType, EventType, FleetEvent } from '../schemas/events.ts'
+import type { Database } from './tables.ts'
+
+/** A validated event as a processor hands it to a projection. */
+export interface ProjectedEvent<E extends FleetEvent = FleetEvent> {
+  readonly event: E
+  /** FLEET_EVENTS sequence. */
+  readonly streamSeq: number
+  /** When the stream stored it: time for projections comes from here or the event, never the wall clock. */
+  readonly ingestedAt: Date
+}
+
+/**
+ * Event -> SQL. `apply` runs inside the processor's transaction, together with its checkpoint,
+ * and must be idempotent by eventId: applying the same event twice changes nothing.
+ *
+ * ```ts
+ * export const readingsProjection: Projection<'reading.recorded'> = {
+ *   name: 'readings', handles: ['reading.recorded'], tables: ['readings', 'latest_readings'],
+ *   async apply(trx, events) { ... set-based upserts ... },
+ * }
+ * ```
+ */
+export interface Projection<T extends EventType = EventType> {
+  readonly name: string
+  readonly handles: readonly T[]
+  readonly tables: readonly (keyof Database)[]
+  apply(
+    trx: Transaction<Database>,
+    events: readonly ProjectedEvent<EventOfType<T>>[],
+  ): Promise<void>
+}
+
+/** A projection that takes any events and applies the ones it handles; what processors run. */
+export interface AnyProjection {
+  readonly name: string
+  readonly handles: readonly EventType[]
+  readonly tables: readonly (keyof Database)[]
+  apply(trx: Transaction<Database>, events: readonly ProjectedEvent[]): Promise<void>
+}
+
+export function anyEvents<T extends EventType>(projection: Projection<T>): AnyProjection {
+  const handles: readonly EventType[] = projection.handles
+  const mine = (e: ProjectedEvent): e is ProjectedEvent<EventOfType<T>> =>
+    handles.includes(e.event.type)
+  return {
+    name: projection.name,
+    handles,
+    tables: projection.tables,
+    apply: (trx, events) => projection.apply(trx, events.filter(mine)),
+  }
+}

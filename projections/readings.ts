@@ -1,0 +1,82 @@
+import { sql } from 'kysely'
+import type { ReadingRecorded } from '../schemas/events.ts'
+import type { Projection, ProjectedEvent } from './projection.ts'
+
+/**
+ * readings: every distinct reading, plus the newest value per sensor and metric.
+ *
+ * Set-based: one INSERT ... SELECT FROM unnest(...) per table per batch. Idempotent: a reading
+ * is keyed by eventId, and `latest_readings` only moves to a strictly newer HLC, so a redelivered,
+ * re-published or late event changes nothing it should not.
+ */
+export const readingsProjection: Projection<'reading.recorded'> = {
+  name: 'readings',
+  handles: ['reading.recorded'],
+  tables: ['readings', 'latest_readings'],
+  async apply(trx, events) {
+    if (events.length === 0) return
+    const rows = distinctBy(events, (e) => e.event.eventId)
+    const c = columns(rows)
+    await sql`
+      insert into readings (event_id, device_id, metric, value, unit, occurred_at, hlc,
+                            correlation_id, causation_id, stream_seq, ingested_at)
+      select * from unnest(${c.eventId}::text[], ${c.deviceId}::text[], ${c.metric}::text[],
+                           ${c.value}::float8[], ${c.unit}::text[], ${c.occurredAt}::timestamptz[],
+                           ${c.hlc}::text[], ${c.correlationId}::text[], ${c.causationId}::text[],
+                           ${c.streamSeq}::int8[], ${c.ingestedAt}::timestamptz[])
+      on conflict (event_id) do nothing`.execute(trx)
+
+    // One candidate per (sensor, metric): an upsert may not touch the same row twice.
+    const newest = columns(newestPerKey(rows))
+    await sql`
+      insert into latest_readings as l (device_id, metric, value, unit, occurred_at, hlc, event_id,
+                                        correlation_id, stream_seq)
+      select * from unnest(${newest.deviceId}::text[], ${newest.metric}::text[], ${newest.value}::float8[],
+                           ${newest.unit}::text[], ${newest.occurredAt}::timestamptz[], ${newest.hlc}::text[],
+                           ${newest.eventId}::text[], ${newest.correlationId}::text[], ${newest.streamSeq}::int8[])
+      on conflict (device_id, metric) do update set
+        value = excluded.value, unit = excluded.unit, occurred_at = excluded.occurred_at,
+        hlc = excluded.hlc, event_id = excluded.event_id, correlation_id = excluded.correlation_id,
+        stream_seq = excluded.stream_seq
+      where l.hlc < excluded.hlc`.execute(trx)
+  },
+}
+
+type Row = ProjectedEvent<ReadingRecorded>
+
+function newestPerKey(rows: readonly Row[]): Row[] {
+  const best = new Map<string, Row>()
+  for (const r of rows) {
+    const key = `${r.event.deviceId}\u0000${r.event.data.metric}`
+    const seen = best.get(key)
+    // Encoded HLCs compare as strings in clock order.
+    if (seen === undefined || seen.event.hlc < r.event.hlc) best.set(key, r)
+  }
+  return [...best.values()]
+}
+
+function distinctBy<T>(items: readonly T[], key: (t: T) => string): T[] {
+  const seen = new Set<string>()
+  return items.filter((t) => {
+    const k = key(t)
+    if (seen.has(k)) return false
+    seen.add(k)
+    return true
+  })
+}
+
+function columns(rows: readonly Row[]) {
+  return {
+    eventId: rows.map((r) => r.event.eventId),
+    deviceId: rows.map((r) => r.event.deviceId),
+    metric: rows.map((r) => r.event.data.metric),
+    value: rows.map((r) => r.event.data.value),
+    unit: rows.map((r) => r.event.data.unit),
+    occurredAt: rows.map((r) => r.event.occurredAt),
+    hlc: rows.map((r) => r.event.hlc),
+    correlationId: rows.map((r) => r.event.correlationId),
+    causationId: rows.map((r) => r.event.causationId ?? null),
+    streamSeq: rows.map((r) => r.streamSeq),
+    ingestedAt: rows.map((r) => r.ingestedAt.toISOString()),
+  }
+}
