@@ -1,0 +1,312 @@
+#!/usr/bin/env node
+import { Command, InvalidArgumentError, Option } from 'commander'
+import { loadConfig, ConfigError, type Config } from '../infra/config.ts'
+import { createLogger } from '../infra/logger.ts'
+import { redact } from '../infra/nats.ts'
+import { createPublisher } from '../infra/publisher.ts'
+import { errorSummary } from '../infra/retry.ts'
+import { processors } from '../processors/index.ts'
+import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
+import { HybridLogicalClock } from '../schemas/hlc.ts'
+import { simulateFleet, type SimulationOptions } from '../simulator/fleet.ts'
+import { fmt, startProgress } from './progress.ts'
+import { openRuntime, setUp, type Runtime } from './runtime.ts'
+
+/** Exit codes: 0 done, 1 failed, 2 bad usage or configuration, 130 interrupted twice. */
+const EXIT_FAILED = 1
+const EXIT_USAGE = 2
+
+const simulationOptions = {
+  devices: () => new Option('--devices <n>', 'simulated sensors').argParser(positive).default(100),
+  rate: () =>
+    new Option('--rate <events/s>', 'events per second across the fleet')
+      .argParser(positive)
+      .default(200),
+  duplicates: () =>
+    new Option('--duplicates <ratio>', 'share of publishes that re-send an earlier event (0..1)')
+      .argParser(ratio)
+      .default(0.05),
+}
+
+const program = new Command()
+  .name('fleetstream')
+  .description(
+    'Event-sourced stream processor for IoT sensor fleets (NATS JetStream -> PostgreSQL).',
+  )
+  .showHelpAfterError()
+  .addHelpText(
+    'after',
+    `
+Environment: NATS_URL (default nats://127.0.0.1:4222), DATABASE_URL (default
+postgres://postgres@127.0.0.1:5432/fleetstream), LOG_LEVEL, and the tuning variables in README.md.`,
+  )
+
+program
+  .command('setup')
+  .description(
+    'create the database schema, the FLEET_EVENTS and FLEET_DLQ streams and the consumers (idempotent)',
+  )
+  .option('--json', 'print the report as JSON')
+  .action(async (opts: { json?: boolean }) => {
+    await withRuntime('fleetstream-setup', async (rt, signal) => {
+      const report = await setUp(rt, signal)
+      if (opts.json) console.log(JSON.stringify(report))
+      else {
+        console.log(
+          `schema: ${report.migrations.length ? `applied ${report.migrations.join(', ')}` : 'up to date'}`,
+        )
+        for (const [name, r] of Object.entries(report.streams)) console.log(`stream ${name}: ${r}`)
+        for (const [name, r] of Object.entries(report.consumers))
+          console.log(`consumer ${name}: ${r}`)
+      }
+    })
+  })
+
+program
+  .command('run')
+  .description('run processors until SIGINT/SIGTERM (all of them when none is named)')
+  .argument('[processor...]', `processors to run: ${Object.keys(processors).join(', ')}`)
+  .action(async (names: string[]) => {
+    const specs = selectProcessors(names)
+    await withRuntime('fleetstream-run', async (rt, signal) => {
+      await setUp(rt, signal)
+      const running = specs.map((spec) => startProcessor(spec, rt))
+      await waitForAbort(signal)
+      await Promise.all(running.map((p) => p.stop()))
+    })
+  })
+
+program
+  .command('simulate')
+  .description(
+    'publish a simulated fleet: registrations, then readings and heartbeats at a rate, with re-sent duplicates',
+  )
+  .addOption(simulationOptions.devices())
+  .addOption(simulationOptions.rate())
+  .addOption(
+    new Option('--duration <seconds>', 'seconds to run; 0 runs until Ctrl-C')
+      .argParser(nonNegative)
+      .default(10),
+  )
+  .addOption(simulationOptions.duplicates())
+  .addOption(new Option('--seed <n>', 'seed for a repeatable fleet').argParser(nonNegative))
+  .option('--json', 'print the summary as JSON')
+  .action(async (opts: SimulateFlags & { json?: boolean }) => {
+    await withRuntime('fleetstream-simulate', async (rt, signal) => {
+      await setUp(rt, signal)
+      const publisher = createPublisher(rt.js, { clock: clockFor(rt.config, 'sim') })
+      const stats = await simulateFleet(publisher, simulation(opts), signal)
+      if (opts.json) console.log(JSON.stringify(stats))
+      else {
+        const rate = Math.round(
+          (stats.sent + stats.resent) / Math.max(stats.elapsedMs / 1000, 0.001),
+        )
+        console.log(
+          `sent ${fmt(stats.sent)} events and ${fmt(stats.resent)} re-sends in ${(stats.elapsedMs / 1000).toFixed(1)} s ` +
+            `(${fmt(rate)}/s); the stream stored ${fmt(stats.stored)} and reported ${fmt(stats.duplicateAcks)} duplicates`,
+        )
+      }
+    })
+  })
+
+program
+  .command('start')
+  .description(
+    'the main job: set up, run every processor and a simulated fleet, show live progress until Ctrl-C',
+  )
+  .addOption(simulationOptions.devices())
+  .addOption(simulationOptions.rate())
+  .addOption(
+    new Option(
+      '--duration <seconds>',
+      'stop the simulator after this many seconds, let processors catch up, and exit; 0 runs until Ctrl-C',
+    )
+      .argParser(nonNegative)
+      .default(0),
+  )
+  .addOption(simulationOptions.duplicates())
+  .addOption(new Option('--seed <n>', 'seed for a repeatable fleet').argParser(nonNegative))
+  .action(async (opts: SimulateFlags) => {
+    await withRuntime(
+      'fleetstream-start',
+      async (rt, signal) => {
+        const report = await setUp(rt, signal)
+        console.log(
+          `fleetstream: NATS ${redact(rt.config.natsUrl)}, PostgreSQL ${redact(rt.config.databaseUrl)}; ` +
+            `streams ${Object.entries(report.streams)
+              .map(([n, r]) => `${n} (${r})`)
+              .join(', ')}`,
+        )
+        const running = Object.values(processors).map((spec) => startProcessor(spec, rt))
+        const publisher = createPublisher(rt.js, { clock: clockFor(rt.config, 'sim') })
+        const progress = startProgress(rt, running, publisher)
+        const simulator = new AbortController()
+        signal.addEventListener(
+          'abort',
+          () => {
+            simulator.abort()
+          },
+          { once: true },
+        )
+        try {
+          await simulateFleet(publisher, simulation(opts), simulator.signal)
+          if (!signal.aborted) {
+            console.log(
+              '\nsimulator finished; waiting for the processors to catch up (Ctrl-C to stop now)',
+            )
+            await progress.caughtUp(signal)
+          }
+        } finally {
+          await Promise.all(running.map((p) => p.stop()))
+          await progress.stop()
+        }
+        printSummary(rt, running, publisher.stats)
+      },
+      process.env.LOG_LEVEL ? undefined : 'warn',
+    )
+  })
+
+interface SimulateFlags {
+  devices: number
+  rate: number
+  duration: number
+  duplicates: number
+  seed?: number
+}
+
+function simulation(opts: SimulateFlags): SimulationOptions {
+  return {
+    devices: opts.devices,
+    rate: opts.rate,
+    durationSeconds: opts.duration,
+    duplicateRatio: opts.duplicates,
+    ...(opts.seed !== undefined ? { seed: opts.seed } : {}),
+  }
+}
+
+function clockFor(config: Config, role: string): HybridLogicalClock {
+  return new HybridLogicalClock({
+    node: `${role}-${config.nodeId}`.slice(0, 64),
+    maxOffsetMs: config.hlcMaxOffsetMs,
+  })
+}
+
+function selectProcessors(names: string[]) {
+  if (names.length === 0) return Object.values(processors)
+  return names.map((n) => {
+    const spec = processors[n]
+    if (spec === undefined) {
+      throw new InvalidArgumentError(
+        `'processor' must be one of ${Object.keys(processors).join(', ')}, got '${n}'`,
+      )
+    }
+    return spec
+  })
+}
+
+function printSummary(
+  rt: Runtime,
+  running: readonly RunningProcessor[],
+  published: { published: number; duplicates: number },
+) {
+  const { config } = rt
+  const lines = [
+    '',
+    `published ${fmt(published.published)} events (${fmt(published.duplicates)} re-sends refused as duplicates by the stream)`,
+    ...running.map(
+      (p) =>
+        `processor ${p.name}: applied ${fmt(p.stats.applied)}, refused ${fmt(p.stats.rejected)}, checkpoint at stream sequence ${fmt(p.stats.checkpoint)}`,
+    ),
+    '',
+    'Query what it wrote:',
+    `  psql '${config.databaseUrl}' -c "select device_id, metric, value, unit, occurred_at from latest_readings order by device_id, metric limit 20"`,
+    `  psql '${config.databaseUrl}' -c "select count(*), count(distinct device_id) as sensors from readings"`,
+    'Inspect the stream (nats CLI):',
+    `  nats --server ${config.natsUrl} stream info ${config.streams.events}`,
+    `  nats --server ${config.natsUrl} stream view ${config.streams.events} --subject 'fleet.events.*.reading'`,
+    `  nats --server ${config.natsUrl} consumer info ${config.streams.events} readings`,
+  ]
+  console.log(lines.join('\n'))
+}
+
+/**
+ * Runs a command with open connections and a signal that aborts on the first SIGINT/SIGTERM
+ * (finish in-flight work, shut down cleanly); a second one exits at once with 130.
+ */
+async function withRuntime(
+  name: string,
+  body: (rt: Runtime, signal: AbortSignal) => Promise<void>,
+  logLevel?: string,
+): Promise<void> {
+  const config = loadConfig()
+  const log = createLogger({ level: logLevel ?? config.logLevel, name })
+  const stop = new AbortController()
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (stop.signal.aborted) {
+      log.warn({ signal: sig }, 'second signal: exiting now')
+      process.exit(130)
+    }
+    log.info({ signal: sig }, 'shutting down: finishing the batch in hand')
+    stop.abort()
+  }
+  process.on('SIGINT', onSignal)
+  process.on('SIGTERM', onSignal)
+  let rt: Runtime | undefined
+  try {
+    rt = await openRuntime(config, log, { name, signal: stop.signal })
+    await body(rt, stop.signal)
+  } catch (err) {
+    if (stop.signal.aborted && rt === undefined) return // interrupted while waiting for a dependency
+    throw err
+  } finally {
+    await rt?.close()
+    log.flush()
+  }
+}
+
+function waitForAbort(signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) resolve()
+    else
+      signal.addEventListener(
+        'abort',
+        () => {
+          resolve()
+        },
+        { once: true },
+      )
+  })
+}
+
+function positive(v: string): number {
+  const n = Number(v)
+  if (!Number.isFinite(n) || n <= 0)
+    throw new InvalidArgumentError(`must be a number > 0, got '${v}'`)
+  return n
+}
+
+function nonNegative(v: string): number {
+  const n = Number(v)
+  if (!Number.isFinite(n) || n < 0)
+    throw new InvalidArgumentError(`must be a number >= 0, got '${v}'`)
+  return n
+}
+
+function ratio(v: string): number {
+  const n = Number(v)
+  if (!Number.isFinite(n) || n < 0 || n > 1)
+    throw new InvalidArgumentError(`must be a number in [0, 1], got '${v}'`)
+  return n
+}
+
+try {
+  await program.parseAsync()
+} catch (err) {
+  if (err instanceof ConfigError || err instanceof InvalidArgumentError) {
+    console.error(`fleetstream: ${err.message}`)
+    process.exitCode = EXIT_USAGE
+  } else {
+    console.error(`fleetstream: ${errorSummary(err)}`)
+    process.exitCode = EXIT_FAILED
+  }
+}

@@ -1,0 +1,109 @@
+import {
+  jetstream,
+  jetstreamManager,
+  JetStreamApiError,
+  type JetStreamClient,
+  type JetStreamManager,
+} from '@nats-io/jetstream'
+import type { NatsConnection } from '@nats-io/transport-node'
+import type { Kysely } from 'kysely'
+import type pg from 'pg'
+import type { Config } from '../infra/config.ts'
+import { createKysely, createPool, ensureDatabase, waitForPostgres } from '../infra/database.ts'
+import type { Logger } from '../infra/logger.ts'
+import { connectNats } from '../infra/nats.ts'
+import { withBackoff } from '../infra/retry.ts'
+import { ensureStreams, StreamConflictError, type EnsureResult } from '../infra/streams.ts'
+import { consumerSpecOf } from '../processors/processor.ts'
+import { ensureConsumer } from '../processors/consumer.ts'
+import { processors } from '../processors/index.ts'
+import { readCheckpoint } from '../projections/checkpoints.ts'
+import { migrateToLatest } from '../projections/migrate.ts'
+import type { Database } from '../projections/tables.ts'
+
+/** Open connections of one fleetstream process. */
+export interface Runtime {
+  readonly config: Config
+  readonly log: Logger
+  readonly nc: NatsConnection
+  readonly js: JetStreamClient
+  readonly jsm: JetStreamManager
+  readonly pool: pg.Pool
+  readonly db: Kysely<Database>
+  close(): Promise<void>
+}
+
+/**
+ * Connects to NATS and Postgres, waiting with backoff for each (start-up never assumes they are
+ * up), creating the database if it is missing.
+ */
+export async function openRuntime(
+  config: Config,
+  log: Logger,
+  opts: { name: string; signal?: AbortSignal; poolSize?: number },
+): Promise<Runtime> {
+  await ensureDatabase(config.databaseUrl, log, opts.signal)
+  const pool = createPool(config.databaseUrl, {
+    max: opts.poolSize ?? 4,
+    applicationName: opts.name,
+    log,
+  })
+  try {
+    await waitForPostgres(pool, log, opts.signal)
+    const nc = await connectNats(config.natsUrl, {
+      name: opts.name,
+      log,
+      ...(opts.signal ? { signal: opts.signal } : {}),
+    })
+    const db = createKysely<Database>(pool)
+    return {
+      config,
+      log,
+      nc,
+      js: jetstream(nc),
+      jsm: await jetstreamManager(nc),
+      pool,
+      db,
+      async close() {
+        await nc.drain().catch(() => undefined)
+        await db.destroy() // ends the pool
+      },
+    }
+  } catch (err) {
+    await pool.end().catch(() => undefined)
+    throw err
+  }
+}
+
+export interface SetupReport {
+  readonly migrations: readonly string[]
+  readonly streams: Record<string, EnsureResult>
+  readonly consumers: Record<string, 'created' | 'exists'>
+}
+
+/**
+ * Everything a run needs, idempotent: schema migrations, the FLEET_EVENTS and FLEET_DLQ streams
+ * (a conflicting existing stream stops set-up with every difference listed), and a durable
+ * consumer per processor. A NATS server that is still starting is waited for.
+ */
+export async function setUp(rt: Runtime, signal?: AbortSignal): Promise<SetupReport> {
+  const migrated = await migrateToLatest(rt.db as Kysely<unknown>)
+  const streams = await withBackoff(rt.log, 'create streams', {
+    // A conflict or an API refusal (e.g. overlapping subjects) is an answer, not an outage.
+    isPermanent: (err) =>
+      err instanceof StreamConflictError ||
+      (err instanceof JetStreamApiError && err.status !== 503),
+  }).execute(() => ensureStreams(rt.jsm, rt.config.streams), signal)
+  const consumers: Record<string, 'created' | 'exists'> = {}
+  for (const spec of Object.values(processors)) {
+    const from = await readCheckpoint(rt.db, spec.name)
+    consumers[spec.name] = await ensureConsumer(rt.jsm, consumerSpecOf(spec, rt.config), from)
+  }
+  return {
+    migrations: (migrated.results ?? [])
+      .filter((r) => r.status === 'Success')
+      .map((r) => r.migrationName),
+    streams,
+    consumers,
+  }
+}
