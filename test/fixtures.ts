@@ -1,0 +1,124 @@
+import { spawn, type ChildProcess } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
+import { jetstreamManager } from '@nats-io/jetstream'
+import { connect, type NatsConnection } from '@nats-io/transport-node'
+import { loadConfig, type Config } from '../infra/config.ts'
+import { createLogger } from '../infra/logger.ts'
+import { createPublisher, type Publisher } from '../infra/publisher.ts'
+import { HybridLogicalClock } from '../schemas/hlc.ts'
+import { openRuntime, setUp, type Runtime } from '../cli/runtime.ts'
+import type { EventDraft } from '../infra/publisher.ts'
+
+export const repoRoot = fileURLToPath(new URL('..', import.meta.url))
+export const cliPath = fileURLToPath(new URL('../dist/cli/main.js', import.meta.url))
+
+/** Environment for a fleetstream process pointed at throwaway servers. */
+export function testEnv(
+  natsUrl: string,
+  databaseUrl: string,
+  extra: Record<string, string> = {},
+): Record<string, string> {
+  return {
+    NATS_URL: natsUrl,
+    DATABASE_URL: databaseUrl,
+    LOG_LEVEL: 'warn',
+    PROCESSOR_BATCH_LINGER_MS: '5',
+    ...extra,
+  }
+}
+
+export function testConfig(
+  natsUrl: string,
+  databaseUrl: string,
+  extra: Record<string, string> = {},
+): Config {
+  return loadConfig(
+    testEnv(natsUrl, databaseUrl, { LOG_LEVEL: process.env.TEST_LOG_LEVEL ?? 'silent', ...extra }),
+  )
+}
+
+/** Connections plus schema, streams and consumers, as `fleetstream setup` leaves them. */
+export async function testRuntime(config: Config): Promise<Runtime> {
+  const rt = await openRuntime(config, createLogger({ level: config.logLevel, name: 'test' }), {
+    name: 'fleetstream-test',
+  })
+  await setUp(rt)
+  return rt
+}
+
+export function testPublisher(rt: Runtime, node = 'test-gw'): Publisher {
+  return createPublisher(rt.js, { clock: new HybridLogicalClock({ node, maxOffsetMs: 500 }) })
+}
+
+export function readingDraft(
+  deviceId: string,
+  value: number,
+  metric = 'temperature',
+): EventDraft<'reading.recorded'> {
+  return { type: 'reading.recorded', deviceId, data: { metric, value, unit: 'C' } }
+}
+
+/** Polls until `check` returns true, or fails naming what it waited for and the last value. */
+export async function waitFor(
+  what: string,
+  check: () => Promise<boolean> | boolean,
+  timeoutMs = 30_000,
+  describe?: () => Promise<string> | string,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    if (await check()) return
+    if (Date.now() > deadline) {
+      throw new Error(
+        `timed out after ${timeoutMs} ms waiting for ${what}${describe ? `: ${await describe()}` : ''}`,
+      )
+    }
+    await new Promise((r) => setTimeout(r, 100))
+  }
+}
+
+/** A running `fleetstream` CLI process with its output collected. */
+export interface CliProcess {
+  readonly child: ChildProcess
+  readonly output: () => string
+  /** Resolves with the exit code (or 128 + signal number when killed). */
+  readonly exited: Promise<number>
+}
+
+export function spawnCli(args: readonly string[], env: Record<string, string>): CliProcess {
+  const child = spawn(process.execPath, [cliPath, ...args], {
+    cwd: repoRoot,
+    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+  let out = ''
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()))
+  child.stderr.on('data', (d: Buffer) => (out += d.toString()))
+  const exited = new Promise<number>((resolve) => {
+    child.on('exit', (code, signal) => {
+      resolve(code ?? 128 + (signal === 'SIGKILL' ? 9 : signal === 'SIGTERM' ? 15 : 2))
+    })
+  })
+  return { child, output: () => out, exited }
+}
+
+/** Runs the CLI to completion. */
+export async function runCli(
+  args: readonly string[],
+  env: Record<string, string>,
+  timeoutMs = 60_000,
+): Promise<{ code: number; output: string }> {
+  const p = spawnCli(args, env)
+  const timer = setTimeout(() => p.child.kill('SIGKILL'), timeoutMs)
+  const code = await p.exited
+  clearTimeout(timer)
+  return { code, output: p.output() }
+}
+
+/** A bare NATS connection and JetStream manager, for tests that act as the `nats` CLI would. */
+export async function natsAdmin(
+  url: string,
+): Promise<{ nc: NatsConnection; jsm: Awaited<ReturnType<typeof jetstreamManager>> }> {
+  const nc = await connect({ servers: url })
+  return { nc, jsm: await jetstreamManager(nc) }
+}

@@ -1,0 +1,89 @@
+import { jetstreamManager } from '@nats-io/jetstream'
+import { connect } from '@nats-io/transport-node'
+import pg from 'pg'
+import { afterAll, describe, expect, it } from 'vitest'
+import {
+  type NatsServer,
+  type PgCluster,
+  freshDatabase,
+  startNatsServer,
+  startPostgres,
+} from './harness/index.ts'
+
+async function selectOne(url: string): Promise<unknown> {
+  const client = new pg.Client({ connectionString: url })
+  await client.connect()
+  try {
+    const { rows } = await client.query<{ one: number }>('select 1 as one')
+    return rows[0]?.one
+  } finally {
+    await client.end()
+  }
+}
+
+const cleanups: (() => Promise<void>)[] = []
+
+afterAll(async () => {
+  await Promise.all(cleanups.map((cleanup) => cleanup()))
+})
+
+describe('startNatsServer', () => {
+  let ns: NatsServer
+
+  it('starts a JetStream server on a random port', async () => {
+    ns = await startNatsServer()
+    cleanups.push(() => ns.cleanup())
+    expect(ns.port).not.toBe(4222)
+    expect(ns.url).toBe(`nats://127.0.0.1:${ns.port}`)
+  })
+
+  it('keeps streams across a SIGKILL and a restart on the same port', async () => {
+    const stream = `harness_${Math.random().toString(36).slice(2, 10)}`
+    const nc = await connect({ servers: ns.url })
+    try {
+      const jsm = await jetstreamManager(nc)
+      await jsm.streams.add({ name: stream, subjects: [`${stream}.>`] })
+    } finally {
+      await nc.close()
+    }
+    const { port, pid } = ns
+
+    await ns.kill('SIGKILL')
+    await ns.restart()
+
+    expect(ns.port).toBe(port)
+    expect(ns.pid).not.toBe(pid)
+    const again = await connect({ servers: ns.url })
+    try {
+      const jsm = await jetstreamManager(again)
+      const info = await jsm.streams.info(stream)
+      expect(info.config.name).toBe(stream)
+    } finally {
+      await again.close()
+    }
+  })
+})
+
+describe('freshDatabase', () => {
+  it('creates a database on the shared cluster that answers queries', async () => {
+    const url = await freshDatabase()
+    expect(url).toMatch(/^postgres:\/\/postgres@127\.0\.0\.1:\d+\/t_[0-9a-f]{8}$/)
+    expect(await selectOne(url)).toBe(1)
+  })
+})
+
+describe('startPostgres', () => {
+  it('answers queries again after stop and start on the same port', async () => {
+    const cluster: PgCluster = await startPostgres()
+    cleanups.push(() => cluster.cleanup())
+    expect(cluster.port).not.toBe(5432)
+    const url = await cluster.createDatabase()
+    expect(await selectOne(url)).toBe(1)
+
+    await cluster.stop('immediate')
+    await expect(selectOne(url)).rejects.toThrow()
+    await cluster.start()
+
+    expect(await selectOne(url)).toBe(1)
+  })
+})

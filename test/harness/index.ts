@@ -1,0 +1,27 @@
+import { inject } from 'vitest'
+import { createDatabase } from './postgres.ts'
+import { HarnessError } from './processes.ts'
+
+export { startNatsServer } from './nats-server.ts'
+export type { NatsServer, NatsServerOptions } from './nats-server.ts'
+export { startPostgres } from './postgres.ts'
+export type { PgCluster } from './postgres.ts'
+export { HarnessError } from './processes.ts'
+
+/**
+ * Creates a database with a random name on the Postgres cluster shared by the whole run (started
+ * by `global-setup.ts`) and returns its URL. Call it once per test file.
+ *
+ * @example
+ * const url = await freshDatabase() // postgres://postgres@127.0.0.1:<port>/t_1a2b3c4d
+ */
+export async function freshDatabase(): Promise<string> {
+  // Typed as always there, but absent when a config runs tests without our globalSetup.
+  const port = inject('pgPort') as number | undefined
+  if (port === undefined) {
+    throw new HarnessError(
+      "no shared Postgres: 'pgPort' was not provided; add 'test/harness/global-setup.ts' to test.globalSetup in vitest.config.ts",
+    )
+  }
+  return createDatabase(port)
+}

@@ -1,0 +1,115 @@
+import { execFile } from 'node:child_process'
+import { constants } from 'node:fs'
+import { access, readFile } from 'node:fs/promises'
+import { connect, createServer } from 'node:net'
+import { delimiter, join } from 'node:path'
+
+/** A throwaway server could not be found, started, stopped or reached. */
+export class HarnessError extends Error {
+  override readonly name = 'HarnessError'
+}
+
+/** The full path of an executable found on PATH, or undefined. */
+export async function findOnPath(name: string): Promise<string | undefined> {
+  for (const dir of (process.env.PATH ?? '').split(delimiter)) {
+    if (dir === '') continue
+    const candidate = join(dir, name)
+    if (await isExecutable(candidate)) return candidate
+  }
+  return undefined
+}
+
+export async function isExecutable(path: string): Promise<boolean> {
+  try {
+    await access(path, constants.X_OK)
+    return true
+  } catch {
+    return false
+  }
+}
+
+/** The last `lines` lines of a log file, or a note saying why there are none. */
+export async function tailFile(path: string, lines = 40): Promise<string> {
+  let text: string
+  try {
+    text = await readFile(path, 'utf8')
+  } catch (err) {
+    return `(no log: ${(err as Error).message})`
+  }
+  const all = text.trimEnd().split('\n')
+  return all.length === 1 && all[0] === '' ? '(log is empty)' : all.slice(-lines).join('\n')
+}
+
+export interface RunResult {
+  readonly code: number
+  readonly output: string
+}
+
+/** Runs a command to completion; never rejects on a non-zero exit, the caller decides. */
+export function run(
+  file: string,
+  args: readonly string[],
+  opts: { cwd: string; timeoutMs: number },
+): Promise<RunResult> {
+  return new Promise((resolve) => {
+    execFile(
+      file,
+      args,
+      { cwd: opts.cwd, timeout: opts.timeoutMs, killSignal: 'SIGKILL', encoding: 'utf8' },
+      (err, stdout, stderr) => {
+        const output = `${stdout}${stderr}`.trimEnd()
+        if (err === null) {
+          resolve({ code: 0, output })
+          return
+        }
+        // A spawn failure carries a string code (ENOENT), a timeout a null code and a signal.
+        const code = typeof err.code === 'number' ? err.code : -1
+        const why = err.killed ? `killed after ${opts.timeoutMs} ms` : err.message
+        resolve({ code, output: code === -1 ? `${output}\n${why}`.trim() : output })
+      },
+    )
+  })
+}
+
+/** Whether something accepts TCP connections on 127.0.0.1:port. */
+export function canConnect(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = connect({ host: '127.0.0.1', port })
+    socket.once('connect', () => {
+      socket.destroy()
+      resolve(true)
+    })
+    socket.once('error', () => {
+      socket.destroy()
+      resolve(false)
+    })
+  })
+}
+
+/** A TCP port that was free a moment ago on 127.0.0.1 (the OS picks it). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer()
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address()
+      server.close(() => {
+        if (address !== null && typeof address === 'object') resolve(address.port)
+        else reject(new HarnessError(`could not read a free port from ${String(address)}`))
+      })
+    })
+  })
+}
+
+/** Resolves with the promise's value, or with 'timeout' after `ms`; the timer never outlives it. */
+export async function within<T>(promise: Promise<T>, ms: number): Promise<T | 'timeout'> {
+  let timer: NodeJS.Timeout | undefined
+  const timeout = new Promise<'timeout'>((resolve) => {
+    timer = setTimeout(resolve, ms, 'timeout')
+  })
+  try {
+    return await Promise.race([promise, timeout])
+  } finally {
+    clearTimeout(timer)
+  }
+}
