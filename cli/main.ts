@@ -16,16 +16,26 @@ import { openRuntime, setUp, type Runtime } from './runtime.ts'
 const EXIT_FAILED = 1
 const EXIT_USAGE = 2
 
-const simulationOptions = {
-  devices: () => new Option('--devices <n>', 'simulated sensors').argParser(positive).default(100),
-  rate: () =>
-    new Option('--rate <events/s>', 'events per second across the fleet')
-      .argParser(positive)
-      .default(200),
-  duplicates: () =>
-    new Option('--duplicates <ratio>', 'share of publishes that re-send an earlier event (0..1)')
-      .argParser(ratio)
-      .default(0.05),
+/** The fleet options `simulate` and `start` share; only what --duration means differs. */
+function withSimulationOptions(cmd: Command, duration: { help: string; default: number }): Command {
+  return cmd
+    .addOption(new Option('--devices <n>', 'simulated sensors').argParser(positive).default(100))
+    .addOption(
+      new Option('--rate <events/s>', 'events per second across the fleet')
+        .argParser(positive)
+        .default(200),
+    )
+    .addOption(
+      new Option('--duration <seconds>', duration.help)
+        .argParser(nonNegative)
+        .default(duration.default),
+    )
+    .addOption(
+      new Option('--duplicates <ratio>', 'share of publishes that re-send an earlier event (0..1)')
+        .argParser(ratio)
+        .default(0.05),
+    )
+    .addOption(new Option('--seed <n>', 'seed for a repeatable fleet').argParser(nonNegative))
 }
 
 const program = new Command()
@@ -76,20 +86,14 @@ program
     })
   })
 
-program
-  .command('simulate')
-  .description(
-    'publish a simulated fleet: registrations, then readings and heartbeats at a rate, with re-sent duplicates',
-  )
-  .addOption(simulationOptions.devices())
-  .addOption(simulationOptions.rate())
-  .addOption(
-    new Option('--duration <seconds>', 'seconds to run; 0 runs until Ctrl-C')
-      .argParser(nonNegative)
-      .default(10),
-  )
-  .addOption(simulationOptions.duplicates())
-  .addOption(new Option('--seed <n>', 'seed for a repeatable fleet').argParser(nonNegative))
+withSimulationOptions(
+  program
+    .command('simulate')
+    .description(
+      'publish a simulated fleet: registrations, then readings and heartbeats at a rate, with re-sent duplicates',
+    ),
+  { help: 'seconds to run; 0 runs until Ctrl-C', default: 10 },
+)
   .option('--json', 'print the summary as JSON')
   .action(async (opts: SimulateFlags & { json?: boolean }) => {
     await withRuntime('fleetstream-simulate', async (rt, signal) => {
@@ -109,62 +113,55 @@ program
     })
   })
 
-program
-  .command('start')
-  .description(
-    'the main job: set up, run every processor and a simulated fleet, show live progress until Ctrl-C',
-  )
-  .addOption(simulationOptions.devices())
-  .addOption(simulationOptions.rate())
-  .addOption(
-    new Option(
-      '--duration <seconds>',
-      'stop the simulator after this many seconds, let processors catch up, and exit; 0 runs until Ctrl-C',
-    )
-      .argParser(nonNegative)
-      .default(0),
-  )
-  .addOption(simulationOptions.duplicates())
-  .addOption(new Option('--seed <n>', 'seed for a repeatable fleet').argParser(nonNegative))
-  .action(async (opts: SimulateFlags) => {
-    await withRuntime(
-      'fleetstream-start',
-      async (rt, signal) => {
-        const report = await setUp(rt, signal)
-        console.log(
-          `fleetstream: NATS ${redact(rt.config.natsUrl)}, PostgreSQL ${redact(rt.config.databaseUrl)}; ` +
-            `streams ${Object.entries(report.streams)
-              .map(([n, r]) => `${n} (${r})`)
-              .join(', ')}`,
-        )
-        const running = Object.values(processors).map((spec) => startProcessor(spec, rt))
-        const publisher = createPublisher(rt.js, { clock: clockFor(rt.config, 'sim') })
-        const progress = startProgress(rt, running, publisher)
-        const simulator = new AbortController()
-        signal.addEventListener(
-          'abort',
-          () => {
-            simulator.abort()
-          },
-          { once: true },
-        )
-        try {
-          await simulateFleet(publisher, simulation(opts), simulator.signal)
-          if (!signal.aborted) {
-            console.log(
-              '\nsimulator finished; waiting for the processors to catch up (Ctrl-C to stop now)',
-            )
-            await progress.caughtUp(signal)
-          }
-        } finally {
-          await Promise.all(running.map((p) => p.stop()))
-          await progress.stop()
+withSimulationOptions(
+  program
+    .command('start')
+    .description(
+      'the main job: set up, run every processor and a simulated fleet, show live progress until Ctrl-C',
+    ),
+  {
+    help: 'stop the simulator after this many seconds, let processors catch up, and exit; 0 runs until Ctrl-C',
+    default: 0,
+  },
+).action(async (opts: SimulateFlags) => {
+  await withRuntime(
+    'fleetstream-start',
+    async (rt, signal) => {
+      const report = await setUp(rt, signal)
+      console.log(
+        `fleetstream: NATS ${redact(rt.config.natsUrl)}, PostgreSQL ${redact(rt.config.databaseUrl)}; ` +
+          `streams ${Object.entries(report.streams)
+            .map(([n, r]) => `${n} (${r})`)
+            .join(', ')}`,
+      )
+      const running = Object.values(processors).map((spec) => startProcessor(spec, rt))
+      const publisher = createPublisher(rt.js, { clock: clockFor(rt.config, 'sim') })
+      const progress = startProgress(rt, running, publisher)
+      const simulator = new AbortController()
+      signal.addEventListener(
+        'abort',
+        () => {
+          simulator.abort()
+        },
+        { once: true },
+      )
+      try {
+        await simulateFleet(publisher, simulation(opts), simulator.signal)
+        if (!signal.aborted) {
+          console.log(
+            '\nsimulator finished; waiting for the processors to catch up (Ctrl-C to stop now)',
+          )
+          await progress.caughtUp(signal)
         }
-        printSummary(rt, running, publisher.stats)
-      },
-      process.env.LOG_LEVEL ? undefined : 'warn',
-    )
-  })
+      } finally {
+        await Promise.all(running.map((p) => p.stop()))
+        await progress.stop()
+      }
+      printSummary(rt, running, publisher.stats)
+    },
+    process.env.LOG_LEVEL ? undefined : 'warn',
+  )
+})
 
 interface SimulateFlags {
   devices: number

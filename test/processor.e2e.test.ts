@@ -25,29 +25,43 @@ async function snapshot(client: pg.Client) {
   return r.rows[0]!
 }
 
-describe('readings processor as a process', () => {
+interface ProcessFixture {
+  /** Environment for `fleetstream run` processes. */
+  env: Record<string, string>
+  /** In-process connections for publishing. */
+  rt: Runtime
+  /** Reads the read model as an operator would. */
+  client: pg.Client
+}
+
+/** A nats-server, a database set up by `fleetstream setup`, and small batches so a kill lands mid-run. */
+function useProcessFixture(batchSize: number): ProcessFixture {
+  const f = {} as ProcessFixture
   let nats: NatsServer
-  let dbUrl: string
-  let env: Record<string, string>
-  let rt: Runtime
-  let client: pg.Client
   beforeAll(async () => {
     nats = await startNatsServer()
-    dbUrl = await freshDatabase()
-    // Small batches so that a kill lands mid-run.
-    env = testEnv(nats.url, dbUrl, { PROCESSOR_BATCH_SIZE: '100', PROCESSOR_BATCH_LINGER_MS: '1' })
-    rt = await testRuntime(testConfig(nats.url, dbUrl))
-    client = new pg.Client(dbUrl)
-    await client.connect()
+    const dbUrl = await freshDatabase()
+    f.env = testEnv(nats.url, dbUrl, {
+      PROCESSOR_BATCH_SIZE: String(batchSize),
+      PROCESSOR_BATCH_LINGER_MS: '1',
+    })
+    f.rt = await testRuntime(testConfig(nats.url, dbUrl))
+    f.client = new pg.Client(dbUrl)
+    await f.client.connect()
   })
   afterAll(async () => {
-    await client.end()
-    await rt.close()
+    await f.client.end()
+    await f.rt.close()
     await nats.cleanup()
   })
+  return f
+}
+
+describe('readings processor as a process', () => {
+  const f = useProcessFixture(100)
 
   it('killed with SIGKILL mid-run and restarted, ends with exactly the distinct input', async () => {
-    const publisher = testPublisher(rt)
+    const publisher = testPublisher(f.rt)
     const distinct = new Set<string>()
     const total = 30_000
     // Publish steadily in the background while the processor is killed and restarted.
@@ -66,40 +80,40 @@ describe('readings processor as a process', () => {
       await pipe.drain()
     })()
 
-    let proc: CliProcess = spawnCli(['run', 'readings'], env)
+    let proc: CliProcess = spawnCli(['run', 'readings'], f.env)
     const kills: { checkpoint: number; rows: number }[] = []
     for (let k = 0; k < 3; k++) {
-      const start = (await snapshot(client)).checkpoint
+      const start = (await snapshot(f.client)).checkpoint
       await waitFor(
         `processor to make progress past ${start}`,
-        async () => (await snapshot(client)).checkpoint > start + 500,
+        async () => (await snapshot(f.client)).checkpoint > start + 500,
         60_000,
         proc.output,
       )
       proc.child.kill('SIGKILL')
       expect(await proc.exited).toBe(137)
       // Rows and checkpoint commit together: a kill never leaves one without the other.
-      const after = await snapshot(client)
+      const after = await snapshot(f.client)
       expect(after.rows).toBe(after.checkpoint)
       expect(after.distinct).toBe(after.rows)
       kills.push({ checkpoint: after.checkpoint, rows: after.rows })
-      proc = spawnCli(['run', 'readings'], env)
+      proc = spawnCli(['run', 'readings'], f.env)
     }
     await publishing
     expect(publisher.stats.published).toBe(total)
 
     await waitFor(
       `the restarted processor to apply all ${total} events`,
-      async () => (await snapshot(client)).checkpoint === total,
+      async () => (await snapshot(f.client)).checkpoint === total,
       120_000,
-      async () => `${JSON.stringify(await snapshot(client))}\n${proc.output()}`,
+      async () => `${JSON.stringify(await snapshot(f.client))}\n${proc.output()}`,
     )
     proc.child.kill('SIGTERM')
     expect(await proc.exited).toBe(0)
 
-    const final = await snapshot(client)
+    const final = await snapshot(f.client)
     expect(final).toEqual({ rows: total, distinct: total, checkpoint: total })
-    const ids = await client.query<{ event_id: string }>('select event_id from readings')
+    const ids = await f.client.query<{ event_id: string }>('select event_id from readings')
     expect(new Set(ids.rows.map((r) => r.event_id))).toEqual(distinct)
     // the kills really happened mid-run
     expect(kills.every((k) => k.checkpoint > 0 && k.checkpoint < total)).toBe(true)
@@ -107,54 +121,38 @@ describe('readings processor as a process', () => {
 })
 
 describe('graceful shutdown', () => {
-  let nats: NatsServer
-  let env: Record<string, string>
-  let rt: Runtime
-  let client: pg.Client
-  beforeAll(async () => {
-    nats = await startNatsServer()
-    const dbUrl = await freshDatabase()
-    env = testEnv(nats.url, dbUrl, { PROCESSOR_BATCH_SIZE: '50', PROCESSOR_BATCH_LINGER_MS: '1' })
-    rt = await testRuntime(testConfig(nats.url, dbUrl))
-    client = new pg.Client(dbUrl)
-    await client.connect()
-  })
-  afterAll(async () => {
-    await client.end()
-    await rt.close()
-    await nats.cleanup()
-  })
+  const f = useProcessFixture(50)
 
   it('on SIGTERM finishes the batch in hand, exits 0, and a restart continues from the checkpoint', async () => {
-    const publisher = testPublisher(rt)
+    const publisher = testPublisher(f.rt)
     const pipe = new PublishPipeline(256)
     for (let i = 0; i < 20_000; i++)
       await pipe.submit(() => publisher.publish(readingDraft(`s-${i % 50}`, i)))
     await pipe.drain()
 
-    const proc = spawnCli(['run', 'readings'], env)
+    const proc = spawnCli(['run', 'readings'], f.env)
     await waitFor(
       'processor to start applying',
-      async () => (await snapshot(client)).checkpoint > 1000,
+      async () => (await snapshot(f.client)).checkpoint > 1000,
       60_000,
       proc.output,
     )
     proc.child.kill('SIGTERM')
     expect(await proc.exited).toBe(0)
-    const stopped = await snapshot(client)
+    const stopped = await snapshot(f.client)
     expect(stopped.rows).toBe(stopped.checkpoint)
     expect(stopped.checkpoint).toBeLessThanOrEqual(20_000)
 
-    const again = spawnCli(['run', 'readings'], env)
+    const again = spawnCli(['run', 'readings'], f.env)
     await waitFor(
       'restart to finish the backlog',
-      async () => (await snapshot(client)).checkpoint === 20_000,
+      async () => (await snapshot(f.client)).checkpoint === 20_000,
       60_000,
       again.output,
     )
     again.child.kill('SIGINT')
     expect(await again.exited).toBe(0)
-    expect(await snapshot(client)).toEqual({ rows: 20_000, distinct: 20_000, checkpoint: 20_000 })
+    expect(await snapshot(f.client)).toEqual({ rows: 20_000, distinct: 20_000, checkpoint: 20_000 })
   })
 })
 
