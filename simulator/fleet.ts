@@ -61,20 +61,22 @@ export async function simulateFleet(
   const sites = Math.max(1, opts.sites ?? Math.ceil(opts.devices / 50))
   const stats: SimulationStats = { sent: 0, resent: 0, duplicateAcks: 0, stored: 0, elapsedMs: 0 }
   const recent: FleetEvent[] = []
+  // The last 1000 stored events, candidates for a re-send (a ring: no draw from the seeded
+  // generator here, since acks arrive in their own order).
+  const remember = (e: FleetEvent) => {
+    recent[stats.stored % 1000] = e
+  }
   const pipe = new PublishPipeline(opts.window ?? 256, (r: PublishResult) => {
     if (r.duplicate) stats.duplicateAcks++
-    else stats.stored++
+    else {
+      stats.stored++
+      remember(r.event)
+    }
   })
   const started = Date.now()
-  const remember = (e: FleetEvent) => {
-    if (recent.length < 1000) recent.push(e)
-    else recent[Math.floor(rnd() * recent.length)] = e
-  }
   const send = async (draft: EventDraft) => {
-    const event = publisher.stamp(draft)
-    remember(event)
     stats.sent++
-    await pipe.submit(() => publisher.publishEvent(event))
+    await pipe.submit(() => publisher.publish(draft))
   }
 
   const devices: Device[] = Array.from({ length: opts.devices }, (_, i) => ({
@@ -102,7 +104,8 @@ export async function simulateFleet(
   let lastProgress = 0
   while (!signal?.aborted && Date.now() < endAt && devices.length > 0) {
     const due = Math.floor(((Date.now() - loopStart) / 1000) * opts.rate)
-    while (emitted < due && !signal?.aborted) {
+    // Checks the deadline too: a rate the machine cannot reach must not stretch the run.
+    while (emitted < due && !signal?.aborted && Date.now() < endAt) {
       emitted++
       if (recent.length > 0 && rnd() < opts.duplicateRatio) {
         const again = recent[Math.floor(rnd() * recent.length)]
