@@ -318,6 +318,7 @@ class ProcessorRunner implements RunningProcessor {
       lastSeq: Math.max(...fresh.map((m) => m.info.streamSequence)),
       hlc,
     }
+    const started = performance.now()
     await this.#commit(signal, async () => {
       await this.#deps.db.transaction().execute(async (trx) => {
         await this.#spec.projection.apply(trx, accepted)
@@ -325,6 +326,16 @@ class ProcessorRunner implements RunningProcessor {
       })
     })
     newest.ack()
+    this.#log.debug(
+      {
+        size: batch.length,
+        applied: accepted.length,
+        refused: refused.length,
+        to: to.lastSeq,
+        commitMs: Math.round(performance.now() - started),
+      },
+      'batch committed',
+    )
     this.stats.applied += accepted.length
     this.stats.rejected += refused.length
     this.stats.batches++
