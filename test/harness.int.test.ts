@@ -87,3 +87,17 @@ describe('startPostgres', () => {
     expect(await selectOne(url)).toBe(1)
   })
 })
+
+describe('a machine without the servers', () => {
+  it('fails with a message that says what is missing and how to get it', async () => {
+    const path = process.env.PATH
+    process.env.PATH = '/nonexistent'
+    try {
+      await expect(startNatsServer()).rejects.toThrow(
+        "nats-server not found on PATH: install it with 'apt-get install nats-server' (or run 'bash .ci/run')",
+      )
+    } finally {
+      process.env.PATH = path
+    }
+  })
+})
