@@ -158,9 +158,11 @@ class ProcessorRunner implements RunningProcessor {
   /** One life of the processor: lock, anchor the consumer, consume until stopped or broken. */
   async #session(signal: AbortSignal, healthy: () => void): Promise<void> {
     const lock = await this.#deps.pool.connect()
+    const buffer = new MessageBuffer()
     const lockState: { lost?: Error } = {}
     const onLockError = (err: Error) => {
       lockState.lost = err
+      buffer.close() // wake the loop: without the lock this session must end
     }
     lock.on('error', onLockError)
     let messages: ConsumerMessages | undefined
@@ -175,7 +177,6 @@ class ProcessorRunner implements RunningProcessor {
       this.stats.state = 'running'
       healthy()
 
-      const buffer = new MessageBuffer()
       const consumer = await this.#js.consumers.get(this.#consumer.stream, this.#consumer.name)
       messages = await consumer.consume({
         max_messages: Math.min(
@@ -195,12 +196,13 @@ class ProcessorRunner implements RunningProcessor {
 
       let from = position
       while (!isAborted(signal)) {
-        if (lockState.lost)
+        const { batchSize, batchLingerMs } = this.#deps.config.processor
+        const batch = await buffer.take(batchSize, batchLingerMs, signal)
+        if (lockState.lost) {
           throw new Error('lost the connection holding the processor lock', {
             cause: lockState.lost,
           })
-        const { batchSize, batchLingerMs } = this.#deps.config.processor
-        const batch = await buffer.take(batchSize, batchLingerMs, signal)
+        }
         if (batch.length === 0) {
           if (buffer.closed) {
             const err = await closed
@@ -242,8 +244,9 @@ class ProcessorRunner implements RunningProcessor {
 
   /**
    * Decode, park what is refused, apply the rest with the checkpoint in one transaction, then
-   * ack. Returns the new checkpoint. A failed transaction is retried with backoff on the same
-   * batch until it commits or the processor stops (then nothing of it was applied or acked).
+   * ack. Returns the new checkpoint. A failed transaction is retried a few times on the same
+   * batch; if it still fails, the error ends the session (nothing of the batch was applied or
+   * acked) and the next session starts again from the checkpoint.
    */
   async #processBatch(
     batch: JsMsg[],
@@ -343,15 +346,23 @@ class ProcessorRunner implements RunningProcessor {
     return to
   }
 
+  /**
+   * Rides out a blip (a dropped connection, a serialization failure) in place. A longer outage
+   * ends the session instead of holding the batch: messages held past ack_wait would be
+   * redelivered into the buffer again and again, and memory would grow with the outage.
+   */
   async #commit(signal: AbortSignal, tx: () => Promise<void>): Promise<void> {
-    let delay = new ExponentialBackoff({ initialDelay: 100, maxDelay: 10_000 }).next()
-    for (;;) {
+    let delay = new ExponentialBackoff({ initialDelay: 100, maxDelay: 2_000 }).next()
+    for (let attempt = 1; ; attempt++) {
       try {
         await tx()
         return
       } catch (err) {
         // Someone else moved the checkpoint: end the session, re-read it and re-anchor.
         if (err instanceof CheckpointConflictError || signal.aborted) throw err
+        if (attempt >= COMMIT_ATTEMPTS) {
+          throw new Error(`batch not committed after ${attempt} attempts`, { cause: err })
+        }
         this.stats.retries++
         this.#log.warn(
           { err: errorSummary(err), retryInMs: Math.round(delay.duration) },
@@ -365,6 +376,9 @@ class ProcessorRunner implements RunningProcessor {
     }
   }
 }
+
+/** In-place attempts of one batch's transaction before the session gives up (~4 s in all). */
+const COMMIT_ATTEMPTS = 5
 
 /** Read through a call: TypeScript would otherwise keep a narrowing from an earlier check. */
 function isAborted(signal: AbortSignal): boolean {
