@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { once } from 'node:events'
 import { Command, InvalidArgumentError, Option } from 'commander'
 import { loadConfig, ConfigError, type Config } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
@@ -137,16 +138,8 @@ withSimulationOptions(
       const running = Object.values(processors).map((spec) => startProcessor(spec, rt))
       const publisher = createPublisher(rt.js, { clock: clockFor(rt.config, 'sim') })
       const progress = startProgress(rt, running, publisher)
-      const simulator = new AbortController()
-      signal.addEventListener(
-        'abort',
-        () => {
-          simulator.abort()
-        },
-        { once: true },
-      )
       try {
-        await simulateFleet(publisher, simulation(opts), simulator.signal)
+        await simulateFleet(publisher, simulation(opts), signal)
         if (!signal.aborted) {
           console.log(
             '\nsimulator finished; waiting for the processors to catch up (Ctrl-C to stop now)',
@@ -261,18 +254,8 @@ async function withRuntime(
   }
 }
 
-function waitForAbort(signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) resolve()
-    else
-      signal.addEventListener(
-        'abort',
-        () => {
-          resolve()
-        },
-        { once: true },
-      )
-  })
+async function waitForAbort(signal: AbortSignal): Promise<void> {
+  if (!signal.aborted) await once(signal, 'abort')
 }
 
 function positive(v: string): number {

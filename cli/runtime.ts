@@ -44,7 +44,8 @@ export async function openRuntime(
 ): Promise<Runtime> {
   await ensureDatabase(config.databaseUrl, log, opts.signal)
   const pool = createPool(config.databaseUrl, {
-    max: opts.poolSize ?? 4,
+    // Each processor holds one connection for its lock and uses one for its transactions.
+    max: opts.poolSize ?? Object.keys(processors).length * 2 + 2,
     applicationName: opts.name,
     log,
   })

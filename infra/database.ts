@@ -49,36 +49,47 @@ export async function waitForPostgres(
 }
 
 /**
- * Creates the database named in `url` if it does not exist yet, connecting to the server's
- * `postgres` database to do so. Safe to run from several processes at once.
+ * Waits for the server, then creates the database named in `url` if it does not exist yet. Only
+ * then does it connect to the server's `postgres` database, so a user without access to it is
+ * fine wherever the database already exists. Safe to run from several processes at once.
  */
 export async function ensureDatabase(
   url: string,
   log: Logger,
   signal?: AbortSignal,
 ): Promise<void> {
-  const target = new URL(url)
-  const name = decodeURIComponent(target.pathname.replace(/^\//, ''))
+  const name = decodeURIComponent(new URL(url).pathname.replace(/^\//, ''))
   if (!/^[A-Za-z0-9_-]{1,63}$/.test(name)) {
     throw new Error(
       `'DATABASE_URL' database name must match /^[A-Za-z0-9_-]{1,63}$/, got '${name}'`,
     )
   }
+  const probe = createPool(url, { max: 1, log })
+  try {
+    await withBackoff(log, 'connect to PostgreSQL', { isPermanent: isMissingDatabase }).execute(
+      () => probe.query('select 1'),
+      signal,
+    )
+    return
+  } catch (err) {
+    if (!isMissingDatabase(err)) throw err
+  } finally {
+    await probe.end()
+  }
   const admin = new URL(url)
   admin.pathname = '/postgres'
   const client = createPool(admin.toString(), { max: 1, log })
   try {
-    await waitForPostgres(client, log, signal)
-    const found = await client.query('select 1 from pg_database where datname = $1', [name])
-    if (found.rowCount === 0) {
-      try {
-        await client.query(`create database "${name}"`)
-        log.info({ database: name, url: redact(url) }, 'created database')
-      } catch (err) {
-        if ((err as { code?: string }).code !== '42P04') throw err // 42P04: created meanwhile
-      }
-    }
+    await client.query(`create database "${name}"`)
+    log.info({ database: name, url: redact(url) }, 'created database')
+  } catch (err) {
+    if ((err as { code?: string }).code !== '42P04') throw err // 42P04: created meanwhile
   } finally {
     await client.end()
   }
+}
+
+/** 3D000: the database named in the connection does not exist. */
+function isMissingDatabase(err: unknown): boolean {
+  return (err as { code?: string } | undefined)?.code === '3D000'
 }
