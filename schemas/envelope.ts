@@ -7,6 +7,11 @@ export const DEVICE_ID_PATTERN = /^[a-z0-9-]{1,64}$/
 export const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/
 
 export const DeviceId = z.string().regex(DEVICE_ID_PATTERN)
+/**
+ * The source token of system events (clock ticks) in place of a device id. No device id can take
+ * it: `_` is outside the device id alphabet.
+ */
+export const SYSTEM_SOURCE = '_system'
 export const EventId = z.string().regex(ID_PATTERN)
 export const HlcString = z.string().regex(HLC_PATTERN)
 /** Device clock time; kept as sent, never used for ordering. */

@@ -1,5 +1,5 @@
 import { z } from 'zod'
-import { DEVICE_ID_PATTERN, Envelope } from './envelope.ts'
+import { DEVICE_ID_PATTERN, Envelope, EventId, SYSTEM_SOURCE, Timestamp } from './envelope.ts'
 
 const SiteId = z.string().regex(DEVICE_ID_PATTERN)
 /** Printable, no whitespace or control characters. */
@@ -56,12 +56,45 @@ export const StatusChanged = Envelope.extend({
 })
 export type StatusChanged = z.infer<typeof StatusChanged>
 
+/** An operator acknowledged an alert. Subject: fleet.events.<deviceId>.alert */
+export const AlertAcknowledged = Envelope.extend({
+  type: z.literal('alert.acknowledged'),
+  version: z.literal(1),
+  data: z.strictObject({
+    alertId: EventId,
+    /** Who acknowledged it. */
+    by: z.string().regex(/^[^\p{C}]{1,64}$/u),
+    note: z.string().max(512).optional(),
+  }),
+})
+export type AlertAcknowledged = z.infer<typeof AlertAcknowledged>
+
+/**
+ * Time passing, as an event: the clock service publishes one per interval so that time-based
+ * logic (silence) reads time from the stream and a replay reproduces it exactly. The eventId is
+ * `tick-<at ms>`, so clocks in several processes publish each tick once (JetStream dedup).
+ * Subject: fleet.events._system.tick
+ */
+export const ClockTicked = Envelope.extend({
+  deviceId: z.literal(SYSTEM_SOURCE),
+  type: z.literal('clock.ticked'),
+  version: z.literal(1),
+  data: z.strictObject({
+    /** The interval boundary this tick marks. */
+    at: Timestamp,
+    intervalSeconds: z.number().int().min(1).max(3600),
+  }),
+})
+export type ClockTicked = z.infer<typeof ClockTicked>
+
 /** Every event fleetstream accepts; `type` selects the schema, unknown types are rejected. */
 export const FleetEvent = z.discriminatedUnion('type', [
   SensorRegistered,
   ReadingRecorded,
   HeartbeatReceived,
   StatusChanged,
+  AlertAcknowledged,
+  ClockTicked,
 ])
 export type FleetEvent = z.infer<typeof FleetEvent>
 export type EventType = FleetEvent['type']
@@ -73,5 +106,10 @@ export const EVENT_KINDS = {
   'reading.recorded': 'reading',
   'heartbeat.received': 'heartbeat',
   'status.changed': 'status',
+  'alert.acknowledged': 'alert',
+  'clock.ticked': 'tick',
 } as const satisfies Record<EventType, string>
 export type EventKind = (typeof EVENT_KINDS)[EventType]
+
+/** Events that are about one device (everything but system events such as clock ticks). */
+export type DeviceEvent = Exclude<FleetEvent, ClockTicked>

@@ -1,10 +1,12 @@
-import { DEVICE_ID_PATTERN } from './envelope.ts'
+import { DEVICE_ID_PATTERN, SYSTEM_SOURCE } from './envelope.ts'
 import { EVENT_KINDS, type EventKind, type EventType } from './events.ts'
 
 /** Every device event is published under this prefix. */
 export const EVENTS_SUBJECT_PREFIX = 'fleet.events'
 /** Poison and skewed events are parked under `fleet.dlq.<processor>`. */
 export const DLQ_SUBJECT_PREFIX = 'fleet.dlq'
+/** Alert notifications go out under `fleet.notifications.alerts.<deviceId>.<notificationId>`. */
+export const NOTIFICATIONS_SUBJECT_PREFIX = 'fleet.notifications'
 
 /** `fleet.events.<deviceId>.<kind>` for an event. */
 export function eventSubject(deviceId: string, type: EventType): string {
@@ -16,6 +18,9 @@ export function kindFilter(kind: EventKind | '*'): string {
   return `${EVENTS_SUBJECT_PREFIX}.*.${kind}`
 }
 
+/** Every event in the stream. */
+export const ALL_EVENTS = `${EVENTS_SUBJECT_PREFIX}.>`
+
 export interface EventSubject {
   readonly deviceId: string
   readonly kind: string
@@ -26,7 +31,9 @@ export function parseEventSubject(subject: string): EventSubject | undefined {
   const tokens = subject.split('.')
   if (tokens.length !== 4 || `${tokens[0]}.${tokens[1]}` !== EVENTS_SUBJECT_PREFIX) return undefined
   const [, , deviceId = '', kind = ''] = tokens
-  return DEVICE_ID_PATTERN.test(deviceId) ? { deviceId, kind } : undefined
+  return DEVICE_ID_PATTERN.test(deviceId) || deviceId === SYSTEM_SOURCE
+    ? { deviceId, kind }
+    : undefined
 }
 
 /** The header names fleetstream sets; `nats stream view --headers` shows them. */
@@ -50,3 +57,16 @@ export const Headers = {
   /** Prefix for original headers that JetStream would interpret (Nats-*) when copied into the DLQ. */
   DlqOriginalPrefix: 'Fleet-Dlq-Original-',
 } as const
+
+/**
+ * The subject of one alert notification. Unique per notification, so the outbox relay can ask the
+ * stream whether it was already sent; subscribers filter by severity and device:
+ * `fleet.notifications.alerts.critical.>` or `fleet.notifications.alerts.*.sensor-7.*`.
+ */
+export function notificationSubject(
+  severity: string,
+  deviceId: string,
+  notificationId: string,
+): string {
+  return `${NOTIFICATIONS_SUBJECT_PREFIX}.alerts.${severity}.${deviceId}.${notificationId}`
+}

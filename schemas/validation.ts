@@ -12,8 +12,9 @@ export class ValidationError extends Error {
   constructor(
     readonly problems: readonly string[],
     what = 'input',
+    options?: ErrorOptions,
   ) {
-    super(`invalid ${what}: ${problems.join('; ')}`)
+    super(`invalid ${what}: ${problems.join('; ')}`, options)
   }
 }
 
@@ -36,13 +37,26 @@ export function describeIssues(issues: readonly z.core.$ZodIssue[]): string[] {
 function describeIssue(issue: z.core.$ZodIssue): string[] {
   const field = formatPath(issue.path)
   const got = `got ${formatValue(issue.input)}`
+  // A missing field reads the same whatever rule it would have broken.
+  if (issue.input === undefined && issue.code !== 'unrecognized_keys' && issue.code !== 'custom') {
+    const what =
+      issue.code === 'invalid_type'
+        ? issue.expected === 'int'
+          ? 'an integer'
+          : issue.expected
+        : issue.code === 'invalid_value'
+          ? oneOf(issue.values)
+          : undefined
+    return [`'${field}' is required${what ? ` (${what})` : ''}`]
+  }
   switch (issue.code) {
     case 'invalid_type':
-      if (issue.input === undefined) return [`'${field}' is required (${issue.expected})`]
       if (issue.expected === 'number' && typeof issue.input === 'number') {
         return [`'${field}' must be a finite number, ${got}`]
       }
-      return [`'${field}' must be ${article(issue.expected)}, ${got}`]
+      return [
+        `'${field}' must be ${issue.expected === 'int' ? 'an integer' : article(issue.expected)}, ${got}`,
+      ]
     case 'invalid_format':
       if (issue.format === 'regex' && issue.pattern)
         return [`'${field}' must match ${issue.pattern}, ${got}`]

@@ -68,7 +68,7 @@ describe('event contract', () => {
 
   it('refuses unknown types and unknown fields, naming them', () => {
     expect(detail({ ...reading, type: 'reading.deleted' }).detail).toMatch(
-      /^'type' must be one of 'sensor.registered', 'reading.recorded', 'heartbeat.received', 'status.changed', got 'reading.deleted'$/,
+      /^'type' must be one of 'sensor.registered', 'reading.recorded', 'heartbeat.received', 'status.changed', 'alert.acknowledged', 'clock.ticked', got 'reading.deleted'$/,
     )
     expect(detail({ ...reading, extra: 1 }).detail).toBe("'extra' is not a known field, got 1")
     expect(detail({ ...reading, data: { ...reading.data, colour: 'red' } }).detail).toBe(
