@@ -3,7 +3,8 @@ import type { ReadingRecorded } from '../schemas/events.ts'
 import type { Projection, ProjectedEvent } from './projection.ts'
 
 /**
- * readings: every distinct reading, plus the newest value per sensor and metric.
+ * readings: every distinct reading, the newest value per sensor and metric, and per-minute
+ * rollups (count, min, max, exact sum) by the device's clock.
  *
  * Set-based: one INSERT ... SELECT FROM unnest(...) per table per batch. Idempotent: a reading
  * is keyed by eventId, and `latest_readings` only moves to a strictly newer HLC, so a redelivered,
@@ -12,19 +13,31 @@ import type { Projection, ProjectedEvent } from './projection.ts'
 export const readingsProjection: Projection<'reading.recorded'> = {
   name: 'readings',
   handles: ['reading.recorded'],
-  tables: ['readings', 'latest_readings'],
+  tables: ['readings', 'latest_readings', 'readings_per_minute'],
   async apply(trx, events) {
     if (events.length === 0) return
     const rows = distinctBy(events, (e) => e.event.eventId)
     const c = columns(rows)
+    // Rollups take only the rows this statement inserted: a redelivered or re-published reading
+    // is not inserted again, so it is never counted twice.
     await sql`
-      insert into readings (event_id, device_id, metric, value, unit, occurred_at, hlc,
-                            correlation_id, causation_id, stream_seq, ingested_at)
-      select * from unnest(${c.eventId}::text[], ${c.deviceId}::text[], ${c.metric}::text[],
-                           ${c.value}::float8[], ${c.unit}::text[], ${c.occurredAt}::timestamptz[],
-                           ${c.hlc}::text[], ${c.correlationId}::text[], ${c.causationId}::text[],
-                           ${c.streamSeq}::int8[], ${c.ingestedAt}::timestamptz[])
-      on conflict (event_id) do nothing`.execute(trx)
+      with inserted as (
+        insert into readings (event_id, device_id, metric, value, unit, occurred_at, hlc,
+                              correlation_id, causation_id, stream_seq, ingested_at)
+        select * from unnest(${c.eventId}::text[], ${c.deviceId}::text[], ${c.metric}::text[],
+                             ${c.value}::float8[], ${c.unit}::text[], ${c.occurredAt}::timestamptz[],
+                             ${c.hlc}::text[], ${c.correlationId}::text[], ${c.causationId}::text[],
+                             ${c.streamSeq}::int8[], ${c.ingestedAt}::timestamptz[])
+        on conflict (event_id) do nothing
+        returning device_id, metric, value, occurred_at
+      )
+      insert into readings_per_minute as r (device_id, metric, minute, count, min, max, sum)
+      select device_id, metric, date_bin('1 minute', occurred_at, timestamptz '2000-01-01 00:00:00+00'),
+             count(*), min(value), max(value), sum(value::numeric)
+      from inserted group by 1, 2, 3
+      on conflict (device_id, metric, minute) do update set
+        count = r.count + excluded.count, min = least(r.min, excluded.min),
+        max = greatest(r.max, excluded.max), sum = r.sum + excluded.sum`.execute(trx)
 
     // One candidate per (sensor, metric): an upsert may not touch the same row twice.
     const newest = columns(newestPerKey(rows))

@@ -55,8 +55,135 @@ export interface CheckpointTable {
 }
 export type Checkpoint = Selectable<CheckpointTable>
 
+/**
+ * Per-minute rollup of readings by the device's clock (count, min, max, sum; avg = sum / count).
+ * Fed only by readings that were newly inserted, so redelivery and re-publishing never count twice.
+ */
+export interface ReadingsPerMinuteTable {
+  device_id: string
+  metric: string
+  minute: Date
+  count: number
+  min: number
+  max: number
+  sum: number
+}
+
+/**
+ * A sensor's lifecycle and the status it means. `sensor_status` is the sensor-status read model;
+ * `alert_sensors` has the same shape and is the alerts projection's own copy (processors never
+ * read each other's tables).
+ */
+export interface SensorStateTable {
+  device_id: string
+  status: 'active' | 'inactive' | 'maintenance' | 'decommissioned' | 'unknown'
+  /** The event that set the current status (a clock tick for `unknown`). */
+  status_hlc: string
+  status_event_id: string
+  status_correlation_id: string
+  status_changed_at: Date
+  last_seen_at: Date
+  last_seen_hlc: string
+  last_seen_event_id: string
+  site: string | null
+  model: string | null
+  firmware: string | null
+  inactivity_timeout_seconds: number | null
+  registered_hlc: string | null
+  decommissioned_hlc: string | null
+  declared_status: 'active' | 'inactive' | 'maintenance' | null
+  declared_hlc: string | null
+}
+export type SensorState = Selectable<SensorStateTable>
+
+/** Every status transition, keyed by sensor and the event that caused it. */
+export interface SensorStatusHistoryTable {
+  device_id: string
+  event_id: string
+  stream_seq: number
+  from_status: string | null
+  to_status: string
+  hlc: string
+  changed_at: Date
+  correlation_id: string
+  causation_id: string | null
+  reason: string
+}
+
+/** Stream time per projection: the newest clock tick it applied. */
+export interface ProjectionClockTable {
+  projection: string
+  now_at: Date
+  tick_event_id: string
+}
+
+/**
+ * Alerts. At most one not-resolved alert per sensor and rule (a partial unique index).
+ *
+ * ```sql
+ * select severity, count(*) from alerts where state = 'open' group by severity;
+ * ```
+ */
+export interface AlertTable {
+  /** Deterministic: the same input raises the same id on every replay. */
+  alert_id: string
+  device_id: string
+  rule_id: string
+  severity: 'info' | 'warning' | 'critical'
+  state: 'open' | 'acknowledged' | 'resolved'
+  message: string
+  /** The value that raised it (threshold rules). */
+  value: number | null
+  raised_at: Date
+  raised_hlc: string
+  raised_event_id: string
+  correlation_id: string
+  acknowledged_at: Date | null
+  acknowledged_hlc: string | null
+  acknowledged_by: string | null
+  acknowledged_event_id: string | null
+  resolved_at: Date | null
+  resolved_hlc: string | null
+  resolved_event_id: string | null
+  /** Times the condition fired while the alert was not resolved (the raise included). */
+  occurrences: number
+  last_occurrence_event_id: string
+}
+export type Alert = Selectable<AlertTable>
+
+/** Where a threshold rule stands for one sensor: consecutive breaching readings and since when. */
+export interface AlertConditionTable {
+  device_id: string
+  rule_id: string
+  consecutive: number
+  since_at: Date | null
+  since_hlc: string | null
+  /** Newest reading evaluated; older or repeated ones are skipped. */
+  last_hlc: string
+}
+
+/** Notifications written with the alert change, published by the relay, once. */
+export interface NotificationOutboxTable {
+  notification_id: string
+  alert_id: string
+  kind: 'raised' | 'resolved'
+  subject: string
+  payload: unknown
+  hlc: string
+  /** When the relay had it stored in FLEET_NOTIFICATIONS; null until then. */
+  published_at: Date | null
+}
+
 export interface Database {
   readings: ReadingTable
   latest_readings: LatestReadingTable
+  readings_per_minute: ReadingsPerMinuteTable
   processor_checkpoints: CheckpointTable
+  sensor_status: SensorStateTable
+  alert_sensors: SensorStateTable
+  sensor_status_history: SensorStatusHistoryTable
+  projection_clocks: ProjectionClockTable
+  alerts: AlertTable
+  alert_conditions: AlertConditionTable
+  notification_outbox: NotificationOutboxTable
 }

@@ -1,0 +1,70 @@
+import { sql, type Transaction } from 'kysely'
+import type { Projection } from './projection.ts'
+import { deviceIdsOf, SensorTracker, splitAtTicks, type Transition } from './sensor-tracker.ts'
+import type { Database } from './tables.ts'
+
+export interface SensorStatusOptions {
+  /** Silence after which a sensor without its own timeout becomes `unknown`. */
+  readonly defaultTimeoutSeconds: number
+}
+
+/**
+ * sensor-status: one row per sensor in `sensor_status`, every transition in
+ * `sensor_status_history`.
+ *
+ * Registrations, heartbeats, readings and status changes all count as seen. Explicit status is
+ * last-writer-wins by HLC; decommissioned holds until a newer registration; a sensor not seen
+ * within its inactivity timeout becomes `unknown` when a clock tick says that much stream time
+ * has passed (never by the processor's wall clock, so a replay writes the same history).
+ */
+export function sensorStatusProjection(
+  opts: SensorStatusOptions,
+): Projection<
+  | 'sensor.registered'
+  | 'reading.recorded'
+  | 'heartbeat.received'
+  | 'status.changed'
+  | 'clock.ticked'
+> {
+  const tracker = new SensorTracker('sensor_status', 'sensor-status', opts.defaultTimeoutSeconds)
+  return {
+    name: 'sensor-status',
+    handles: [
+      'sensor.registered',
+      'reading.recorded',
+      'heartbeat.received',
+      'status.changed',
+      'clock.ticked',
+    ],
+    tables: ['sensor_status', 'sensor_status_history', 'projection_clocks'],
+    async apply(trx, events) {
+      for (const segment of splitAtTicks(events)) {
+        if (segment.tick) {
+          await writeHistory(trx, await tracker.tick(trx, segment.tick))
+          continue
+        }
+        const sensors = await tracker.load(trx, deviceIdsOf(segment.events))
+        const transitions: Transition[] = []
+        for (const e of segment.events) {
+          const t = sensors.apply(e)
+          if (t) transitions.push(t)
+        }
+        await sensors.flush(trx)
+        await writeHistory(trx, transitions)
+      }
+    },
+  }
+}
+
+async function writeHistory(trx: Transaction<Database>, ts: readonly Transition[]): Promise<void> {
+  if (ts.length === 0) return
+  const col = <T>(f: (t: Transition) => T) => ts.map(f)
+  await sql`
+    insert into sensor_status_history (device_id, event_id, stream_seq, from_status, to_status, hlc,
+      changed_at, correlation_id, causation_id, reason)
+    select * from unnest(${col((t) => t.deviceId)}::text[], ${col((t) => t.eventId)}::text[],
+      ${col((t) => t.streamSeq)}::int8[], ${col((t) => t.from)}::text[], ${col((t) => t.to)}::text[],
+      ${col((t) => t.hlc)}::text[], ${col((t) => t.at.toISOString())}::timestamptz[],
+      ${col((t) => t.correlationId)}::text[], ${col((t) => t.causationId)}::text[], ${col((t) => t.reason)}::text[])
+    on conflict (device_id, event_id) do nothing`.execute(trx)
+}
