@@ -4,12 +4,20 @@ import { Command, InvalidArgumentError, Option } from 'commander'
 import { loadConfig, ConfigError, type Config } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
 import { redact } from '../infra/nats.ts'
+import { runClock } from '../infra/clock-service.ts'
 import { createPublisher } from '../infra/publisher.ts'
 import { errorSummary } from '../infra/retry.ts'
-import { processors } from '../processors/index.ts'
+import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet, type SimulationOptions } from '../simulator/fleet.ts'
+import {
+  acknowledgeAlert,
+  AlertCommandError,
+  formatAlert,
+  listAlerts,
+  type ListOptions,
+} from './alerts.ts'
 import { fmt, startProgress } from './progress.ts'
 import { openRuntime, setUp, type Runtime } from './runtime.ts'
 
@@ -76,14 +84,73 @@ program
 program
   .command('run')
   .description('run processors until SIGINT/SIGTERM (all of them when none is named)')
-  .argument('[processor...]', `processors to run: ${Object.keys(processors).join(', ')}`)
-  .action(async (names: string[]) => {
-    const specs = selectProcessors(names)
+  .argument('[processor...]', `processors to run: ${PROCESSOR_NAMES.join(', ')}`)
+  .option('--no-clock', 'do not publish clock ticks from this process')
+  .action(async (names: string[], opts: { clock: boolean }) => {
+    const selected = selectProcessors(names)
     await withRuntime('fleetstream-run', async (rt, signal) => {
       await setUp(rt, signal)
-      const running = specs.map((spec) => startProcessor(spec, rt))
+      const running = selected.map((name) => startProcessor(rt.processors[name], rt))
+      const clock = opts.clock ? startClock(rt, signal) : Promise.resolve()
       await waitForAbort(signal)
-      await Promise.all(running.map((p) => p.stop()))
+      await Promise.all([...running.map((p) => p.stop()), clock])
+    })
+  })
+
+program
+  .command('clock')
+  .description(
+    'publish clock ticks into the stream until SIGINT/SIGTERM (run and start include one)',
+  )
+  .action(async () => {
+    await withRuntime('fleetstream-clock', async (rt, signal) => {
+      await setUp(rt, signal)
+      await startClock(rt, signal)
+    })
+  })
+
+const alerts = program.command('alerts').description('list and acknowledge alerts')
+
+alerts
+  .command('list')
+  .description('alerts from the read model, most severe and newest first')
+  .addOption(
+    new Option('--state <state>', 'only this state').choices(['open', 'acknowledged', 'resolved']),
+  )
+  .addOption(
+    new Option('--severity <severity>', 'only this severity').choices([
+      'info',
+      'warning',
+      'critical',
+    ]),
+  )
+  .option('--device <id>', 'only this sensor')
+  .addOption(new Option('--limit <n>', 'at most this many').argParser(positive).default(100))
+  .option('--json', 'one JSON object per alert')
+  .action(async (opts: ListOptions & { json?: boolean }) => {
+    await withRuntime('fleetstream-alerts', async (rt) => {
+      const rows = await listAlerts(rt, opts)
+      if (opts.json) console.log(JSON.stringify(rows))
+      else if (rows.length === 0) console.log('no alerts')
+      else for (const a of rows) console.log(formatAlert(a))
+    })
+  })
+
+alerts
+  .command('ack')
+  .description('acknowledge an open alert: publishes an alert.acknowledged event into the stream')
+  .argument('<alert-id>', 'the alert to acknowledge (see alerts list)')
+  .requiredOption('--by <name>', 'who acknowledges it')
+  .option('--note <text>', 'why, for the record')
+  .option('--json', 'print the result as JSON')
+  .action(async (alertId: string, opts: { by: string; note?: string; json?: boolean }) => {
+    await withRuntime('fleetstream-alerts', async (rt) => {
+      const r = await acknowledgeAlert(rt, clockFor(rt.config, 'cli'), alertId, opts.by, opts.note)
+      if (opts.json) console.log(JSON.stringify({ alertId, eventId: r.eventId, seq: r.seq }))
+      else
+        console.log(
+          `acknowledged ${alertId} (${r.alert.device_id}, ${r.alert.rule_id}): event ${r.eventId} at stream sequence ${r.seq}`,
+        )
     })
   })
 
@@ -135,7 +202,10 @@ withSimulationOptions(
             .map(([n, r]) => `${n} (${r})`)
             .join(', ')}`,
       )
-      const running = Object.values(processors).map((spec) => startProcessor(spec, rt))
+      const running = Object.values(rt.processors).map((spec) => startProcessor(spec, rt))
+      // The clock stops with the job, which ends by itself after --duration as well as on a signal.
+      const finished = new AbortController()
+      const clock = startClock(rt, AbortSignal.any([signal, finished.signal]))
       const publisher = createPublisher(rt.js, { clock: clockFor(rt.config, 'sim') })
       const progress = startProgress(rt, running, publisher)
       try {
@@ -147,7 +217,8 @@ withSimulationOptions(
           await progress.caughtUp(signal)
         }
       } finally {
-        await Promise.all(running.map((p) => p.stop()))
+        finished.abort()
+        await Promise.all([...running.map((p) => p.stop()), clock])
         await progress.stop()
       }
       printSummary(rt, running, publisher.stats)
@@ -181,17 +252,22 @@ function clockFor(config: Config, role: string): HybridLogicalClock {
   })
 }
 
-function selectProcessors(names: string[]) {
-  if (names.length === 0) return Object.values(processors)
+function selectProcessors(names: string[]): ProcessorName[] {
+  if (names.length === 0) return [...PROCESSOR_NAMES]
   return names.map((n) => {
-    const spec = processors[n]
-    if (spec === undefined) {
+    if (!(PROCESSOR_NAMES as readonly string[]).includes(n)) {
       throw new InvalidArgumentError(
-        `'processor' must be one of ${Object.keys(processors).join(', ')}, got '${n}'`,
+        `'processor' must be one of ${PROCESSOR_NAMES.join(', ')}, got '${n}'`,
       )
     }
-    return spec
+    return n as ProcessorName
   })
+}
+
+/** Ticks into the stream from this process until the signal aborts (deduplicated across processes). */
+function startClock(rt: Runtime, signal: AbortSignal): Promise<void> {
+  const publisher = createPublisher(rt.js, { clock: clockFor(rt.config, 'clock') })
+  return runClock(publisher, { intervalSeconds: rt.config.clockTickSeconds, log: rt.log }, signal)
 }
 
 function printSummary(
@@ -209,12 +285,14 @@ function printSummary(
     ),
     '',
     'Query what it wrote:',
+    `  psql '${config.databaseUrl}' -c "select status, count(*) from sensor_status group by status"`,
     `  psql '${config.databaseUrl}' -c "select device_id, metric, value, unit, occurred_at from latest_readings order by device_id, metric limit 20"`,
-    `  psql '${config.databaseUrl}' -c "select count(*), count(distinct device_id) as sensors from readings"`,
+    `  psql '${config.databaseUrl}' -c "select severity, state, count(*) from alerts group by 1, 2 order by 1, 2"`,
+    '  npm run fleetstream -- alerts list --state open',
     'Inspect the stream (nats CLI):',
     `  nats --server ${config.natsUrl} stream info ${config.streams.events}`,
     `  nats --server ${config.natsUrl} stream view ${config.streams.events} --subject 'fleet.events.*.reading'`,
-    `  nats --server ${config.natsUrl} consumer info ${config.streams.events} readings`,
+    `  nats --server ${config.natsUrl} consumer report ${config.streams.events}`,
   ]
   console.log(lines.join('\n'))
 }
@@ -282,7 +360,11 @@ function ratio(v: string): number {
 try {
   await program.parseAsync()
 } catch (err) {
-  if (err instanceof ConfigError || err instanceof InvalidArgumentError) {
+  if (
+    err instanceof ConfigError ||
+    err instanceof InvalidArgumentError ||
+    err instanceof AlertCommandError
+  ) {
     console.error(`fleetstream: ${err.message}`)
     process.exitCode = EXIT_USAGE
   } else {

@@ -14,9 +14,9 @@ import type { Logger } from '../infra/logger.ts'
 import { connectNats } from '../infra/nats.ts'
 import { withBackoff } from '../infra/retry.ts'
 import { ensureStreams, StreamConflictError, type EnsureResult } from '../infra/streams.ts'
-import { consumerSpecOf } from '../processors/processor.ts'
+import { consumerSpecOf, type ProcessorSpec } from '../processors/processor.ts'
 import { ensureConsumer } from '../processors/consumer.ts'
-import { processors } from '../processors/index.ts'
+import { loadProcessors, PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
 import { readCheckpoint } from '../projections/checkpoints.ts'
 import { migrateToLatest } from '../projections/migrate.ts'
 import type { Database } from '../projections/tables.ts'
@@ -30,6 +30,8 @@ export interface Runtime {
   readonly jsm: JetStreamManager
   readonly pool: pg.Pool
   readonly db: Kysely<Database>
+  /** The processors as configured (the alert rules file is read and validated on opening). */
+  readonly processors: Readonly<Record<ProcessorName, ProcessorSpec>>
   close(): Promise<void>
 }
 
@@ -42,10 +44,12 @@ export async function openRuntime(
   log: Logger,
   opts: { name: string; signal?: AbortSignal; poolSize?: number },
 ): Promise<Runtime> {
+  const processors = await loadProcessors(config)
   await ensureDatabase(config.databaseUrl, log, opts.signal)
   const pool = createPool(config.databaseUrl, {
-    // Each processor holds one connection for its lock and uses one for its transactions.
-    max: opts.poolSize ?? Object.keys(processors).length * 2 + 2,
+    // Each processor holds one connection for its lock and uses one for its transactions; the
+    // outbox relay and set-up need one each.
+    max: opts.poolSize ?? PROCESSOR_NAMES.length * 2 + 2,
     applicationName: opts.name,
     log,
   })
@@ -65,6 +69,7 @@ export async function openRuntime(
       jsm: await jetstreamManager(nc),
       pool,
       db,
+      processors,
       async close() {
         await nc.drain().catch(() => undefined)
         await db.destroy() // ends the pool
@@ -96,7 +101,7 @@ export async function setUp(rt: Runtime, signal?: AbortSignal): Promise<SetupRep
       (err instanceof JetStreamApiError && err.status !== 503),
   }).execute(() => ensureStreams(rt.jsm, rt.config.streams), signal)
   const consumers: Record<string, 'created' | 'exists'> = {}
-  for (const spec of Object.values(processors)) {
+  for (const spec of Object.values(rt.processors)) {
     const from = await readCheckpoint(rt.db, spec.name)
     consumers[spec.name] = await ensureConsumer(rt.jsm, consumerSpecOf(spec, rt.config), from)
   }

@@ -33,6 +33,12 @@ const Env = z.object({
   PROCESSOR_BATCH_LINGER_MS: int(0, 10_000).default(20),
   PROCESSOR_MAX_ACK_PENDING: int(1, 1_000_000).default(10_000),
   PROCESSOR_ACK_WAIT_SECONDS: int(1, 3600).default(60),
+  /** Seconds between clock ticks published into the stream (stream time for silence). */
+  CLOCK_TICK_SECONDS: int(1, 3600).default(10),
+  /** Silence after which a sensor without its own timeout becomes unknown. */
+  SENSOR_INACTIVITY_TIMEOUT_SECONDS: int(1, 7 * 24 * 3600).default(300),
+  /** Alert rules (YAML); defaults to config/alert-rules.yaml in the package. */
+  ALERT_RULES_FILE: z.string().min(1).optional(),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
 })
 
@@ -52,6 +58,7 @@ export interface Config {
   readonly streams: {
     readonly events: string
     readonly dlq: string
+    readonly notifications: string
     readonly replicas: number
     readonly duplicateWindowSeconds: number
     readonly maxMsgBytes: number
@@ -64,6 +71,10 @@ export interface Config {
     readonly maxAckPending: number
     readonly ackWaitSeconds: number
   }
+  readonly clockTickSeconds: number
+  readonly sensorInactivityTimeoutSeconds: number
+  /** `undefined`: the rules shipped with the package. */
+  readonly alertRulesFile: string | undefined
   readonly logLevel: z.infer<typeof Env>['LOG_LEVEL']
 }
 
@@ -85,6 +96,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     streams: {
       events: 'FLEET_EVENTS',
       dlq: 'FLEET_DLQ',
+      notifications: 'FLEET_NOTIFICATIONS',
       replicas: e.FLEET_STREAM_REPLICAS,
       duplicateWindowSeconds: e.FLEET_DUPLICATE_WINDOW_SECONDS,
       maxMsgBytes: e.FLEET_MAX_MSG_BYTES,
@@ -97,6 +109,9 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       maxAckPending: Math.max(e.PROCESSOR_MAX_ACK_PENDING, e.PROCESSOR_BATCH_SIZE),
       ackWaitSeconds: e.PROCESSOR_ACK_WAIT_SECONDS,
     },
+    clockTickSeconds: e.CLOCK_TICK_SECONDS,
+    sensorInactivityTimeoutSeconds: e.SENSOR_INACTIVITY_TIMEOUT_SECONDS,
+    alertRulesFile: e.ALERT_RULES_FILE,
     logLevel: e.LOG_LEVEL,
   }
   return deepFreeze(config)

@@ -9,7 +9,11 @@ import {
   type StreamInfo,
 } from '@nats-io/jetstream'
 import { nanos } from '@nats-io/transport-node'
-import { DLQ_SUBJECT_PREFIX, EVENTS_SUBJECT_PREFIX } from '../schemas/subjects.ts'
+import {
+  DLQ_SUBJECT_PREFIX,
+  EVENTS_SUBJECT_PREFIX,
+  NOTIFICATIONS_SUBJECT_PREFIX,
+} from '../schemas/subjects.ts'
 import type { Config } from './config.ts'
 
 /** JetStream API error 10058: a stream with that name already exists (with another config). */
@@ -81,6 +85,30 @@ export function dlqStreamSpec(c: Config['streams']): StreamSpec {
   }
 }
 
+/**
+ * FLEET_NOTIFICATIONS: alert notifications from the alerts outbox, one subject each, kept for a
+ * year so the relay can tell what it already sent (also after a replay of the alerts projection).
+ */
+export function notificationsStreamSpec(c: Config['streams']): StreamSpec {
+  return {
+    name: c.notifications,
+    description: 'fleetstream alert notifications (raised, resolved), sent once from the outbox',
+    subjects: [`${NOTIFICATIONS_SUBJECT_PREFIX}.>`],
+    retention: RetentionPolicy.Limits,
+    storage: StorageType.File,
+    discard: DiscardPolicy.Old,
+    max_msgs: -1,
+    max_bytes: -1,
+    max_age: nanos(365 * 24 * 3600 * 1000),
+    max_msg_size: 64 * 1024,
+    duplicate_window: nanos(120_000),
+    num_replicas: c.replicas,
+    deny_delete: false,
+    deny_purge: false,
+    allow_rollup_hdrs: false,
+  }
+}
+
 /** A stream exists with settings that differ from what fleetstream needs; nothing was changed. */
 export class StreamConflictError extends Error {
   override readonly name = 'StreamConflictError'
@@ -120,17 +148,16 @@ export async function ensureStream(jsm: JetStreamManager, spec: StreamSpec): Pro
   return 'unchanged'
 }
 
-/** Both fleetstream streams; returns what was done to each. */
+/** Every fleetstream stream; returns what was done to each. */
 export async function ensureStreams(
   jsm: JetStreamManager,
   c: Config['streams'],
 ): Promise<Record<string, EnsureResult>> {
-  const events = eventsStreamSpec(c)
-  const dlq = dlqStreamSpec(c)
-  return {
-    [events.name]: await ensureStream(jsm, events),
-    [dlq.name]: await ensureStream(jsm, dlq),
+  const out: Record<string, EnsureResult> = {}
+  for (const spec of [eventsStreamSpec(c), dlqStreamSpec(c), notificationsStreamSpec(c)]) {
+    out[spec.name] = await ensureStream(jsm, spec)
   }
+  return out
 }
 
 export function streamDifferences(spec: StreamSpec, actual: StreamConfig): string[] {

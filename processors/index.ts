@@ -1,7 +1,22 @@
+import { defaultAlertRulesPath, loadAlertRules } from '../infra/alert-rules-file.ts'
+import type { Config } from '../infra/config.ts'
+import { alertsProcessor } from './alerts.ts'
 import type { ProcessorSpec } from './processor.ts'
 import { readingsProcessor } from './readings.ts'
+import { sensorStatusProcessor } from './sensor-status.ts'
 
-/** Every processor fleetstream runs, by name. */
-export const processors: Readonly<Record<string, ProcessorSpec>> = {
-  [readingsProcessor.name]: readingsProcessor,
+/** Every processor fleetstream runs. */
+export const PROCESSOR_NAMES = ['sensor-status', 'readings', 'alerts'] as const
+export type ProcessorName = (typeof PROCESSOR_NAMES)[number]
+
+/** The processors configured for this run (reads and validates the alert rules file). */
+export async function loadProcessors(
+  config: Config,
+): Promise<Record<ProcessorName, ProcessorSpec>> {
+  const rules = await loadAlertRules(config.alertRulesFile ?? defaultAlertRulesPath())
+  return {
+    'sensor-status': sensorStatusProcessor(config),
+    readings: readingsProcessor,
+    alerts: alertsProcessor(config, rules),
+  }
 }

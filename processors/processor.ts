@@ -12,6 +12,7 @@ import type pg from 'pg'
 import type { Config } from '../infra/config.ts'
 import type { Logger } from '../infra/logger.ts'
 import { errorSummary } from '../infra/retry.ts'
+import { sleep } from '../infra/sleep.ts'
 import {
   advanceCheckpoint,
   CheckpointConflictError,
@@ -41,6 +42,8 @@ export interface ProcessorSpec {
   /** The one subject filter of its consumer (nats-server 2.9 allows one). */
   readonly filterSubject: string
   readonly projection: AnyProjection
+  /** Runs beside the processor while it runs (e.g. the alerts' outbox relay). */
+  readonly companion?: (deps: ProcessorDeps, signal: AbortSignal) => Promise<void>
 }
 
 export interface ProcessorDeps {
@@ -125,7 +128,10 @@ class ProcessorRunner implements RunningProcessor {
     this.#log = deps.log.child({ processor: spec.name })
     this.#js = jetstream(deps.nc)
     this.#consumer = consumerSpecOf(spec, deps.config)
-    this.done = this.#supervise()
+    const companion = spec.companion?.(deps, this.#stopping.signal).catch((err: unknown) => {
+      this.#log.error({ err: errorSummary(err) }, `${spec.name} companion stopped`)
+    })
+    this.done = Promise.all([this.#supervise(), companion]).then(() => undefined)
   }
 
   async stop(): Promise<void> {
@@ -383,20 +389,4 @@ const COMMIT_ATTEMPTS = 5
 /** Read through a call: TypeScript would otherwise keep a narrowing from an earlier check. */
 function isAborted(signal: AbortSignal): boolean {
   return signal.aborted
-}
-
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) {
-      resolve()
-      return
-    }
-    const done = () => {
-      clearTimeout(t)
-      signal.removeEventListener('abort', done)
-      resolve()
-    }
-    const t = setTimeout(done, ms)
-    signal.addEventListener('abort', done, { once: true })
-  })
 }

@@ -7,7 +7,7 @@ import type { ProcessorSpec } from './processor.ts'
  * readings
  * - reads:   FLEET_EVENTS, durable consumer `readings`, filter `fleet.events.*.reading`
  * - handles: reading.recorded
- * - writes:  readings, latest_readings (+ its row in processor_checkpoints)
+ * - writes:  readings, latest_readings, readings_per_minute (+ its checkpoint)
  */
 export const readingsProcessor: ProcessorSpec = {
   name: 'readings',

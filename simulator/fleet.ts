@@ -40,6 +40,8 @@ interface Device {
   temperature: number
   humidity: number
   battery: number
+  /** Readings left in a heat episode (a fault that should raise a temperature alert). */
+  hot: number
 }
 
 /**
@@ -86,6 +88,7 @@ export async function simulateFleet(
     temperature: 15 + rnd() * 10,
     humidity: 30 + rnd() * 40,
     battery: 60 + rnd() * 40,
+    hot: 0,
   }))
   for (const d of devices) {
     if (signal?.aborted) break
@@ -145,7 +148,11 @@ function nextEvent(d: Device, rnd: () => number): EventDraft {
   }
   if (roll < 0.55) {
     d.temperature += (rnd() - 0.5) * 0.4
-    return reading(d, occurredAt, 'temperature', d.temperature, 'C')
+    // Now and then a sensor overheats for a few readings, then recovers.
+    if (d.hot === 0 && rnd() < 0.002) d.hot = 6
+    const hot = d.hot > 0
+    if (hot) d.hot--
+    return reading(d, occurredAt, 'temperature', hot ? d.temperature + 35 : d.temperature, 'C')
   }
   if (roll < 0.9) {
     d.humidity = Math.min(100, Math.max(0, d.humidity + (rnd() - 0.5)))

@@ -1,0 +1,26 @@
+import type { Config } from '../infra/config.ts'
+import { alertsProjection } from '../projections/alerts.ts'
+import type { AlertRules } from '../projections/alert-rules.ts'
+import { anyEvents } from '../projections/projection.ts'
+import { ALL_EVENTS } from '../schemas/subjects.ts'
+import { runOutboxRelay } from './outbox-relay.ts'
+import type { ProcessorSpec } from './processor.ts'
+
+/**
+ * alerts
+ * - reads:   FLEET_EVENTS, durable consumer `alerts`, filter `fleet.events.>`
+ * - handles: readings and heartbeats (thresholds, battery), the sensor life cycle and clock ticks
+ *            (silence), alert.acknowledged (operator actions)
+ * - writes:  alerts, alert_conditions, alert_sensors, notification_outbox, projection_clocks
+ * - sends:   notification_outbox -> FLEET_NOTIFICATIONS (fleet.notifications.alerts.<severity>.<deviceId>.<id>)
+ */
+export function alertsProcessor(config: Config, rules: AlertRules): ProcessorSpec {
+  return {
+    name: 'alerts',
+    filterSubject: ALL_EVENTS,
+    projection: anyEvents(
+      alertsProjection({ rules, defaultTimeoutSeconds: config.sensorInactivityTimeoutSeconds }),
+    ),
+    companion: runOutboxRelay,
+  }
+}

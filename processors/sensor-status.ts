@@ -1,0 +1,21 @@
+import type { Config } from '../infra/config.ts'
+import { anyEvents } from '../projections/projection.ts'
+import { sensorStatusProjection } from '../projections/sensor-status.ts'
+import { ALL_EVENTS } from '../schemas/subjects.ts'
+import type { ProcessorSpec } from './processor.ts'
+
+/**
+ * sensor-status
+ * - reads:   FLEET_EVENTS, durable consumer `sensor-status`, filter `fleet.events.>`
+ * - handles: sensor.registered, reading.recorded, heartbeat.received, status.changed, clock.ticked
+ * - writes:  sensor_status, sensor_status_history, projection_clocks (+ its checkpoint)
+ */
+export function sensorStatusProcessor(config: Config): ProcessorSpec {
+  return {
+    name: 'sensor-status',
+    filterSubject: ALL_EVENTS,
+    projection: anyEvents(
+      sensorStatusProjection({ defaultTimeoutSeconds: config.sensorInactivityTimeoutSeconds }),
+    ),
+  }
+}
