@@ -1,4 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process'
+import { mkdtemp, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { jetstreamManager } from '@nats-io/jetstream'
 import { connect, type NatsConnection } from '@nats-io/transport-node'
@@ -121,4 +124,81 @@ export async function natsAdmin(
 ): Promise<{ nc: NatsConnection; jsm: Awaited<ReturnType<typeof jetstreamManager>> }> {
   const nc = await connect({ servers: url })
   return { nc, jsm: await jetstreamManager(nc) }
+}
+
+/** Every processor's consumer has nothing pending or unacked (acks follow commits). */
+export async function allCaughtUp(
+  rt: Runtime,
+  names: readonly string[],
+  timeoutMs = 60_000,
+): Promise<void> {
+  let calm = 0
+  await waitFor(
+    `processors ${names.join(', ')} to catch up`,
+    async () => {
+      const infos = await Promise.all(
+        names.map((n) => rt.jsm.consumers.info(rt.config.streams.events, n)),
+      )
+      const done = infos.every((i) => i.num_pending === 0 && i.num_ack_pending === 0)
+      calm = done ? calm + 1 : 0
+      return calm >= 2
+    },
+    timeoutMs,
+    async () => {
+      const infos = await Promise.all(
+        names.map((n) => rt.jsm.consumers.info(rt.config.streams.events, n)),
+      )
+      return infos
+        .map((i) => `${i.name}: pending ${i.num_pending}, ack pending ${i.num_ack_pending}`)
+        .join('; ')
+    },
+  )
+}
+
+/** A clock tick at `atMs`, as the clock service publishes it. */
+export function tickDraft(atMs: number): EventDraft<'clock.ticked'> {
+  const at = new Date(atMs).toISOString()
+  return {
+    type: 'clock.ticked',
+    deviceId: '_system',
+    eventId: `tick-${atMs}`,
+    occurredAt: at,
+    data: { at, intervalSeconds: 10 },
+  }
+}
+
+/** Every row of a table in a stable order, for comparing read models row by row. */
+export async function dumpTable(
+  rt: Runtime,
+  table: string,
+  omit: readonly string[] = [],
+): Promise<unknown[]> {
+  const { rows } = await rt.pool.query<Record<string, unknown>>(`select * from ${table}`)
+  return rows
+    .map((r) => Object.fromEntries(Object.entries(r).filter(([c]) => !omit.includes(c))))
+    .sort((a, b) => (JSON.stringify(a) < JSON.stringify(b) ? -1 : 1))
+}
+
+/** Rules for these tests: short runs so that a handful of readings exercise them. */
+const RULES = `
+rules:
+  - { id: temperature-high, kind: threshold, metric: temperature, above: 40, clear: 35, consecutive: 2, severity: critical }
+  - { id: battery-low, kind: battery-low, below: 15, clear: 20, severity: warning }
+  - { id: sensor-silent, kind: silent, severity: warning }
+`
+
+/** Writes a rules file for a test and returns its path. */
+export async function rulesFile(text = RULES): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'fleetstream-rules-'))
+  const path = join(dir, 'rules.yaml')
+  await writeFile(path, text)
+  return path
+}
+
+/**
+ * Waits until events published so far are outside a 1 s duplicate window. nats-server forgets
+ * msg ids on a timer, so an id can outlive the window a little: wait with margin.
+ */
+export function pastDedupWindow(): Promise<void> {
+  return new Promise((r) => setTimeout(r, 2500))
 }

@@ -80,7 +80,7 @@ describe('readings processor as a process', () => {
       await pipe.drain()
     })()
 
-    let proc: CliProcess = spawnCli(['run', 'readings'], f.env)
+    let proc: CliProcess = spawnCli(['run', 'readings', '--no-clock'], f.env)
     const kills: { checkpoint: number; rows: number }[] = []
     for (let k = 0; k < 3; k++) {
       const start = (await snapshot(f.client)).checkpoint
@@ -97,7 +97,7 @@ describe('readings processor as a process', () => {
       expect(after.rows).toBe(after.checkpoint)
       expect(after.distinct).toBe(after.rows)
       kills.push({ checkpoint: after.checkpoint, rows: after.rows })
-      proc = spawnCli(['run', 'readings'], f.env)
+      proc = spawnCli(['run', 'readings', '--no-clock'], f.env)
     }
     await publishing
     expect(publisher.stats.published).toBe(total)
@@ -130,7 +130,7 @@ describe('graceful shutdown', () => {
       await pipe.submit(() => publisher.publish(readingDraft(`s-${i % 50}`, i)))
     await pipe.drain()
 
-    const proc = spawnCli(['run', 'readings'], f.env)
+    const proc = spawnCli(['run', 'readings', '--no-clock'], f.env)
     await waitFor(
       'processor to start applying',
       async () => (await snapshot(f.client)).checkpoint > 1000,
@@ -143,7 +143,7 @@ describe('graceful shutdown', () => {
     expect(stopped.rows).toBe(stopped.checkpoint)
     expect(stopped.checkpoint).toBeLessThanOrEqual(20_000)
 
-    const again = spawnCli(['run', 'readings'], f.env)
+    const again = spawnCli(['run', 'readings', '--no-clock'], f.env)
     await waitFor(
       'restart to finish the backlog',
       async () => (await snapshot(f.client)).checkpoint === 20_000,

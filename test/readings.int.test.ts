@@ -8,7 +8,14 @@ import type { FleetEvent } from '../schemas/events.ts'
 import { Headers } from '../schemas/subjects.ts'
 import type { Runtime } from '../cli/runtime.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
-import { readingDraft, testConfig, testPublisher, testRuntime, waitFor } from './fixtures.ts'
+import {
+  pastDedupWindow,
+  readingDraft,
+  testConfig,
+  testPublisher,
+  testRuntime,
+  waitFor,
+} from './fixtures.ts'
 
 // One server and database per scenario, so row counts are exact.
 async function scenario(env: Record<string, string> = {}) {
@@ -138,7 +145,7 @@ describe('readings processor', () => {
         .where('device_id', '=', 'dup-1')
         .execute()
 
-      await new Promise((r) => setTimeout(r, 1500))
+      await pastDedupWindow()
       const again = await publisher.publishEvent(first.event)
       expect(again.duplicate).toBe(false)
       expect(again.seq).toBeGreaterThan(first.seq)

@@ -16,8 +16,12 @@ describe('fleetstream setup', () => {
     const first = await runCli(['setup'], env)
     expect(first.output).toContain('stream FLEET_EVENTS: created')
     expect(first.output).toContain('stream FLEET_DLQ: created')
-    expect(first.output).toContain('consumer readings: created')
-    expect(first.output).toContain('schema: applied 2026-11-23-readings')
+    expect(first.output).toContain('stream FLEET_NOTIFICATIONS: created')
+    for (const c of ['sensor-status', 'readings', 'alerts'])
+      expect(first.output).toContain(`consumer ${c}: created`)
+    expect(first.output).toContain(
+      'schema: applied 2026-11-23-01-readings, 2026-11-23-02-status-rollups-alerts',
+    )
     expect(first.code).toBe(0)
 
     const { nc, jsm } = await natsAdmin(nats.url)
@@ -26,8 +30,12 @@ describe('fleetstream setup', () => {
     expect(second.code).toBe(0)
     expect(JSON.parse(second.output)).toEqual({
       migrations: [],
-      streams: { FLEET_EVENTS: 'unchanged', FLEET_DLQ: 'unchanged' },
-      consumers: { readings: 'exists' },
+      streams: {
+        FLEET_EVENTS: 'unchanged',
+        FLEET_DLQ: 'unchanged',
+        FLEET_NOTIFICATIONS: 'unchanged',
+      },
+      consumers: { 'sensor-status': 'exists', readings: 'exists', alerts: 'exists' },
     })
     const after = await jsm.streams.info('FLEET_EVENTS')
     expect(after.config).toEqual(before.config)

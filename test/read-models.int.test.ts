@@ -1,0 +1,365 @@
+import pg from 'pg'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { acknowledgeAlert } from '../cli/alerts.ts'
+import type { Runtime } from '../cli/runtime.ts'
+import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
+import { HybridLogicalClock } from '../schemas/hlc.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import {
+  allCaughtUp,
+  pastDedupWindow,
+  rulesFile,
+  testConfig,
+  testPublisher,
+  testRuntime,
+  tickDraft,
+  waitFor,
+} from './fixtures.ts'
+
+describe('the three read models', () => {
+  let nats: NatsServer
+  let rt: Runtime
+  let running: RunningProcessor[]
+  beforeAll(async () => {
+    nats = await startNatsServer()
+    rt = await testRuntime(
+      testConfig(nats.url, await freshDatabase(), {
+        ALERT_RULES_FILE: await rulesFile(),
+        FLEET_DUPLICATE_WINDOW_SECONDS: '1',
+      }),
+    )
+    running = PROCESSOR_NAMES.map((n) => startProcessor(rt.processors[n], rt))
+  })
+  afterAll(async () => {
+    await Promise.all(running.map((p) => p.stop()))
+    await rt.close()
+    await nats.cleanup()
+  })
+  const caughtUp = () => allCaughtUp(rt, PROCESSOR_NAMES)
+  const sensor = (id: string) =>
+    rt.db
+      .selectFrom('sensor_status')
+      .selectAll()
+      .where('device_id', '=', id)
+      .executeTakeFirstOrThrow()
+  const history = async (id: string) =>
+    (
+      await rt.db
+        .selectFrom('sensor_status_history')
+        .selectAll()
+        .where('device_id', '=', id)
+        .orderBy('hlc')
+        .execute()
+    ).map((h) => [h.from_status, h.to_status, h.reason])
+
+  describe('sensor-status', () => {
+    it('given a registration, the sensor is active with its site and firmware, and the transition is in its history', async () => {
+      const publisher = testPublisher(rt)
+      const { event } = await publisher.publish({
+        type: 'sensor.registered',
+        deviceId: 'st-1',
+        data: { site: 'plant-a', model: 'th-200', firmware: '1.4.2' },
+      })
+      await caughtUp()
+      expect(await sensor('st-1')).toMatchObject({
+        status: 'active',
+        site: 'plant-a',
+        firmware: '1.4.2',
+        status_event_id: event.eventId,
+        status_correlation_id: event.correlationId,
+        last_seen_hlc: event.hlc,
+      })
+      expect(await history('st-1')).toEqual([[null, 'active', 'registered']])
+    })
+
+    it('explicit status is last-writer-wins by HLC: an older change arriving later changes nothing', async () => {
+      const publisher = testPublisher(rt)
+      await publisher.publish({
+        type: 'sensor.registered',
+        deviceId: 'st-2',
+        data: { site: 'plant-a', model: 'm', firmware: '1' },
+      })
+      const older = publisher.stamp({
+        type: 'status.changed',
+        deviceId: 'st-2',
+        data: { status: 'inactive' },
+      })
+      const newer = publisher.stamp({
+        type: 'status.changed',
+        deviceId: 'st-2',
+        data: { status: 'maintenance', reason: 'calibration' },
+      })
+      await publisher.publishEvent(newer)
+      await publisher.publishEvent(older)
+      await caughtUp()
+      expect((await sensor('st-2')).status).toBe('maintenance')
+      expect(await history('st-2')).toEqual([
+        [null, 'active', 'registered'],
+        ['active', 'maintenance', 'status changed to maintenance: calibration'],
+      ])
+    })
+
+    it('a decommissioned sensor stays decommissioned until it is registered again', async () => {
+      const publisher = testPublisher(rt)
+      const reg = {
+        type: 'sensor.registered',
+        deviceId: 'st-3',
+        data: { site: 'plant-b', model: 'm', firmware: '1' },
+      } as const
+      await publisher.publish(reg)
+      await publisher.publish({
+        type: 'status.changed',
+        deviceId: 'st-3',
+        data: { status: 'decommissioned' },
+      })
+      await publisher.publish({
+        type: 'status.changed',
+        deviceId: 'st-3',
+        data: { status: 'active' },
+      })
+      await publisher.publish({
+        type: 'reading.recorded',
+        deviceId: 'st-3',
+        data: { metric: 'temperature', value: 20, unit: 'C' },
+      })
+      await caughtUp()
+      expect((await sensor('st-3')).status).toBe('decommissioned')
+      await publisher.publish({ ...reg, data: { ...reg.data, firmware: '2' } })
+      await caughtUp()
+      expect(await sensor('st-3')).toMatchObject({ status: 'active', firmware: '2' })
+      expect(await history('st-3')).toEqual([
+        [null, 'active', 'registered'],
+        ['active', 'decommissioned', 'status changed to decommissioned'],
+        ['decommissioned', 'active', 're-registered'],
+      ])
+    })
+
+    it('a silent sensor becomes unknown when a clock tick says its timeout passed, and active when heard again', async () => {
+      const publisher = testPublisher(rt)
+      const reg = await publisher.publish({
+        type: 'sensor.registered',
+        deviceId: 'st-4',
+        data: { site: 'plant-b', model: 'm', firmware: '1', inactivityTimeoutSeconds: 1 },
+      })
+      const seen = Date.parse(reg.event.occurredAt)
+      await publisher.publish(tickDraft(seen + 500))
+      await caughtUp()
+      expect((await sensor('st-4')).status).toBe('active')
+      await new Promise((r) => setTimeout(r, 1100))
+      const tick = await publisher.publish(tickDraft(Date.now()))
+      await caughtUp()
+      expect(await sensor('st-4')).toMatchObject({
+        status: 'unknown',
+        status_event_id: tick.event.eventId,
+      })
+      await publisher.publish({
+        type: 'heartbeat.received',
+        deviceId: 'st-4',
+        data: { batteryPercent: 80 },
+      })
+      await caughtUp()
+      expect((await sensor('st-4')).status).toBe('active')
+      expect(await history('st-4')).toEqual([
+        [null, 'active', 'registered'],
+        ['active', 'unknown', 'silent'],
+        ['unknown', 'active', 'seen again'],
+      ])
+    })
+  })
+
+  describe('readings', () => {
+    it('rolls readings up per minute, counting each reading once even when re-published later', async () => {
+      const publisher = testPublisher(rt)
+      const minute = '2026-11-23T10:15'
+      const sent = []
+      for (const [i, value] of [1, 2, 3].entries()) {
+        const r = await publisher.publish({
+          type: 'reading.recorded',
+          deviceId: 'rd-1',
+          occurredAt: `${minute}:0${i}.000Z`,
+          data: { metric: 'temperature', value, unit: 'C' },
+        })
+        sent.push(r.event)
+      }
+      await caughtUp()
+      await pastDedupWindow()
+      const again = await publisher.publishEvent(sent[1]!)
+      expect(again.duplicate).toBe(false)
+      await caughtUp()
+      const rollup = await rt.db
+        .selectFrom('readings_per_minute')
+        .selectAll()
+        .where('device_id', '=', 'rd-1')
+        .execute()
+      expect(rollup).toEqual([
+        {
+          device_id: 'rd-1',
+          metric: 'temperature',
+          minute: new Date(`${minute}:00.000Z`),
+          count: 3,
+          min: 1,
+          max: 3,
+          sum: 6,
+        },
+      ])
+    })
+  })
+
+  describe('alerts', () => {
+    const alert = (device: string, rule: string) =>
+      rt.db
+        .selectFrom('alerts')
+        .selectAll()
+        .where('device_id', '=', device)
+        .where('rule_id', '=', rule)
+        .orderBy('raised_hlc')
+        .execute()
+
+    it('raises after the run, is acknowledged by an operator event, resolves below the clear level, and notifies once each', async () => {
+      const publisher = testPublisher(rt)
+      const read = (value: number) =>
+        publisher.publish({
+          type: 'reading.recorded',
+          deviceId: 'al-1',
+          data: { metric: 'temperature', value, unit: 'C' },
+        })
+      await read(41)
+      const second = await read(43)
+      await read(44)
+      await caughtUp()
+      let [a] = await alert('al-1', 'temperature-high')
+      expect(a).toMatchObject({
+        state: 'open',
+        severity: 'critical',
+        raised_event_id: second.event.eventId,
+        correlation_id: second.event.correlationId,
+        value: 43,
+        occurrences: 2,
+      })
+
+      const clock = new HybridLogicalClock({ node: 'ops', maxOffsetMs: 500 })
+      const ack = await acknowledgeAlert(rt, clock, a!.alert_id, 'jo', 'on it')
+      await caughtUp()
+      ;[a] = await alert('al-1', 'temperature-high')
+      expect(a).toMatchObject({
+        state: 'acknowledged',
+        acknowledged_by: 'jo',
+        acknowledged_event_id: ack.eventId,
+      })
+      const ackEvent = await rt.jsm.streams.getMessage(rt.config.streams.events, { seq: ack.seq })
+      expect(ackEvent?.json()).toMatchObject({
+        causationId: second.event.eventId,
+        correlationId: second.event.correlationId,
+      })
+
+      await read(37) // between clear and raise: hysteresis keeps it
+      await caughtUp()
+      expect((await alert('al-1', 'temperature-high'))[0]?.state).toBe('acknowledged')
+      const clear = await read(35)
+      await caughtUp()
+      expect((await alert('al-1', 'temperature-high'))[0]).toMatchObject({
+        state: 'resolved',
+        resolved_event_id: clear.event.eventId,
+      })
+
+      const subjects = async () => {
+        await waitFor('the outbox to drain', async () => {
+          const r = await rt.db
+            .selectFrom('notification_outbox')
+            .select('notification_id')
+            .where('published_at', 'is', null)
+            .execute()
+          return r.length === 0
+        })
+        const info = await rt.jsm.streams.info(rt.config.streams.notifications)
+        const out: string[] = []
+        for (
+          let seq = info.state.first_seq;
+          seq <= info.state.last_seq && info.state.messages > 0;
+          seq++
+        ) {
+          const m = await rt.jsm.streams.getMessage(rt.config.streams.notifications, { seq })
+          if (m && m.subject.includes('.al-1.')) out.push(m.subject)
+        }
+        return out
+      }
+      const id = a!.alert_id
+      expect(await subjects()).toEqual([
+        `fleet.notifications.alerts.critical.al-1.${id}-raised`,
+        `fleet.notifications.alerts.critical.al-1.${id}-resolved`,
+      ])
+      // A replay of the outbox (rows marked unsent again) sends nothing twice.
+      await rt.db.updateTable('notification_outbox').set({ published_at: null }).execute()
+      expect(await subjects()).toEqual([
+        `fleet.notifications.alerts.critical.al-1.${id}-raised`,
+        `fleet.notifications.alerts.critical.al-1.${id}-resolved`,
+      ])
+    })
+
+    it('battery-low takes heartbeats too; a sensor in maintenance raises nothing', async () => {
+      const publisher = testPublisher(rt)
+      await publisher.publish({
+        type: 'heartbeat.received',
+        deviceId: 'al-2',
+        data: { batteryPercent: 12 },
+      })
+      await publisher.publish({
+        type: 'status.changed',
+        deviceId: 'al-3',
+        data: { status: 'maintenance' },
+      })
+      await publisher.publish({
+        type: 'heartbeat.received',
+        deviceId: 'al-3',
+        data: { batteryPercent: 5 },
+      })
+      await caughtUp()
+      expect((await alert('al-2', 'battery-low')).map((a) => a.state)).toEqual(['open'])
+      expect(await alert('al-3', 'battery-low')).toEqual([])
+    })
+
+    it('a silent sensor raises the silent rule at the tick, and resolves it when heard again', async () => {
+      const publisher = testPublisher(rt)
+      await publisher.publish({
+        type: 'sensor.registered',
+        deviceId: 'al-4',
+        data: { site: 'plant-c', model: 'm', firmware: '1', inactivityTimeoutSeconds: 1 },
+      })
+      await caughtUp()
+      await new Promise((r) => setTimeout(r, 1100))
+      const tick = await publisher.publish(tickDraft(Date.now()))
+      await caughtUp()
+      expect(await alert('al-4', 'sensor-silent')).toMatchObject([
+        { state: 'open', raised_event_id: tick.event.eventId },
+      ])
+      await publisher.publish({ type: 'heartbeat.received', deviceId: 'al-4', data: {} })
+      await caughtUp()
+      expect((await alert('al-4', 'sensor-silent')).map((a) => a.state)).toEqual(['resolved'])
+    })
+
+    it('the database allows at most one unresolved alert per sensor and rule, also from concurrent writers', async () => {
+      const row = (id: string) => ({
+        text: `insert into alerts (alert_id, device_id, rule_id, severity, state, message, raised_at, raised_hlc,
+                 raised_event_id, correlation_id, occurrences, last_occurrence_event_id)
+               values ($1, 'al-5', 'temperature-high', 'critical', 'open', 'm', now(), '1795000000000-000000-x', $1, $1, 1, $1)`,
+        values: [id],
+      })
+      const a = new pg.Client(rt.config.databaseUrl)
+      const b = new pg.Client(rt.config.databaseUrl)
+      await Promise.all([a.connect(), b.connect()])
+      await a.query('begin')
+      await b.query('begin')
+      await a.query(row('x-1'))
+      const second = b.query(row('x-2')) // blocks on a's uncommitted row
+      await a.query('commit')
+      await expect(second).rejects.toMatchObject({
+        code: '23505',
+        constraint: 'alerts_one_unresolved',
+      })
+      await b.query('rollback')
+      await Promise.all([a.end(), b.end()])
+      expect(await alert('al-5', 'temperature-high')).toHaveLength(1)
+    })
+  })
+})
