@@ -8,6 +8,8 @@ import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import {
   allCaughtUp,
+  runCli,
+  testEnv,
   pastDedupWindow,
   rulesFile,
   testConfig,
@@ -336,6 +338,53 @@ describe('the three read models', () => {
       await publisher.publish({ type: 'heartbeat.received', deviceId: 'al-4', data: {} })
       await caughtUp()
       expect((await alert('al-4', 'sensor-silent')).map((a) => a.state)).toEqual(['resolved'])
+    })
+
+    it('the CLI lists alerts and acknowledges one by publishing an event; an unknown id is refused', async () => {
+      const publisher = testPublisher(rt)
+      for (const value of [50, 51]) {
+        await publisher.publish({
+          type: 'reading.recorded',
+          deviceId: 'al-6',
+          data: { metric: 'temperature', value, unit: 'C' },
+        })
+      }
+      await caughtUp()
+      const env = testEnv(nats.url, rt.config.databaseUrl, {
+        ALERT_RULES_FILE: rt.config.alertRulesFile!,
+      })
+      const listed = await runCli(
+        ['alerts', 'list', '--state', 'open', '--device', 'al-6', '--json'],
+        env,
+      )
+      expect(listed.code, listed.output).toBe(0)
+      const [open] = JSON.parse(listed.output) as { alert_id: string; rule_id: string }[]
+      expect(open?.rule_id).toBe('temperature-high')
+
+      const ack = await runCli(
+        ['alerts', 'ack', open!.alert_id, '--by', 'sam', '--note', 'fan replaced'],
+        env,
+      )
+      expect(ack.code, ack.output).toBe(0)
+      expect(ack.output).toContain(`acknowledged ${open!.alert_id} (al-6, temperature-high)`)
+      await caughtUp()
+      expect((await alert('al-6', 'temperature-high'))[0]).toMatchObject({
+        state: 'acknowledged',
+        acknowledged_by: 'sam',
+      })
+      const table = await runCli(['alerts', 'list', '--device', 'al-6'], env)
+      expect(table.output).toMatch(
+        new RegExp(`${open!.alert_id}\\s+critical\\s+acknowledged\\s+al-6\\s+temperature-high`),
+      )
+
+      const again = await runCli(['alerts', 'ack', open!.alert_id, '--by', 'sam'], env)
+      expect(again.code).toBe(2)
+      expect(again.output).toContain(
+        `alert '${open!.alert_id}' is acknowledged; only an open alert can be acknowledged`,
+      )
+      const unknown = await runCli(['alerts', 'ack', 'al-0000', '--by', 'sam'], env)
+      expect(unknown.code).toBe(2)
+      expect(unknown.output).toContain("'alert' must be an existing alert id, got 'al-0000'")
     })
 
     it('the database allows at most one unresolved alert per sensor and rule, also from concurrent writers', async () => {
