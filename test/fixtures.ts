@@ -10,6 +10,9 @@ import { createLogger } from '../infra/logger.ts'
 import { createPublisher, type Publisher } from '../infra/publisher.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { openRuntime, setUp, type Runtime } from '../cli/runtime.ts'
+import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import type { EventDraft } from '../infra/publisher.ts'
 
 export const repoRoot = fileURLToPath(new URL('..', import.meta.url))
@@ -201,4 +204,45 @@ export async function rulesFile(text = RULES): Promise<string> {
  */
 export function pastDedupWindow(): Promise<void> {
   return new Promise((r) => setTimeout(r, 2500))
+}
+
+/** A throwaway nats-server and database with all three processors, in this process. */
+export interface Pipeline {
+  nats: NatsServer
+  rt: Runtime
+  running: RunningProcessor[]
+  start(config?: Runtime['config']): void
+  stop(): Promise<void>
+  close(): Promise<void>
+}
+
+/** Starts a {@link Pipeline}; `start()` runs the processors (again, after `stop()`). */
+export async function pipeline(env: Record<string, string> = {}): Promise<Pipeline> {
+  const nats = await startNatsServer()
+  const rt = await testRuntime(
+    testConfig(nats.url, await freshDatabase(), {
+      ALERT_RULES_FILE: await rulesFile(),
+      FLEET_DUPLICATE_WINDOW_SECONDS: '1',
+      SENSOR_INACTIVITY_TIMEOUT_SECONDS: '30',
+      ...env,
+    }),
+  )
+  const p: Pipeline = {
+    nats,
+    rt,
+    running: [],
+    start(config = rt.config) {
+      p.running = PROCESSOR_NAMES.map((n) => startProcessor(rt.processors[n], { ...rt, config }))
+    },
+    async stop() {
+      await Promise.all(p.running.map((r) => r.stop()))
+      p.running = []
+    },
+    async close() {
+      await p.stop()
+      await rt.close()
+      await nats.cleanup()
+    },
+  }
+  return p
 }

@@ -3,22 +3,20 @@ import { acknowledgeAlert } from '../cli/alerts.ts'
 import type { Runtime } from '../cli/runtime.ts'
 import { createPublisher, PublishPipeline, type Publisher } from '../infra/publisher.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
-import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { resetProjection } from '../projections/reset.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet } from '../simulator/fleet.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import {
   allCaughtUp,
   dumpTable,
-  rulesFile,
+  pastDedupWindow,
+  pipeline,
   testConfig,
   testPublisher,
-  testRuntime,
   tickDraft,
-  pastDedupWindow,
   waitFor,
+  type Pipeline,
 } from './fixtures.ts'
 
 /** Every read-model table, with the columns that legitimately differ between runs left out. */
@@ -40,45 +38,6 @@ async function dumpAll(rt: Runtime): Promise<Record<string, unknown[]>> {
   const out: Record<string, unknown[]> = {}
   for (const [t, omit] of Object.entries(TABLES)) out[t] = await dumpTable(rt, t, omit)
   return out
-}
-
-interface Pipeline {
-  nats: NatsServer
-  rt: Runtime
-  running: RunningProcessor[]
-  start(config?: Runtime['config']): void
-  stop(): Promise<void>
-  close(): Promise<void>
-}
-
-async function pipeline(env: Record<string, string> = {}): Promise<Pipeline> {
-  const nats = await startNatsServer()
-  const rt = await testRuntime(
-    testConfig(nats.url, await freshDatabase(), {
-      ALERT_RULES_FILE: await rulesFile(),
-      FLEET_DUPLICATE_WINDOW_SECONDS: '1',
-      SENSOR_INACTIVITY_TIMEOUT_SECONDS: '30',
-      ...env,
-    }),
-  )
-  const p: Pipeline = {
-    nats,
-    rt,
-    running: [],
-    start(config = rt.config) {
-      p.running = PROCESSOR_NAMES.map((n) => startProcessor(rt.processors[n], { ...rt, config }))
-    },
-    async stop() {
-      await Promise.all(p.running.map((r) => r.stop()))
-      p.running = []
-    },
-    async close() {
-      await p.stop()
-      await rt.close()
-      await nats.cleanup()
-    },
-  }
-  return p
 }
 
 /** Publishes events as they are (ids and HLCs kept), a window at a time. */

@@ -3,41 +3,30 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { acknowledgeAlert } from '../cli/alerts.ts'
 import type { Runtime } from '../cli/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
-import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import type { NatsServer } from './harness/index.ts'
 import {
   allCaughtUp,
+  pastDedupWindow,
+  pipeline,
   runCli,
   testEnv,
-  pastDedupWindow,
-  rulesFile,
-  testConfig,
   testPublisher,
-  testRuntime,
   tickDraft,
   waitFor,
+  type Pipeline,
 } from './fixtures.ts'
 
 describe('the three read models', () => {
+  let p: Pipeline
   let nats: NatsServer
   let rt: Runtime
-  let running: RunningProcessor[]
   beforeAll(async () => {
-    nats = await startNatsServer()
-    rt = await testRuntime(
-      testConfig(nats.url, await freshDatabase(), {
-        ALERT_RULES_FILE: await rulesFile(),
-        FLEET_DUPLICATE_WINDOW_SECONDS: '1',
-      }),
-    )
-    running = PROCESSOR_NAMES.map((n) => startProcessor(rt.processors[n], rt))
+    p = await pipeline()
+    p.start()
+    ;({ nats, rt } = p)
   })
-  afterAll(async () => {
-    await Promise.all(running.map((p) => p.stop()))
-    await rt.close()
-    await nats.cleanup()
-  })
+  afterAll(async () => p.close())
   const caughtUp = () => allCaughtUp(rt, PROCESSOR_NAMES)
   const sensor = (id: string) =>
     rt.db

@@ -3,17 +3,14 @@ import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../cli/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
-import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { simulateFleet } from '../simulator/fleet.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import {
   allCaughtUp,
+  pipeline,
   repoRoot,
-  rulesFile,
-  testConfig,
   testPublisher,
-  testRuntime,
   tickDraft,
+  type Pipeline,
 } from './fixtures.ts'
 
 /** The SQL blocks of the README's "SQL recipes" section, as a reader would copy them. */
@@ -24,18 +21,12 @@ async function recipes(): Promise<string[]> {
 }
 
 describe('README SQL recipes', () => {
-  let nats: NatsServer
+  let p: Pipeline
   let rt: Runtime
-  let running: RunningProcessor[]
   beforeAll(async () => {
-    nats = await startNatsServer()
-    rt = await testRuntime(
-      testConfig(nats.url, await freshDatabase(), {
-        ALERT_RULES_FILE: await rulesFile(),
-        SENSOR_INACTIVITY_TIMEOUT_SECONDS: '30',
-      }),
-    )
-    running = PROCESSOR_NAMES.map((n) => startProcessor(rt.processors[n], rt))
+    p = await pipeline()
+    p.start()
+    rt = p.rt
     const publisher = testPublisher(rt, 'sim')
     await simulateFleet(publisher, {
       devices: 30,
@@ -64,11 +55,7 @@ describe('README SQL recipes', () => {
     await publisher.publish(tickDraft(Date.now() + 60_000)) // the rest of the fleet has gone quiet
     await allCaughtUp(rt, PROCESSOR_NAMES)
   })
-  afterAll(async () => {
-    await Promise.all(running.map((p) => p.stop()))
-    await rt.close()
-    await nats.cleanup()
-  })
+  afterAll(async () => p.close())
 
   it('every recipe runs as written and finds what it is about', async () => {
     const all = await recipes()
