@@ -8,6 +8,8 @@ export interface DeadLetter {
   readonly msg: JsMsg
   readonly reason: RejectReason
   readonly detail: string
+  /** How often it was tried before it was parked. */
+  readonly attempts: number
 }
 
 /**
@@ -27,6 +29,7 @@ export async function parkInDlq(js: JetStreamClient, d: DeadLetter): Promise<voi
   h.set(Headers.DlqProcessor, d.processor)
   h.set(Headers.DlqReason, d.reason)
   h.set(Headers.DlqDetail, oneLine(d.detail))
+  h.set(Headers.DlqAttempts, String(d.attempts))
   h.set(Headers.DlqDeliveries, String(d.msg.info.deliveryCount))
   h.set(Headers.DlqSubject, d.msg.subject)
   h.set(Headers.DlqStream, d.msg.info.stream)

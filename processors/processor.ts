@@ -6,11 +6,12 @@ import {
   type JsMsg,
 } from '@nats-io/jetstream'
 import type { NatsConnection } from '@nats-io/transport-node'
-import { ExponentialBackoff } from 'cockatiel'
+import { BrokenCircuitError, ExponentialBackoff } from 'cockatiel'
 import type { Kysely } from 'kysely'
 import type pg from 'pg'
 import type { Config } from '../infra/config.ts'
 import type { Logger } from '../infra/logger.ts'
+import { createBreaker, isTransient, type Breaker, type BreakerState } from '../infra/failures.ts'
 import { errorSummary } from '../infra/retry.ts'
 import { sleep } from '../infra/sleep.ts'
 import {
@@ -67,9 +68,13 @@ export interface ProcessorStats {
   batches: number
   /** Stream sequence of the checkpoint. */
   checkpoint: number
-  /** Batches whose transaction failed and was retried. */
+  /** Transactions that failed and were retried. */
   retries: number
+  /** Events parked because the projection failed on them every time (a subset of `rejected`). */
+  poisoned: number
   state: 'starting' | 'standby' | 'running' | 'backing-off' | 'stopped'
+  /** The Postgres circuit breaker: open means the processor has stopped fetching. */
+  postgres: BreakerState
 }
 
 export interface RunningProcessor {
@@ -111,7 +116,9 @@ class ProcessorRunner implements RunningProcessor {
     batches: 0,
     checkpoint: 0,
     retries: 0,
+    poisoned: 0,
     state: 'starting',
+    postgres: 'closed',
   }
   readonly done: Promise<void>
   readonly #spec: ProcessorSpec
@@ -120,6 +127,9 @@ class ProcessorRunner implements RunningProcessor {
   readonly #js: JetStreamClient
   readonly #stopping = new AbortController()
   readonly #consumer: ConsumerSpec
+  readonly #postgres: Breaker
+  /** Events parked for handler failures since the last successful commit of any event. */
+  #consecutivePoison = 0
 
   constructor(spec: ProcessorSpec, deps: ProcessorDeps) {
     this.name = spec.name
@@ -128,6 +138,10 @@ class ProcessorRunner implements RunningProcessor {
     this.#log = deps.log.child({ processor: spec.name })
     this.#js = jetstream(deps.nc)
     this.#consumer = consumerSpecOf(spec, deps.config)
+    this.#postgres = createBreaker('postgres', this.#log)
+    this.#postgres.policy.onStateChange(() => {
+      this.stats.postgres = this.#postgres.state
+    })
     const companion = spec.companion?.(deps, this.#stopping.signal).catch((err: unknown) => {
       this.#log.error({ err: errorSummary(err) }, `${spec.name} companion stopped`)
     })
@@ -163,6 +177,8 @@ class ProcessorRunner implements RunningProcessor {
 
   /** One life of the processor: lock, anchor the consumer, consume until stopped or broken. */
   async #session(signal: AbortSignal, healthy: () => void): Promise<void> {
+    // While the breaker is open this fails at once; after its backoff it lets one probe through.
+    await this.#postgres.policy.execute(() => this.#deps.pool.query('select 1'))
     const lock = await this.#deps.pool.connect()
     const buffer = new MessageBuffer()
     const lockState: { lost?: Error } = {}
@@ -249,10 +265,10 @@ class ProcessorRunner implements RunningProcessor {
   }
 
   /**
-   * Decode, park what is refused, apply the rest with the checkpoint in one transaction, then
-   * ack. Returns the new checkpoint. A failed transaction is retried a few times on the same
-   * batch; if it still fails, the error ends the session (nothing of the batch was applied or
-   * acked) and the next session starts again from the checkpoint.
+   * Decode; park what is refused; apply the rest with the checkpoint, splitting the batch to
+   * isolate an event the projection fails on every time; terminate what was parked; ack the batch.
+   * Returns the new checkpoint. A transient failure (or too much poison at once) ends the session
+   * with nothing of the uncommitted part applied or acked; the next session resumes at the checkpoint.
    */
   async #processBatch(
     batch: JsMsg[],
@@ -279,100 +295,178 @@ class ProcessorRunner implements RunningProcessor {
       return from
     }
 
-    const accepted: ProjectedEvent[] = []
-    const refused: { msg: JsMsg; reason: RejectReason; detail: string }[] = []
-    let hlc = from.hlc
+    const accepted: Accepted[] = []
+    const parked: JsMsg[] = []
     for (const msg of fresh) {
-      const decoded = decodeEvent({
-        subject: msg.subject,
-        data: msg.data,
-        msgId: msg.headers?.get(Headers.MsgId),
-      })
-      if (!decoded.ok) {
-        refused.push({ msg, reason: decoded.reason, detail: decoded.detail })
-        continue
+      const decoded = this.#decode(msg)
+      if ('reason' in decoded) {
+        // Refused as it is: no attempt can change that. Parked before any commit passes it.
+        await this.#park({ msg, ...decoded, attempts: 1 })
+        parked.push(msg)
+      } else {
+        accepted.push({ msg, event: decoded })
       }
-      const ingestedAt = new Date(Math.floor(msg.info.timestampNanos / 1e6))
-      try {
-        // Measured against the stream's append time, so a replay decides exactly the same way.
-        assertWithinOffset(
-          decodeHlc(decoded.event.hlc),
-          ingestedAt.getTime(),
-          this.#deps.config.hlcMaxOffsetMs,
-        )
-      } catch (err) {
-        if (!(err instanceof ClockSkewError)) throw err
-        refused.push({ msg, reason: 'clock-skew', detail: err.message })
-        continue
-      }
-      accepted.push({ event: decoded.event, streamSeq: msg.info.streamSequence, ingestedAt })
-      if (hlc === null || decoded.event.hlc > hlc) hlc = decoded.event.hlc
     }
 
-    // Park before committing: once the checkpoint passes an event, it is never looked at again.
-    for (const r of refused) {
-      this.#log.warn(
-        {
-          seq: r.msg.info.streamSequence,
-          subject: r.msg.subject,
-          reason: r.reason,
-          detail: r.detail,
-        },
-        'event refused; parked in the DLQ',
-      )
-    }
-    await Promise.all(refused.map((r) => parkInDlq(this.#js, { processor: this.name, ...r })))
+    let pos = await this.#applyIsolating(accepted, from, parked, signal)
+    const lastSeq = fresh[fresh.length - 1]?.info.streamSequence ?? pos.lastSeq
+    if (pos.lastSeq < lastSeq) pos = await this.#commit([], pos, { lastSeq, hlc: pos.hlc }, signal)
 
-    const to: CheckpointPosition = {
-      lastSeq: Math.max(...fresh.map((m) => m.info.streamSequence)),
-      hlc,
-    }
-    const started = performance.now()
-    await this.#commit(signal, async () => {
-      await this.#deps.db.transaction().execute(async (trx) => {
-        await this.#spec.projection.apply(trx, accepted)
-        await advanceCheckpoint(trx, this.name, this.#consumer.stream, from, to)
-      })
-    })
+    for (const m of parked) m.term() // no reason: nats-server 2.9 would redeliver term(reason)
     newest.ack()
-    this.#log.debug(
-      {
-        size: batch.length,
-        applied: accepted.length,
-        refused: refused.length,
-        to: to.lastSeq,
-        commitMs: Math.round(performance.now() - started),
-      },
-      'batch committed',
-    )
-    this.stats.applied += accepted.length
-    this.stats.rejected += refused.length
     this.stats.batches++
-    this.stats.checkpoint = to.lastSeq
-    return to
+    this.stats.checkpoint = pos.lastSeq
+    return pos
+  }
+
+  #decode(msg: JsMsg): ProjectedEvent | { reason: RejectReason; detail: string } {
+    const decoded = decodeEvent({
+      subject: msg.subject,
+      data: msg.data,
+      msgId: msg.headers?.get(Headers.MsgId),
+    })
+    if (!decoded.ok) return { reason: decoded.reason, detail: decoded.detail }
+    const ingestedAt = new Date(Math.floor(msg.info.timestampNanos / 1e6))
+    try {
+      // Measured against the stream's append time, so a replay decides exactly the same way.
+      assertWithinOffset(
+        decodeHlc(decoded.event.hlc),
+        ingestedAt.getTime(),
+        this.#deps.config.hlcMaxOffsetMs,
+      )
+    } catch (err) {
+      if (err instanceof ClockSkewError) return { reason: 'clock-skew', detail: err.message }
+      throw err
+    }
+    return { event: decoded.event, streamSeq: msg.info.streamSequence, ingestedAt }
   }
 
   /**
-   * Rides out a blip (a dropped connection, a serialization failure) in place. A longer outage
-   * ends the session instead of holding the batch: messages held past ack_wait would be
-   * redelivered into the buffer again and again, and memory would grow with the outage.
+   * Commits `events` (in stream order) with the checkpoint. When the projection fails on them
+   * deterministically, each half is tried on its own, down to the one event that fails; that one
+   * gets {@link POISON_ATTEMPTS} attempts, then is parked, and the rest goes on.
    */
-  async #commit(signal: AbortSignal, tx: () => Promise<void>): Promise<void> {
+  async #applyIsolating(
+    events: readonly Accepted[],
+    from: CheckpointPosition,
+    parked: JsMsg[],
+    signal: AbortSignal,
+  ): Promise<CheckpointPosition> {
+    const last = events[events.length - 1]
+    if (last === undefined) return from
+    let hlc = from.hlc
+    for (const e of events) if (hlc === null || e.event.event.hlc > hlc) hlc = e.event.event.hlc
+    const to: CheckpointPosition = { lastSeq: last.event.streamSeq, hlc }
+    try {
+      return await this.#commit(
+        events.map((e) => e.event),
+        from,
+        to,
+        signal,
+      )
+    } catch (err) {
+      if (!(err instanceof DeterministicFailure)) throw err
+      if (events.length > 1) {
+        const mid = Math.ceil(events.length / 2)
+        const left = await this.#applyIsolating(events.slice(0, mid), from, parked, signal)
+        return this.#applyIsolating(events.slice(mid), left, parked, signal)
+      }
+      const [only] = events as [Accepted]
+      let failure = err
+      for (let attempt = 2; attempt <= POISON_ATTEMPTS; attempt++) {
+        await sleep(100 * attempt, signal)
+        try {
+          return await this.#commit([only.event], from, to, signal)
+        } catch (again) {
+          if (!(again instanceof DeterministicFailure)) throw again
+          failure = again
+        }
+      }
+      if (this.#consecutivePoison >= MAX_CONSECUTIVE_POISON) {
+        // Everything fails: a broken projection, not bad events. Stop and back off rather than
+        // empty the stream into the DLQ; a fixed deployment (a restart) starts counting afresh.
+        throw new Error(
+          `${MAX_CONSECUTIVE_POISON} events in a row failed in the projection; treating it as systemic, not poison`,
+          { cause: failure.cause },
+        )
+      }
+      this.#consecutivePoison++
+      await this.#park({
+        msg: only.msg,
+        reason: 'handler-failed',
+        detail: errorSummary(failure.cause),
+        attempts: POISON_ATTEMPTS,
+      })
+      parked.push(only.msg)
+      this.stats.poisoned++
+      return from
+    }
+  }
+
+  async #park(d: {
+    msg: JsMsg
+    reason: RejectReason
+    detail: string
+    attempts: number
+  }): Promise<void> {
+    this.#log.warn(
+      {
+        seq: d.msg.info.streamSequence,
+        subject: d.msg.subject,
+        reason: d.reason,
+        detail: d.detail,
+        attempts: d.attempts,
+      },
+      'event parked in the DLQ',
+    )
+    await parkInDlq(this.#js, { processor: this.name, ...d })
+    this.stats.rejected++
+  }
+
+  /**
+   * One transaction: the events and the checkpoint move from `from` to `to`, through the
+   * Postgres breaker. Rides out a blip in place; a deterministic failure is returned to the caller
+   * as {@link DeterministicFailure}; a lasting outage ends the session instead of holding the batch
+   * (messages held past ack_wait would be redelivered into the buffer again and again).
+   */
+  async #commit(
+    events: readonly ProjectedEvent[],
+    from: CheckpointPosition,
+    to: CheckpointPosition,
+    signal: AbortSignal,
+  ): Promise<CheckpointPosition> {
     let delay = new ExponentialBackoff({ initialDelay: 100, maxDelay: 2_000 }).next()
     for (let attempt = 1; ; attempt++) {
+      const started = performance.now()
       try {
-        await tx()
-        return
+        await this.#postgres.policy.execute(() =>
+          this.#deps.db.transaction().execute(async (trx) => {
+            await this.#spec.projection.apply(trx, events)
+            await advanceCheckpoint(trx, this.name, this.#consumer.stream, from, to)
+          }),
+        )
+        this.stats.applied += events.length
+        if (events.length > 0) this.#consecutivePoison = 0
+        this.#log.debug(
+          {
+            applied: events.length,
+            to: to.lastSeq,
+            commitMs: Math.round(performance.now() - started),
+          },
+          'committed',
+        )
+        return to
       } catch (err) {
         // Someone else moved the checkpoint: end the session, re-read it and re-anchor.
         if (err instanceof CheckpointConflictError || signal.aborted) throw err
-        if (attempt >= COMMIT_ATTEMPTS) {
-          throw new Error(`batch not committed after ${attempt} attempts`, { cause: err })
+        if (!isTransient(err)) throw new DeterministicFailure(err)
+        if (attempt >= COMMIT_ATTEMPTS || err instanceof BrokenCircuitError) {
+          throw new Error(`not committed after ${attempt} attempts`, { cause: err })
         }
         this.stats.retries++
         this.#log.warn(
           { err: errorSummary(err), retryInMs: Math.round(delay.duration) },
-          'batch not committed; retrying',
+          'transaction failed; retrying',
         )
         await sleep(delay.duration, signal)
         if (isAborted(signal))
@@ -383,7 +477,25 @@ class ProcessorRunner implements RunningProcessor {
   }
 }
 
-/** In-place attempts of one batch's transaction before the session gives up (~4 s in all). */
+interface Accepted {
+  readonly msg: JsMsg
+  readonly event: ProjectedEvent
+}
+
+/** The projection failed on this input in a way a retry cannot fix. */
+class DeterministicFailure extends Error {
+  override readonly name = 'DeterministicFailure'
+  constructor(cause: unknown) {
+    super(errorSummary(cause), { cause })
+  }
+}
+
+/** Attempts of one isolated event before it is parked. */
+const POISON_ATTEMPTS = 3
+/** More poison than this in a row, with no event applied in between, is a broken projection. */
+const MAX_CONSECUTIVE_POISON = 10
+
+/** In-place attempts of one transaction before the session gives up (~4 s in all). */
 const COMMIT_ATTEMPTS = 5
 
 /** Read through a call: TypeScript would otherwise keep a narrowing from an earlier check. */

@@ -3,7 +3,13 @@ import { parseEventSubject } from './subjects.ts'
 import { describeIssues, formatValue } from './validation.ts'
 
 /** Why an event was refused: a short code for dashboards and a detail line for people. */
-export type RejectReason = 'invalid-json' | 'invalid-event' | 'subject-mismatch' | 'clock-skew'
+export type RejectReason =
+  | 'invalid-json'
+  | 'invalid-event'
+  | 'subject-mismatch'
+  | 'clock-skew'
+  /** Valid, but the projection failed on it every time. */
+  | 'handler-failed'
 
 export type Decoded =
   | { readonly ok: true; readonly event: FleetEvent }

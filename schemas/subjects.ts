@@ -50,6 +50,7 @@ export const Headers = {
   DlqProcessor: 'Fleet-Dlq-Processor',
   DlqReason: 'Fleet-Dlq-Reason',
   DlqDetail: 'Fleet-Dlq-Detail',
+  DlqAttempts: 'Fleet-Dlq-Attempts',
   DlqDeliveries: 'Fleet-Dlq-Deliveries',
   DlqSubject: 'Fleet-Dlq-Subject',
   DlqStream: 'Fleet-Dlq-Stream',

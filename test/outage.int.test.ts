@@ -46,8 +46,8 @@ describe('a Postgres outage', () => {
     await pg.stop('immediate')
     await publish(3000) // ingest goes on while the read models are down
     await waitFor(
-      'the processor to notice the outage',
-      () => processor.stats.state === 'backing-off',
+      'the circuit breaker to open: the processor stops fetching',
+      () => processor.stats.state === 'backing-off' && processor.stats.postgres === 'open',
       30_000,
     )
     await new Promise((r) => setTimeout(r, 3000))
@@ -60,6 +60,7 @@ describe('a Postgres outage', () => {
       () => JSON.stringify(processor.stats),
     )
     expect(await count()).toBe(5000)
+    expect(processor.stats.postgres).toBe('closed')
     expect((await rt.jsm.streams.info(rt.config.streams.dlq)).state.messages).toBe(0)
     expect(processor.stats.rejected).toBe(0)
   })

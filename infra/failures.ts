@@ -1,0 +1,93 @@
+import {
+  circuitBreaker,
+  CircuitState,
+  ConsecutiveBreaker,
+  ExponentialBackoff,
+  handleWhen,
+  type CircuitBreakerPolicy,
+} from 'cockatiel'
+import type { Logger } from './logger.ts'
+import { errorSummary } from './retry.ts'
+
+/**
+ * A failure a retry can fix: the dependency is unreachable, restarting or overloaded, or the
+ * transaction lost a race. Everything else (bad data, a handler bug on one event) is
+ * deterministic: retrying the same input fails the same way.
+ *
+ * SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock), 53
+ * insufficient resources, 57 operator intervention (shutdown, starting up), 58 system error;
+ * 55P03 lock not available. Class 42 (an undefined table, say) is a broken deployment, not a bad
+ * event: it is transient too, so that no event is parked for it.
+ */
+export function isTransient(err: unknown): boolean {
+  if (typeof err !== 'object' || err === null) return false
+  const code = (err as { code?: unknown }).code
+  if (typeof code === 'string') {
+    if (/^(08|40|53|57|58|42)/.test(code) || code === '55P03') return true
+    if (/^E[A-Z]+$/.test(code)) return true // ECONNREFUSED, ECONNRESET, ETIMEDOUT, EPIPE, ...
+  }
+  const message = err instanceof Error ? err.message : ''
+  if (
+    /Connection terminated|connection timeout|timeout exceeded when trying to connect|Client has encountered a connection error/i.test(
+      message,
+    )
+  ) {
+    return true
+  }
+  const name = err instanceof Error ? err.name : ''
+  if (name === 'BrokenCircuitError' || name === 'TimeoutError' || name === 'NoResponders')
+    return true
+  const cause = (err as { cause?: unknown }).cause
+  return cause !== undefined && cause !== err && isTransient(cause)
+}
+
+export type BreakerState = 'closed' | 'open' | 'half-open'
+
+/**
+ * A circuit breaker for one dependency: three transient failures in a row open it; while open,
+ * calls fail at once (the processor stops fetching); after a backoff one probe is let through
+ * (half-open) and its success closes it.
+ *
+ * ```ts
+ * const postgres = createBreaker('postgres', log)
+ * await postgres.policy.execute(() => pool.query('select 1'))
+ * ```
+ */
+export interface Breaker {
+  readonly name: string
+  readonly policy: CircuitBreakerPolicy
+  readonly state: BreakerState
+}
+
+export function createBreaker(name: string, log: Logger): Breaker {
+  const policy = circuitBreaker(handleWhen(isTransient), {
+    halfOpenAfter: new ExponentialBackoff({ initialDelay: 1000, maxDelay: 30_000 }),
+    breaker: new ConsecutiveBreaker(3),
+  })
+  policy.onBreak((e) => {
+    log.warn(
+      { dependency: name, err: 'error' in e ? errorSummary(e.error) : undefined },
+      'circuit opened: stop fetching',
+    )
+  })
+  policy.onHalfOpen(() => {
+    log.info({ dependency: name }, 'circuit half-open: probing')
+  })
+  policy.onReset(() => {
+    log.info({ dependency: name }, 'circuit closed: dependency is back')
+  })
+  return {
+    name,
+    policy,
+    get state(): BreakerState {
+      switch (policy.state) {
+        case CircuitState.Closed:
+          return 'closed'
+        case CircuitState.HalfOpen:
+          return 'half-open'
+        default:
+          return 'open'
+      }
+    },
+  }
+}
