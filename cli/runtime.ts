@@ -72,7 +72,9 @@ export async function openRuntime(
       processors,
       async close() {
         await nc.drain().catch(() => undefined)
-        await db.destroy() // ends the pool
+        await db.destroy()
+        // Kysely ends the pool only if it ever ran a query; the pool is ours to end either way.
+        if (!pool.ended) await pool.end()
       },
     }
   } catch (err) {
