@@ -11,6 +11,7 @@ import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet, type SimulationOptions } from '../simulator/fleet.ts'
+import { DlqCommandError, dlqDepth, listDlq, redriveDlq, showDlq } from './dlq.ts'
 import {
   acknowledgeAlert,
   AlertCommandError,
@@ -108,6 +109,122 @@ program
       await startClock(rt, signal)
     })
   })
+
+const dlq = program.command('dlq').description('inspect and redrive events parked in FLEET_DLQ')
+
+dlq
+  .command('list')
+  .description('parked events, oldest first, with the DLQ depth per processor')
+  .addOption(
+    new Option('--processor <name>', 'only those this processor parked').choices([
+      ...PROCESSOR_NAMES,
+    ]),
+  )
+  .option('--json', 'one JSON array of entries')
+  .action(async (opts: { processor?: ProcessorName; json?: boolean }) => {
+    await withRuntime('fleetstream-dlq', async (rt) => {
+      const entries = await listDlq(rt, opts.processor)
+      if (opts.json) {
+        console.log(JSON.stringify(entries))
+        return
+      }
+      const depth = await dlqDepth(rt)
+      const per = Object.entries(depth.byProcessor).map(([p, n]) => `${p} ${fmt(n)}`)
+      console.log(
+        `${rt.config.streams.dlq}: ${fmt(depth.total)} parked${per.length ? ` (${per.join(', ')})` : ''}`,
+      )
+      for (const e of entries) {
+        const detail = e.detail.length > 100 ? `${e.detail.slice(0, 100)}…` : e.detail
+        console.log(
+          `${String(e.seq).padStart(6)}  ${e.parkedAt.slice(0, 19).replace('T', ' ')}  ${e.processor}  ${e.reason}  ${e.subject} #${e.streamSeq}  ${detail}`,
+        )
+      }
+    })
+  })
+
+dlq
+  .command('show')
+  .description('one parked event: why, where from, its headers and body')
+  .argument('<seq>', 'its sequence in FLEET_DLQ (see dlq list)', positiveInteger)
+  .option('--json', 'as JSON')
+  .action(async (seq: number, opts: { json?: boolean }) => {
+    await withRuntime('fleetstream-dlq', async (rt) => {
+      const e = await showDlq(rt, seq)
+      if (opts.json) {
+        console.log(JSON.stringify(e))
+        return
+      }
+      console.log(
+        [
+          `seq:        ${e.seq} (parked ${e.parkedAt})`,
+          `processor:  ${e.processor}`,
+          `reason:     ${e.reason}`,
+          `detail:     ${e.detail}`,
+          `attempts:   ${e.attempts} (delivered ${e.deliveries} times)`,
+          `origin:     ${e.stream} #${e.streamSeq} on ${e.subject}`,
+          'headers:',
+          ...Object.entries(e.headers).map(([k, v]) => `  ${k}: ${v}`),
+          'body:',
+          typeof e.body === 'string' ? e.body : JSON.stringify(e.body, null, 2),
+        ].join('\n'),
+      )
+    })
+  })
+
+dlq
+  .command('redrive')
+  .description(
+    'put parked events back for the processor that parked them (the others skip them), rate-limited',
+  )
+  .option('--seq <n...>', 'these entries', (v: string, prev: number[] | undefined) => [
+    ...(prev ?? []),
+    positiveInteger(v),
+  ])
+  .option('--all', 'every entry (of --processor, if given)')
+  .addOption(
+    new Option('--processor <name>', 'with --all: only those this processor parked').choices([
+      ...PROCESSOR_NAMES,
+    ]),
+  )
+  .addOption(
+    new Option('--rate <events/s>', 'at most this many per second').argParser(positive).default(50),
+  )
+  .option('--json', 'print what was redriven as JSON')
+  .action(
+    async (opts: {
+      seq?: number[]
+      all?: boolean
+      processor?: ProcessorName
+      rate: number
+      json?: boolean
+    }) => {
+      if ((opts.seq === undefined) === (opts.all !== true)) {
+        throw new InvalidArgumentError(`give exactly one of '--seq <n...>' and '--all'`)
+      }
+      await withRuntime('fleetstream-dlq', async (rt, signal) => {
+        const done = await redriveDlq(rt, {
+          ...(opts.seq ? { seqs: opts.seq } : {}),
+          ...(opts.processor ? { processor: opts.processor } : {}),
+          ratePerSecond: opts.rate,
+          signal,
+        })
+        if (opts.json) {
+          console.log(
+            JSON.stringify(
+              done.map((e) => ({ seq: e.seq, processor: e.processor, subject: e.subject })),
+            ),
+          )
+          return
+        }
+        for (const e of done)
+          console.log(`redriven ${e.seq}: ${e.subject} #${e.streamSeq} for ${e.processor}`)
+        const left = (await dlqDepth(rt)).total
+        console.log(
+          `redriven ${fmt(done.length)} event${done.length === 1 ? '' : 's'}; ${fmt(left)} left in ${rt.config.streams.dlq}`,
+        )
+      })
+    },
+  )
 
 const alerts = program.command('alerts').description('list and acknowledge alerts')
 
@@ -336,6 +453,13 @@ async function waitForAbort(signal: AbortSignal): Promise<void> {
   if (!signal.aborted) await once(signal, 'abort')
 }
 
+function positiveInteger(v: string): number {
+  const n = Number(v)
+  if (!Number.isSafeInteger(n) || n < 1)
+    throw new InvalidArgumentError(`must be an integer >= 1, got '${v}'`)
+  return n
+}
+
 function positive(v: string): number {
   const n = Number(v)
   if (!Number.isFinite(n) || n <= 0)
@@ -363,7 +487,8 @@ try {
   if (
     err instanceof ConfigError ||
     err instanceof InvalidArgumentError ||
-    err instanceof AlertCommandError
+    err instanceof AlertCommandError ||
+    err instanceof DlqCommandError
   ) {
     console.error(`fleetstream: ${err.message}`)
     process.exitCode = EXIT_USAGE

@@ -298,7 +298,13 @@ class ProcessorRunner implements RunningProcessor {
     const accepted: Accepted[] = []
     const parked: JsMsg[] = []
     for (const msg of fresh) {
-      const decoded = this.#decode(msg)
+      const redriveFor = msg.headers?.get(Headers.RedriveFor) ?? ''
+      if (redriveFor !== '' && redriveFor !== this.name) {
+        // Put back from the DLQ for another processor; this one applied the original.
+        this.stats.skipped++
+        continue
+      }
+      const decoded = this.#decode(msg, redriveFor !== '')
       if ('reason' in decoded) {
         // Refused as it is: no attempt can change that. Parked before any commit passes it.
         await this.#park({ msg, ...decoded, attempts: 1 })
@@ -319,11 +325,15 @@ class ProcessorRunner implements RunningProcessor {
     return pos
   }
 
-  #decode(msg: JsMsg): ProjectedEvent | { reason: RejectReason; detail: string } {
+  #decode(
+    msg: JsMsg,
+    redriven: boolean,
+  ): ProjectedEvent | { reason: RejectReason; detail: string } {
     const decoded = decodeEvent({
       subject: msg.subject,
       data: msg.data,
-      msgId: msg.headers?.get(Headers.MsgId),
+      // A redriven copy has its own Nats-Msg-Id (redrive:...), not the eventId.
+      msgId: redriven ? undefined : msg.headers?.get(Headers.MsgId),
     })
     if (!decoded.ok) return { reason: decoded.reason, detail: decoded.detail }
     const ingestedAt = new Date(Math.floor(msg.info.timestampNanos / 1e6))

@@ -55,6 +55,10 @@ export const Headers = {
   DlqSubject: 'Fleet-Dlq-Subject',
   DlqStream: 'Fleet-Dlq-Stream',
   DlqStreamSeq: 'Fleet-Dlq-Stream-Seq',
+  /** On an event put back from the DLQ: the one processor that should apply it again. */
+  RedriveFor: 'Fleet-Redrive-For',
+  /** On an event put back from the DLQ: the stream sequence of the original. */
+  RedriveOf: 'Fleet-Redrive-Of',
   /** Prefix for original headers that JetStream would interpret (Nats-*) when copied into the DLQ. */
   DlqOriginalPrefix: 'Fleet-Dlq-Original-',
 } as const
