@@ -46,6 +46,27 @@ function withSimulationOptions(cmd: Command, duration: { help: string; default: 
         .default(0.05),
     )
     .addOption(new Option('--seed <n>', 'seed for a repeatable fleet').argParser(nonNegative))
+    .addOption(
+      new Option('--outage-share <ratio>', 'share of devices that lose the network at once (0..1)')
+        .argParser(ratio)
+        .default(0),
+    )
+    .addOption(
+      new Option('--outage-at <seconds>', 'when the outage starts')
+        .argParser(nonNegative)
+        .default(5),
+    )
+    .addOption(
+      new Option('--outage-for <seconds>', 'how long it lasts').argParser(nonNegative).default(10),
+    )
+    .addOption(
+      new Option(
+        '--reconnect-jitter <seconds>',
+        'each device reconnects after a random delay up to this',
+      )
+        .argParser(nonNegative)
+        .default(5),
+    )
 }
 
 const program = new Command()
@@ -292,7 +313,10 @@ withSimulationOptions(
         )
         console.log(
           `sent ${fmt(stats.sent)} events and ${fmt(stats.resent)} re-sends in ${(stats.elapsedMs / 1000).toFixed(1)} s ` +
-            `(${fmt(rate)}/s); the stream stored ${fmt(stats.stored)} and reported ${fmt(stats.duplicateAcks)} duplicates`,
+            `(${fmt(rate)}/s); the stream stored ${fmt(stats.stored)} and reported ${fmt(stats.duplicateAcks)} duplicates` +
+            (stats.reconnected > 0
+              ? `; ${fmt(stats.reconnected)} devices reconnected within ${stats.reconnectSeconds.toFixed(1)} s and replayed ${fmt(stats.buffered)} buffered events`
+              : ''),
         )
       }
     })
@@ -350,6 +374,10 @@ interface SimulateFlags {
   duration: number
   duplicates: number
   seed?: number
+  outageShare: number
+  outageAt: number
+  outageFor: number
+  reconnectJitter: number
 }
 
 function simulation(opts: SimulateFlags): SimulationOptions {
@@ -359,6 +387,16 @@ function simulation(opts: SimulateFlags): SimulationOptions {
     durationSeconds: opts.duration,
     duplicateRatio: opts.duplicates,
     ...(opts.seed !== undefined ? { seed: opts.seed } : {}),
+    ...(opts.outageShare > 0
+      ? {
+          outage: {
+            share: opts.outageShare,
+            atSeconds: opts.outageAt,
+            forSeconds: opts.outageFor,
+            reconnectJitterSeconds: opts.reconnectJitter,
+          },
+        }
+      : {}),
   }
 }
 

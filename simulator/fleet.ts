@@ -1,5 +1,6 @@
 import type { EventDraft, Publisher, PublishResult } from '../infra/publisher.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
+import { sleep } from '../infra/sleep.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 
 export interface SimulationOptions {
@@ -18,6 +19,24 @@ export interface SimulationOptions {
   /** Device ids are `<prefix>-<n>`. */
   readonly devicePrefix?: string
   readonly sites?: number
+  /** A network outage: a share of the fleet loses its connection at once and comes back at once. */
+  readonly outage?: OutageOptions
+}
+
+/**
+ * What the field reports describe: devices buffer events while disconnected and replay them in
+ * order when they reconnect; when a network comes back, thousands reconnect at the same moment,
+ * so each waits a random delay first (no synchronized work on reconnect).
+ */
+export interface OutageOptions {
+  /** Share of devices that lose the connection (0..1). */
+  readonly share: number
+  /** Seconds into the run when it starts. */
+  readonly atSeconds: number
+  /** Seconds it lasts. */
+  readonly forSeconds: number
+  /** Each device reconnects after a random delay in [0, this) seconds. */
+  readonly reconnectJitterSeconds: number
 }
 
 export interface SimulationStats {
@@ -29,6 +48,12 @@ export interface SimulationStats {
   duplicateAcks: number
   /** PubAcks for new events. */
   stored: number
+  /** Events devices held while disconnected, then replayed in order. */
+  buffered: number
+  /** Devices that reconnected after the outage. */
+  reconnected: number
+  /** Seconds from the end of the outage until the last device had replayed its buffer. */
+  reconnectSeconds: number
   elapsedMs: number
 }
 
@@ -42,6 +67,8 @@ interface Device {
   battery: number
   /** Readings left in a heat episode (a fault that should raise a temperature alert). */
   hot: number
+  /** While disconnected (or replaying): events stamped when they happened, in order. */
+  buffer: FleetEvent[] | undefined
 }
 
 /**
@@ -61,7 +88,16 @@ export async function simulateFleet(
   const rnd = mulberry32(opts.seed ?? Date.now())
   const prefix = opts.devicePrefix ?? 'sensor'
   const sites = Math.max(1, opts.sites ?? Math.ceil(opts.devices / 50))
-  const stats: SimulationStats = { sent: 0, resent: 0, duplicateAcks: 0, stored: 0, elapsedMs: 0 }
+  const stats: SimulationStats = {
+    sent: 0,
+    resent: 0,
+    duplicateAcks: 0,
+    stored: 0,
+    buffered: 0,
+    reconnected: 0,
+    reconnectSeconds: 0,
+    elapsedMs: 0,
+  }
   const recent: FleetEvent[] = []
   // The last 1000 stored events, candidates for a re-send (a ring: no draw from the seeded
   // generator here, since acks arrive in their own order).
@@ -89,6 +125,7 @@ export async function simulateFleet(
     humidity: 30 + rnd() * 40,
     battery: 60 + rnd() * 40,
     hot: 0,
+    buffer: undefined,
   }))
   for (const d of devices) {
     if (signal?.aborted) break
@@ -103,9 +140,37 @@ export async function simulateFleet(
   const endAt =
     opts.durationSeconds > 0 ? started + opts.durationSeconds * 1000 : Number.POSITIVE_INFINITY
   const loopStart = Date.now()
+  const outage = opts.outage ? planOutage(opts.outage, devices, rnd, loopStart) : undefined
+  const replays: Promise<void>[] = []
+  const comeBack = async (d: Device, at: number) => {
+    await sleep(at - Date.now(), signal ?? new AbortController().signal)
+    await replay(publisher, d, pipe.onResult, signal)
+    stats.reconnected++
+    stats.reconnectSeconds = Math.max(
+      stats.reconnectSeconds,
+      (Date.now() - (outage?.endsAt ?? 0)) / 1000,
+    )
+  }
+  const emit = async (d: Device, draft: EventDraft) => {
+    if (d.buffer === undefined) {
+      await send(draft)
+      return
+    }
+    // Offline, or still replaying: keep it, stamped now, behind what is already held.
+    const event = publisher.stamp(draft)
+    d.buffer.push(event)
+    stats.sent++
+    stats.buffered++
+  }
   let emitted = 0
   let lastProgress = 0
   while (!signal?.aborted && Date.now() < endAt && devices.length > 0) {
+    if (outage) {
+      for (const d of outage.disconnectNow(Date.now())) d.buffer = []
+      for (const [d, at] of outage.reconnectNow(Date.now())) {
+        replays.push(comeBack(d, at))
+      }
+    }
     const due = Math.floor(((Date.now() - loopStart) / 1000) * opts.rate)
     // Checks the deadline too: a rate the machine cannot reach must not stretch the run.
     while (emitted < due && !signal?.aborted && Date.now() < endAt) {
@@ -119,7 +184,7 @@ export async function simulateFleet(
         }
       }
       const d = devices[Math.floor(rnd() * devices.length)]
-      if (d !== undefined) await send(nextEvent(d, rnd))
+      if (d !== undefined) await emit(d, nextEvent(d, rnd))
     }
     if (onProgress && Date.now() - lastProgress >= 250) {
       stats.elapsedMs = Date.now() - started
@@ -128,10 +193,76 @@ export async function simulateFleet(
     }
     await new Promise((r) => setTimeout(r, 5))
   }
+  // Devices still offline come back at their own time, even after the run: nothing they held is dropped.
+  for (const [d, at] of outage?.remaining() ?? []) replays.push(comeBack(d, at))
+  await Promise.all(replays)
   await pipe.drain()
   stats.elapsedMs = Date.now() - started
   onProgress?.(stats)
   return stats
+}
+
+interface OutagePlan {
+  readonly endsAt: number
+  /** Devices whose connection drops now (once). */
+  disconnectNow(now: number): Device[]
+  /** Devices due to reconnect now, each with its own (jittered) time (once). */
+  reconnectNow(now: number): [Device, number][]
+  /** Devices disconnected and not yet due, with their times (once). */
+  remaining(): [Device, number][]
+}
+
+function planOutage(
+  o: OutageOptions,
+  devices: readonly Device[],
+  rnd: () => number,
+  start: number,
+): OutagePlan {
+  const affected = devices.filter(() => rnd() < o.share)
+  const startsAt = start + o.atSeconds * 1000
+  const endsAt = startsAt + o.forSeconds * 1000
+  // Full jitter: each device picks its own moment, so the fleet does not come back in step.
+  const schedule = affected.map(
+    (d) => [d, endsAt + rnd() * o.reconnectJitterSeconds * 1000] as [Device, number],
+  )
+  let dropped = false
+  return {
+    endsAt,
+    disconnectNow(now) {
+      if (dropped || now < startsAt) return []
+      dropped = true
+      return affected
+    },
+    reconnectNow(now) {
+      if (!dropped) return []
+      const due = schedule.filter(([, at]) => at <= now)
+      if (due.length > 0)
+        schedule.splice(0, schedule.length, ...schedule.filter(([, at]) => at > now))
+      return due
+    },
+    remaining() {
+      return dropped ? schedule.splice(0, schedule.length) : []
+    },
+  }
+}
+
+/**
+ * A device back online: replays what it held, oldest first, one PubAck at a time (a QoS-1 device
+ * with one message in flight), then goes live. Events that happen meanwhile queue behind.
+ */
+async function replay(
+  publisher: Publisher,
+  d: Device,
+  onResult: (r: PublishResult) => void,
+  signal?: AbortSignal,
+): Promise<void> {
+  const buffer = d.buffer ?? []
+  while (buffer.length > 0 && !signal?.aborted) {
+    const next = buffer[0] as FleetEvent
+    onResult(await publisher.publishEvent(next))
+    buffer.shift()
+  }
+  d.buffer = undefined
 }
 
 function nextEvent(d: Device, rnd: () => number): EventDraft {
