@@ -24,6 +24,14 @@ export function createPool(
   pool.on('error', (err) => {
     opts.log.warn({ err: err.message }, 'idle Postgres connection lost')
   })
+  // pg-pool drops its listener while a client is checked out (e.g. inside a transaction, between
+  // two queries): a server going away then would crash the process. Every client keeps one; the
+  // query in progress, if any, still fails and is retried as a transient failure.
+  pool.on('connect', (client) => {
+    client.on('error', (err) => {
+      opts.log.warn({ err: err.message }, 'Postgres connection lost')
+    })
+  })
   return pool
 }
 
