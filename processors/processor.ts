@@ -1,8 +1,8 @@
 import {
   jetstream,
-  jetstreamManager,
   type ConsumerMessages,
   type JetStreamClient,
+  type JetStreamManager,
   type JsMsg,
 } from '@nats-io/jetstream'
 import type { NatsConnection } from '@nats-io/transport-node'
@@ -49,6 +49,7 @@ export interface ProcessorSpec {
 
 export interface ProcessorDeps {
   readonly nc: NatsConnection
+  readonly jsm: JetStreamManager
   readonly db: Kysely<Database>
   /** Pool the single-instance lock connection comes from. */
   readonly pool: pg.Pool
@@ -193,8 +194,7 @@ class ProcessorRunner implements RunningProcessor {
       if (signal.aborted) return
       const position = await readCheckpoint(this.#deps.db, this.name)
       this.stats.checkpoint = position.lastSeq
-      const jsm = await jetstreamManager(this.#deps.nc)
-      const anchored = await anchorConsumer(jsm, this.#consumer, position)
+      const anchored = await anchorConsumer(this.#deps.jsm, this.#consumer, position)
       this.#log.info({ checkpoint: position.lastSeq, consumer: anchored }, 'processor running')
       this.stats.state = 'running'
       healthy()
@@ -236,13 +236,16 @@ class ProcessorRunner implements RunningProcessor {
       }
     } finally {
       messages?.stop()
-      lock.off('error', onLockError)
       // A lock connection that failed is destroyed; a healthy one goes back without its lock.
-      if (lockState.lost) lock.release(lockState.lost)
-      else {
-        await lock.query('select pg_advisory_unlock_all()').catch(() => undefined)
-        lock.release()
+      // Our error listener stays until the pool has it back: a connection dying meanwhile (the
+      // database going down as the session ends) with no listener would crash the process.
+      if (!lockState.lost) {
+        await lock.query('select pg_advisory_unlock_all()').catch((err: unknown) => {
+          lockState.lost = err instanceof Error ? err : new Error(String(err))
+        })
       }
+      lock.release(lockState.lost)
+      lock.off('error', onLockError)
     }
   }
 
