@@ -1,7 +1,6 @@
 import {
   jetstream,
   jetstreamManager,
-  JetStreamApiError,
   type JetStreamClient,
   type JetStreamManager,
 } from '@nats-io/jetstream'
@@ -13,7 +12,8 @@ import { createKysely, createPool, ensureDatabase, waitForPostgres } from '../in
 import type { Logger } from '../infra/logger.ts'
 import { connectNats } from '../infra/nats.ts'
 import { withBackoff } from '../infra/retry.ts'
-import { ensureStreams, StreamConflictError, type EnsureResult } from '../infra/streams.ts'
+import { isTransient } from '../infra/failures.ts'
+import { ensureStreams, type EnsureResult } from '../infra/streams.ts'
 import { consumerSpecOf, type ProcessorSpec } from '../processors/processor.ts'
 import { ensureConsumer } from '../processors/consumer.ts'
 import { loadProcessors, PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
@@ -66,7 +66,8 @@ export async function openRuntime(
       log,
       nc,
       js: jetstream(nc),
-      jsm: await jetstreamManager(nc),
+      // No API check here: the first real call is inside set-up's retries.
+      jsm: await jetstreamManager(nc, { checkAPI: false }),
       pool,
       db,
       processors,
@@ -95,23 +96,26 @@ export interface SetupReport {
  * consumer per processor. A NATS server that is still starting is waited for.
  */
 export async function setUp(rt: Runtime, signal?: AbortSignal): Promise<SetupReport> {
-  const migrated = await migrateToLatest(rt.db as Kysely<unknown>)
-  const streams = await withBackoff(rt.log, 'create streams', {
-    // A conflict or an API refusal (e.g. overlapping subjects) is an answer, not an outage.
-    isPermanent: (err) =>
-      err instanceof StreamConflictError ||
-      (err instanceof JetStreamApiError && err.status !== 503),
-  }).execute(() => ensureStreams(rt.jsm, rt.config.streams), signal)
-  const consumers: Record<string, 'created' | 'exists'> = {}
-  for (const spec of Object.values(rt.processors)) {
-    const from = await readCheckpoint(rt.db, spec.name)
-    consumers[spec.name] = await ensureConsumer(rt.jsm, consumerSpecOf(spec, rt.config), from)
+  // Every step is idempotent, so a dependency that fails for a moment (a NATS leader being
+  // elected, Postgres restarting) is waited out; a conflict or a refusal is an answer: it stops.
+  const setUpOnce = async (): Promise<SetupReport> => {
+    const migrated = await migrateToLatest(rt.db as Kysely<unknown>)
+    const streams = await ensureStreams(rt.jsm, rt.config.streams)
+    const consumers: Record<string, 'created' | 'exists'> = {}
+    for (const spec of Object.values(rt.processors)) {
+      const from = await readCheckpoint(rt.db, spec.name)
+      consumers[spec.name] = await ensureConsumer(rt.jsm, consumerSpecOf(spec, rt.config), from)
+    }
+    return {
+      migrations: (migrated.results ?? [])
+        .filter((r) => r.status === 'Success')
+        .map((r) => r.migrationName),
+      streams,
+      consumers,
+    }
   }
-  return {
-    migrations: (migrated.results ?? [])
-      .filter((r) => r.status === 'Success')
-      .map((r) => r.migrationName),
-    streams,
-    consumers,
-  }
+  return withBackoff(rt.log, 'set up', { isPermanent: (err) => !isTransient(err) }).execute(
+    setUpOnce,
+    signal,
+  )
 }

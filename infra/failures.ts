@@ -1,4 +1,5 @@
 import {
+  BrokenCircuitError,
   circuitBreaker,
   CircuitState,
   ConsecutiveBreaker,
@@ -6,6 +7,8 @@ import {
   handleWhen,
   type CircuitBreakerPolicy,
 } from 'cockatiel'
+import { JetStreamApiError } from '@nats-io/jetstream'
+import { RequestError } from '@nats-io/transport-node'
 import type { Logger } from './logger.ts'
 import { errorSummary } from './retry.ts'
 
@@ -14,7 +17,7 @@ import { errorSummary } from './retry.ts'
  * transaction lost a race. Everything else (bad data, a handler bug on one event) is
  * deterministic: retrying the same input fails the same way.
  *
- * SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock), 53
+ * NATS: timeouts and "no responders" while a leader is elected. SQLSTATE classes: 08 connection, 40 transaction rollback (serialization, deadlock), 53
  * insufficient resources, 57 operator intervention (shutdown, starting up), 58 system error;
  * 55P03 lock not available. Class 42 (an undefined table, say) is a broken deployment, not a bad
  * event: it is transient too, so that no event is parked for it.
@@ -35,8 +38,14 @@ export function isTransient(err: unknown): boolean {
     return true
   }
   const name = err instanceof Error ? err.name : ''
-  if (name === 'BrokenCircuitError' || name === 'TimeoutError' || name === 'NoResponders')
-    return true
+  // NATS: a request timed out, or nobody answered (a stream or meta leader being elected);
+  // js.publish reports the latter as JetStreamNotEnabled.
+  if (['TimeoutError', 'NoResponders', 'JetStreamNotEnabled'].includes(name)) return true
+  // An open breaker is the outage itself (cockatiel's error keeps the name 'Error').
+  if (err instanceof BrokenCircuitError) return true
+  if (err instanceof RequestError && err.isNoResponders()) return true
+  // JetStream API 503 / 10008: "JetStream system temporarily unavailable".
+  if (err instanceof JetStreamApiError && (err.status === 503 || err.code === 10008)) return true
   const cause = (err as { cause?: unknown }).cause
   return cause !== undefined && cause !== err && isTransient(cause)
 }

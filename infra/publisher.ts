@@ -1,11 +1,5 @@
 import type { JetStreamClient, PubAck } from '@nats-io/jetstream'
-import {
-  headers as natsHeaders,
-  NoRespondersError,
-  RequestError,
-  TimeoutError,
-  type MsgHdrs,
-} from '@nats-io/transport-node'
+import { headers as natsHeaders, type MsgHdrs } from '@nats-io/transport-node'
 import { context, propagation } from '@opentelemetry/api'
 import { ExponentialBackoff, handleWhen, retry } from 'cockatiel'
 import { v7 as uuidv7 } from 'uuid'
@@ -13,6 +7,7 @@ import { FleetEvent, type EventOfType, type EventType } from '../schemas/events.
 import { encodeHlc, decodeHlc, type HybridLogicalClock } from '../schemas/hlc.ts'
 import { eventSubject, Headers } from '../schemas/subjects.ts'
 import { parseOrThrow } from '../schemas/validation.ts'
+import { isTransient } from './failures.ts'
 
 /** What a caller supplies; the publisher fills in ids, HLC and (by default) occurredAt. */
 export interface EventDraft<T extends EventType = EventType> {
@@ -93,7 +88,7 @@ class PublisherImpl implements Publisher {
     this.#clock = opts.clock
     this.#timeoutMs = opts.timeoutMs ?? 5000
     // Retrying is safe only because every publish carries its eventId as Nats-Msg-Id.
-    this.#retry = retry(handleWhen(isTransientPublishError), {
+    this.#retry = retry(handleWhen(isTransient), {
       maxAttempts: opts.maxAttempts ?? 8,
       backoff: new ExponentialBackoff({ initialDelay: 100, maxDelay: 2000 }),
     })
@@ -181,14 +176,6 @@ export function eventHeaders(event: FleetEvent): MsgHdrs {
     },
   })
   return h
-}
-
-function isTransientPublishError(err: unknown): boolean {
-  if (err instanceof TimeoutError || err instanceof NoRespondersError) return true
-  // js.publish reports "no responders" (e.g. no stream leader yet) as JetStreamNotEnabled, a class
-  // @nats-io/jetstream does not export.
-  if (err instanceof Error && err.name === 'JetStreamNotEnabled') return true
-  return err instanceof RequestError && err.isNoResponders()
 }
 
 /**

@@ -1,4 +1,4 @@
-import { jetstream, jetstreamManager } from '@nats-io/jetstream'
+import { jetstream } from '@nats-io/jetstream'
 import { headers as natsHeaders } from '@nats-io/transport-node'
 import { sql } from 'kysely'
 import { errorSummary } from '../infra/retry.ts'
@@ -17,7 +17,7 @@ const IDLE_MS = 500
  */
 export async function runOutboxRelay(deps: ProcessorDeps, signal: AbortSignal): Promise<void> {
   const js = jetstream(deps.nc)
-  const jsm = await jetstreamManager(deps.nc)
+  const jsm = deps.jsm
   const stream = deps.config.streams.notifications
   const log = deps.log.child({ component: 'outbox-relay' })
   let failures = 0
