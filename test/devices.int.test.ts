@@ -22,7 +22,7 @@ describe('devices that lose the network', () => {
       seed: 42,
       outage: { share: 0.6, atSeconds: 1, forSeconds: 1.5, reconnectJitterSeconds: 2 },
     })
-    expect(stats.buffered).toBeGreaterThan(500)
+    expect(stats.buffered).toBeGreaterThan(100)
     expect(stats.reconnected).toBeGreaterThan(150)
     // Spread over the jitter window, not all in the same instant.
     expect(stats.reconnectSeconds).toBeGreaterThan(1)

@@ -121,8 +121,14 @@ describe('guarantees of all three read models', () => {
   it('the run exercised every read model', async () => {
     const count = async (t: string) =>
       Number((await p.rt.pool.query<{ n: string }>(`select count(*) as n from ${t}`)).rows[0]!.n)
-    expect(await count('readings')).toBeGreaterThan(3000)
-    expect(await count('sensor_status_history')).toBeGreaterThan(80)
+    // As many as were published (how many depends on the machine's speed, not asserted).
+    const readingIds = new Set(
+      sent.filter((e) => e.type === 'reading.recorded').map((e) => e.eventId),
+    )
+    expect(readingIds.size).toBeGreaterThan(100)
+    expect(await count('readings')).toBe(readingIds.size)
+    // a registration for each of the 41 sensors, and most of them going silent
+    expect(await count('sensor_status_history')).toBeGreaterThan(41 + 30)
     const states = await p.rt.pool.query<{ status: string }>(
       'select distinct status from sensor_status',
     )

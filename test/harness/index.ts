@@ -4,6 +4,8 @@ import { HarnessError } from './processes.ts'
 
 export { startNatsServer } from './nats-server.ts'
 export type { NatsServer, NatsServerOptions } from './nats-server.ts'
+export { startNatsCluster } from './nats-cluster.ts'
+export type { NatsCluster } from './nats-cluster.ts'
 export { startPostgres } from './postgres.ts'
 export type { PgCluster } from './postgres.ts'
 export { HarnessError } from './processes.ts'
