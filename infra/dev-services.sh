@@ -13,9 +13,13 @@
 # Environment (same defaults as infra/config.ts):
 #   NATS_URL      nats://127.0.0.1:4222
 #   DATABASE_URL  postgres://postgres@127.0.0.1:5432/fleetstream
+# and, for the nats-server it starts with nats.conf, the role passwords and NATS_MQTT_PORT
+# from infra/dev.env (development values; the environment wins).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=infra/dev.env
+. infra/dev.env
 REPO=$(pwd -P)
 DATA="$REPO/.data"
 NATS_DIR="$DATA/nats"
@@ -238,16 +242,27 @@ ensure_nats() {
     monitor=(-m "$mport")
   fi
 
+  # MQTT devices connect at 127.0.0.1:NATS_MQTT_PORT (1883); if that is taken, e.g. by a
+  # Mosquitto broker, use the client port + 10000 instead.
+  local mqtt=$NATS_MQTT_PORT
+  if reachable 127.0.0.1 "$mqtt"; then
+    mqtt=$((port + 10000))
+    if ((mqtt > 65535)) || reachable 127.0.0.1 "$mqtt"; then
+      die "the MQTT port $NATS_MQTT_PORT is in use and so is the fallback ($mqtt); set NATS_MQTT_PORT to a free one"
+    fi
+  fi
+  check_passwords
+
   mkdir -p "$NATS_DIR"
   rm -f "$NATS_PID"
   say "starting nats-server at $at (data: ${NATS_DIR#"$REPO"/}, log: ${NATS_LOG#"$REPO"/}," \
-    "monitoring: http://127.0.0.1:$mport)"
-  # JetStream data goes to store_dir from nats.conf (.data/nats, relative to the repository
-  # root, our working directory). nats-server 2.9 refuses -sd together with store_dir
-  # ("Duplicate 'store_dir' configuration"), so it is not passed here.
+    "monitoring: http://127.0.0.1:$mport, MQTT: mqtt://127.0.0.1:$mqtt)"
+  # JetStream data goes to .data/nats (-sd; nats.conf has no store_dir, because nats-server
+  # 2.9 refuses -sd together with one). Users and passwords: infra/nats/accounts.conf, with
+  # the passwords from the environment (infra/dev.env).
   # shellcheck disable=SC2094 # nats-server appends its log; early errors go to stderr
-  nohup setsid "$bin" -c nats.conf -a "$host" -p "$port" "${monitor[@]}" -P "$NATS_PID" -l "$NATS_LOG" \
-    </dev/null >>"$NATS_LOG" 2>&1 &
+  NATS_MQTT_PORT=$mqtt nohup setsid "$bin" -c nats.conf -a "$host" -p "$port" "${monitor[@]}" \
+    -sd "$NATS_DIR" -P "$NATS_PID" -l "$NATS_LOG" </dev/null >>"$NATS_LOG" 2>&1 &
   pid=$!
   local i
   for ((i = 0; i < 40; i++)); do
@@ -260,6 +275,17 @@ ensure_nats() {
     die "nats-server did not answer at $at within 10 s; see ${NATS_LOG#"$REPO"/}"
   fi
   say "NATS started at $at (pid $pid)"
+}
+
+# nats-server parses a variable's value as config: a password that is not a plain token would
+# be cut short or refused (see infra/nats/accounts.conf).
+check_passwords() {
+  local v n
+  for n in NATS_ADMIN_PASSWORD NATS_PROCESSOR_PASSWORD NATS_DEVICE_PASSWORD NATS_SYSTEM_PASSWORD; do
+    v=${!n}
+    [[ $v =~ ^[A-Za-z][A-Za-z0-9_-]{11,}$ ]] ||
+      die "'$n' must match /^[A-Za-z][A-Za-z0-9_-]{11,}\$/ (nats-server reads it as a config value), got a value of ${#v} characters that does not (not shown)"
+  done
 }
 
 stop_nats() {

@@ -4,8 +4,20 @@ import { HarnessError } from './processes.ts'
 
 export { startNatsServer } from './nats-server.ts'
 export type { NatsServer, NatsServerOptions } from './nats-server.ts'
-export { startNatsCluster } from './nats-cluster.ts'
-export type { NatsCluster } from './nats-cluster.ts'
+export { startNatsCluster, clusterNodeEnv, CLUSTER_NODES } from './nats-cluster.ts'
+export type { NatsCluster, NodePorts } from './nats-cluster.ts'
+export {
+  startRoleNatsServer,
+  generateSecrets,
+  passwordEnv,
+  roleEnv,
+  roleConnectOptions,
+  repoRoot,
+  NATS_CONF,
+  CLUSTER_NODE_CONF,
+  ROLES,
+} from './nats-roles.ts'
+export type { RoleNatsServer, Role, RoleSecrets, Credentials } from './nats-roles.ts'
 export { startPostgres } from './postgres.ts'
 export type { PgCluster } from './postgres.ts'
 export { HarnessError } from './processes.ts'

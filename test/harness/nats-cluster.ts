@@ -1,47 +1,116 @@
 import { jetstreamManager } from '@nats-io/jetstream'
-import { connect } from '@nats-io/transport-node'
+import { connect, type ConnectionOptions, type NatsConnection } from '@nats-io/transport-node'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { startNatsServer, type NatsServer } from './nats-server.ts'
+import {
+  CLUSTER_NODE_CONF,
+  generateSecrets,
+  passwordEnv,
+  roleConnectOptions,
+  roleEnv,
+  type Role,
+  type RoleSecrets,
+} from './nats-roles.ts'
 import { freePort, HarnessError } from './processes.ts'
 
+/** The node names of the cluster, as in infra/docker-compose.yml. */
+export const CLUSTER_NODES = ['n1', 'n2', 'n3'] as const
+
+/** The ports one node listens on. */
+export interface NodePorts {
+  readonly client: number
+  readonly http: number
+  readonly cluster: number
+  readonly mqtt: number
+}
+
 /**
- * A throwaway JetStream cluster of nats-servers on loopback, routed to each other, each with
- * its own store: R3 streams survive one node being killed and restarted.
+ * The environment of one node for infra/nats/cluster-node.conf: the same variables
+ * docker compose sets (test/compose.int.test.ts checks that), with loopback addresses.
+ */
+export function clusterNodeEnv(
+  index: number,
+  ports: readonly NodePorts[],
+  secrets: RoleSecrets,
+): Record<string, string> {
+  const own = ports[index]!
+  const route = (p: NodePorts) =>
+    `nats-route://route:${secrets.routePassword}@127.0.0.1:${p.cluster}`
+  return {
+    NATS_SERVER_NAME: CLUSTER_NODES[index]!,
+    NATS_LISTEN: `127.0.0.1:${own.client}`,
+    NATS_HTTP: `127.0.0.1:${own.http}`,
+    NATS_CLUSTER_LISTEN: `127.0.0.1:${own.cluster}`,
+    NATS_ROUTE_PASSWORD: secrets.routePassword,
+    NATS_ROUTE_1: route(ports[0]!),
+    NATS_ROUTE_2: route(ports[1]!),
+    NATS_ROUTE_3: route(ports[2]!),
+    NATS_MQTT_HOST: '127.0.0.1',
+    NATS_MQTT_PORT: String(own.mqtt),
+    // Relative to the server's working directory, its temp dir.
+    NATS_STORE_DIR: 'js',
+    ...passwordEnv(secrets),
+  }
+}
+
+/**
+ * The 3-node JetStream cluster of docker compose, on loopback: each node is nats-server with
+ * the repository's infra/nats/cluster-node.conf (roles, limits, MQTT, route authorization), its
+ * own store and random ports. R3 streams survive one node being killed and restarted.
  *
  * @example
- * const cluster = await startNatsCluster(3)
- * const nc = await connect({ servers: cluster.urls })
+ * const cluster = await startNatsCluster()
+ * const nc = await cluster.connect('admin')
  * await cluster.servers[0].kill('SIGKILL'); await cluster.servers[0].restart()
  */
 export interface NatsCluster {
   readonly servers: readonly NatsServer[]
+  /** `n1`, `n2`, `n3`: the server names, in the order of `servers`. */
+  readonly names: readonly string[]
+  readonly ports: readonly NodePorts[]
   /** Every client URL. */
   readonly urls: readonly string[]
   /** The URLs comma-joined, as NATS_URL takes them. */
   readonly url: string
+  readonly secrets: RoleSecrets
+  /** Environment of a fleetstream process in `role` (NATS_USER, NATS_PASSWORD, NATS_INBOX_PREFIX). */
+  env(role: Role): Record<string, string>
+  connect(role: Role, opts?: Partial<ConnectionOptions>): Promise<NatsConnection>
   /** Resolves once JetStream has a meta leader and every server is routed. */
   ready(timeoutMs?: number): Promise<void>
   cleanup(): Promise<void>
 }
 
-export async function startNatsCluster(size = 3): Promise<NatsCluster> {
-  const name = `fleet-${Math.random().toString(16).slice(2, 8)}`
-  const routePorts: number[] = []
-  for (let i = 0; i < size; i++) routePorts.push(await freePort())
-  const routes = routePorts.map((p) => `nats-route://127.0.0.1:${p}`)
+export async function startNatsCluster(): Promise<NatsCluster> {
+  const secrets = generateSecrets()
+  // Ports are picked free, then bound by nats-server a moment later: another process can take
+  // one in between (seen in CI beside other test files). Then start again on fresh ports.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startOnFreePorts(secrets)
+    } catch (err) {
+      if (attempt >= 3 || !/address already in use/.test(String(err))) throw err
+    }
+  }
+}
+
+async function startOnFreePorts(secrets: RoleSecrets): Promise<NatsCluster> {
+  const ports: NodePorts[] = []
+  for (let i = 0; i < CLUSTER_NODES.length; i++) {
+    ports.push({
+      client: await freePort(),
+      http: await freePort(),
+      cluster: await freePort(),
+      mqtt: await freePort(),
+    })
+  }
   const servers: NatsServer[] = []
   try {
-    for (let i = 0; i < size; i++) {
+    for (let i = 0; i < CLUSTER_NODES.length; i++) {
       servers.push(
         await startNatsServer({
-          serverName: `${name}-n${i + 1}`,
-          extraConfig: [
-            'cluster {',
-            `  name: ${name}`,
-            `  listen: 127.0.0.1:${routePorts[i]!}`,
-            `  routes: [${routes.filter((_, j) => j !== i).join(', ')}]`,
-            '}',
-          ].join('\n'),
+          configFile: CLUSTER_NODE_CONF,
+          env: clusterNodeEnv(i, ports, secrets),
         }),
       )
     }
@@ -50,15 +119,22 @@ export async function startNatsCluster(size = 3): Promise<NatsCluster> {
     throw err
   }
   const urls = servers.map((s) => s.url)
+  const connectAs = (role: Role, opts: Partial<ConnectionOptions> = {}) =>
+    connect({ servers: [...urls], ...roleConnectOptions(secrets, role), ...opts })
   const cluster: NatsCluster = {
     servers,
+    names: [...CLUSTER_NODES],
+    ports,
     urls,
     url: urls.join(','),
+    secrets,
+    env: (role) => roleEnv(secrets, role),
+    connect: connectAs,
     async ready(timeoutMs = 30_000) {
       const deadline = Date.now() + timeoutMs
       let last: unknown
       while (Date.now() < deadline) {
-        const nc = await connect({ servers: [...urls] }).catch((e: unknown) => {
+        const nc = await connectAs('admin').catch((e: unknown) => {
           last = e
           return undefined
         })
@@ -76,7 +152,7 @@ export async function startNatsCluster(size = 3): Promise<NatsCluster> {
         await sleep(250)
       }
       throw new HarnessError(
-        `JetStream cluster ${name} not ready within ${timeoutMs} ms: ${String(last)}`,
+        `JetStream cluster (${CLUSTER_NODES.join(', ')}) not ready within ${timeoutMs} ms: ${String(last)}`,
       )
     },
     async cleanup() {

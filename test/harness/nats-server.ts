@@ -14,6 +14,19 @@ export interface NatsServerOptions {
   extraConfig?: string
   /** JetStream store directory; defaults to `<dir>/js`. Not removed by `cleanup()` when given. */
   storeDir?: string
+  /**
+   * Start from this config file (e.g. the repository's nats.conf) instead of a generated one;
+   * `serverName`, `extraConfig` and `storeDir` are then ignored and `args` say the rest. The
+   * harness adds only `--ports_file_dir`. `restart()` uses the same file, flags and environment.
+   */
+  configFile?: string
+  /** Command-line flags after `-c <config>`, e.g. `['-a', '127.0.0.1', '-p', '-1']`. */
+  args?: readonly string[]
+  /**
+   * The environment of nats-server (the repository's configs read passwords and addresses from
+   * it); only PATH and HOME are inherited.
+   */
+  env?: Readonly<Record<string, string>>
 }
 
 /**
@@ -61,6 +74,9 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
     serverName: opts.serverName ?? `fleetstream-${basename(dir).slice(-6)}`,
     storeDir: opts.storeDir ?? join(dir, 'js'),
     extraConfig: opts.extraConfig ?? '',
+    configFile: opts.configFile,
+    args: opts.args ?? [],
+    env: opts.env ?? {},
   })
   try {
     await server.launch(-1)
@@ -88,9 +104,16 @@ class NatsServerImpl implements NatsServer {
   constructor(
     private readonly bin: string,
     readonly dir: string,
-    private readonly conf: { serverName: string; storeDir: string; extraConfig: string },
+    private readonly conf: {
+      serverName: string
+      storeDir: string
+      extraConfig: string
+      configFile: string | undefined
+      args: readonly string[]
+      env: Readonly<Record<string, string>>
+    },
   ) {
-    this.confFile = join(dir, 'nats-server.conf')
+    this.confFile = conf.configFile ?? join(dir, 'nats-server.conf')
     this.logFile = join(dir, 'nats-server.log')
     this.forgetReaper = onProcessEnd(() => {
       const child = this.running?.child
@@ -109,14 +132,19 @@ class NatsServerImpl implements NatsServer {
 
   /** Spawns the server on `port` (-1: random) and waits until it accepts connections. */
   async launch(port: number): Promise<void> {
-    await writeFile(this.confFile, this.config(port))
+    const args =
+      this.conf.configFile === undefined
+        ? ['-c', this.confFile]
+        : ['-c', this.confFile, '--ports_file_dir', this.dir, ...this.conf.args]
+    if (this.conf.configFile === undefined) await writeFile(this.confFile, this.config(port))
     const log = await open(this.logFile, 'a')
     let child: ChildProcess
     try {
       // The log is a file, not a pipe: nothing to drain, and it survives for the error message.
-      child = spawn(this.bin, ['-c', this.confFile], {
+      child = spawn(this.bin, args, {
         cwd: this.dir,
         stdio: ['ignore', log.fd, log.fd],
+        env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...this.conf.env },
       })
     } finally {
       await log.close()

@@ -1,0 +1,275 @@
+import { spawnSync } from 'node:child_process'
+import { existsSync, readFileSync } from 'node:fs'
+import { dirname, join, posix, resolve } from 'node:path'
+import { describe, expect, it } from 'vitest'
+import { parse } from 'yaml'
+import { CONFIG_VARIABLES } from '../infra/config.ts'
+import { OTEL_VARIABLES } from '../infra/telemetry.ts'
+import { PROCESSOR_NAMES } from '../processors/index.ts'
+import {
+  clusterNodeEnv,
+  CLUSTER_NODES,
+  generateSecrets,
+  HarnessError,
+  repoRoot,
+  type NodePorts,
+} from './harness/index.ts'
+import { findOnPath, run } from './harness/processes.ts'
+import { cliPath } from './fixtures.ts'
+
+/**
+ * infra/docker-compose.yml, checked without a Docker engine: what it mounts exists, what it
+ * starts is what the tests start (the same NATS config and environment names, real fleetstream
+ * commands and variables), and its start-up graph is sane.
+ */
+const COMPOSE_FILE = join(repoRoot, 'infra/docker-compose.yml')
+const composeDir = dirname(COMPOSE_FILE)
+
+interface Service {
+  image?: string
+  build?: { context: string; dockerfile?: string }
+  entrypoint?: string[]
+  command?: string[]
+  /** YAML may give numbers and booleans; compose passes them on as strings. */
+  environment?: Record<string, string | number | boolean>
+  volumes?: string[]
+  ports?: string[]
+  depends_on?: Record<string, { condition: string }>
+  healthcheck?: { test: string[] }
+  restart?: string
+  container_name?: string
+}
+
+/** Compose's variable interpolation with an empty environment: `${X:-default}` gives the default. */
+function interpolate(value: string, env: Record<string, string> = {}): string {
+  return value.replace(
+    /\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)/g,
+    (m, braced?: string, dflt?: string, bare?: string) => {
+      if (m === '$$') return '$'
+      const name = braced ?? bare ?? ''
+      return env[name] ?? dflt ?? ''
+    },
+  )
+}
+
+const compose = parse(readFileSync(COMPOSE_FILE, 'utf8'), { merge: true }) as {
+  services: Record<string, Service>
+  volumes?: Record<string, unknown>
+}
+const services = compose.services
+const envOf = (s: Service): Record<string, string> =>
+  Object.fromEntries(
+    Object.entries(s.environment ?? {}).map(([k, v]) => [k, interpolate(String(v))]),
+  )
+const NATS_NODES = [...CLUSTER_NODES]
+const APP_SERVICES = ['setup', ...PROCESSOR_NAMES, 'simulator']
+
+/** A path inside a container, resolved through the service's bind mounts to a repository file. */
+function hostPath(s: Service, containerPath: string): string | undefined {
+  for (const v of s.volumes ?? []) {
+    const [source = '', target = ''] = v.split(':')
+    if (!source.startsWith('.') && !source.startsWith('/')) continue
+    if (containerPath === target || containerPath.startsWith(`${target}/`)) {
+      return join(resolve(composeDir, source), posix.relative(target, containerPath))
+    }
+  }
+  return undefined
+}
+
+/** Every `$VAR` a nats-server config and its includes read from the environment. */
+function configVariables(file: string): Set<string> {
+  const text = readFileSync(file, 'utf8').replace(/#.*$/gm, '')
+  const defined = new Set([...text.matchAll(/^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=/gm)].map((m) => m[1]))
+  const vars = new Set<string>()
+  // Quoted strings are taken literally ("$JS.API.INFO" is a subject, not a variable).
+  for (const m of text.replace(/"[^"]*"/g, '""').matchAll(/\$([A-Za-z_][A-Za-z0-9_]*)/g)) {
+    if (!defined.has(m[1])) vars.add(m[1]!)
+  }
+  for (const m of text.matchAll(/^\s*include\s+"?([^"\s]+)"?/gm)) {
+    for (const v of configVariables(join(dirname(file), m[1]!))) vars.add(v)
+  }
+  return vars
+}
+
+describe('infra/docker-compose.yml', () => {
+  it('has the services the deployment needs', () => {
+    expect(Object.keys(services).sort()).toEqual(
+      [...NATS_NODES, 'postgres', 'jaeger', ...APP_SERVICES].sort(),
+    )
+  })
+
+  it('mounts only files that exist and volumes it declares', () => {
+    for (const [name, s] of Object.entries(services)) {
+      for (const v of s.volumes ?? []) {
+        const source = v.split(':')[0]!
+        if (source.startsWith('.') || source.startsWith('/')) {
+          expect(existsSync(resolve(composeDir, source)), `${name}: mount source ${source}`).toBe(
+            true,
+          )
+        } else {
+          expect(Object.keys(compose.volumes ?? {}), `${name}: volume ${source}`).toContain(source)
+        }
+      }
+    }
+  })
+
+  it('starts each NATS node as the tests do, from a config that passes nats-server -t', async () => {
+    const bin = await findOnPath('nats-server')
+    if (bin === undefined) throw new HarnessError('nats-server not found on PATH')
+    // The variable names the loopback cluster of the tests sets for each node.
+    const ports: NodePorts[] = NATS_NODES.map(() => ({ client: 1, http: 2, cluster: 3, mqtt: 4 }))
+    const harnessNames = Object.keys(clusterNodeEnv(0, ports, generateSecrets())).sort()
+    for (const node of NATS_NODES) {
+      const s = services[node]!
+      const env = envOf(s)
+      expect([...(s.entrypoint ?? []), ...(s.command ?? [])].slice(0, 2), node).toEqual([
+        'nats-server',
+        '-c',
+      ])
+      expect(s.command?.length, `${node}: nothing but -c <config>`).toBe(2)
+      const conf = hostPath(s, s.command![1]!)
+      expect(conf, `${node}: ${s.command![1]!} is not mounted from the repository`).toBeDefined()
+      expect(conf).toBe(join(repoRoot, 'infra/nats/cluster-node.conf'))
+      expect(Object.keys(env).sort(), `${node}: environment names`).toEqual(harnessNames)
+      expect(
+        [...configVariables(conf!)].filter((v) => !(v in env)),
+        node,
+      ).toEqual([])
+      expect(env.NATS_SERVER_NAME).toBe(node)
+      // Routes to every node, on the port each listens on for routes.
+      const routePort = env.NATS_CLUSTER_LISTEN!.split(':')[1]
+      expect([env.NATS_ROUTE_1, env.NATS_ROUTE_2, env.NATS_ROUTE_3]).toEqual(
+        NATS_NODES.map((n) => `nats-route://route:${env.NATS_ROUTE_PASSWORD!}@${n}:${routePort!}`),
+      )
+      // The health check asks the monitoring port the node listens on.
+      const httpPort = env.NATS_HTTP!.split(':')[1]!
+      expect(s.healthcheck?.test.join(' ')).toContain(`127.0.0.1:${httpPort}/healthz`)
+      // With this node's environment and nothing else.
+      const r = spawnSync(bin, ['-t', '-c', conf!], {
+        cwd: repoRoot,
+        env: { PATH: process.env.PATH ?? '', ...env },
+        encoding: 'utf8',
+        timeout: 10_000,
+      })
+      expect(r.status, `${node}: nats-server -t: ${r.stdout}${r.stderr}`).toBe(0)
+    }
+  })
+
+  it('builds the application from a Dockerfile whose sources exist', () => {
+    for (const name of APP_SERVICES) {
+      const s = services[name]!
+      expect(s.build?.context, name).toBe('..')
+      expect(s.image, name).toBe('fleetstream:local')
+    }
+    const context = resolve(composeDir, services.setup!.build!.context)
+    const dockerfile = readFileSync(
+      join(context, services.setup!.build!.dockerfile ?? 'Dockerfile'),
+      'utf8',
+    )
+    const copies = dockerfile.split('\n').filter((l) => /^COPY\s/.test(l) && !l.includes('--from'))
+    expect(copies.length).toBeGreaterThan(0)
+    for (const line of copies) {
+      const sources = line.trim().split(/\s+/).slice(1, -1)
+      for (const src of sources)
+        expect(existsSync(join(context, src)), `Dockerfile: ${line}`).toBe(true)
+    }
+    const entrypoint = dockerfile.match(/^ENTRYPOINT\s+(\[.*\])\s*$/m)?.[1]
+    expect(JSON.parse(entrypoint ?? '[]')).toEqual(['node', 'dist/cli/fleetstream.js'])
+  })
+
+  it('runs real fleetstream commands with the role each needs', async () => {
+    const roles = generateSecrets().roles
+    const nodeEnv = envOf(services.n1!)
+    const roleOf: Record<string, 'admin' | 'processor' | 'device'> = {
+      setup: 'admin',
+      run: 'processor',
+      simulate: 'device',
+    }
+    for (const name of APP_SERVICES) {
+      const s = services[name]!
+      const command = s.command ?? []
+      const help = await run(process.execPath, [cliPath, ...command, '--help'], {
+        cwd: repoRoot,
+        timeoutMs: 30_000,
+      })
+      expect(help.code, `${name}: fleetstream ${command.join(' ')} --help: ${help.output}`).toBe(0)
+      if (command[0] === 'run') {
+        // One processor per service, named after it, so each scales on its own.
+        expect(command.slice(1), name).toEqual([name])
+        expect(PROCESSOR_NAMES).toContain(name)
+        expect(s.container_name, `${name} must be scalable`).toBeUndefined()
+        expect(s.ports, `${name} must be scalable`).toBeUndefined()
+      }
+      const env = envOf(s)
+      const role = roleOf[command[0]!]
+      expect(role, `${name}: a role for '${command[0]!}'`).toBeDefined()
+      expect(env.NATS_USER, name).toBe(role)
+      // The password the nodes give that user.
+      expect(env.NATS_PASSWORD, name).toBe(nodeEnv[`NATS_${role!.toUpperCase()}_PASSWORD`])
+      expect(env.NATS_INBOX_PREFIX ?? '_INBOX', name).toBe(roles[role!].inboxPrefix)
+    }
+  })
+
+  it('sets only variables fleetstream reads, pointing at the services that exist', () => {
+    const known = new Set([...CONFIG_VARIABLES, ...OTEL_VARIABLES])
+    const nodeEnv = envOf(services.n1!)
+    const clientPort = nodeEnv.NATS_LISTEN!.split(':')[1]!
+    const pgEnv = envOf(services.postgres!)
+    for (const name of APP_SERVICES) {
+      const env = envOf(services[name]!)
+      expect(
+        Object.keys(env).filter((k) => !known.has(k)),
+        name,
+      ).toEqual([])
+      expect(env.NATS_URL, name).toBe(NATS_NODES.map((n) => `nats://${n}:${clientPort}`).join(','))
+      expect(env.DATABASE_URL, name).toBe(
+        `postgres://postgres:${pgEnv.POSTGRES_PASSWORD!}@postgres:5432/${pgEnv.POSTGRES_DB!}`,
+      )
+      // The streams are R3 on the cluster, and every process checks them against the same spec.
+      expect(env.FLEET_STREAM_REPLICAS, name).toBe('3')
+      expect(env.OTEL_EXPORTER_OTLP_ENDPOINT, name).toBe('http://jaeger:4318')
+      expect(env.OTEL_SERVICE_NAME, name).toMatch(/^fleetstream-/)
+    }
+    const jaeger = services.jaeger!
+    expect(envOf(jaeger).COLLECTOR_OTLP_ENABLED).toBe('true')
+    expect(jaeger.ports).toEqual(expect.arrayContaining(['16686:16686', '4318:4318']))
+  })
+
+  it('has a sane start-up graph: no cycles, health checks where waited for', () => {
+    const deps = (n: string) => Object.entries(services[n]?.depends_on ?? {})
+    for (const name of Object.keys(services)) {
+      for (const [dep, { condition }] of deps(name)) {
+        expect(Object.keys(services), `${name} depends on ${dep}`).toContain(dep)
+        if (condition === 'service_healthy')
+          expect(services[dep]!.healthcheck, `${name} waits for ${dep} to be healthy`).toBeDefined()
+        if (condition === 'service_completed_successfully')
+          expect(services[dep]!.restart ?? 'no', `${name} waits for ${dep} to finish`).toMatch(
+            /^(no|on-failure)$/,
+          )
+      }
+    }
+    const visiting = new Set<string>()
+    const done = new Set<string>()
+    const visit = (n: string, path: string[]): void => {
+      if (done.has(n)) return
+      expect(visiting.has(n), `cycle: ${[...path, n].join(' -> ')}`).toBe(false)
+      visiting.add(n)
+      for (const [d] of deps(n)) visit(d, [...path, n])
+      visiting.delete(n)
+      done.add(n)
+    }
+    for (const n of Object.keys(services)) visit(n, [])
+    // Long-running services report their health (Jaeger only receives traces: nothing waits on it).
+    for (const [name, s] of Object.entries(services)) {
+      if (name !== 'jaeger' && s.restart === 'unless-stopped')
+        expect(s.healthcheck, `${name} has a health check`).toBeDefined()
+    }
+    // Processors wait for their dependencies themselves: none waits for set-up or health.
+    for (const p of PROCESSOR_NAMES) {
+      expect(
+        deps(p).filter(([, c]) => c.condition !== 'service_started'),
+        p,
+      ).toEqual([])
+    }
+  })
+})

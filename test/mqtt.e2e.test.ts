@@ -1,0 +1,227 @@
+import { jetstream, type JetStreamManager } from '@nats-io/jetstream'
+import type { NatsConnection } from '@nats-io/transport-node'
+import pg from 'pg'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import type { DeadLetterEntry } from '../cli/dlq.ts'
+import { createPublisher, type EventDraft } from '../infra/publisher.ts'
+import type { FleetEvent } from '../schemas/events.ts'
+import { HybridLogicalClock } from '../schemas/hlc.ts'
+import {
+  freshDatabase,
+  HarnessError,
+  startRoleNatsServer,
+  type RoleNatsServer,
+} from './harness/index.ts'
+import { findOnPath, run } from './harness/processes.ts'
+import {
+  readingDraft,
+  repoRoot,
+  runCli,
+  spawnCli,
+  testEnv,
+  tickDraft,
+  waitFor,
+  type CliProcess,
+} from './fixtures.ts'
+
+const MOSQUITTO_PUB_NOT_FOUND =
+  "mosquitto_pub not found on PATH: install it with 'apt-get install mosquitto-clients' (or run 'bash .ci/run')"
+
+/**
+ * Sensors that speak MQTT: a real MQTT client (Debian's mosquitto_pub) publishes QoS 1 to
+ * nats-server's MQTT listener, started from the repository's nats.conf, and the processors
+ * apply the events like any other.
+ */
+describe('MQTT devices', () => {
+  let ns: RoleNatsServer
+  let db: pg.Client
+  let env: Record<string, string>
+  let admin: { nc: NatsConnection; jsm: JetStreamManager }
+  let processors: CliProcess
+  let mosquittoPub: string
+  let stamp: <T extends FleetEvent['type']>(draft: EventDraft<T>) => FleetEvent
+
+  /** mosquitto_pub -q 1 as `user` to `topic`; resolves with its exit code and output. */
+  const publish = (topic: string, body: string, user = 'device', password?: string) =>
+    run(
+      mosquittoPub,
+      [
+        ...['-h', '127.0.0.1', '-p', String(ns.mqttPort), '-q', '1', '-i', `test-${user}`],
+        ...['-u', user, '-P', password ?? ns.secrets.roles.device.password],
+        ...['-t', topic, '-m', body],
+      ],
+      { cwd: repoRoot, timeoutMs: 15_000 },
+    )
+
+  const storedOn = async (subject: string): Promise<number> => {
+    const info = await admin.jsm.streams.info('FLEET_EVENTS', { subjects_filter: subject })
+    return info.state.subjects?.[subject] ?? 0
+  }
+
+  const caughtUp = () =>
+    waitFor('the processors to catch up', async () => {
+      const infos = await Promise.all(
+        ['sensor-status', 'readings', 'alerts'].map((n) =>
+          admin.jsm.consumers.info('FLEET_EVENTS', n),
+        ),
+      )
+      return infos.every((i) => i.num_pending === 0 && i.num_ack_pending === 0)
+    })
+
+  beforeAll(async () => {
+    const bin = await findOnPath('mosquitto_pub')
+    if (bin === undefined) throw new HarnessError(MOSQUITTO_PUB_NOT_FOUND)
+    mosquittoPub = bin
+    ns = await startRoleNatsServer()
+    const dbUrl = await freshDatabase()
+    env = testEnv(ns.url, dbUrl)
+    db = new pg.Client(dbUrl)
+    await db.connect()
+    admin = await ns.admin()
+    const setup = await runCli(['setup'], { ...env, ...ns.env('admin') })
+    expect(setup.code, setup.output).toBe(0)
+    processors = spawnCli(['run', '--no-clock'], { ...env, ...ns.env('processor') })
+    const publisher = createPublisher(jetstream(admin.nc), {
+      clock: new HybridLogicalClock({ node: 'mqtt-gw', maxOffsetMs: 500 }),
+    })
+    stamp = (draft) => publisher.stamp(draft)
+  })
+  afterAll(async () => {
+    processors.child.kill('SIGKILL')
+    await admin.nc.close()
+    await db.end()
+    await ns.cleanup()
+  })
+
+  it('publishes QoS 1 into FLEET_EVENTS, and the processors apply it like any event', async () => {
+    const registered = stamp({
+      type: 'sensor.registered',
+      deviceId: 'mqtt-7',
+      data: { site: 'roof', model: 'mq-1', firmware: '2.1' },
+    })
+    const reading = stamp(readingDraft('mqtt-7', 21.5))
+    for (const [topic, e] of [
+      ['fleet/events/mqtt-7/registered', registered],
+      ['fleet/events/mqtt-7/reading', reading],
+    ] as const) {
+      const r = await publish(topic, JSON.stringify(e))
+      expect(r.code, r.output).toBe(0)
+    }
+
+    await waitFor(
+      'the MQTT events in the read models',
+      async () => {
+        const r = await db.query('select 1 from readings where event_id = $1', [reading.eventId])
+        const s = await db.query('select 1 from sensor_status where device_id = $1', ['mqtt-7'])
+        return r.rowCount === 1 && s.rowCount === 1
+      },
+      30_000,
+      () => processors.output(),
+    )
+    await caughtUp()
+    const status = await db.query<{ status: string; site: string; model: string }>(
+      'select status, site, model from sensor_status where device_id = $1',
+      ['mqtt-7'],
+    )
+    expect(status.rows).toEqual([{ status: 'active', site: 'roof', model: 'mq-1' }])
+    // Stored as published: the same envelope, on the NATS subject, without a message id.
+    const m = await admin.jsm.streams.getMessage('FLEET_EVENTS', {
+      last_by_subj: 'fleet.events.mqtt-7.reading',
+    })
+    expect(m?.json<FleetEvent>()).toEqual(reading)
+    expect(m?.header.get('Nats-Msg-Id') ?? '').toBe('')
+  })
+
+  it('stores a retried QoS 1 publish again, and the read models apply it once', async () => {
+    // A device that never saw its PUBACK sends the same event again. MQTT carries no message
+    // id, so the stream cannot deduplicate: the read models do, by eventId.
+    const reading = stamp(readingDraft('mqtt-8', 40.25, 'humidity'))
+    const before = await storedOn('fleet.events.mqtt-8.reading')
+    for (let i = 0; i < 3; i++) {
+      const r = await publish('fleet/events/mqtt-8/reading', JSON.stringify(reading))
+      expect(r.code, r.output).toBe(0)
+    }
+    await waitFor('three copies in the stream', async () => {
+      return (await storedOn('fleet.events.mqtt-8.reading')) === before + 3
+    })
+    await caughtUp()
+
+    const rows = await db.query<{ n: number }>(
+      'select count(*)::int as n from readings where event_id = $1',
+      [reading.eventId],
+    )
+    expect(rows.rows[0]?.n).toBe(1)
+    const rollup = await db.query<{ count: number; sum: string }>(
+      `select count::int, sum::text from readings_per_minute where device_id = 'mqtt-8' and metric = 'humidity'`,
+    )
+    expect(rollup.rows).toEqual([{ count: 1, sum: '40.25' }])
+    const latest = await db.query<{ value: number; event_id: string }>(
+      `select value, event_id from latest_readings where device_id = 'mqtt-8'`,
+    )
+    expect(latest.rows).toEqual([{ value: 40.25, event_id: reading.eventId }])
+  })
+
+  it('parks a bad MQTT payload in the DLQ like a bad NATS one', async () => {
+    const r = await publish('fleet/events/mqtt-9/reading', '{"temperature": 21')
+    expect(r.code, r.output).toBe(0)
+    await caughtUp()
+    const list = await runCli(['dlq', 'list', '--json'], { ...env, ...ns.env('admin') })
+    expect(list.code, list.output).toBe(0)
+    const entries = (JSON.parse(list.output) as DeadLetterEntry[]).filter(
+      (e) => e.subject === 'fleet.events.mqtt-9.reading',
+    )
+    expect(entries.map((e) => [e.processor, e.reason]).sort()).toEqual([
+      ['alerts', 'invalid-json'],
+      ['readings', 'invalid-json'],
+      ['sensor-status', 'invalid-json'],
+    ])
+  })
+
+  it('enforces device credentials', async () => {
+    const e = stamp(readingDraft('mqtt-10', 1))
+    const body = JSON.stringify(e)
+    const wrong = await publish('fleet/events/mqtt-10/reading', body, 'device', 'not-the-password')
+    expect(wrong.code, wrong.output).not.toBe(0)
+    expect(wrong.output).toMatch(/not authori[sz]ed/i)
+    // The processor and admin roles may not connect over MQTT, even with their own passwords.
+    for (const role of ['processor', 'admin'] as const) {
+      const r = await publish(
+        'fleet/events/mqtt-10/reading',
+        body,
+        role,
+        ns.secrets.roles[role].password,
+      )
+      expect(r.code, `${role}: ${r.output}`).not.toBe(0)
+    }
+    const anonymous = await run(
+      mosquittoPub,
+      [
+        '-h',
+        '127.0.0.1',
+        '-p',
+        String(ns.mqttPort),
+        '-q',
+        '1',
+        '-t',
+        'fleet/events/mqtt-10/reading',
+        '-m',
+        body,
+      ],
+      { cwd: repoRoot, timeoutMs: 15_000 },
+    )
+    expect(anonymous.code, anonymous.output).not.toBe(0)
+
+    // A device's permissions hold over MQTT too. MQTT 3.1.1 has no way to refuse a QoS 1
+    // publish (the PUBACK comes regardless), so the proof is that nothing was stored.
+    const dlqBefore = (await admin.jsm.streams.info('FLEET_DLQ')).state.messages
+    const tick = stamp(tickDraft(Date.now()))
+    await publish('fleet/events/_system/tick', JSON.stringify(tick))
+    await publish('fleet/dlq/readings', body)
+    await publish('fleet/events/mqtt-10/alert', body)
+    await admin.nc.flush()
+    expect(await storedOn('fleet.events._system.tick')).toBe(0)
+    expect(await storedOn('fleet.events.mqtt-10.alert')).toBe(0)
+    expect(await storedOn('fleet.events.mqtt-10.reading')).toBe(0)
+    expect((await admin.jsm.streams.info('FLEET_DLQ')).state.messages).toBe(dlqBefore)
+  })
+})
