@@ -1,6 +1,6 @@
 import type { JetStreamClient, PubAck } from '@nats-io/jetstream'
 import { headers as natsHeaders, type MsgHdrs } from '@nats-io/transport-node'
-import { context, propagation } from '@opentelemetry/api'
+import { context, SpanKind, SpanStatusCode } from '@opentelemetry/api'
 import { ExponentialBackoff, handleWhen, retry } from 'cockatiel'
 import { v7 as uuidv7 } from 'uuid'
 import { FleetEvent, type EventOfType, type EventType } from '../schemas/events.ts'
@@ -8,6 +8,7 @@ import { encodeHlc, decodeHlc, type HybridLogicalClock } from '../schemas/hlc.ts
 import { eventSubject, Headers } from '../schemas/subjects.ts'
 import { parseOrThrow } from '../schemas/validation.ts'
 import { isTransient } from './failures.ts'
+import { Attr, injectTraceContext, tracer, tracingActive } from './telemetry.ts'
 
 /** What a caller supplies; the publisher fills in ids, HLC and (by default) occurredAt. */
 export interface EventDraft<T extends EventType = EventType> {
@@ -56,12 +57,20 @@ export interface PublisherStats {
  */
 export interface Publisher {
   /** Stamps, validates and publishes one event; resolves with its PubAck. */
-  publish<T extends EventType>(draft: EventDraft<T>): Promise<PublishResult>
+  publish<T extends EventType>(draft: EventDraft<T>, opts?: PublishOptions): Promise<PublishResult>
   /** Publishes a fully formed event as it is (a re-publish keeps its eventId and HLC). */
-  publishEvent(event: FleetEvent): Promise<PublishResult>
+  publishEvent(event: FleetEvent, opts?: PublishOptions): Promise<PublishResult>
   /** The event `publish` would send, without sending it. */
   stamp<T extends EventType>(draft: EventDraft<T>): EventOfType<T>
   readonly stats: Readonly<PublisherStats>
+}
+
+export interface PublishOptions {
+  /**
+   * Straight into this partition of a partitioned stream, bypassing the server's mapping by
+   * device id (the clock's ticks go to every partition). Devices never set it.
+   */
+  readonly partition?: number
 }
 
 export interface PublisherOptions {
@@ -113,7 +122,10 @@ class PublisherImpl implements Publisher {
     return parseOrThrow(FleetEvent, event, `${draft.type} event`) as EventOfType<T>
   }
 
-  async publish<T extends EventType>(draft: EventDraft<T>): Promise<PublishResult> {
+  async publish<T extends EventType>(
+    draft: EventDraft<T>,
+    opts: PublishOptions = {},
+  ): Promise<PublishResult> {
     let event: FleetEvent
     try {
       event = this.stamp(draft)
@@ -121,29 +133,68 @@ class PublisherImpl implements Publisher {
       this.stats.failed++
       throw err
     }
-    return this.#send(event)
+    return this.#send(event, opts.partition)
   }
 
-  async publishEvent(event: FleetEvent): Promise<PublishResult> {
+  async publishEvent(event: FleetEvent, opts: PublishOptions = {}): Promise<PublishResult> {
     try {
       parseOrThrow(FleetEvent, event, `${event.type} event`)
     } catch (err) {
       this.stats.failed++
       throw err
     }
-    return this.#send(event)
+    return this.#send(event, opts.partition)
   }
 
-  async #send(event: FleetEvent): Promise<PublishResult> {
-    const subject = eventSubject(event.deviceId, event.type)
+  /** One producer span per event; its context travels in the headers to every processor. */
+  async #send(event: FleetEvent, partition?: number): Promise<PublishResult> {
+    const subject = eventSubject(event.deviceId, event.type, partition)
     const body = JSON.stringify(event)
-    const hdrs = eventHeaders(event)
+    // Tracing off: no span, attributes or context switch for every event.
+    if (!tracingActive()) return this.#deliver(event, subject, body)
+    return tracer().startActiveSpan(
+      `publish ${event.type}`,
+      {
+        kind: SpanKind.PRODUCER,
+        attributes: {
+          [Attr.MessagingSystem]: 'nats',
+          [Attr.MessagingOperationType]: 'send',
+          [Attr.MessagingOperationName]: 'publish',
+          [Attr.MessagingDestination]: subject,
+          [Attr.MessagingMessageId]: event.eventId,
+          [Attr.MessagingConversationId]: event.correlationId,
+          [Attr.MessagingBodySize]: Buffer.byteLength(body),
+          [Attr.DeviceId]: event.deviceId,
+          [Attr.CorrelationId]: event.correlationId,
+          [Attr.Hlc]: event.hlc,
+          [Attr.EventType]: event.type,
+        },
+      },
+      async (span) => {
+        try {
+          const r = await this.#deliver(event, subject, body)
+          span.setAttributes({ [Attr.StreamSequence]: r.seq, [Attr.Duplicate]: r.duplicate })
+          return r
+        } catch (err) {
+          if (err instanceof Error) span.recordException(err)
+          span.setStatus({ code: SpanStatusCode.ERROR, message: (err as Error).message })
+          throw err
+        } finally {
+          span.end()
+        }
+      },
+    )
+  }
+
+  /** Publishes with the eventId as msgID, retrying what is transient; checks the PubAck. */
+  async #deliver(event: FleetEvent, subject: string, body: string): Promise<PublishResult> {
+    const headers = eventHeaders(event) // inside a producer span, its context goes along
     let ack: PubAck
     try {
       ack = await this.#retry.execute(() =>
         this.#js.publish(subject, body, {
           msgID: event.eventId,
-          headers: hdrs,
+          headers,
           timeout: this.#timeoutMs,
         }),
       )
@@ -151,9 +202,7 @@ class PublisherImpl implements Publisher {
       this.stats.failed++
       throw new PublishError(
         `publish of event '${event.eventId}' to '${subject}' failed: ${(err as Error).message}`,
-        {
-          cause: err,
-        },
+        { cause: err },
       )
     }
     if (ack.duplicate) this.stats.duplicates++
@@ -169,12 +218,8 @@ export function eventHeaders(event: FleetEvent): MsgHdrs {
   h.set(Headers.CorrelationId, event.correlationId)
   if (event.causationId !== undefined) h.set(Headers.CausationId, event.causationId)
   h.set(Headers.EventType, event.type)
-  // W3C trace context of the active span, if any (a no-op until a tracer and propagator are set).
-  propagation.inject(context.active(), h, {
-    set: (carrier, key, value) => {
-      carrier.set(key, value)
-    },
-  })
+  // W3C trace context of the active span, if any (a no-op until telemetry is started).
+  injectTraceContext(context.active(), h)
   return h
 }
 
@@ -188,34 +233,65 @@ export function eventHeaders(event: FleetEvent): MsgHdrs {
  * await pipe.drain()
  * ```
  */
-export class PublishPipeline {
-  readonly #inFlight = new Set<Promise<void>>()
+export class PublishPipeline<R = PublishResult> {
+  #inFlight = 0
+  /** Settles when every publish started so far has settled. */
+  #idle: Promise<void> = Promise.resolve()
+  #markIdle: (() => void) | undefined
+  /** Submitters waiting for room, woken one per settled publish. */
+  readonly #waiting: (() => void)[] = []
   #firstError: Error | undefined
 
   constructor(
     readonly window: number,
-    readonly onResult: (r: PublishResult) => void = () => undefined,
+    readonly onResult: (r: R) => void = () => undefined,
   ) {}
 
   /** Waits for room in the window, then starts the publish. Throws the first failure seen. */
-  async submit(start: () => Promise<PublishResult>): Promise<void> {
-    while (this.#inFlight.size >= this.window) await Promise.race(this.#inFlight)
+  async submit(start: () => Promise<R>): Promise<void> {
+    // One waiter per submitter, woken when a publish settles: O(1) per event, not O(window).
+    while (this.#inFlight >= this.window) {
+      await new Promise<void>((resolve) => this.#waiting.push(resolve))
+    }
     if (this.#firstError !== undefined) throw this.#firstError
-    const p: Promise<void> = start()
-      .then(this.onResult, (err: unknown) => {
-        this.#firstError ??= err instanceof Error ? err : new Error(String(err))
+    if (this.#inFlight === 0) this.#idle = new Promise((resolve) => (this.#markIdle = resolve))
+    this.#inFlight++
+    let started: Promise<R>
+    try {
+      started = start()
+    } catch (err) {
+      started = Promise.reject(err instanceof Error ? err : new Error(String(err)))
+    }
+    void started
+      .then(
+        (r) => {
+          this.onResult(r)
+        },
+        (err: unknown) => {
+          this.#fail(err)
+        },
+      )
+      .catch((err: unknown) => {
+        this.#fail(err) // onResult threw
       })
-      .finally(() => this.#inFlight.delete(p))
-    this.#inFlight.add(p)
+      .finally(() => {
+        this.#inFlight--
+        this.#waiting.shift()?.()
+        if (this.#inFlight === 0) this.#markIdle?.()
+      })
+  }
+
+  #fail(err: unknown): void {
+    this.#firstError ??= err instanceof Error ? err : new Error(String(err))
   }
 
   /** Waits for every publish in flight; throws the first failure seen. */
   async drain(): Promise<void> {
-    await Promise.all(this.#inFlight)
+    await this.#idle
     if (this.#firstError !== undefined) throw this.#firstError
   }
 
   get inFlight(): number {
-    return this.#inFlight.size
+    return this.#inFlight
   }
 }

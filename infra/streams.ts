@@ -15,6 +15,7 @@ import {
   NOTIFICATIONS_SUBJECT_PREFIX,
 } from '../schemas/subjects.ts'
 import type { Config } from './config.ts'
+import { isPermissionViolation } from './failures.ts'
 
 /** JetStream API error 10058: a stream with that name already exists (with another config). */
 const STREAM_NAME_IN_USE = 10058
@@ -109,6 +110,24 @@ export function notificationsStreamSpec(c: Config['streams']): StreamSpec {
   }
 }
 
+/**
+ * The stream does not exist and this user may not create it (the processor role): an operator
+ * runs `fleetstream setup` as admin, and the caller waits for it (a transient failure).
+ */
+export class StreamNotSetUpError extends Error {
+  override readonly name = 'StreamNotSetUpError'
+  constructor(
+    readonly stream: string,
+    options?: ErrorOptions,
+  ) {
+    super(
+      `stream ${stream} does not exist and this NATS user may not create it: waiting for ` +
+        `'fleetstream setup' (run as the admin role)`,
+      options,
+    )
+  }
+}
+
 /** A stream exists with settings that differ from what fleetstream needs; nothing was changed. */
 export class StreamConflictError extends Error {
   override readonly name = 'StreamConflictError'
@@ -138,6 +157,7 @@ export async function ensureStream(jsm: JetStreamManager, spec: StreamSpec): Pro
       await jsm.streams.add(spec)
       return 'created'
     } catch (err) {
+      if (isPermissionViolation(err)) throw new StreamNotSetUpError(spec.name, { cause: err })
       // Another process created it meanwhile: fall through to the comparison.
       if (!(err instanceof JetStreamApiError && err.code === STREAM_NAME_IN_USE)) throw err
     }

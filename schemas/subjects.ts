@@ -8,32 +8,83 @@ export const DLQ_SUBJECT_PREFIX = 'fleet.dlq'
 /** Alert notifications go out under `fleet.notifications.alerts.<deviceId>.<notificationId>`. */
 export const NOTIFICATIONS_SUBJECT_PREFIX = 'fleet.notifications'
 
-/** `fleet.events.<deviceId>.<kind>` for an event. */
-export function eventSubject(deviceId: string, type: EventType): string {
-  return `${EVENTS_SUBJECT_PREFIX}.${deviceId}.${EVENT_KINDS[type]}`
+/**
+ * `fleet.events.<deviceId>.<kind>` for an event: what devices publish. With partitioned scale-out
+ * the server's subject mapping stores it as `fleet.events.<partition>.<deviceId>.<kind>`; giving
+ * `partition` addresses one partition directly (the mapping leaves five-token subjects alone).
+ */
+export function eventSubject(deviceId: string, type: EventType, partition?: number): string {
+  const kind = EVENT_KINDS[type]
+  return partition === undefined
+    ? `${EVENTS_SUBJECT_PREFIX}.${deviceId}.${kind}`
+    : `${EVENTS_SUBJECT_PREFIX}.${partition}.${deviceId}.${kind}`
 }
 
-/** A filter for one kind of event from every device, e.g. `fleet.events.*.reading`. */
-export function kindFilter(kind: EventKind | '*'): string {
-  return `${EVENTS_SUBJECT_PREFIX}.*.${kind}`
+/**
+ * The subjects of one kind of event (`'all'`: every event) in the stream's layout:
+ * - `partition` undefined, a stream that is not partitioned: `fleet.events.*.reading`, `fleet.events.>`
+ * - a number, one partition of a partitioned stream: `fleet.events.2.*.reading`, `fleet.events.2.>`
+ * - `'*'`, every partition: `fleet.events.*.*.reading`, `fleet.events.>`
+ */
+export function eventsFilter(kind: EventKind | 'all', partition?: number | '*'): string {
+  const p = partition === undefined ? '' : `.${partition}`
+  return kind === 'all'
+    ? partition === undefined || partition === '*'
+      ? ALL_EVENTS
+      : `${EVENTS_SUBJECT_PREFIX}${p}.>`
+    : `${EVENTS_SUBJECT_PREFIX}${p}.*.${kind}`
 }
 
 /** Every event in the stream. */
 export const ALL_EVENTS = `${EVENTS_SUBJECT_PREFIX}.>`
 
+/**
+ * The server-side subject mapping of a stream split into `partitions` by device id (nats.conf,
+ * inside the account of FLEET_EVENTS): `"fleet.events.*.*": "fleet.events.{{partition(4,1)}}..."`.
+ */
+export function partitionMapping(partitions: number): { from: string; to: string } {
+  return {
+    from: `${EVENTS_SUBJECT_PREFIX}.*.*`,
+    to: `${EVENTS_SUBJECT_PREFIX}.{{partition(${partitions},1)}}.{{wildcard(1)}}.{{wildcard(2)}}`,
+  }
+}
+
+/**
+ * The partition nats-server's `{{partition(N,1)}}` mapping puts a device's events in: FNV-1a
+ * (32 bit) of the device id, modulo N. Computed here too, so a processor can refuse an event
+ * that reached a partition other than its device's (published straight into a partition).
+ */
+export function partitionOf(deviceId: string, partitions: number): number {
+  let h = 0x811c9dc5
+  for (const b of Buffer.from(deviceId)) {
+    h ^= b
+    h = Math.imul(h, 0x01000193) >>> 0
+  }
+  return h % partitions
+}
+
 export interface EventSubject {
   readonly deviceId: string
   readonly kind: string
+  /** The partition token of a partitioned stream; `undefined` when the stream is not partitioned. */
+  readonly partition?: number
 }
 
-/** Splits `fleet.events.<deviceId>.<kind>`; `undefined` when the subject does not have that shape. */
+/**
+ * Splits `fleet.events.<deviceId>.<kind>` or `fleet.events.<partition>.<deviceId>.<kind>`;
+ * `undefined` when the subject has neither shape.
+ */
 export function parseEventSubject(subject: string): EventSubject | undefined {
   const tokens = subject.split('.')
-  if (tokens.length !== 4 || `${tokens[0]}.${tokens[1]}` !== EVENTS_SUBJECT_PREFIX) return undefined
-  const [, , deviceId = '', kind = ''] = tokens
-  return DEVICE_ID_PATTERN.test(deviceId) || deviceId === SYSTEM_SOURCE
-    ? { deviceId, kind }
-    : undefined
+  if (`${tokens[0]}.${tokens[1]}` !== EVENTS_SUBJECT_PREFIX) return undefined
+  let partition: number | undefined
+  if (tokens.length === 5) {
+    if (!/^(0|[1-9][0-9]{0,3})$/.test(tokens[2] ?? '')) return undefined
+    partition = Number(tokens[2])
+  } else if (tokens.length !== 4) return undefined
+  const [deviceId = '', kind = ''] = tokens.slice(-2)
+  if (!DEVICE_ID_PATTERN.test(deviceId) && deviceId !== SYSTEM_SOURCE) return undefined
+  return partition === undefined ? { deviceId, kind } : { deviceId, kind, partition }
 }
 
 /** The header names fleetstream sets; `nats stream view --headers` shows them. */
@@ -74,4 +125,15 @@ export function notificationSubject(
   notificationId: string,
 ): string {
   return `${NOTIFICATIONS_SUBJECT_PREFIX}.alerts.${severity}.${deviceId}.${notificationId}`
+}
+
+/** A NATS subject matches a filter (`*` one token, `>` the rest). */
+export function subjectMatches(filter: string, subject: string): boolean {
+  const f = filter.split('.')
+  const s = subject.split('.')
+  for (let i = 0; i < f.length; i++) {
+    if (f[i] === '>') return s.length > i
+    if (i >= s.length || (f[i] !== '*' && f[i] !== s[i])) return false
+  }
+  return f.length === s.length
 }

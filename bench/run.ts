@@ -1,0 +1,338 @@
+/**
+ * `npm run bench`: fleetstream against the raw limits of this machine and against a naive
+ * consumer, measured in one run with the same payloads, on throwaway nats-server and Postgres.
+ *
+ * ```sh
+ * npm run bench                      # 50,000 events
+ * npm run bench -- --events 1000000  # the full run
+ * npm run bench -- --json            # the figures as JSON on stdout
+ * ```
+ */
+import { availableParallelism, cpus } from 'node:os'
+import { parseArgs } from 'node:util'
+import { connect } from '@nats-io/transport-node'
+import { openRuntime, setUp, type Runtime } from '../cli/runtime.ts'
+import { loadConfig } from '../infra/config.ts'
+import { createLogger } from '../infra/logger.ts'
+import { createPublisher } from '../infra/publisher.ts'
+import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { HybridLogicalClock } from '../schemas/hlc.ts'
+import { partitionMapping } from '../schemas/subjects.ts'
+import { startNatsServer, type NatsServer } from '../test/harness/nats-server.ts'
+import { startPostgres, type PgCluster } from '../test/harness/postgres.ts'
+import { HarnessError } from '../test/harness/processes.ts'
+import { type BenchEvent, BenchError, type Child, note, stampReading } from './common.ts'
+import {
+  endToEnd,
+  ingest,
+  latency,
+  rebuild,
+  stopProcessors,
+  WINDOW,
+  type Rebuild,
+} from './fleetstream.ts'
+import {
+  corePublish,
+  createRawStream,
+  createScratchTables,
+  jsPublish,
+  naive,
+  RAW_STREAM,
+  rawConsume,
+  rawWrite,
+} from './limits.ts'
+import { type Figures, printReport, type ScaleRun } from './report.ts'
+
+const USAGE = `usage: npm run bench -- [--events N] [--naive-events N] [--latency-seconds S] [--latency-rate R] [--devices N] [--partitions N] [--scale-events N] [--json]`
+
+interface Options {
+  events: number
+  naiveEvents: number
+  latencySeconds: number
+  latencyRate: number
+  devices: number
+  /** Partitions of the scale-out phase's stream. */
+  partitions: number
+  /** Events of the scale-out phase (1 and 2 instances of each processor). */
+  scaleEvents: number
+  json: boolean
+}
+
+function parseOptions(argv: readonly string[]): Options {
+  const { values } = parseArgs({
+    args: [...argv],
+    options: {
+      events: { type: 'string', default: '50000' },
+      'naive-events': { type: 'string' },
+      'latency-seconds': { type: 'string', default: '15' },
+      'latency-rate': { type: 'string', default: '5000' },
+      devices: { type: 'string', default: '10000' },
+      partitions: { type: 'string', default: '4' },
+      'scale-events': { type: 'string' },
+      json: { type: 'boolean', default: false },
+      help: { type: 'boolean', default: false },
+    },
+  })
+  if (values.help) {
+    process.stdout.write(`${USAGE}\n`)
+    process.exit(0)
+  }
+  const int = (name: string, v: string | undefined, min: number): number => {
+    const n = Number(v)
+    if (!Number.isInteger(n) || n < min) {
+      throw new UsageError(`'--${name}' must be an integer >= ${min}, got '${String(v)}'`)
+    }
+    return n
+  }
+  const events = int('events', values.events, 1000)
+  return {
+    events,
+    naiveEvents: Math.min(
+      events,
+      int('naive-events', values['naive-events'] ?? String(Math.min(events, 10_000)), 100),
+    ),
+    latencySeconds: int('latency-seconds', values['latency-seconds'], 1),
+    latencyRate: int('latency-rate', values['latency-rate'], 1),
+    devices: int('devices', values.devices, 1),
+    partitions: int('partitions', values.partitions, 1),
+    scaleEvents: Math.min(
+      events,
+      int('scale-events', values['scale-events'] ?? String(events), 1000),
+    ),
+    json: values.json,
+  }
+}
+
+class UsageError extends Error {
+  override readonly name = 'UsageError'
+}
+
+async function main(opts: Options): Promise<Figures> {
+  let nats: NatsServer | undefined
+  let pgc: PgCluster | undefined
+  let rt: Runtime | undefined
+  let processors: readonly Child[] = []
+  try {
+    note('starting a throwaway nats-server and Postgres')
+    // Both at once; whichever started is cleaned up below if the other did not.
+    const [n, p] = await Promise.allSettled([startNatsServer(), startPostgres()])
+    if (n.status === 'fulfilled') nats = n.value
+    if (p.status === 'fulfilled') pgc = p.value
+    if (n.status === 'rejected') throw n.reason
+    if (p.status === 'rejected') throw p.reason
+    if (nats === undefined || pgc === undefined) throw new BenchError('servers did not start')
+    const databaseUrl = await pgc.createDatabase('bench')
+    const env = {
+      NATS_URL: nats.url,
+      DATABASE_URL: databaseUrl,
+      LOG_LEVEL: 'warn',
+      METRICS_PORT: '0',
+      METRICS_HOST: '127.0.0.1',
+    }
+    const config = loadConfig(env)
+    rt = await openRuntime(config, createLogger({ level: 'silent', name: 'bench' }), {
+      name: 'fleetstream-bench',
+    })
+    await setUp(rt)
+    const postgresVersion = (
+      await rt.pool.query<{ v: string }>("select current_setting('server_version') as v")
+    ).rows[0]?.v
+    const machine = {
+      cores: availableParallelism(),
+      cpu: cpus()[0]?.model ?? 'unknown',
+      node: process.version,
+      natsServer: rt.nc.info?.version ?? 'unknown',
+      postgres: postgresVersion ?? 'unknown',
+    }
+
+    const publisher = createPublisher(rt.js, {
+      clock: new HybridLogicalClock({ node: 'bench', maxOffsetMs: 500 }),
+    })
+    note(`stamping ${opts.events} reading events across ${opts.devices} sensors`)
+    const events: BenchEvent[] = []
+    for (let i = 0; i < opts.events; i++) events.push(stampReading(publisher, i, opts.devices))
+    const bytes = events.reduce((n, e) => n + Buffer.byteLength(e.body), 0)
+
+    // Limits: a separate connection as a raw user would open it.
+    const raw = await connect({ servers: nats.url, noAsyncTraces: true, name: 'bench-raw' })
+    let limits: Figures['limits']
+    let naiveResult: Figures['naive']
+    let jsPublished: Figures['jsPublish']
+    try {
+      await createRawStream(rt.jsm, config.streams.events)
+      note('(a) core NATS publish')
+      const a = await corePublish(raw, rt.jsm, events)
+      note('(b) raw JetStream consume, AckPolicy.All')
+      const b = await rawConsume(raw, rt.jsm, a.stored)
+      note('(c) raw set-based Postgres write')
+      await createScratchTables(rt.pool)
+      const c = await rawWrite(rt.pool, events)
+      limits = {
+        corePublish: { events: a.stored, seconds: a.seconds, rate: a.stored / a.seconds },
+        rawConsume: { events: a.stored, seconds: b.seconds, rate: a.stored / b.seconds },
+        rawWrite: { events: events.length, seconds: c.seconds, rate: events.length / c.seconds },
+      }
+      note(`naive consumer on ${opts.naiveEvents} events`)
+      const n = await naive(raw, rt.jsm, rt.pool, opts.naiveEvents)
+      naiveResult = {
+        events: opts.naiveEvents,
+        seconds: n.seconds,
+        rate: opts.naiveEvents / n.seconds,
+      }
+      note("(a') raw js.publish with Nats-Msg-Id, for comparison with ingest")
+      const j = await jsPublish(raw, events, WINDOW)
+      jsPublished = { events: events.length, seconds: j.seconds, rate: events.length / j.seconds }
+      await rt.jsm.streams.delete(RAW_STREAM)
+      await rt.pool.query('drop table bench_raw, bench_naive')
+    } finally {
+      await raw.close()
+    }
+
+    note('fleetstream ingest (PublishPipeline, every PubAck checked)')
+    const ing = await ingest(publisher, events)
+    if (ing.stored !== events.length) {
+      throw new BenchError(`ingest stored ${ing.stored} of ${events.length} events`)
+    }
+    note('end to end: three processor processes on the backlog')
+    const processorsStarted = performance.now() / 1000
+    const e2e = await endToEnd(rt, env, 30 * 60_000)
+    processors = e2e.children
+    note(
+      `latency: ${opts.latencyRate} events/s from ${opts.devices} sensors for ${opts.latencySeconds} s`,
+    )
+    const lat = await latency(rt, publisher, {
+      rate: opts.latencyRate,
+      devices: opts.devices,
+      seconds: opts.latencySeconds,
+      firstIndex: opts.events,
+    })
+    const processorsRan = performance.now() / 1000 - processorsStarted
+    const usage = await stopProcessors(processors)
+    processors = []
+
+    const backlog = (await rt.jsm.streams.info(config.streams.events)).state.messages
+    note(`rebuilds on the backlog of ${backlog} events`)
+    const rebuilds: Record<string, Rebuild & { rate: number }> = {}
+    for (const name of PROCESSOR_NAMES) {
+      const r = await rebuild(name, env, 30 * 60_000)
+      rebuilds[name] = { ...r, rate: r.applied / r.seconds }
+    }
+
+    note(
+      `scale-out: ${opts.scaleEvents} events over ${opts.partitions} partitions; 1, then 2 instances of each processor`,
+    )
+    const scale = await scaleOut(pgc, events.slice(0, opts.scaleEvents), opts.partitions)
+
+    return {
+      machine,
+      events: opts.events,
+      payloadBytes: Math.round(bytes / events.length),
+      limits,
+      naive: naiveResult,
+      jsPublish: jsPublished,
+      fleetstream: {
+        ingest: { events: ing.stored, seconds: ing.seconds, rate: ing.stored / ing.seconds },
+        endToEnd: {
+          events: opts.events,
+          seconds: e2e.seconds,
+          rate: opts.events / e2e.seconds,
+          startupSeconds: e2e.startupSeconds,
+        },
+        latency: lat,
+        rebuild: rebuilds,
+        peakRssMb: usage.rssMb,
+        cpuSeconds: usage.cpuSeconds,
+        wallSeconds: processorsRan,
+      },
+      scaleOut: scale,
+    }
+  } finally {
+    await Promise.all(processors.map((c) => c.stop(2000)))
+    await rt?.close().catch(() => undefined)
+    await Promise.all([
+      nats?.cleanup().catch(() => undefined),
+      pgc?.cleanup().catch(() => undefined),
+    ])
+  }
+}
+
+/**
+ * The same events on a stream split into partitions by the server's subject mapping, processed
+ * end to end by one process of each processor (owning every partition), then, into a fresh
+ * database, by two processes of each sharing the partitions.
+ */
+async function scaleOut(
+  pgc: PgCluster,
+  events: readonly BenchEvent[],
+  partitions: number,
+): Promise<Figures['scaleOut']> {
+  const m = partitionMapping(partitions)
+  const nats = await startNatsServer({
+    extraConfig: `mappings: { ${JSON.stringify(m.from)}: ${JSON.stringify(m.to)} }`,
+  })
+  const runs: ScaleRun[] = []
+  let rt: Runtime | undefined
+  let children: readonly Child[] = []
+  try {
+    for (const instances of [1, 2]) {
+      const env = {
+        NATS_URL: nats.url,
+        DATABASE_URL: await pgc.createDatabase(`bench_scale_${instances}`),
+        LOG_LEVEL: 'warn',
+        METRICS_PORT: '0',
+        METRICS_HOST: '127.0.0.1',
+        FLEET_PARTITIONS: String(partitions),
+      }
+      rt = await openRuntime(loadConfig(env), createLogger({ level: 'silent', name: 'bench' }), {
+        name: 'fleetstream-bench',
+      })
+      await setUp(rt)
+      if (instances === 1) {
+        const publisher = createPublisher(rt.js, {
+          clock: new HybridLogicalClock({ node: 'bench', maxOffsetMs: 500 }),
+        })
+        const ing = await ingest(publisher, events)
+        if (ing.stored !== events.length) {
+          throw new BenchError(`scale-out ingest stored ${ing.stored} of ${events.length} events`)
+        }
+      }
+      note(`scale-out: ${instances} instance(s) of each processor`)
+      const e2e = await endToEnd(rt, env, 30 * 60_000, instances)
+      children = e2e.children
+      const usage = await stopProcessors(children)
+      children = []
+      runs.push({
+        instances,
+        events: events.length,
+        seconds: e2e.seconds,
+        rate: events.length / e2e.seconds,
+        startupSeconds: e2e.startupSeconds,
+        peakRssMb: Math.max(...Object.values(usage.rssMb)),
+      })
+      await rt.close()
+      rt = undefined
+    }
+  } finally {
+    await Promise.all(children.map((c) => c.stop(2000)))
+    await rt?.close().catch(() => undefined)
+    await nats.cleanup().catch(() => undefined)
+  }
+  return { partitions, runs }
+}
+
+let opts: Options
+try {
+  opts = parseOptions(process.argv.slice(2))
+} catch (err) {
+  process.stderr.write(`bench: ${(err as Error).message}\n${USAGE}\n`)
+  process.exit(2)
+}
+try {
+  const figures = await main(opts)
+  printReport(figures, opts.json)
+} catch (err) {
+  const e = err as Error
+  const known = e instanceof HarnessError || e instanceof BenchError
+  process.stderr.write(`bench failed: ${known ? e.message : (e.stack ?? e.message)}\n`)
+  process.exitCode = 1
+}

@@ -1,0 +1,235 @@
+import { JetStreamApiCodes, JetStreamApiError, type JetStreamManager } from '@nats-io/jetstream'
+import type pg from 'pg'
+import type { Config } from '../infra/config.ts'
+import { EVENTS_SUBJECT_PREFIX, eventsFilter } from '../schemas/subjects.ts'
+import type { ProcessorSpec } from './processor.ts'
+
+/**
+ * What one instance owns at a time: the whole stream of a processor (not partitioned), or one
+ * partition of it. Its key names the durable consumer, the checkpoint row and the lock.
+ *
+ * | partitions | slots of `readings`                                          | of `sensor-status`                               |
+ * |------------|--------------------------------------------------------------|--------------------------------------------------|
+ * | 0          | `readings`: filter `fleet.events.*.reading`                  | `sensor-status`: `fleet.events.>`                |
+ * | 4          | `readings-p0` … `readings-p3`: `fleet.events.0.*.reading` …  | `sensor-status-p0` …: `fleet.events.0.>` …       |
+ */
+export interface Slot {
+  /** Durable consumer name, checkpoint key and lock key. */
+  readonly key: string
+  /** The processor it belongs to (the DLQ and the metrics name the processor). */
+  readonly processor: string
+  /** `undefined` when the stream is not partitioned. */
+  readonly partition: number | undefined
+  readonly filterSubject: string
+}
+
+/** The slots of a processor, in partition order (one when the stream is not partitioned). */
+export function slotsOf(spec: ProcessorSpec, config: Pick<Config, 'partitions'>): Slot[] {
+  if (config.partitions === 0) {
+    return [
+      {
+        key: spec.name,
+        processor: spec.name,
+        partition: undefined,
+        filterSubject: processorFilter(spec, config),
+      },
+    ]
+  }
+  return Array.from({ length: config.partitions }, (_, p) => ({
+    key: `${spec.name}-p${p}`,
+    processor: spec.name,
+    partition: p,
+    filterSubject: eventsFilter(spec.reads, p),
+  }))
+}
+
+/** Every subject the processor reads, across all its partitions (rebuild, replay, metrics). */
+export function processorFilter(spec: ProcessorSpec, config: Pick<Config, 'partitions'>): string {
+  return eventsFilter(spec.reads, config.partitions === 0 ? undefined : '*')
+}
+
+/** The advisory lock a slot's owner holds (`pg_locks` shows it as classid/objid). */
+export const SLOT_LOCK_CLASS = 'fleetstream-processor'
+/** Instances of a processor announce themselves with a lock of this class and their index. */
+const MEMBER_LOCK_CLASS = 'fleetstream-member'
+/** More instances of one processor than this wait for an index. */
+const MAX_MEMBERS = 64
+
+/**
+ * One Postgres session that holds an instance's locks: its membership (an index among the live
+ * instances of its processor) and the slots it owns. When the instance dies, Postgres ends the
+ * session and every lock goes with it, so another instance can take the slots over; nothing
+ * else (no lease table, no heartbeats) has to expire.
+ *
+ * Slots are shared out by rank: with M live instances, the one of rank r (by index) should own
+ * the slots whose position modulo M is r. An instance gives up a slot it should no longer own
+ * (after its batch in hand) and takes one it should own as soon as the lock is free.
+ */
+export class Lease {
+  /** Set when the session broke: every slot session must end, nothing is owned any more. */
+  lost: Error | undefined
+  #member: number | undefined
+  #closed = false
+  readonly #client: pg.PoolClient
+  readonly #processor: string
+  readonly #onError: (err: Error) => void
+
+  private constructor(client: pg.PoolClient, processor: string, onLost: () => void) {
+    this.#client = client
+    this.#processor = processor
+    this.#onError = (err: Error) => {
+      this.lost ??= err
+      onLost()
+    }
+    client.on('error', this.#onError)
+  }
+
+  /** A session of its own from `pool`; `onLost` is called when it breaks. */
+  static async open(pool: pg.Pool, processor: string, onLost: () => void): Promise<Lease> {
+    return new Lease(await pool.connect(), processor, onLost)
+  }
+
+  /** This instance's index among its processor's instances, once joined. */
+  get member(): number | undefined {
+    return this.#member
+  }
+
+  /** Takes the lowest free member index; `false` when all are taken. */
+  async join(): Promise<boolean> {
+    for (let i = 0; i < MAX_MEMBERS; i++) {
+      const r = await this.#query<{ ok: boolean }>(
+        'select pg_try_advisory_lock(hashtext($1), $2) as ok',
+        [this.#memberClass, i],
+      )
+      if (r.rows[0]?.ok === true) {
+        this.#member = i
+        return true
+      }
+    }
+    return false
+  }
+
+  /** The indexes of the live instances of this processor (this one included), ascending. */
+  async members(): Promise<number[]> {
+    const r = await this.#query<{ i: number }>(
+      `select objid::int as i from pg_locks
+        where locktype = 'advisory' and granted and objsubid = 2
+          and database = (select oid from pg_database where datname = current_database())
+          and classid = hashtext($1)::oid
+        order by 1`,
+      [this.#memberClass],
+    )
+    return r.rows.map((row) => row.i)
+  }
+
+  /** Which of `slots` this instance should own, given the live instances. */
+  async share<T>(slots: readonly T[]): Promise<Set<T>> {
+    const me = this.#member
+    if (me === undefined) return new Set()
+    const members = await this.members()
+    const rank = Math.max(0, members.indexOf(me))
+    const count = Math.max(1, members.length)
+    return new Set(slots.filter((_, i) => i % count === rank))
+  }
+
+  /** Takes the slot's lock if no other instance holds it. */
+  async tryAcquire(slotKey: string): Promise<boolean> {
+    const r = await this.#query<{ ok: boolean }>(
+      'select pg_try_advisory_lock(hashtext($1), hashtext($2)) as ok',
+      [SLOT_LOCK_CLASS, slotKey],
+    )
+    return r.rows[0]?.ok === true
+  }
+
+  async release(slotKey: string): Promise<void> {
+    if (this.lost || this.#closed) return
+    await this.#query('select pg_advisory_unlock(hashtext($1), hashtext($2))', [
+      SLOT_LOCK_CLASS,
+      slotKey,
+    ])
+  }
+
+  /**
+   * Gives every lock back and returns the session to the pool; a broken session is destroyed
+   * (its locks died with it). The error listener stays until then: a connection dying meanwhile
+   * with no listener would crash the process.
+   */
+  async close(): Promise<void> {
+    if (this.#closed) return
+    this.#closed = true
+    if (!this.lost) {
+      await this.#client.query('select pg_advisory_unlock_all()').catch((err: unknown) => {
+        this.lost ??= err instanceof Error ? err : new Error(String(err))
+      })
+    }
+    this.#client.release(this.lost)
+    this.#client.off('error', this.#onError)
+  }
+
+  get #memberClass(): string {
+    return `${MEMBER_LOCK_CLASS}:${this.#processor}`
+  }
+
+  async #query<R extends pg.QueryResultRow>(
+    text: string,
+    values: unknown[],
+  ): Promise<pg.QueryResult<R>> {
+    if (this.lost)
+      throw new Error('the session holding the processor locks was lost', { cause: this.lost })
+    return this.#client.query<R>(text, values)
+  }
+}
+
+/** FLEET_EVENTS is laid out otherwise than FLEET_PARTITIONS says: nothing would read some events. */
+export class PartitionLayoutError extends Error {
+  override readonly name = 'PartitionLayoutError'
+}
+
+/**
+ * Checks that the stream's subjects have the layout `partitions` implies, so that a mismatch
+ * between FLEET_PARTITIONS and the server's subject mapping stops set-up with a clear error
+ * instead of leaving events that no consumer's filter matches. Looks at the newest message of
+ * each wrong shape (`last_by_subj` with wildcards, which nats-server 2.9 serves).
+ *
+ * Throws for what no device can cause (their permissions allow only one shape); returns as a
+ * warning what one could: an event in a partition beyond the count, published straight into it,
+ * which looks the same as a mapping with more partitions than FLEET_PARTITIONS says.
+ */
+export async function checkPartitionLayout(
+  jsm: JetStreamManager,
+  stream: string,
+  partitions: number,
+): Promise<string[]> {
+  const wrong = partitions === 0 ? `${EVENTS_SUBJECT_PREFIX}.*.*.*` : `${EVENTS_SUBJECT_PREFIX}.*.*`
+  const m = await lastMessage(jsm, stream, wrong)
+  if (m !== undefined) {
+    throw new PartitionLayoutError(
+      partitions === 0
+        ? `${stream} holds partitioned subjects but 'FLEET_PARTITIONS' is 0: set it to N of the server's mapping {{partition(N,1)}}; e.g. '${m.subject}' at sequence ${m.seq}`
+        : `${stream} holds subjects without a partition token but 'FLEET_PARTITIONS' is ${partitions}: the server has no partition mapping (nats.conf), or had none when they were stored; e.g. '${m.subject}' at sequence ${m.seq}`,
+    )
+  }
+  if (partitions === 0) return []
+  const beyond = await lastMessage(jsm, stream, `${EVENTS_SUBJECT_PREFIX}.${partitions}.>`)
+  return beyond === undefined
+    ? []
+    : [
+        `${stream} holds partition ${partitions} but 'FLEET_PARTITIONS' is ${partitions} (partitions 0 to ${partitions - 1}), so no consumer reads it: 'FLEET_PARTITIONS' must equal N of the server's mapping {{partition(N,1)}}; e.g. '${beyond.subject}' at sequence ${beyond.seq}`,
+      ]
+}
+
+async function lastMessage(
+  jsm: JetStreamManager,
+  stream: string,
+  filter: string,
+): Promise<{ subject: string; seq: number } | undefined> {
+  try {
+    const m = await jsm.streams.getMessage(stream, { last_by_subj: filter })
+    return m === null ? undefined : { subject: m.subject, seq: m.seq }
+  } catch (err) {
+    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) {
+      return undefined
+    }
+    throw err
+  }
+}
