@@ -86,3 +86,91 @@ export function startProgress(
 export function fmt(n: number): string {
   return n.toLocaleString('en-US')
 }
+
+/** A progress bar with rate and ETA; see {@link progressBar}. */
+export interface ProgressBar {
+  /** `done` of `total` (undefined while unknown); `note` says what is happening. */
+  update(done: number, total: number | undefined, note?: string): void
+  /** Draws the last state and ends the line. */
+  finish(note?: string): void
+}
+
+/**
+ * A progress bar on stderr (so that `--json` output on stdout stays clean), with the rate over the
+ * last seconds and the time left at that rate:
+ *
+ * ```
+ * rebuild readings [##########..........]  52%  12,345/23,456 events  8,123/s  ETA 0:03  rebuilding
+ * ```
+ *
+ * Redrawn in place on a terminal (at most 10 times a second); one line every 5 s otherwise.
+ */
+export function progressBar(
+  label: string,
+  opts: { unit: string; out?: NodeJS.WriteStream } = { unit: 'events' },
+): ProgressBar {
+  const out = opts.out ?? process.stderr
+  const tty = out.isTTY
+  const started = Date.now()
+  let sample = { at: started, done: 0 }
+  let rate: number | undefined
+  let state = { done: 0, total: undefined as number | undefined, note: '' }
+  let drawn = 0
+
+  const line = () => {
+    const { done, total, note } = state
+    const share = total !== undefined && total > 0 ? Math.min(1, done / total) : undefined
+    const width = 24
+    const bar =
+      share === undefined
+        ? ''
+        : `[${'#'.repeat(Math.round(share * width)).padEnd(width, '.')}] ${String(Math.floor(share * 100)).padStart(3)}%  `
+    const count = `${fmt(done)}${total !== undefined ? `/${fmt(total)}` : ''} ${opts.unit}`
+    const speed = rate === undefined ? '' : `  ${fmt(Math.round(rate))}/s`
+    const left =
+      rate !== undefined && rate > 0 && total !== undefined && total > done
+        ? `  ETA ${duration((total - done) / rate)}`
+        : ''
+    return `${label} ${bar}${count}${speed}${left}${note ? `  ${note}` : ''}`
+  }
+
+  const draw = (force: boolean) => {
+    const now = Date.now()
+    if (tty && (force || now - drawn >= 100)) {
+      out.write(`\r\x1b[K${line()}`)
+      drawn = now
+    } else if (!tty && (force || now - drawn >= 5000)) {
+      out.write(`${line()}\n`)
+      drawn = now
+    }
+  }
+
+  return {
+    update(done, total, note = '') {
+      const now = Date.now()
+      if (now - sample.at >= 500) {
+        const r = ((done - sample.done) * 1000) / (now - sample.at)
+        rate = rate === undefined ? r : 0.7 * rate + 0.3 * r
+        sample = { at: now, done }
+      } else if (rate === undefined && now - started >= 200 && done > 0) {
+        rate = (done * 1000) / (now - started)
+      }
+      state = { done, total, note }
+      draw(false)
+    },
+    finish(note) {
+      if (note !== undefined) state = { ...state, note }
+      draw(true)
+      if (tty) out.write('\n')
+    },
+  }
+}
+
+/** `m:ss` or `h:mm:ss`. */
+export function duration(seconds: number): string {
+  const s = Math.max(0, Math.round(seconds))
+  const h = Math.floor(s / 3600)
+  const m = Math.floor((s % 3600) / 60)
+  const ss = String(s % 60).padStart(2, '0')
+  return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${ss}` : `${m}:${ss}`
+}

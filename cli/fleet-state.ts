@@ -1,0 +1,185 @@
+import {
+  JetStreamApiCodes,
+  JetStreamApiError,
+  type JetStreamManager,
+  type StreamInfo,
+} from '@nats-io/jetstream'
+import { sql, type Kysely } from 'kysely'
+import type { Config } from '../infra/config.ts'
+import { consumerInfo } from '../processors/consumer.ts'
+import { slotsOf } from '../processors/partitions.ts'
+import type { ProcessorSpec } from '../processors/processor.ts'
+import type { Database } from '../projections/tables.ts'
+import { dlqDepth } from './dlq.ts'
+
+/**
+ * A processor as the figures see it: one per slot (the processor itself, or one of its
+ * partitions, e.g. `readings-p2`), named by its consumer and checkpoint, with the subjects that
+ * consumer reads and the processor its DLQ entries are filed under.
+ */
+export interface ProcessorRef {
+  readonly name: string
+  readonly filterSubject: string
+  readonly processor: string
+}
+
+/** The figures' view of every slot of `specs` (see {@link slotsOf}). */
+export function processorRefs(
+  specs: readonly ProcessorSpec[],
+  config: Pick<Config, 'partitions'>,
+): ProcessorRef[] {
+  return specs.flatMap((spec) =>
+    slotsOf(spec, config).map((s) => ({
+      name: s.key,
+      filterSubject: s.filterSubject,
+      processor: s.processor,
+    })),
+  )
+}
+
+/** FLEET_EVENTS, its consumers and FLEET_DLQ, as NATS reports them. */
+export interface NatsFigures {
+  readonly stream: {
+    readonly name: string
+    readonly messages: number
+    readonly bytes: number
+    readonly firstSeq: number
+    readonly lastSeq: number
+    /** When the stream stored its first and last message (null when empty). */
+    readonly firstAt: Date | null
+    readonly lastAt: Date | null
+  }
+  /** Per processor: the newest stream sequence its filter matches (0: none yet). */
+  readonly lastSeq: Readonly<Record<string, number>>
+  /** Per processor: its durable consumer's counts; absent when it has no consumer. */
+  readonly consumers: Readonly<Record<string, { pending: number; ackPending: number } | undefined>>
+  /** Entries in FLEET_DLQ per processor (processors with none included, as 0; keyed by `processor`). */
+  readonly dlq: Readonly<Record<string, number>>
+  readonly dlqTotal: number
+}
+
+/** A processor's row in processor_checkpoints. */
+export interface CheckpointFigures {
+  readonly lastSeq: number
+  readonly hlc: string | null
+  readonly updatedAt: Date
+  /** Seconds since it last moved, by the database's clock (the one that wrote `updatedAt`). */
+  readonly ageSeconds: number
+}
+
+/** The stream does not exist: nothing was set up yet. */
+export class StreamMissingError extends Error {
+  override readonly name = 'StreamMissingError'
+}
+
+/**
+ * Reads the NATS side of the figures in one round of requests: stream info, one `last_by_subj`
+ * look-up and one consumer info per processor, and the DLQ's per-subject counts.
+ */
+export async function readNatsFigures(
+  jsm: JetStreamManager,
+  config: Config,
+  processors: readonly ProcessorRef[],
+): Promise<NatsFigures> {
+  const stream = config.streams.events
+  const [info, lastSeqs, consumers, dlq] = await Promise.all([
+    streamInfo(jsm, stream),
+    Promise.all(processors.map((p) => lastMatching(jsm, stream, p.filterSubject))),
+    Promise.all(processors.map((p) => consumerInfo(jsm, stream, p.name))),
+    dlqDepth({ jsm, config }),
+  ])
+  const s = info.state
+  return {
+    stream: {
+      name: stream,
+      messages: s.messages,
+      bytes: s.bytes,
+      firstSeq: s.first_seq,
+      lastSeq: s.last_seq,
+      firstAt: s.messages > 0 ? new Date(s.first_ts) : null,
+      lastAt: s.messages > 0 ? new Date(s.last_ts) : null,
+    },
+    lastSeq: Object.fromEntries(processors.map((p, i) => [p.name, lastSeqs[i] ?? 0])),
+    consumers: Object.fromEntries(
+      processors.map((p, i) => {
+        const c = consumers[i]
+        return [p.name, c && { pending: c.num_pending, ackPending: c.num_ack_pending }]
+      }),
+    ),
+    dlq: {
+      ...Object.fromEntries(processors.map((p) => [p.processor, 0])),
+      ...dlq.byProcessor,
+    },
+    dlqTotal: dlq.total,
+  }
+}
+
+/** Stream info; a stream that does not exist is a {@link StreamMissingError}. */
+export async function streamInfo(jsm: JetStreamManager, stream: string): Promise<StreamInfo> {
+  try {
+    return await jsm.streams.info(stream)
+  } catch (err) {
+    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound) {
+      throw new StreamMissingError(
+        `stream '${stream}' does not exist: run 'fleetstream setup' first`,
+        { cause: err },
+      )
+    }
+    throw err
+  }
+}
+
+/**
+ * The newest sequence whose subject matches `filter` (nats-server 2.9 accepts wildcards in
+ * `last_by_subj`). A processor's checkpoint only reaches the last message its filter matches,
+ * so the lag of a processor reading one kind is measured against that, not the stream's end.
+ */
+async function lastMatching(jsm: JetStreamManager, stream: string, filter: string) {
+  try {
+    const m = await jsm.streams.getMessage(stream, { last_by_subj: filter })
+    return m?.seq ?? 0
+  } catch (err) {
+    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.NoMessageFound) return 0
+    throw err
+  }
+}
+
+/** Every processor's checkpoint row, by name; absent for one that never committed. */
+export async function readCheckpoints(
+  db: Kysely<Database>,
+  names: readonly string[],
+): Promise<Record<string, CheckpointFigures>> {
+  if (names.length === 0) return {}
+  const rows = await db
+    .selectFrom('processor_checkpoints')
+    .select([
+      'processor',
+      'last_seq',
+      'hlc',
+      'updated_at',
+      sql<number>`extract(epoch from now() - updated_at)::float8`.as('age'),
+    ])
+    .where('processor', 'in', names)
+    .execute()
+  return Object.fromEntries(
+    rows.map((r) => [
+      r.processor,
+      { lastSeq: r.last_seq, hlc: r.hlc, updatedAt: r.updated_at, ageSeconds: Math.max(0, r.age) },
+    ]),
+  )
+}
+
+/** Open alerts per severity (every severity present, 0 when none). */
+export async function readOpenAlerts(
+  db: Kysely<Database>,
+): Promise<{ critical: number; warning: number; info: number }> {
+  const rows = await db
+    .selectFrom('alerts')
+    .select(['severity', (eb) => eb.fn.countAll<number>().as('n')])
+    .where('state', '=', 'open')
+    .groupBy('severity')
+    .execute()
+  const out = { critical: 0, warning: 0, info: 0 }
+  for (const r of rows) out[r.severity] = r.n
+  return out
+}

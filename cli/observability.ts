@@ -1,0 +1,207 @@
+import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
+import type { Kysely } from 'kysely'
+import type pg from 'pg'
+import type { Config } from '../infra/config.ts'
+import { createKysely, createPool } from '../infra/database.ts'
+import type { Logger } from '../infra/logger.ts'
+import {
+  startMetricsServer,
+  type CheckResult,
+  type MetricsServer,
+  type Readiness,
+} from '../infra/metrics-server.ts'
+import { errorSummary } from '../infra/retry.ts'
+import type { ProcessorName } from '../processors/index.ts'
+import { createMetrics, type LagSample, type Metrics } from '../processors/metrics.ts'
+import type { Database } from '../projections/tables.ts'
+import { within } from '../infra/sleep.ts'
+import {
+  processorRefs,
+  readCheckpoints,
+  readNatsFigures,
+  type ProcessorRef,
+} from './fleet-state.ts'
+import type { Runtime } from './runtime.ts'
+
+/**
+ * Metrics, health and readiness of a `run` or `start` process, served on METRICS_PORT from
+ * start-up on: while NATS or Postgres are still awaited the process is alive and not ready.
+ *
+ * ```ts
+ * const obs = await startObservability(config, log, 'fleetstream-run')
+ * const rt = await openRuntime(config, log, { name })
+ * await obs.attach(rt)
+ * startProcessor(spec, { ...rt, metrics: obs.metrics }) // registers itself: ready once running
+ * ```
+ */
+export interface Observability {
+  /** For the processors' deps; undefined when METRICS_PORT is off. */
+  readonly metrics: Metrics | undefined
+  /** Where it listens; undefined when off. */
+  readonly url: string | undefined
+  /** NATS and Postgres are open: the checks and lag figures can be read. */
+  attach(rt: Runtime): Promise<void>
+  /** The process is shutting down: not ready any more (still alive). */
+  draining(): void
+  close(): Promise<void>
+}
+
+/** Each check and each part of a lag sample gets this long; a scrape never waits longer. */
+const CHECK_TIMEOUT_MS = 2000
+
+export async function startObservability(
+  config: Config,
+  log: Logger,
+  name: string,
+): Promise<Observability> {
+  const { port, host } = config.metrics
+  if (port === null) return NO_OBSERVABILITY
+
+  let rt: Runtime | undefined
+  let jsm: JetStreamManager | undefined
+  let pool: pg.Pool | undefined
+  let db: Kysely<Database> | undefined
+  let natsConnected = false
+  let shuttingDown = false
+  const sourceUp: Record<'nats' | 'postgres', boolean | undefined> = {
+    nats: undefined,
+    postgres: undefined,
+  }
+
+  const refs = (runtime: Runtime): ProcessorRef[] =>
+    processorRefs(
+      metrics.processors.map((p) => runtime.processors[p.name as ProcessorName]),
+      config,
+    )
+
+  const noteSource = (source: 'nats' | 'postgres', err: unknown) => {
+    const up = err === undefined
+    if (sourceUp[source] === up) return
+    sourceUp[source] = up
+    if (up) log.info({ source }, 'lag figures readable again')
+    else
+      log.warn({ source, err: errorSummary(err) }, 'lag figures not readable; left out of /metrics')
+  }
+
+  const sample = async (): Promise<LagSample> => {
+    if (rt === undefined || jsm === undefined || db === undefined) return {}
+    const ps = refs(rt)
+    const [nats, checkpoints] = await Promise.allSettled([
+      within(readNatsFigures(jsm, config, ps), CHECK_TIMEOUT_MS, 'NATS lag figures'),
+      within(
+        readCheckpoints(
+          db,
+          ps.map((p) => p.name),
+        ),
+        CHECK_TIMEOUT_MS,
+        'Postgres checkpoints',
+      ),
+    ])
+    noteSource('nats', nats.status === 'rejected' ? nats.reason : undefined)
+    noteSource('postgres', checkpoints.status === 'rejected' ? checkpoints.reason : undefined)
+    return {
+      ...(nats.status === 'fulfilled' ? { nats: nats.value } : {}),
+      ...(checkpoints.status === 'fulfilled'
+        ? {
+            postgres: {
+              checkpoints: Object.fromEntries(
+                ps.map((p) => [p.name, checkpoints.value[p.name]?.lastSeq ?? 0]),
+              ),
+            },
+          }
+        : {}),
+    }
+  }
+
+  const metrics = createMetrics({ sample })
+
+  const check = async (what: () => Promise<unknown>): Promise<CheckResult> => {
+    try {
+      await within(what(), CHECK_TIMEOUT_MS, 'check')
+      return { ok: true }
+    } catch (err) {
+      return { ok: false, detail: errorSummary(err) }
+    }
+  }
+
+  const ready = async (): Promise<Readiness> => {
+    const nc = rt?.nc
+    const probe = pool
+    const connecting = { ok: false, detail: 'connecting (start-up waits for NATS and Postgres)' }
+    const [nats, postgres] = await Promise.all([
+      nc === undefined
+        ? connecting
+        : nc.isClosed()
+          ? { ok: false, detail: 'connection closed' }
+          : !natsConnected
+            ? { ok: false, detail: 'disconnected; reconnecting' }
+            : check(() => nc.flush()),
+      probe === undefined ? connecting : check(() => probe.query('select 1')),
+    ])
+    const states = Object.fromEntries(metrics.processors.map((p) => [p.name, p.stats.state]))
+    const processors: CheckResult = {
+      ok:
+        metrics.processors.length > 0 &&
+        metrics.processors.every((p) => p.stats.state === 'running'),
+      detail: metrics.processors.length > 0 ? states : 'no processor started yet (setting up)',
+    }
+    const checks: Record<string, CheckResult> = { nats, postgres, processors }
+    if (shuttingDown) checks.shutdown = { ok: false, detail: 'shutting down' }
+    return { ready: Object.values(checks).every((c) => c.ok), checks }
+  }
+
+  let server: MetricsServer
+  try {
+    server = await startMetricsServer({ port, host, registry: metrics.registry, ready, log })
+  } catch (err) {
+    metrics.registry.clear()
+    throw err
+  }
+  log.info(
+    { url: server.url, port: server.port },
+    `metrics on ${server.url}/metrics, health on /healthz and /readyz`,
+  )
+
+  return {
+    metrics,
+    url: server.url,
+    async attach(runtime) {
+      rt = runtime
+      natsConnected = !runtime.nc.isClosed()
+      void (async () => {
+        for await (const s of runtime.nc.status()) {
+          if (s.type === 'disconnect') natsConnected = false
+          else if (s.type === 'reconnect') natsConnected = true
+        }
+      })()
+      // A manager of its own: its requests give up in time instead of piling up while NATS is away.
+      jsm = await jetstreamManager(runtime.nc, { checkAPI: false, timeout: CHECK_TIMEOUT_MS })
+      // Connections of their own: a probe or a scrape never takes one from a processor.
+      pool = createPool(config.databaseUrl, {
+        max: 2,
+        applicationName: `${name}-probe`,
+        log,
+        connectionTimeoutMs: CHECK_TIMEOUT_MS,
+        queryTimeoutMs: CHECK_TIMEOUT_MS,
+      })
+      db = createKysely<Database>(pool)
+    },
+    draining() {
+      shuttingDown = true
+    },
+    async close() {
+      await server.close()
+      if (pool !== undefined && !pool.ended) await pool.end()
+      metrics.registry.clear()
+    },
+  }
+}
+
+/** Nothing served (METRICS_PORT=off, or a command that does not run processors). */
+export const NO_OBSERVABILITY: Observability = {
+  metrics: undefined,
+  url: undefined,
+  attach: () => Promise.resolve(),
+  draining: () => undefined,
+  close: () => Promise.resolve(),
+}

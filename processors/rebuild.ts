@@ -1,0 +1,564 @@
+import { jetstream, type JetStreamClient, type JsMsg } from '@nats-io/jetstream'
+import type { Kysely, Transaction } from 'kysely'
+import type pg from 'pg'
+import { createKysely, createPool } from '../infra/database.ts'
+import { isTransient } from '../infra/failures.ts'
+import type { Logger } from '../infra/logger.ts'
+import { errorSummary, withBackoff } from '../infra/retry.ts'
+import { sleep } from '../infra/sleep.ts'
+import {
+  analyzeScratch,
+  discardScratch,
+  dropRetired,
+  lockLive,
+  prepareScratch,
+  retiredSchemaName,
+  scratchSchemaName,
+  swapIn,
+} from '../projections/blue-green.ts'
+import { advanceCheckpoint, type CheckpointPosition } from '../projections/checkpoints.ts'
+import type { ProjectedEvent } from '../projections/projection.ts'
+import type { Database } from '../projections/tables.ts'
+import { decide } from './decision.ts'
+import { parkedEvents, parkedKey } from './dlq.ts'
+import { processorFilter, slotsOf, type Slot } from './partitions.ts'
+import type { ProcessorDeps, ProcessorSpec } from './processor.ts'
+import { StreamReader } from './stream-reader.ts'
+
+export interface RebuildOptions {
+  /** Events per transaction into the new tables (default 5000). */
+  readonly batchSize?: number
+  /** Try the swap once the new tables are this many stream sequences or fewer behind the live checkpoint (default: the batch size). */
+  readonly swapDistance?: number
+  /** How long the swap waits for each live table before it lets the live processor go first and tries again (default 500 ms). */
+  readonly lockTimeoutMs?: number
+  /** How long the swap may hold the live tables to apply the last events; longer and it tries again later (default 3 s). */
+  readonly maxLockedMs?: number
+  /** Keep the replaced tables in a `retired_<processor>_<time>` schema (default) or drop them. */
+  readonly keepRetired?: boolean
+  readonly signal?: AbortSignal
+  /** Called after every batch and at each phase. */
+  readonly onProgress?: (p: RebuildProgress) => void
+}
+
+export interface RebuildProgress {
+  readonly phase: 'reading-dlq' | 'preparing' | 'rebuilding' | 'swapping' | 'swapped'
+  /** Events applied to the new tables. */
+  readonly applied: number
+  /** Events refused (bad JSON, schema, subject, clock skew), as the live run refused them. */
+  readonly refused: number
+  /** Events parked by the live processor, and copies redriven for other processors. */
+  readonly skipped: number
+  /** Stream sequence the new tables hold. */
+  readonly position: number
+  /** Events of this processor's subject not read yet, as the server last counted. */
+  readonly remaining: number | undefined
+  readonly liveCheckpoint: number
+}
+
+export interface RebuildResult {
+  readonly processor: string
+  readonly applied: number
+  readonly refused: number
+  readonly skipped: number
+  /** The live checkpoint at the swap: the new tables hold exactly the events up to it. */
+  readonly checkpoint: number
+  /** Where the replaced tables are, or null when they were dropped. */
+  readonly retired: string | null
+  readonly elapsedMs: number
+  /** How long the live tables were held by the swap. */
+  readonly lockedMs: number
+  /** Swap attempts that had to wait for the live processor and were tried again. */
+  readonly deferredSwaps: number
+}
+
+/** The rebuild cannot go on; nothing has changed in the live tables. */
+export class RebuildError extends Error {
+  override readonly name = 'RebuildError'
+}
+
+/**
+ * Blue/green rebuild of one processor's projection from stream sequence 1 while the live
+ * projection keeps serving:
+ *
+ * 1. takes the admin lock of the processor (one rebuild or replay at a time), reads which events
+ *    the live processor parked in the DLQ;
+ * 2. creates empty copies of its tables in `rebuild_<processor>` (a leftover from a crashed
+ *    rebuild is dropped first);
+ * 3. reads FLEET_EVENTS with an ordered consumer on the processor's subject, decides each event as
+ *    the live processor does ({@link decide}, DLQ-parked events skipped), and applies it through a
+ *    connection whose search_path is only the scratch schema, in large batches, with its own
+ *    position; it never reads past the live checkpoint;
+ * 4. once within `swapDistance` of the live checkpoint, in one transaction: locks the live tables
+ *    (waiting for the live processor's batch in flight), reads the live checkpoint, applies the
+ *    events up to exactly it, renames the live tables out and the new ones in. The live checkpoint
+ *    row is untouched and now describes the new tables; the live processor's next batch, waiting
+ *    on the lock, lands in them.
+ *
+ * Side effects do not repeat: the alerts projection's notifications go to the scratch outbox,
+ * which nothing publishes; after the swap the relay recognises every one already sent.
+ * On failure or abort the scratch schema is dropped; a crash leaves it for the next rebuild to drop.
+ */
+export async function rebuildProjection(
+  spec: ProcessorSpec,
+  deps: ProcessorDeps,
+  opts: RebuildOptions = {},
+): Promise<RebuildResult> {
+  return withAdminLock(deps.pool, spec.name, 'rebuild', async () => {
+    const run = new RebuildRun(spec, deps, opts)
+    try {
+      return await run.run()
+    } catch (err) {
+      await discardScratch(deps.db, spec.name).catch((e: unknown) => {
+        deps.log.warn({ err: errorSummary(e) }, 'could not drop the scratch schema')
+      })
+      throw err
+    }
+  })
+}
+
+/**
+ * Runs `fn` holding the processor's admin lock (one rebuild or replay of a processor at a time):
+ * a session advisory lock on a connection of its own, released by the server if the process dies.
+ */
+export async function withAdminLock<T>(
+  pool: pg.Pool,
+  processor: string,
+  what: 'rebuild' | 'replay',
+  fn: () => Promise<T>,
+): Promise<T> {
+  const admin = await pool.connect()
+  const lost: { err?: Error } = {}
+  const onError = (err: Error) => (lost.err = err)
+  admin.on('error', onError)
+  try {
+    const r = await admin.query<{ ok: boolean }>(
+      "select pg_try_advisory_lock(hashtext('fleetstream-admin'), hashtext($1)) as ok",
+      [processor],
+    )
+    if (r.rows[0]?.ok !== true) {
+      throw new RebuildError(
+        `cannot ${what} '${processor}': another rebuild or replay of it is running (it holds the admin lock)`,
+      )
+    }
+    return await fn()
+  } finally {
+    if (!lost.err) await admin.query('select pg_advisory_unlock_all()').catch(() => undefined)
+    admin.release(lost.err)
+    admin.off('error', onError)
+  }
+}
+
+/** What one transaction into the new tables did. */
+interface Step {
+  readonly to: CheckpointPosition
+  readonly applied: number
+  readonly refused: number
+  readonly skipped: number
+}
+
+class RebuildRun {
+  readonly #spec: ProcessorSpec
+  readonly #deps: ProcessorDeps
+  readonly #opts: Required<Omit<RebuildOptions, 'signal' | 'onProgress'>>
+  readonly #signal: AbortSignal
+  readonly #onProgress: ((p: RebuildProgress) => void) | undefined
+  readonly #log: Logger
+  readonly #js: JetStreamClient
+  readonly #started = performance.now()
+  #parked = new Set<string>()
+  /** Read off the stream, not yet applied (past the live checkpoint, or held for the swap). */
+  #carry: Carried[] = []
+  /** Slots with a message in the carry: behind it, their later messages are carried too. */
+  #carriedSlots = new Set<string>()
+  #pos: CheckpointPosition = { lastSeq: 0, hlc: null }
+  /** Every slot's live checkpoint (one per partition on a partitioned stream), as last read. */
+  #live = new Map<string, number>()
+  readonly #slots: readonly Slot[]
+  readonly #slotKeys: ReadonlySet<string>
+  #applied = 0
+  #refused = 0
+  #skipped = 0
+  #deferred = 0
+  #phase: RebuildProgress['phase'] = 'reading-dlq'
+  #reader: StreamReader | undefined
+
+  constructor(spec: ProcessorSpec, deps: ProcessorDeps, opts: RebuildOptions) {
+    this.#spec = spec
+    this.#deps = deps
+    const batchSize = opts.batchSize ?? 5000
+    this.#opts = {
+      batchSize,
+      swapDistance: opts.swapDistance ?? batchSize,
+      lockTimeoutMs: opts.lockTimeoutMs ?? 500,
+      maxLockedMs: opts.maxLockedMs ?? 3000,
+      keepRetired: opts.keepRetired ?? true,
+    }
+    this.#signal = opts.signal ?? new AbortController().signal
+    this.#onProgress = opts.onProgress
+    this.#log = deps.log.child({ rebuild: spec.name })
+    this.#slots = slotsOf(spec, deps.config)
+    this.#slotKeys = new Set(this.#slots.map((s) => s.key))
+    this.#js = jetstream(deps.nc)
+  }
+
+  async run(): Promise<RebuildResult> {
+    const { config } = this.#deps
+    this.#report('reading-dlq')
+    this.#parked = await parkedEvents(this.#js, this.#deps.jsm, config.streams, this.#spec.name)
+    this.#report('preparing')
+    const scratch = await prepareScratch(this.#deps.db, this.#spec.name, this.#spec.projection)
+    this.#log.info({ scratch, parked: this.#parked.size }, 'rebuilding into scratch tables')
+    // Only the scratch schema: a name the copy lacks fails loudly instead of reaching a live table.
+    const pool = createPool(config.databaseUrl, {
+      max: 2,
+      applicationName: `fleetstream-rebuild-${this.#spec.name}`,
+      log: this.#log,
+      searchPath: [scratch],
+    })
+    const db = createKysely<Database>(pool)
+    try {
+      this.#reader = await StreamReader.open(
+        this.#js,
+        config.streams.events,
+        processorFilter(this.#spec, config),
+        { seq: 1 },
+        { bufferSize: Math.min(this.#opts.batchSize * 2, 10_000) },
+      )
+      this.#report('rebuilding')
+      return await this.#follow(db)
+    } finally {
+      await this.#reader?.close()
+      await db.destroy()
+      if (!pool.ended) await pool.end()
+    }
+  }
+
+  /** Applies the stream up to the live checkpoints, following them, until the swap succeeds. */
+  async #follow(db: Kysely<Database>): Promise<RebuildResult> {
+    for (;;) {
+      this.#throwIfAborted()
+      this.#live = await this.#readLive()
+      const batch = await this.#take(this.#opts.batchSize)
+      if (batch.length > 0) await this.#commitIsolating(db, batch)
+      this.#report('rebuilding')
+      if (batch.length === this.#opts.batchSize) continue
+      // Read up to every live checkpoint, or nothing is left to read.
+      const reader = this.#reader as StreamReader
+      const atLive =
+        this.#allSlotsCarried() ||
+        reader.lastSeq >= this.#maxLive() ||
+        (batch.length === 0 && (await reader.drained()))
+      if (!atLive && this.#maxLive() - reader.lastSeq > this.#opts.swapDistance) {
+        // The carry is full while some partition's live processor is far behind: wait for it.
+        if (batch.length === 0) await sleep(200, this.#signal)
+        continue
+      }
+      const result = await this.#trySwap(db)
+      if (result) return result
+      await sleep(200 + Math.random() * 500, this.#signal)
+    }
+  }
+
+  /** Which slot a message belongs to; undefined for a partition beyond the count, which no live consumer reads. */
+  #slotOf(m: JsMsg): string | undefined {
+    if (this.#deps.config.partitions === 0) return this.#spec.name
+    const key = `${this.#spec.name}-p${m.subject.split('.')[2] ?? ''}`
+    return this.#slotKeys.has(key) ? key : undefined
+  }
+
+  #maxLive(live: ReadonlyMap<string, number> = this.#live): number {
+    return Math.max(0, ...live.values())
+  }
+
+  #allSlotsCarried(): boolean {
+    return this.#carriedSlots.size === this.#slots.length
+  }
+
+  async #readLive(): Promise<Map<string, number>> {
+    const rows = await this.#deps.db
+      .selectFrom('processor_checkpoints')
+      .select(['processor', 'last_seq'])
+      .where(
+        'processor',
+        'in',
+        this.#slots.map((s) => s.key),
+      )
+      .execute()
+    return new Map(rows.map((r) => [r.processor, r.last_seq]))
+  }
+
+  /**
+   * Up to `max` messages the live run has applied, in stream order within each slot; what a slot's
+   * checkpoint has not reached yet is carried (and so is everything after it in that slot).
+   */
+  async #take(max: number): Promise<JsMsg[]> {
+    const out: JsMsg[] = []
+    if (this.#carry.length > 0) {
+      const keep: Carried[] = []
+      for (const c of this.#carry) {
+        if (out.length < max && covered(c.slot, c.msg, this.#live)) out.push(c.msg)
+        else keep.push(c)
+      }
+      this.#setCarry(keep)
+      if (out.length >= max) return out
+    }
+    const reader = this.#reader as StreamReader
+    while (out.length < max && this.#carry.length < MAX_CARRY && !this.#allSlotsCarried()) {
+      const m = await reader.next(out.length === 0 ? 250 : 20)
+      if (m === undefined) break
+      const slot = this.#slotOf(m)
+      if (slot === undefined) {
+        this.#skipped++
+        continue
+      }
+      if (!this.#carriedSlots.has(slot) && covered(slot, m, this.#live)) out.push(m)
+      else this.#carryOn({ msg: m, slot })
+    }
+    return out
+  }
+
+  #carryOn(c: Carried): void {
+    this.#carry.push(c)
+    this.#carriedSlots.add(c.slot)
+  }
+
+  #setCarry(carry: Carried[]): void {
+    this.#carry = carry
+    this.#carriedSlots = new Set(carry.map((c) => c.slot))
+  }
+
+  #decideAll(msgs: readonly JsMsg[]): {
+    events: ProjectedEvent[]
+    refused: number
+    skipped: number
+  } {
+    const events: ProjectedEvent[] = []
+    let refused = 0
+    let skipped = 0
+    for (const m of msgs) {
+      if (this.#parked.has(parkedKey(m))) {
+        skipped++
+        continue
+      }
+      const d = decide(m, this.#spec.name, this.#deps.config)
+      if (d.kind === 'apply') events.push(d.event)
+      else if (d.kind === 'refuse') refused++
+      else skipped++
+    }
+    return { events, refused, skipped }
+  }
+
+  /** Projection writes and the scratch position, in the caller's transaction. */
+  async #applyIn(trx: Transaction<Database>, msgs: readonly JsMsg[]): Promise<Step> {
+    const { events, refused, skipped } = this.#decideAll(msgs)
+    let hlc = this.#pos.hlc
+    for (const e of events) if (hlc === null || e.event.hlc > hlc) hlc = e.event.hlc
+    // The scratch position: the highest sequence applied (slots may be applied out of step).
+    const highest = Math.max(this.#pos.lastSeq, ...msgs.map((m) => m.info.streamSequence))
+    const to = { lastSeq: highest, hlc }
+    await this.#spec.projection.apply(trx, events)
+    await advanceCheckpoint(trx, this.#spec.name, this.#deps.config.streams.events, this.#pos, to)
+    return { to, applied: events.length, refused, skipped }
+  }
+
+  #advance(r: Step): void {
+    this.#pos = r.to
+    this.#applied += r.applied
+    this.#refused += r.refused
+    this.#skipped += r.skipped
+  }
+
+  /**
+   * Commits a batch (transient failures are retried). When the projection fails on it, halves are
+   * committed on their own down to the one event that fails: skipped if the live processor parked
+   * it meanwhile, otherwise the rebuild stops naming it (the live run applied it).
+   */
+  async #commitIsolating(db: Kysely<Database>, msgs: readonly JsMsg[]): Promise<void> {
+    try {
+      const r = await withBackoff(this.#log, 'rebuild batch', {
+        maxAttempts: 6,
+        isPermanent: (err) => !isTransient(err),
+      }).execute(() => db.transaction().execute((trx) => this.#applyIn(trx, msgs)), this.#signal)
+      this.#advance(r)
+      return
+    } catch (err) {
+      if (isTransient(err) || this.#signal.aborted) throw err
+      if (msgs.length > 1) {
+        const mid = Math.ceil(msgs.length / 2)
+        await this.#commitIsolating(db, msgs.slice(0, mid))
+        await this.#commitIsolating(db, msgs.slice(mid))
+        return
+      }
+      const [m] = msgs as [JsMsg]
+      const seq = m.info.streamSequence
+      this.#parked = await parkedEvents(
+        this.#js,
+        this.#deps.jsm,
+        this.#deps.config.streams,
+        this.#spec.name,
+      )
+      if (this.#parked.has(parkedKey(m))) {
+        this.#skipped++
+        return
+      }
+      throw new RebuildError(
+        `the projection failed on stream sequence ${seq} (${m.subject}), which the live run applied: ${errorSummary(err)}`,
+        { cause: err },
+      )
+    }
+  }
+
+  /**
+   * The swap, in one transaction of the scratch connection. Returns undefined when it has to wait
+   * for the live processor (a lock not granted in time, or too many events to apply while holding
+   * the live tables): nothing changed, and the rebuild follows on and tries again.
+   */
+  async #trySwap(db: Kysely<Database>): Promise<RebuildResult | undefined> {
+    const { name, projection } = this.#spec
+    this.#report('swapping')
+    const retired = retiredSchemaName(name, new Date())
+    let lockedAt = 0
+    let held: readonly JsMsg[] = []
+    let locked = new Map<string, number>()
+    let step: Step | undefined
+    try {
+      await analyzeScratch(db, name, projection)
+      await db.transaction().execute(async (trx) => {
+        const slots = this.#slots.map((s) => s.key)
+        const live = await lockLive(trx, slots, projection, this.#opts.lockTimeoutMs)
+        lockedAt = performance.now()
+        for (const slot of slots) {
+          const was = this.#live.get(slot) ?? 0
+          const now = live.get(slot)?.lastSeq ?? 0
+          if (now < was) {
+            throw new RebuildError(
+              `the live checkpoint of '${slot}' went back from ${was} to ${now} during the rebuild (was the projection reset?); start the rebuild again`,
+            )
+          }
+        }
+        locked = new Map(slots.map((s) => [s, live.get(s)?.lastSeq ?? 0]))
+        const tail = await this.#tail(locked, lockedAt + this.#opts.maxLockedMs)
+        step = await this.#applyIn(trx, tail)
+        await swapIn(trx, name, projection, retired)
+        held = tail
+      })
+    } catch (err) {
+      step = undefined
+      if (err instanceof RebuildError || this.#signal.aborted) throw err
+      this.#deferred++
+      this.#log.info(
+        { err: errorSummary(err), attempt: this.#deferred },
+        'swap deferred: the live processor goes first',
+      )
+      if (this.#deferred >= MAX_DEFERRED_SWAPS) {
+        throw new RebuildError(
+          `could not swap '${name}' in ${MAX_DEFERRED_SWAPS} attempts; last: ${errorSummary(err)}`,
+          { cause: err },
+        )
+      }
+      this.#report('rebuilding')
+      return undefined
+    }
+    const lockedMs = performance.now() - lockedAt
+    if (step) this.#advance(step)
+    const applied = new Set(held)
+    this.#setCarry(this.#carry.filter((c) => !applied.has(c.msg)))
+    this.#live = locked
+    const checkpoint = this.#maxLive(locked)
+    this.#report('swapped')
+    this.#log.info(
+      { checkpoint, lockedMs: Math.round(lockedMs), retired },
+      'swapped the rebuilt tables in',
+    )
+    if (!this.#opts.keepRetired) await dropRetired(this.#deps.db, retired)
+    return {
+      processor: name,
+      applied: this.#applied,
+      refused: this.#refused,
+      skipped: this.#skipped,
+      checkpoint,
+      retired: this.#opts.keepRetired ? retired : null,
+      elapsedMs: performance.now() - this.#started,
+      lockedMs,
+      deferredSwaps: this.#deferred,
+    }
+  }
+
+  /**
+   * Every message the locked live checkpoints cover and the new tables lack, read while the live
+   * tables are held: at most {@link MAX_TAIL} read, by `deadline`, or the swap is deferred. They
+   * stay in the carry until the swap commits.
+   */
+  async #tail(live: ReadonlyMap<string, number>, deadline: number): Promise<JsMsg[]> {
+    const reader = this.#reader as StreamReader
+    const limit = this.#maxLive(live)
+    // Slots with a carried message beyond their locked checkpoint: once every slot has one,
+    // nothing more can be covered. Kept up to date as messages are read (the tables are held).
+    const past = new Set<string>()
+    for (const c of this.#carry) if (!covered(c.slot, c.msg, live)) past.add(c.slot)
+    while (reader.lastSeq < limit && past.size < this.#slots.length) {
+      if (performance.now() > deadline || this.#carry.length > MAX_TAIL) {
+        throw new Error(
+          `the live processor is ${limit - reader.lastSeq} stream sequences ahead; catching up first`,
+        )
+      }
+      const m = await reader.next(50)
+      if (m !== undefined) {
+        const slot = this.#slotOf(m)
+        if (slot === undefined) {
+          this.#skipped++
+          continue
+        }
+        this.#carryOn({ msg: m, slot })
+        if (!covered(slot, m, live)) past.add(slot)
+      } else if (await reader.drained()) break // nothing of this subject up to the checkpoints is left
+    }
+    return this.#carry.filter((c) => covered(c.slot, c.msg, live)).map((c) => c.msg)
+  }
+
+  #report(phase: RebuildProgress['phase']): void {
+    this.#phase = phase
+    this.#onProgress?.({
+      phase: this.#phase,
+      applied: this.#applied,
+      refused: this.#refused,
+      skipped: this.#skipped,
+      position: this.#pos.lastSeq,
+      remaining:
+        this.#reader?.pending === undefined ? undefined : this.#reader.pending + this.#carry.length,
+      liveCheckpoint: this.#maxLive(),
+    })
+  }
+
+  #throwIfAborted(): void {
+    if (this.#signal.aborted) {
+      throw new RebuildError(
+        `rebuild of '${this.#spec.name}' interrupted; the live tables are untouched`,
+      )
+    }
+  }
+}
+
+/** A message read ahead of its slot's live checkpoint, held until the checkpoint reaches it. */
+interface Carried {
+  readonly msg: JsMsg
+  readonly slot: string
+}
+
+/** Whether the live run has applied `msg` (its slot's checkpoint is at or past it). */
+function covered(slot: string, msg: JsMsg, live: ReadonlyMap<string, number>): boolean {
+  return msg.info.streamSequence <= (live.get(slot) ?? 0)
+}
+
+/** Most events the swap applies while it holds the live tables. */
+const MAX_TAIL = 20_000
+/**
+ * Most messages held back because their partition's live checkpoint has not reached them; when
+ * full, the rebuild waits for the live processors rather than read on.
+ */
+const MAX_CARRY = 50_000
+/** Swap attempts before the rebuild gives up (the live processor never let go of its tables). */
+const MAX_DEFERRED_SWAPS = 200
+
+export { scratchSchemaName }
