@@ -6,8 +6,9 @@ export type EffectiveStatus = SensorStatus | 'unknown'
 
 /**
  * What a sensor's status is decided from. Every field is a maximum or a last-writer-wins value
- * by HLC, so the same set of events gives the same lifecycle whatever order they arrive in and
- * however often: that is what makes shuffled, duplicated input converge.
+ * by (HLC, event id), so the same set of events gives the same lifecycle whatever order they
+ * arrive in and however often: that is what makes shuffled, duplicated input converge. The event
+ * id breaks ties between distinct events that carry the same HLC.
  */
 export interface SensorLifecycle {
   /** Newest HLC of an event that shows the sensor alive (registration, reading, heartbeat, status change). */
@@ -15,6 +16,7 @@ export interface SensorLifecycle {
   readonly lastSeenEventId: string | null
   /** Newest registration. */
   readonly registeredHlc: string | null
+  readonly registeredEventId: string | null
   readonly site: string | null
   readonly model: string | null
   readonly firmware: string | null
@@ -24,12 +26,14 @@ export interface SensorLifecycle {
   /** Newest explicit status other than decommissioned. */
   readonly declaredStatus: Exclude<SensorStatus, 'decommissioned'> | null
   readonly declaredHlc: string | null
+  readonly declaredEventId: string | null
 }
 
 export const NEW_SENSOR: SensorLifecycle = {
   lastSeenHlc: null,
   lastSeenEventId: null,
   registeredHlc: null,
+  registeredEventId: null,
   site: null,
   model: null,
   firmware: null,
@@ -37,20 +41,22 @@ export const NEW_SENSOR: SensorLifecycle = {
   decommissionedHlc: null,
   declaredStatus: null,
   declaredHlc: null,
+  declaredEventId: null,
 }
 
 /** Folds one event into a lifecycle. Pure; applying the same event twice changes nothing. */
 export function observe(s: SensorLifecycle, e: DeviceEvent): SensorLifecycle {
   if (e.type === 'alert.acknowledged') return s // an operator action, not a sign of life
   let next = s
-  if (newer(e.hlc, s.lastSeenHlc))
+  if (wins(e, s.lastSeenHlc, s.lastSeenEventId))
     next = { ...next, lastSeenHlc: e.hlc, lastSeenEventId: e.eventId }
   switch (e.type) {
     case 'sensor.registered':
-      if (newer(e.hlc, s.registeredHlc)) {
+      if (wins(e, s.registeredHlc, s.registeredEventId)) {
         next = {
           ...next,
           registeredHlc: e.hlc,
+          registeredEventId: e.eventId,
           site: e.data.site,
           model: e.data.model,
           firmware: e.data.firmware,
@@ -61,8 +67,13 @@ export function observe(s: SensorLifecycle, e: DeviceEvent): SensorLifecycle {
     case 'status.changed':
       if (e.data.status === 'decommissioned') {
         if (newer(e.hlc, s.decommissionedHlc)) next = { ...next, decommissionedHlc: e.hlc }
-      } else if (newer(e.hlc, s.declaredHlc)) {
-        next = { ...next, declaredStatus: e.data.status, declaredHlc: e.hlc }
+      } else if (wins(e, s.declaredHlc, s.declaredEventId)) {
+        next = {
+          ...next,
+          declaredStatus: e.data.status,
+          declaredHlc: e.hlc,
+          declaredEventId: e.eventId,
+        }
       }
       break
     default:
@@ -106,6 +117,14 @@ export function isSilent(
 /** Wall time of an HLC, as stored in `last_seen_at` columns. */
 export function hlcTime(hlc: string): Date {
   return new Date(decodeHlc(hlc).wallMs)
+}
+
+/**
+ * `e` replaces the value last written by (hlc, eventId): a later HLC, or the same HLC and a
+ * greater event id. A value stored before event ids were kept (null id) loses a tie.
+ */
+function wins(e: DeviceEvent, hlc: string | null, eventId: string | null): boolean {
+  return newer(e.hlc, hlc) || (e.hlc === hlc && (eventId === null || e.eventId > eventId))
 }
 
 /** `a` is later than `b` (or `b` is absent). Encoded HLCs compare as strings. */

@@ -1,6 +1,6 @@
 import { sql, type Transaction } from 'kysely'
 import type { Projection } from './projection.ts'
-import { deviceIdsOf, SensorTracker, splitAtTicks, type Transition } from './sensor-tracker.ts'
+import { SensorTracker, splitAtTicks, type Transition } from './sensor-tracker.ts'
 import type { Database } from './tables.ts'
 
 export interface SensorStatusOptions {
@@ -43,7 +43,7 @@ export function sensorStatusProjection(
           await writeHistory(trx, await tracker.tick(trx, segment.tick))
           continue
         }
-        const sensors = await tracker.load(trx, deviceIdsOf(segment.events))
+        const sensors = await tracker.load(trx, segment.events)
         const transitions: Transition[] = []
         for (const e of segment.events) {
           const t = sensors.apply(e)

@@ -34,6 +34,7 @@ interface Tracked {
   statusEventId: string | null
   statusCorrelationId: string | null
   statusChangedAt: Date | null
+  partition: number | null
   dirty: boolean
 }
 
@@ -46,7 +47,7 @@ export type SensorStateTableName = 'sensor_status' | 'alert_sensors'
  * projection's tables. One mechanism, two owners.
  *
  * ```ts
- * const segment = await tracker.load(trx, deviceIds)
+ * const segment = await tracker.load(trx, events)   // the sensors of a run of device events
  * for (const e of events) segment.apply(e)     // in stream order; returns a Transition or undefined
  * await segment.flush(trx)
  * await tracker.tick(trx, tickEvent)            // sensors that fell silent: active -> unknown
@@ -55,23 +56,46 @@ export type SensorStateTableName = 'sensor_status' | 'alert_sensors'
 export class SensorTracker {
   constructor(
     readonly table: SensorStateTableName,
-    /** Key of this projection's row in `projection_clocks`. */
+    /** Key of this projection's row in `projection_clocks` (with `-p<N>` per partition). */
     readonly clock: string,
     readonly defaultTimeoutSeconds: number,
   ) {}
 
-  /** Stream time: the newest tick this projection has applied, or null before the first. */
-  async now(trx: Transaction<Database>): Promise<number | null> {
-    const row = await trx
-      .selectFrom('projection_clocks')
-      .select('now_at')
-      .where('projection', '=', this.clock)
-      .executeTakeFirst()
-    return row ? row.now_at.getTime() : null
+  /**
+   * The `projection_clocks` row of a partition's stream time. Each partition has its own: its
+   * ticks arrive in its own order, possibly processed by another instance.
+   */
+  clockKey(partition: number | undefined): string {
+    return partition === undefined ? this.clock : `${this.clock}-p${partition}`
   }
 
-  /** Loads (and locks) the given sensors for a run of events with no tick among them. */
-  async load(trx: Transaction<Database>, deviceIds: readonly string[]): Promise<TrackerSegment> {
+  /**
+   * Stream time per partition: the newest tick applied there, or null before the first.
+   */
+  async now(
+    trx: Transaction<Database>,
+    partitions: readonly (number | undefined)[],
+  ): Promise<Map<number | undefined, number | null>> {
+    const keys = partitions.map((p) => this.clockKey(p))
+    const rows =
+      keys.length === 0
+        ? []
+        : await trx
+            .selectFrom('projection_clocks')
+            .select(['projection', 'now_at'])
+            .where('projection', 'in', keys)
+            .execute()
+    const at = new Map(rows.map((r) => [r.projection, r.now_at.getTime()]))
+    return new Map(partitions.map((p) => [p, at.get(this.clockKey(p)) ?? null]))
+  }
+
+  /** Loads (and locks) the sensors of a run of events with no tick among them. */
+  async load(
+    trx: Transaction<Database>,
+    events: readonly ProjectedEvent<DeviceEvent>[],
+  ): Promise<TrackerSegment> {
+    const deviceIds = deviceIdsOf(events)
+    const partitions = [...new Set(events.map((e) => e.partition))]
     const rows =
       deviceIds.length === 0
         ? []
@@ -83,19 +107,20 @@ export class SensorTracker {
           ).rows
     const tracked = new Map<string, Tracked>()
     for (const r of rows) tracked.set(r.device_id, fromRow(r))
-    return new TrackerSegment(this, tracked, await this.now(trx))
+    return new TrackerSegment(this, tracked, await this.now(trx, partitions))
   }
 
   /**
-   * Applies a tick: moves stream time forward (never back) and turns every active sensor that
-   * has been silent past its timeout into `unknown`, in one statement. Returns those transitions.
+   * Applies a tick: moves its partition's stream time forward (never back) and turns every active
+   * sensor of that partition that has been silent past its timeout into `unknown`, in one
+   * statement. Returns those transitions.
    */
   async tick(trx: Transaction<Database>, e: ProjectedEvent<ClockTicked>): Promise<Transition[]> {
     const at = new Date(e.event.data.at)
-    const now = await this.now(trx)
+    const now = (await this.now(trx, [e.partition])).get(e.partition) ?? null
     if (now !== null && at.getTime() <= now) return []
     await sql`insert into projection_clocks (projection, now_at, tick_event_id)
-              values (${this.clock}, ${at.toISOString()}, ${e.event.eventId})
+              values (${this.clockKey(e.partition)}, ${at.toISOString()}, ${e.event.eventId})
               on conflict (projection) do update set now_at = excluded.now_at, tick_event_id = excluded.tick_event_id`.execute(
       trx,
     )
@@ -104,7 +129,7 @@ export class SensorTracker {
       update ${sql.table(this.table)} set status = 'unknown', status_hlc = ${e.event.hlc},
         status_event_id = ${e.event.eventId}, status_correlation_id = ${e.event.correlationId},
         status_changed_at = ${at.toISOString()}
-      where status = 'active'
+      where status = 'active' and partition is not distinct from ${e.partition ?? null}::smallint
         and last_seen_at < ${at.toISOString()}::timestamptz
             - make_interval(secs => coalesce(inactivity_timeout_seconds, ${this.defaultTimeoutSeconds}))
       returning device_id`.execute(trx)
@@ -131,7 +156,8 @@ export class TrackerSegment {
   constructor(
     private readonly tracker: SensorTracker,
     private readonly sensors: Map<string, Tracked>,
-    private readonly nowMs: number | null,
+    /** Stream time of each partition the run's events come from. */
+    private readonly nowMs: ReadonlyMap<number | undefined, number | null>,
   ) {}
 
   /** Folds one event in; returns the status change it caused, if any. */
@@ -142,8 +168,10 @@ export class TrackerSegment {
     const lifecycle = observe(t.lifecycle, e)
     if (lifecycle === t.lifecycle && t.status !== null) return undefined
     t.lifecycle = lifecycle
+    t.partition = p.partition ?? null
     t.dirty = true
-    const to = effectiveStatus(lifecycle, this.nowMs, this.tracker.defaultTimeoutSeconds)
+    const now = this.nowMs.get(p.partition) ?? null
+    const to = effectiveStatus(lifecycle, now, this.tracker.defaultTimeoutSeconds)
     if (to === t.status) return undefined
     const transition: Transition = {
       deviceId: e.deviceId,
@@ -179,8 +207,8 @@ export class TrackerSegment {
     await sql`
       insert into ${sql.table(this.tracker.table)} (device_id, status, status_hlc, status_event_id,
         status_correlation_id, status_changed_at, last_seen_at, last_seen_hlc, last_seen_event_id,
-        site, model, firmware, inactivity_timeout_seconds, registered_hlc, decommissioned_hlc,
-        declared_status, declared_hlc)
+        site, model, firmware, inactivity_timeout_seconds, registered_hlc, registered_event_id,
+        decommissioned_hlc, declared_status, declared_hlc, declared_event_id, partition)
       select * from unnest(
         ${col((id) => id)}::text[], ${col((_, t) => t.status)}::text[], ${col((_, t) => t.statusHlc)}::text[],
         ${col((_, t) => t.statusEventId)}::text[], ${col((_, t) => t.statusCorrelationId)}::text[],
@@ -189,18 +217,20 @@ export class TrackerSegment {
         ${col((id, t) => l(id, t).lastSeenHlc)}::text[], ${col((id, t) => l(id, t).lastSeenEventId)}::text[],
         ${col((id, t) => l(id, t).site)}::text[], ${col((id, t) => l(id, t).model)}::text[],
         ${col((id, t) => l(id, t).firmware)}::text[], ${col((id, t) => l(id, t).inactivityTimeoutSeconds)}::int[],
-        ${col((id, t) => l(id, t).registeredHlc)}::text[], ${col((id, t) => l(id, t).decommissionedHlc)}::text[],
-        ${col((id, t) => l(id, t).declaredStatus)}::text[], ${col((id, t) => l(id, t).declaredHlc)}::text[])
+        ${col((id, t) => l(id, t).registeredHlc)}::text[], ${col((id, t) => l(id, t).registeredEventId)}::text[],
+        ${col((id, t) => l(id, t).decommissionedHlc)}::text[], ${col((id, t) => l(id, t).declaredStatus)}::text[],
+        ${col((id, t) => l(id, t).declaredHlc)}::text[], ${col((id, t) => l(id, t).declaredEventId)}::text[],
+        ${col((_, t) => t.partition)}::smallint[])
       on conflict (device_id) do update set
         status = excluded.status, status_hlc = excluded.status_hlc, status_event_id = excluded.status_event_id,
         status_correlation_id = excluded.status_correlation_id, status_changed_at = excluded.status_changed_at,
         last_seen_at = excluded.last_seen_at, last_seen_hlc = excluded.last_seen_hlc,
         last_seen_event_id = excluded.last_seen_event_id, site = excluded.site, model = excluded.model,
         firmware = excluded.firmware, inactivity_timeout_seconds = excluded.inactivity_timeout_seconds,
-        registered_hlc = excluded.registered_hlc, decommissioned_hlc = excluded.decommissioned_hlc,
-        declared_status = excluded.declared_status, declared_hlc = excluded.declared_hlc`.execute(
-      trx,
-    )
+        registered_hlc = excluded.registered_hlc, registered_event_id = excluded.registered_event_id,
+        decommissioned_hlc = excluded.decommissioned_hlc, declared_status = excluded.declared_status,
+        declared_hlc = excluded.declared_hlc, declared_event_id = excluded.declared_event_id,
+        partition = excluded.partition`.execute(trx)
     for (const [, t] of rows) t.dirty = false
   }
 }
@@ -213,6 +243,7 @@ function newTracked(): Tracked {
     statusEventId: null,
     statusCorrelationId: null,
     statusChangedAt: null,
+    partition: null,
     dirty: false,
   }
 }
@@ -223,6 +254,7 @@ function fromRow(r: SensorStateTable): Tracked {
       lastSeenHlc: r.last_seen_hlc,
       lastSeenEventId: r.last_seen_event_id,
       registeredHlc: r.registered_hlc,
+      registeredEventId: r.registered_event_id,
       site: r.site,
       model: r.model,
       firmware: r.firmware,
@@ -230,12 +262,14 @@ function fromRow(r: SensorStateTable): Tracked {
       decommissionedHlc: r.decommissioned_hlc,
       declaredStatus: r.declared_status,
       declaredHlc: r.declared_hlc,
+      declaredEventId: r.declared_event_id,
     },
     status: r.status,
     statusHlc: r.status_hlc,
     statusEventId: r.status_event_id,
     statusCorrelationId: r.status_correlation_id,
     statusChangedAt: r.status_changed_at,
+    partition: r.partition,
     dirty: false,
   }
 }

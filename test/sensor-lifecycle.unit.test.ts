@@ -84,6 +84,24 @@ describe('sensor lifecycle', () => {
     expect(effectiveStatus(s, null, 300)).toBe('maintenance')
   })
 
+  it('breaks a tie between distinct events with one HLC by event id, in any order', () => {
+    const reg = event('registered', T0)
+    const a = {
+      ...event('registered', T0 + 1000),
+      eventId: 'e-a',
+      hlc: encodeHlc({ wallMs: T0 + 1000, logical: 0, node: 'gw' }),
+    }
+    const b = { ...a, eventId: 'e-b', data: { ...a.data, firmware: '9.9' } } as DeviceEvent
+    const m1 = { ...event('status', T0 + 2000, 'maintenance'), eventId: 'e-x' }
+    const m2 = { ...m1, eventId: 'e-y', data: { status: 'inactive' } } as DeviceEvent
+    const one = fold([reg, a, b, m1, m2])
+    const other = fold([reg, m2, b, m1, a])
+    expect(other).toEqual(one)
+    expect(one.firmware).toBe('9.9')
+    expect(one.lastSeenEventId).toBe('e-y')
+    expect(effectiveStatus(one, null, 300)).toBe('inactive')
+  })
+
   it('keeps a decommissioned sensor decommissioned until it is registered again', () => {
     const s = fold([
       event('registered', T0),
