@@ -1,6 +1,6 @@
 import { writeFile } from 'node:fs/promises'
 import { jetstream, jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
-import { connect, headers, type NatsConnection } from '@nats-io/transport-node'
+import { headers, type NatsConnection } from '@nats-io/transport-node'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { createPublisher, type Publisher } from '../infra/publisher.ts'
@@ -45,12 +45,21 @@ describe('chaos', () => {
   let cluster: NatsCluster
   let postgres: PgCluster
   let env: Record<string, string>
+  /** The operator's view (admin role): stream and consumer info, reading the stream. */
   let nc: NatsConnection
   let jsm: JetStreamManager
+  /** The gateways' connection (device role). */
+  let devices: NatsConnection
   const procs = new Map<string, CliProcess>()
+  /** Checkpoints moved back because the stream no longer held what was applied (killed processes'). */
+  let rewinds = 0
+  const rewindsIn = (p: CliProcess) =>
+    p.output().split('the stream no longer holds what was applied').length - 1
 
   beforeAll(async () => {
-    cluster = await startNatsCluster(3)
+    // The compose topology: three nodes from infra/nats/cluster-node.conf, every client in
+    // its role (set-up as admin, processors as processor, gateways as device).
+    cluster = await startNatsCluster()
     postgres = await startPostgres()
     env = testEnv(cluster.url, await postgres.createDatabase(), {
       FLEET_STREAM_REPLICAS: '3',
@@ -58,19 +67,19 @@ describe('chaos', () => {
       ALERT_RULES_FILE: await rulesFile(),
       PROCESSOR_BATCH_SIZE: '200',
     })
-    const setup = await runCli(['setup'], env)
+    const setup = await runCli(['setup'], { ...env, ...cluster.env('admin') })
     expect(setup.code, setup.output).toBe(0)
-    nc = await connect({
-      servers: [...cluster.urls],
-      maxReconnectAttempts: -1,
-      reconnectTimeWait: 250,
-    })
+    const reconnecting = { maxReconnectAttempts: -1, reconnectTimeWait: 250 }
+    nc = await cluster.connect('admin', reconnecting)
+    devices = await cluster.connect('device', reconnecting)
     jsm = await jetstreamManager(nc)
+    env = { ...env, ...cluster.env('processor') }
     for (const name of PROCESSOR_NAMES) procs.set(name, spawnCli(['run', name, '--no-clock'], env))
   }, 120_000)
 
   afterAll(async () => {
     for (const p of procs.values()) p.child.kill('SIGKILL')
+    await devices.close()
     await nc.close()
     await postgres.cleanup()
     await cluster.cleanup()
@@ -80,7 +89,7 @@ describe('chaos', () => {
     'loses nothing, applies nothing twice, and parks exactly the poison and the skewed',
     async () => {
       const gateways = [-300, 0, 300].map((skew, i) =>
-        createPublisher(jetstream(nc), {
+        createPublisher(jetstream(devices), {
           clock: new HybridLogicalClock({
             node: `gw-${i}`,
             maxOffsetMs: 500,
@@ -90,7 +99,7 @@ describe('chaos', () => {
         }),
       )
       // A gateway whose clock is 5 s ahead: everything it stamps is beyond max offset.
-      const rogue = createPublisher(jetstream(nc), {
+      const rogue = createPublisher(jetstream(devices), {
         clock: new HybridLogicalClock({
           node: 'rogue',
           maxOffsetMs: 60_000,
@@ -98,7 +107,7 @@ describe('chaos', () => {
         }),
         timeoutMs: 2000,
       })
-      const driver = new Driver(nc)
+      const driver = new Driver(devices)
       let rnd = 7
       const random = () => (rnd = (rnd * 16807) % 2147483647) / 2147483647
       const device = () => `chaos-${Math.floor(random() * DEVICES)}`
@@ -200,12 +209,14 @@ describe('chaos', () => {
           faults.push(f)
         }
       })()
+      chaos.catch(() => undefined) // awaited below; not an unhandled rejection meanwhile
 
       const killProcessor = async (name: string): Promise<Fault> => {
         const f: Fault = { kind: `SIGKILL ${name}`, at: Date.now(), restoredAt: 0, recoveredAt: 0 }
         const p = procs.get(name)!
         p.child.kill('SIGKILL')
         await p.exited
+        rewinds += rewindsIn(p)
         await new Promise((r) => setTimeout(r, 300 + random() * 1200))
         procs.set(name, spawnCli(['run', name, '--no-clock'], env))
         f.restoredAt = Date.now()
@@ -227,9 +238,10 @@ describe('chaos', () => {
         return f
       }
       const killStreamLeader = async (): Promise<Fault> => {
-        const leader = (await jsm.streams.info('FLEET_EVENTS')).cluster?.leader ?? ''
-        const node =
-          cluster.servers.find((_, i) => leader.endsWith(`-n${i + 1}`)) ?? cluster.servers[0]!
+        // The test's own admin calls ride out a slow cluster like the processors do.
+        const leader =
+          (await retrying(() => jsm.streams.info('FLEET_EVENTS'))).cluster?.leader ?? ''
+        const node = cluster.servers[cluster.names.indexOf(leader)] ?? cluster.servers[0]!
         const f: Fault = {
           kind: `NATS stream leader ${leader} killed ${OUTAGE_MS / 1000} s`,
           at: Date.now(),
@@ -284,7 +296,7 @@ describe('chaos', () => {
       // were acknowledged: wait until the stream stands still before taking its measure.
       let last = -1
       for (;;) {
-        const now = (await jsm.streams.info('FLEET_EVENTS')).state.last_seq
+        const now = (await retrying(() => jsm.streams.info('FLEET_EVENTS'))).state.last_seq
         if (now === last) break
         last = now
         await new Promise((r) => setTimeout(r, 3000))
@@ -308,19 +320,24 @@ describe('chaos', () => {
       const q = async <T extends pg.QueryResultRow>(sql: string) =>
         (await client.query<T>(sql)).rows
       // The final stream, by message id: how far ahead of its store time each copy's HLC was.
-      const stored = new Map<string, { subject: string; copies: number; maxAheadMs: number }>()
+      const stored = new Map<
+        string,
+        { subject: string; copies: number; minAheadMs: number; maxAheadMs: number }
+      >()
       await scanStream(nc, last, (_seq, subject, msgId, hlc, storedMs) => {
         const ahead = hlc === '' ? 0 : decodeHlc(hlc).wallMs - storedMs
         const had = stored.get(msgId)
         stored.set(msgId, {
           subject,
           copies: (had?.copies ?? 0) + 1,
+          minAheadMs: Math.min(had?.minAheadMs ?? Infinity, ahead),
           maxAheadMs: Math.max(had?.maxAheadMs ?? -Infinity, ahead),
         })
       })
-      // Rogue events still within max offset when the stream stored them are valid input.
+      // A rogue event with a copy stored while within max offset is valid input: that copy is
+      // applied (a re-send delayed by retries past the dedup window; its other copies are parked).
       for (const e of driver.skewedIds.values()) {
-        if ((stored.get(e.eventId)?.maxAheadMs ?? Infinity) <= 500)
+        if ((stored.get(e.eventId)?.minAheadMs ?? Infinity) <= 500)
           driver.accepted.set(e.eventId, e)
       }
       const accepted = [...driver.accepted.values()]
@@ -377,18 +394,34 @@ describe('chaos', () => {
           }
         }
       }
-      const dlqInfo = await jsm.streams.info('FLEET_DLQ')
+      const dlqInfo = await retrying(() => jsm.streams.info('FLEET_DLQ'))
       const parked = new Set<string>()
+      let seqMoved = 0
       const why = new Map<string, string>()
       for (
         let seq = dlqInfo.state.first_seq;
         seq <= dlqInfo.state.last_seq && dlqInfo.state.messages > 0;
         seq++
       ) {
-        const m = await jsm.streams.getMessage('FLEET_DLQ', { seq })
+        const m = await retrying(() => jsm.streams.getMessage('FLEET_DLQ', { seq }))
         if (!m) continue
         const key = `${m.header.get(Headers.DlqProcessor)} ${m.header.get(`${Headers.DlqOriginalPrefix}Nats-Msg-Id`)}`
         parked.add(key)
+        // Does the stream still hold this event at the sequence the processor saw it at?
+        const seqNow = Number(m.header.get(Headers.DlqStreamSeq))
+        const there = await jsm.streams
+          .getMessage('FLEET_EVENTS', { seq: seqNow })
+          .catch(() => null)
+        if (
+          there?.header.get('Nats-Msg-Id') !==
+          m.header.get(`${Headers.DlqOriginalPrefix}Nats-Msg-Id`)
+        ) {
+          seqMoved++
+          if (seqMoved <= 3)
+            log(
+              `DLQ entry ${seq} (${key}) names stream seq ${seqNow}, which now holds ${there ? `'${there.header.get('Nats-Msg-Id')}' on ${there.subject}` : 'nothing'}`,
+            )
+        }
         why.set(
           key,
           `${m.header.get(Headers.DlqReason)}: ${m.header.get(Headers.DlqDetail)} (stream seq ${m.header.get(Headers.DlqStreamSeq)}, subject ${m.header.get(Headers.DlqSubject)})`,
@@ -400,7 +433,7 @@ describe('chaos', () => {
       const acked = [...driver.accepted.keys(), ...driver.poisonIds, ...driver.skewedIds.keys()]
       const missingFromStream = acked.filter((id) => !stored.has(id))
       if (missingFromStream.length > 0) {
-        const info = await jsm.streams.info('FLEET_EVENTS')
+        const info = await retrying(() => jsm.streams.info('FLEET_EVENTS'))
         log(
           `acknowledged but not in the stream: ${missingFromStream.length}, e.g. ${missingFromStream.slice(0, 3).join(', ')}; stream ${JSON.stringify(info.state)}, cluster ${JSON.stringify(info.cluster)}`,
         )
@@ -425,6 +458,8 @@ describe('chaos', () => {
         wrongStatus,
         dlqExpected: expectedDlq.size,
         dlqParked: parked.size,
+        dlqEntriesWhoseSequenceNowHoldsAnotherEvent: seqMoved,
+        checkpointRewinds: rewinds + [...procs.values()].reduce((n, p) => n + rewindsIn(p), 0),
         faults: faults.map((f) => ({
           fault: f.kind,
           restoredAfterS: +((f.restoredAt - f.at) / 1000).toFixed(1),
