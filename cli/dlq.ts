@@ -31,7 +31,7 @@ export class DlqCommandError extends Error {
 
 /** DLQ depth, in all and per processor (from the stream's subject counts). */
 export async function dlqDepth(
-  rt: Runtime,
+  rt: Pick<Runtime, 'jsm' | 'config'>,
 ): Promise<{ total: number; byProcessor: Record<string, number> }> {
   const info = await rt.jsm.streams.info(rt.config.streams.dlq, {
     subjects_filter: `${DLQ_SUBJECT_PREFIX}.>`,

@@ -1,17 +1,31 @@
-#!/usr/bin/env node
 import { once } from 'node:events'
-import { Command, InvalidArgumentError, Option } from 'commander'
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander'
 import { loadConfig, ConfigError, type Config } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
 import { redact } from '../infra/nats.ts'
 import { runClock } from '../infra/clock-service.ts'
 import { createPublisher } from '../infra/publisher.ts'
+import { isPermissionViolation } from '../infra/failures.ts'
 import { errorSummary } from '../infra/retry.ts'
-import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
+import { loadProcessors, PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
+import type { EventKind } from '../schemas/events.ts'
+import { ReplayUsageError } from '../processors/replay.ts'
+import { RebuildRefusedError } from '../projections/blue-green.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet, type SimulationOptions } from '../simulator/fleet.ts'
 import { DlqCommandError, dlqDepth, listDlq, redriveDlq, showDlq } from './dlq.ts'
+import {
+  EVENT_KIND_NAMES,
+  EventsCommandError,
+  formatEvent,
+  openEventsSource,
+  parseDeviceOption,
+  parseSinceOption,
+  showEvent,
+  tailEvents,
+  type EventsSource,
+} from './events.ts'
 import {
   acknowledgeAlert,
   AlertCommandError,
@@ -19,10 +33,16 @@ import {
   listAlerts,
   type ListOptions,
 } from './alerts.ts'
+import { NO_OBSERVABILITY, startObservability, type Observability } from './observability.ts'
 import { fmt, startProgress } from './progress.ts'
+import { parseSince, rebuildCommand, replayCommand } from './rebuild.ts'
 import { openRuntime, setUp, type Runtime } from './runtime.ts'
+import { EXIT_THRESHOLD, fleetStatus, formatStatus } from './status.ts'
 
-/** Exit codes: 0 done, 1 failed, 2 bad usage or configuration, 130 interrupted twice. */
+/**
+ * Exit codes: 0 done, 1 failed (or NATS/PostgreSQL unreachable for `status`), 2 bad usage or
+ * configuration, 3 a `status` threshold crossed, 130 interrupted twice.
+ */
 const EXIT_FAILED = 1
 const EXIT_USAGE = 2
 
@@ -75,6 +95,9 @@ const program = new Command()
     'Event-sourced stream processor for IoT sensor fleets (NATS JetStream -> PostgreSQL).',
   )
   .showHelpAfterError()
+  // Usage errors are thrown rather than exiting with commander's 1, so they exit 2 (see the end).
+  // Set before the subcommands are added: they inherit it.
+  .exitOverride()
   .addHelpText(
     'after',
     `
@@ -110,13 +133,19 @@ program
   .option('--no-clock', 'do not publish clock ticks from this process')
   .action(async (names: string[], opts: { clock: boolean }) => {
     const selected = selectProcessors(names)
-    await withRuntime('fleetstream-run', async (rt, signal) => {
-      await setUp(rt, signal)
-      const running = selected.map((name) => startProcessor(rt.processors[name], rt))
-      const clock = opts.clock ? startClock(rt, signal) : Promise.resolve()
-      await waitForAbort(signal)
-      await Promise.all([...running.map((p) => p.stop()), clock])
-    })
+    await withRuntime(
+      'fleetstream-run',
+      async (rt, signal, obs) => {
+        await setUp(rt, signal)
+        const running = selected.map((name) =>
+          startProcessor(rt.processors[name], { ...rt, metrics: obs.metrics }),
+        )
+        const clock = opts.clock ? startClock(rt, signal) : Promise.resolve()
+        await waitForAbort(signal)
+        await Promise.all([...running.map((p) => p.stop()), clock])
+      },
+      { serve: true },
+    )
   })
 
 program
@@ -130,6 +159,158 @@ program
       await startClock(rt, signal)
     })
   })
+
+program
+  .command('status')
+  .description(
+    `stream size and ingest rate, each processor's checkpoint, lag and staleness, DLQ depth and open alerts; exits ${EXIT_THRESHOLD} when a threshold is crossed, 1 when NATS or PostgreSQL cannot be reached`,
+  )
+  .argument('[processor...]', `processors to report: ${PROCESSOR_NAMES.join(', ')} (all when none)`)
+  .option('--json', 'print the report as JSON')
+  .addOption(
+    new Option(
+      '--max-lag <events>',
+      "crossed when a processor is further behind: the larger of its checkpoint's distance to the stream and its consumer's pending + unacked",
+    ).argParser(nonNegativeInteger),
+  )
+  .addOption(
+    new Option(
+      '--max-staleness <seconds>',
+      'crossed when a processor with events to apply has not committed for longer',
+    ).argParser(nonNegative),
+  )
+  .addOption(
+    new Option('--max-dlq <entries>', 'crossed when a processor has more in the DLQ').argParser(
+      nonNegativeInteger,
+    ),
+  )
+  .addOption(
+    new Option('--window <seconds>', 'measure the ingest rate over this long (0: skip)')
+      .argParser(nonNegative)
+      .default(1),
+  )
+  .addOption(
+    new Option('--timeout <seconds>', 'give up reaching NATS and PostgreSQL after this long')
+      .argParser(positive)
+      .default(10),
+  )
+  .action(
+    async (
+      names: string[],
+      opts: {
+        json?: boolean
+        maxLag?: number
+        maxStaleness?: number
+        maxDlq?: number
+        window: number
+        timeout: number
+      },
+    ) => {
+      const config = loadConfig()
+      const log = createLogger({ level: config.logLevel, name: 'fleetstream-status' })
+      const specs = await loadProcessors(config)
+      const report = await fleetStatus(config, log, {
+        processors: selectProcessors(names).map((n) => specs[n]),
+        windowSeconds: opts.window,
+        timeoutSeconds: opts.timeout,
+        ...(opts.maxLag !== undefined ? { maxLag: opts.maxLag } : {}),
+        ...(opts.maxStaleness !== undefined ? { maxStalenessSeconds: opts.maxStaleness } : {}),
+        ...(opts.maxDlq !== undefined ? { maxDlq: opts.maxDlq } : {}),
+      })
+      console.log(opts.json ? JSON.stringify(report) : formatStatus(report))
+      if (report.breaches.length > 0) {
+        console.error(
+          `fleetstream: ${report.breaches.length} threshold${report.breaches.length === 1 ? '' : 's'} crossed: ${report.breaches.map((b) => b.message).join('; ')}`,
+        )
+        process.exitCode = EXIT_THRESHOLD
+      }
+    },
+  )
+
+program
+  .command('rebuild')
+  .description(
+    'blue/green rebuild of a projection from sequence 1 into new tables while the live one keeps serving; swapped in atomically once caught up',
+  )
+  .argument(
+    '<projection>',
+    `the processor whose projection to rebuild: ${PROCESSOR_NAMES.join(', ')}`,
+    processorName,
+  )
+  .addOption(
+    new Option('--batch-size <n>', 'events per transaction into the new tables')
+      .argParser(positiveInteger)
+      .default(5000),
+  )
+  .option(
+    '--drop-retired',
+    'drop the replaced tables after the swap instead of keeping them in a retired_* schema',
+  )
+  .option('--json', 'print the result as JSON (the progress bar goes to stderr)')
+  .addHelpText(
+    'after',
+    `
+The live projection answers queries throughout; the swap holds its tables for milliseconds. If the
+rebuild fails or is killed, the live tables are untouched (a leftover rebuild_* schema is dropped by
+the next rebuild). Exit codes: 0 swapped in, 1 failed, 2 bad usage.`,
+  )
+  .action(
+    async (
+      name: ProcessorName,
+      opts: { batchSize: number; dropRetired?: boolean; json?: boolean },
+    ) => {
+      await withRuntime('fleetstream-rebuild', async (rt, signal) => {
+        await setUp(rt, signal)
+        await rebuildCommand(rt, name, opts, signal)
+      })
+    },
+  )
+
+program
+  .command('replay')
+  .description(
+    "re-apply events from a stream sequence or a time: moves the processor's checkpoint back and watches it catch up",
+  )
+  .argument('<projection>', `the processor to replay: ${PROCESSOR_NAMES.join(', ')}`, processorName)
+  .addOption(
+    new Option('--from-seq <n>', 'the first FLEET_EVENTS sequence to apply again').argParser(
+      positiveInteger,
+    ),
+  )
+  .addOption(
+    new Option(
+      '--since <time>',
+      'from the first event stored at or after this time: ISO 8601 with a zone, or a duration ago (90s, 15m, 2h, 7d)',
+    ).argParser((v) => parseSince(v)),
+  )
+  .option('--no-wait', 'move the checkpoint back and exit without watching the processor catch up')
+  .option('--json', 'print the result as JSON (the progress bar goes to stderr)')
+  .addHelpText(
+    'after',
+    `
+Give exactly one of --from-seq and --since. The projections are idempotent: events applied before
+change nothing; events missed or parked and since fixed are applied. A running processor notices at
+once and re-anchors its consumer; a stopped one replays when it starts.`,
+  )
+  .action(
+    async (
+      name: ProcessorName,
+      opts: {
+        fromSeq?: number
+        since?: ReturnType<typeof parseSince>
+        wait: boolean
+        json?: boolean
+      },
+    ) => {
+      if ((opts.fromSeq === undefined) === (opts.since === undefined)) {
+        throw new InvalidArgumentError(`give exactly one of '--from-seq <n>' and '--since <time>'`)
+      }
+      await withRuntime('fleetstream-replay', async (rt, signal) => {
+        await setUp(rt, signal)
+        await replayCommand(rt, name, opts, signal)
+      })
+    },
+  )
 
 const dlq = program.command('dlq').description('inspect and redrive events parked in FLEET_DLQ')
 
@@ -247,6 +428,81 @@ dlq
     },
   )
 
+const events = program
+  .command('events')
+  .description('inspect FLEET_EVENTS: follow events as they arrive, show one by stream sequence')
+
+events
+  .command('tail')
+  .description(
+    'the newest events, then new ones as they are stored, until Ctrl-C (like tail -f); reads through an ordered consumer that leaves nothing behind',
+  )
+  .option('--device <id>', `only this device ('_system' for clock ticks)`, parseDeviceOption)
+  .addOption(new Option('--kind <kind>', 'only this kind of event').choices(EVENT_KIND_NAMES))
+  .addOption(
+    new Option('--from-seq <n>', 'start at this stream sequence')
+      .argParser(positiveInteger)
+      .conflicts('since'),
+  )
+  .addOption(
+    new Option(
+      '--since <time>',
+      'start at events stored since this ISO 8601 time, or this long ago (90s, 15m, 2h, 1d)',
+    ).argParser((v) => parseSinceOption(v)),
+  )
+  .addOption(
+    new Option('--last <n>', 'start with the newest n matching events; 0 for only new ones')
+      .argParser(nonNegativeInteger)
+      .default(10)
+      .conflicts(['fromSeq', 'since']),
+  )
+  .addOption(new Option('--limit <n>', 'stop after n events').argParser(positiveInteger))
+  .option('--json', 'one JSON object per line')
+  .action(async (opts: TailFlags) => {
+    await withNats('fleetstream-events', async (src, signal) => {
+      const tail = tailEvents(
+        src,
+        {
+          deviceId: opts.device,
+          kind: opts.kind,
+          fromSeq: opts.fromSeq,
+          since: opts.since,
+          last: opts.last,
+          limit: opts.limit,
+          onStart: (s) => {
+            if (opts.json) return
+            const from =
+              s.since !== undefined
+                ? `stored since ${s.since.toISOString()}`
+                : `from sequence ${s.fromSeq ?? '?'}`
+            console.error(
+              `${src.stream} ${s.filter} ${from}${opts.limit ? `, ${opts.limit} events` : ' (Ctrl-C to stop)'}`,
+            )
+          },
+        },
+        signal,
+      )
+      let first = true
+      for await (const e of tail) {
+        if (opts.json) console.log(JSON.stringify(e))
+        else console.log(`${first ? '' : '\n'}${formatEvent(e)}`)
+        first = false
+      }
+    })
+  })
+
+events
+  .command('show')
+  .description('one event by stream sequence: decoded envelope, HLC as a time, headers')
+  .argument('<seq>', 'its sequence in FLEET_EVENTS', positiveInteger)
+  .option('--json', 'as JSON')
+  .action(async (seq: number, opts: { json?: boolean }) => {
+    await withNats('fleetstream-events', async (src) => {
+      const e = await showEvent(src, seq)
+      console.log(opts.json ? JSON.stringify(e) : formatEvent(e))
+    })
+  })
+
 const alerts = program.command('alerts').description('list and acknowledge alerts')
 
 alerts
@@ -303,7 +559,14 @@ withSimulationOptions(
   .option('--json', 'print the summary as JSON')
   .action(async (opts: SimulateFlags & { json?: boolean }) => {
     await withRuntime('fleetstream-simulate', async (rt, signal) => {
-      await setUp(rt, signal)
+      await setUp(rt, signal).catch((err: unknown) => {
+        // Devices publish; they do not set up (README.md, "NATS roles").
+        if (!isPermissionViolation(err)) throw err
+        rt.log.info(
+          { err: errorSummary(err) },
+          'this NATS user may not set up streams (the device role): publishing into the streams fleetstream setup created',
+        )
+      })
       const publisher = createPublisher(rt.js, { clock: clockFor(rt.config, 'sim') })
       const stats = await simulateFleet(publisher, simulation(opts), signal)
       if (opts.json) console.log(JSON.stringify(stats))
@@ -335,15 +598,18 @@ withSimulationOptions(
 ).action(async (opts: SimulateFlags) => {
   await withRuntime(
     'fleetstream-start',
-    async (rt, signal) => {
+    async (rt, signal, obs) => {
       const report = await setUp(rt, signal)
       console.log(
         `fleetstream: NATS ${redact(rt.config.natsUrl)}, PostgreSQL ${redact(rt.config.databaseUrl)}; ` +
           `streams ${Object.entries(report.streams)
             .map(([n, r]) => `${n} (${r})`)
-            .join(', ')}`,
+            .join(', ')}` +
+          (obs.url ? `; metrics ${obs.url}/metrics` : ''),
       )
-      const running = Object.values(rt.processors).map((spec) => startProcessor(spec, rt))
+      const running = Object.values(rt.processors).map((spec) =>
+        startProcessor(spec, { ...rt, metrics: obs.metrics }),
+      )
       // The clock stops with the job, which ends by itself after --duration as well as on a signal.
       const finished = new AbortController()
       const clock = startClock(rt, AbortSignal.any([signal, finished.signal]))
@@ -364,9 +630,19 @@ withSimulationOptions(
       }
       printSummary(rt, running, publisher.stats)
     },
-    process.env.LOG_LEVEL ? undefined : 'warn',
+    { serve: true, ...(process.env.LOG_LEVEL ? {} : { logLevel: 'warn' }) },
   )
 })
+
+interface TailFlags {
+  device?: string
+  kind?: EventKind
+  fromSeq?: number
+  since?: Date
+  last: number
+  limit?: number
+  json?: boolean
+}
 
 interface SimulateFlags {
   devices: number
@@ -421,8 +697,22 @@ function selectProcessors(names: string[]): ProcessorName[] {
 
 /** Ticks into the stream from this process until the signal aborts (deduplicated across processes). */
 function startClock(rt: Runtime, signal: AbortSignal): Promise<void> {
-  const publisher = createPublisher(rt.js, { clock: clockFor(rt.config, 'clock') })
-  return runClock(publisher, { intervalSeconds: rt.config.clockTickSeconds, log: rt.log }, signal)
+  // Few, short attempts: a tick that NATS is not taking is skipped (the next boundary comes), and
+  // a shutdown is not held up by a minute of retries while NATS is away.
+  const publisher = createPublisher(rt.js, {
+    clock: clockFor(rt.config, 'clock'),
+    maxAttempts: 2,
+    timeoutMs: 2000,
+  })
+  return runClock(
+    publisher,
+    {
+      intervalSeconds: rt.config.clockTickSeconds,
+      partitions: rt.config.partitions,
+      log: rt.log,
+    },
+    signal,
+  )
 }
 
 function printSummary(
@@ -431,6 +721,12 @@ function printSummary(
   published: { published: number; duplicates: number },
 ) {
   const { config } = rt
+  // The password stays in the environment, never on the screen.
+  const natsFlags = [
+    `--server ${redact(config.natsUrl)}`,
+    ...(config.natsAuth ? [`--user ${config.natsAuth.user} --password "$NATS_PASSWORD"`] : []),
+    ...(config.natsInboxPrefix !== '_INBOX' ? [`--inbox-prefix ${config.natsInboxPrefix}`] : []),
+  ].join(' ')
   const lines = [
     '',
     `published ${fmt(published.published)} events (${fmt(published.duplicates)} re-sends refused as duplicates by the stream)`,
@@ -445,24 +741,27 @@ function printSummary(
     `  psql '${config.databaseUrl}' -c "select severity, state, count(*) from alerts group by 1, 2 order by 1, 2"`,
     '  npm run fleetstream -- alerts list --state open',
     'Inspect the stream (nats CLI):',
-    `  nats --server ${config.natsUrl} stream info ${config.streams.events}`,
-    `  nats --server ${config.natsUrl} stream view ${config.streams.events} --subject 'fleet.events.*.reading'`,
-    `  nats --server ${config.natsUrl} consumer report ${config.streams.events}`,
+    `  nats ${natsFlags} stream info ${config.streams.events}`,
+    `  nats ${natsFlags} stream view ${config.streams.events} --subject 'fleet.events.*.reading'`,
+    `  nats ${natsFlags} consumer report ${config.streams.events}`,
   ]
   console.log(lines.join('\n'))
 }
 
 /**
  * Runs a command with open connections and a signal that aborts on the first SIGINT/SIGTERM
- * (finish in-flight work, shut down cleanly); a second one exits at once with 130.
+ * (finish in-flight work, shut down cleanly); a second one exits at once with 130. With `serve`,
+ * metrics, health and readiness are served on METRICS_PORT from before the connections open
+ * until the command is done.
  */
 async function withRuntime(
   name: string,
-  body: (rt: Runtime, signal: AbortSignal) => Promise<void>,
-  logLevel?: string,
+  body: (rt: Runtime, signal: AbortSignal, obs: Observability) => Promise<void>,
+  opts: { logLevel?: string; serve?: boolean } = {},
 ): Promise<void> {
   const config = loadConfig()
-  const log = createLogger({ level: logLevel ?? config.logLevel, name })
+  const log = createLogger({ level: opts.logLevel ?? config.logLevel, name })
+  const obs = opts.serve ? await startObservability(config, log, name) : NO_OBSERVABILITY
   const stop = new AbortController()
   const onSignal = (sig: NodeJS.Signals) => {
     if (stop.signal.aborted) {
@@ -470,6 +769,7 @@ async function withRuntime(
       process.exit(130)
     }
     log.info({ signal: sig }, 'shutting down: finishing the batch in hand')
+    obs.draining()
     stop.abort()
   }
   process.on('SIGINT', onSignal)
@@ -477,12 +777,45 @@ async function withRuntime(
   let rt: Runtime | undefined
   try {
     rt = await openRuntime(config, log, { name, signal: stop.signal })
-    await body(rt, stop.signal)
+    await obs.attach(rt)
+    await body(rt, stop.signal, obs)
   } catch (err) {
     if (stop.signal.aborted && rt === undefined) return // interrupted while waiting for a dependency
     throw err
   } finally {
+    await obs.close()
     await rt?.close()
+    log.flush()
+  }
+}
+
+/**
+ * Like {@link withRuntime} for commands that read NATS only (the `events` commands): they need no
+ * database, so they still work while Postgres is down.
+ */
+async function withNats(
+  name: string,
+  body: (src: EventsSource, signal: AbortSignal) => Promise<void>,
+): Promise<void> {
+  const config = loadConfig()
+  const log = createLogger({ level: config.logLevel, name })
+  const stop = new AbortController()
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (stop.signal.aborted) process.exit(130)
+    log.info({ signal: sig }, 'stopping')
+    stop.abort()
+  }
+  process.on('SIGINT', onSignal)
+  process.on('SIGTERM', onSignal)
+  let src: Awaited<ReturnType<typeof openEventsSource>> | undefined
+  try {
+    src = await openEventsSource(config, log, { name, signal: stop.signal })
+    await body(src, stop.signal)
+  } catch (err) {
+    if (stop.signal.aborted && src === undefined) return // interrupted while waiting for NATS
+    throw err
+  } finally {
+    await src?.close()
     log.flush()
   }
 }
@@ -491,10 +824,24 @@ async function waitForAbort(signal: AbortSignal): Promise<void> {
   if (!signal.aborted) await once(signal, 'abort')
 }
 
+function processorName(v: string): ProcessorName {
+  if (!(PROCESSOR_NAMES as readonly string[]).includes(v)) {
+    throw new InvalidArgumentError(`must be one of ${PROCESSOR_NAMES.join(', ')}, got '${v}'`)
+  }
+  return v as ProcessorName
+}
+
 function positiveInteger(v: string): number {
   const n = Number(v)
   if (!Number.isSafeInteger(n) || n < 1)
     throw new InvalidArgumentError(`must be an integer >= 1, got '${v}'`)
+  return n
+}
+
+function nonNegativeInteger(v: string): number {
+  const n = Number(v)
+  if (v.trim() === '' || !Number.isSafeInteger(n) || n < 0)
+    throw new InvalidArgumentError(`must be an integer >= 0, got '${v}'`)
   return n
 }
 
@@ -524,12 +871,20 @@ try {
 } catch (err) {
   if (
     err instanceof ConfigError ||
+    err instanceof ReplayUsageError ||
+    err instanceof RebuildRefusedError ||
     err instanceof InvalidArgumentError ||
     err instanceof AlertCommandError ||
     err instanceof DlqCommandError
   ) {
     console.error(`fleetstream: ${err.message}`)
     process.exitCode = EXIT_USAGE
+  } else if (err instanceof CommanderError) {
+    // commander has printed it; help and --version end here too, with 0
+    process.exitCode = err.exitCode === 0 ? 0 : EXIT_USAGE
+  } else if (err instanceof EventsCommandError) {
+    console.error(`fleetstream: ${err.message}`)
+    process.exitCode = EXIT_FAILED
   } else {
     console.error(`fleetstream: ${errorSummary(err)}`)
     process.exitCode = EXIT_FAILED

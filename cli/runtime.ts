@@ -10,10 +10,12 @@ import type pg from 'pg'
 import type { Config } from '../infra/config.ts'
 import { createKysely, createPool, ensureDatabase, waitForPostgres } from '../infra/database.ts'
 import type { Logger } from '../infra/logger.ts'
-import { connectNats } from '../infra/nats.ts'
+import { connectNats, keepJetStreamReachable } from '../infra/nats.ts'
 import { withBackoff } from '../infra/retry.ts'
+import { within } from '../infra/sleep.ts'
 import { isTransient } from '../infra/failures.ts'
 import { ensureStreams, type EnsureResult } from '../infra/streams.ts'
+import { checkPartitionLayout, slotsOf } from '../processors/partitions.ts'
 import { consumerSpecOf, type ProcessorSpec } from '../processors/processor.ts'
 import { ensureConsumer } from '../processors/consumer.ts'
 import { loadProcessors, PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
@@ -47,9 +49,9 @@ export async function openRuntime(
   const processors = await loadProcessors(config)
   await ensureDatabase(config.databaseUrl, log, opts.signal)
   const pool = createPool(config.databaseUrl, {
-    // Each processor holds one connection for its lock and uses one for its transactions; the
-    // outbox relay and set-up need one each.
-    max: opts.poolSize ?? PROCESSOR_NAMES.length * 2 + 2,
+    // Each processor holds one connection for its locks and uses one for the transactions of
+    // each slot it may own (one, or one per partition); the outbox relay and set-up need one each.
+    max: opts.poolSize ?? PROCESSOR_NAMES.length * (1 + Math.max(1, config.partitions)) + 2,
     applicationName: opts.name,
     log,
   })
@@ -58,9 +60,13 @@ export async function openRuntime(
     const nc = await connectNats(config.natsUrl, {
       name: opts.name,
       log,
+      auth: config.natsAuth,
+      inboxPrefix: config.natsInboxPrefix,
       ...(opts.signal ? { signal: opts.signal } : {}),
     })
     const db = createKysely<Database>(pool)
+    const closing = new AbortController()
+    const watchdog = keepJetStreamReachable(nc, { log, signal: closing.signal })
     return {
       config,
       log,
@@ -72,7 +78,12 @@ export async function openRuntime(
       db,
       processors,
       async close() {
-        await nc.drain().catch(() => undefined)
+        closing.abort()
+        await watchdog
+        // Drain flushes what is in flight. With the server unreachable it fails at once or waits
+        // for a reconnect forever: give it a few seconds, then close (which stops reconnecting).
+        await within(nc.drain(), 5000, 'NATS drain').catch(() => undefined)
+        if (!nc.isClosed()) await nc.close().catch(() => undefined)
         await db.destroy()
         // Kysely ends the pool only if it ever ran a query; the pool is ours to end either way.
         if (!pool.ended) await pool.end()
@@ -91,20 +102,35 @@ export interface SetupReport {
 }
 
 /**
- * Everything a run needs, idempotent: schema migrations, the FLEET_EVENTS and FLEET_DLQ streams
- * (a conflicting existing stream stops set-up with every difference listed), and a durable
- * consumer per processor. A NATS server that is still starting is waited for.
+ * Everything a run needs, idempotent: the FLEET_EVENTS, FLEET_DLQ and FLEET_NOTIFICATIONS
+ * streams (a conflicting existing stream stops set-up with every difference listed), schema
+ * migrations, and a durable consumer per processor. A NATS server that is still starting is
+ * waited for, and so is a missing stream when this user may not create it (the processor role
+ * waits for the admin's `fleetstream setup`). A user that may not look at the streams at all
+ * (the device role) gets the permission error.
  */
 export async function setUp(rt: Runtime, signal?: AbortSignal): Promise<SetupReport> {
   // Every step is idempotent, so a dependency that fails for a moment (a NATS leader being
   // elected, Postgres restarting) is waited out; a conflict or a refusal is an answer: it stops.
   const setUpOnce = async (): Promise<SetupReport> => {
-    const migrated = await migrateToLatest(rt.db as Kysely<unknown>)
+    // Streams first: a user that may not even look at them (the device role) stops here,
+    // before touching the database.
     const streams = await ensureStreams(rt.jsm, rt.config.streams)
+    // Consumers whose filters miss the stored subjects would read nothing, silently.
+    for (const warning of await checkPartitionLayout(
+      rt.jsm,
+      rt.config.streams.events,
+      rt.config.partitions,
+    )) {
+      rt.log.warn(warning)
+    }
+    const migrated = await migrateToLatest(rt.db as Kysely<unknown>)
     const consumers: Record<string, 'created' | 'exists'> = {}
     for (const spec of Object.values(rt.processors)) {
-      const from = await readCheckpoint(rt.db, spec.name)
-      consumers[spec.name] = await ensureConsumer(rt.jsm, consumerSpecOf(spec, rt.config), from)
+      for (const slot of slotsOf(spec, rt.config)) {
+        const from = await readCheckpoint(rt.db, slot.key)
+        consumers[slot.key] = await ensureConsumer(rt.jsm, consumerSpecOf(slot, rt.config), from)
+      }
     }
     return {
       migrations: (migrated.results ?? [])

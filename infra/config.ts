@@ -10,12 +10,39 @@ const int = (min: number, max: number) =>
     z.number().int().min(min).max(max),
   )
 
+/** A TCP port (0: one the OS picks) or `off`; `null` stands for off. */
+const portOrOff = z
+  .string()
+  .trim()
+  .regex(/^(off|\d{1,6})$/)
+  .transform((v) => (v === 'off' ? null : Number(v)))
+  .pipe(z.number().int().min(0).max(65_535).nullable())
+
 /** Environment variables fleetstream reads, with their defaults. */
 const Env = z.object({
   NATS_URL: z
     .string()
     .regex(/^(nats|tls|wss?):\/\/\S+$/)
     .default('nats://127.0.0.1:4222'),
+  /**
+   * NATS user and password (both or neither). Servers started from nats.conf or the cluster
+   * configs refuse anonymous clients; each command logs in with the role it needs (README.md,
+   * "NATS roles"). Development values are in infra/dev.env.
+   */
+  NATS_USER: z
+    .string()
+    .regex(/^[A-Za-z0-9_.-]{1,64}$/)
+    .optional(),
+  NATS_PASSWORD: z.string().min(1).optional(),
+  /**
+   * First token of the reply subjects this process subscribes to. The processor and admin
+   * roles may only subscribe to their own (`_INBOX_processor`, `_INBOX_admin`), so a device,
+   * which may subscribe to `_INBOX.>`, never sees what they receive.
+   */
+  NATS_INBOX_PREFIX: z
+    .string()
+    .regex(/^[A-Za-z0-9_-]{1,64}$/)
+    .default('_INBOX'),
   DATABASE_URL: z
     .string()
     .regex(/^postgres(ql)?:\/\/\S+$/)
@@ -29,6 +56,11 @@ const Env = z.object({
   /** -1: unlimited. With a limit, new events are refused when full; old ones are never dropped. */
   FLEET_STREAM_MAX_BYTES: int(-1, Number.MAX_SAFE_INTEGER).default(-1),
   DLQ_MAX_AGE_DAYS: int(1, 3650).default(30),
+  /**
+   * Partitions of FLEET_EVENTS by device id: 0 when the server has no partition mapping; N when
+   * nats.conf maps `fleet.events.*.*` with `{{partition(N,1)}}` (the two must agree).
+   */
+  FLEET_PARTITIONS: int(0, 1024).default(0),
   PROCESSOR_BATCH_SIZE: int(1, 10_000).default(1000),
   PROCESSOR_BATCH_LINGER_MS: int(0, 10_000).default(20),
   PROCESSOR_MAX_ACK_PENDING: int(1, 1_000_000).default(10_000),
@@ -40,7 +72,19 @@ const Env = z.object({
   /** Alert rules (YAML); defaults to config/alert-rules.yaml in the package. */
   ALERT_RULES_FILE: z.string().min(1).optional(),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  /** `/metrics`, `/healthz` and `/readyz` of `run` and `start`; 0: a port the OS picks; `off`. */
+  METRICS_PORT: portOrOff.default(9464),
+  METRICS_HOST: z
+    .string()
+    .regex(/^[A-Za-z0-9.:-]{1,253}$/)
+    .default('0.0.0.0'),
 })
+
+/**
+ * Every environment variable fleetstream's configuration reads (the OpenTelemetry SDK reads the
+ * standard `OTEL_*` variables on its own; see {@link OTEL_VARIABLES} in telemetry.ts).
+ */
+export const CONFIG_VARIABLES: readonly string[] = Object.freeze(Object.keys(Env.shape))
 
 /**
  * Everything a fleetstream process is configured with, parsed once from the environment.
@@ -52,9 +96,17 @@ const Env = z.object({
  */
 export interface Config {
   readonly natsUrl: string
+  /** `undefined`: connect without credentials (an open server, such as the tests' own). */
+  readonly natsAuth: { readonly user: string; readonly password: string } | undefined
+  readonly natsInboxPrefix: string
   readonly databaseUrl: string
   readonly nodeId: string
   readonly hlcMaxOffsetMs: number
+  /**
+   * Partitions of FLEET_EVENTS (the server's subject mapping); 0: not partitioned. Each processor
+   * then has one consumer and one checkpoint per partition, shared out among its instances.
+   */
+  readonly partitions: number
   readonly streams: {
     readonly events: string
     readonly dlq: string
@@ -76,6 +128,12 @@ export interface Config {
   /** `undefined`: the rules shipped with the package. */
   readonly alertRulesFile: string | undefined
   readonly logLevel: z.infer<typeof Env>['LOG_LEVEL']
+  /** The HTTP server of `run` and `start` (metrics, health, readiness). */
+  readonly metrics: {
+    /** `null`: no server; 0: a port the OS picks (logged). */
+    readonly port: number | null
+    readonly host: string
+  }
 }
 
 /** Bad configuration: start-up stops with every problem listed. */
@@ -88,11 +146,25 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
   const parsed = Env.safeParse(present, { reportInput: true })
   if (!parsed.success) throw new ConfigError(describeIssues(parsed.error.issues), 'configuration')
   const e = parsed.data
+  if ((e.NATS_USER === undefined) !== (e.NATS_PASSWORD === undefined)) {
+    const [set, missing] =
+      e.NATS_USER === undefined ? ['NATS_PASSWORD', 'NATS_USER'] : ['NATS_USER', 'NATS_PASSWORD']
+    throw new ConfigError(
+      [`'${missing}' is required when '${set}' is set (give both or neither), got nothing`],
+      'configuration',
+    )
+  }
   const config: Config = {
     natsUrl: e.NATS_URL,
+    natsAuth:
+      e.NATS_USER !== undefined && e.NATS_PASSWORD !== undefined
+        ? { user: e.NATS_USER, password: e.NATS_PASSWORD }
+        : undefined,
+    natsInboxPrefix: e.NATS_INBOX_PREFIX,
     databaseUrl: e.DATABASE_URL,
     nodeId: e.FLEETSTREAM_NODE_ID ?? defaultNodeId(),
     hlcMaxOffsetMs: e.HLC_MAX_OFFSET_MS,
+    partitions: e.FLEET_PARTITIONS,
     streams: {
       events: 'FLEET_EVENTS',
       dlq: 'FLEET_DLQ',
@@ -113,6 +185,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     sensorInactivityTimeoutSeconds: e.SENSOR_INACTIVITY_TIMEOUT_SECONDS,
     alertRulesFile: e.ALERT_RULES_FILE,
     logLevel: e.LOG_LEVEL,
+    metrics: { port: e.METRICS_PORT, host: e.METRICS_HOST },
   }
   return deepFreeze(config)
 }

@@ -10,13 +10,25 @@ import { withBackoff } from './retry.ts'
  */
 export function createPool(
   url: string,
-  opts: { max?: number; applicationName?: string; log: Logger },
+  opts: {
+    max?: number
+    applicationName?: string
+    log: Logger
+    /** How long to wait for a connection (default 5 s). */
+    connectionTimeoutMs?: number
+    /** Fail a query that has no answer after this long (default: wait). */
+    queryTimeoutMs?: number
+    /** Schemas unqualified names resolve in (e.g. a rebuild's scratch schema); the server's default otherwise. */
+    searchPath?: readonly string[]
+  },
 ): pg.Pool {
   const pool = new pg.Pool({
     connectionString: url,
+    ...(opts.searchPath ? { options: `-c search_path=${searchPathOption(opts.searchPath)}` } : {}),
     max: opts.max ?? 4,
     application_name: opts.applicationName ?? 'fleetstream',
-    connectionTimeoutMillis: 5000,
+    connectionTimeoutMillis: opts.connectionTimeoutMs ?? 5000,
+    ...(opts.queryTimeoutMs !== undefined ? { query_timeout: opts.queryTimeoutMs } : {}),
     idleTimeoutMillis: 30_000,
     types: numericTypes(),
   })
@@ -33,6 +45,14 @@ export function createPool(
     })
   })
   return pool
+}
+
+function searchPathOption(schemas: readonly string[]): string {
+  for (const s of schemas) {
+    if (!/^[a-z_][a-z0-9_]{0,62}$/.test(s))
+      throw new Error(`'searchPath' schemas must match /^[a-z_][a-z0-9_]{0,62}$/, got '${s}'`)
+  }
+  return schemas.join(',')
 }
 
 function numericTypes(): pg.TypeOverrides {

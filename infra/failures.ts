@@ -8,7 +8,7 @@ import {
   type CircuitBreakerPolicy,
 } from 'cockatiel'
 import { JetStreamApiError } from '@nats-io/jetstream'
-import { RequestError } from '@nats-io/transport-node'
+import { PermissionViolationError, RequestError } from '@nats-io/transport-node'
 import type { Logger } from './logger.ts'
 import { errorSummary } from './retry.ts'
 
@@ -37,17 +37,36 @@ export function isTransient(err: unknown): boolean {
   ) {
     return true
   }
-  const name = err instanceof Error ? err.name : ''
-  // NATS: a request timed out, or nobody answered (a stream or meta leader being elected);
-  // js.publish reports the latter as JetStreamNotEnabled.
-  if (['TimeoutError', 'NoResponders', 'JetStreamNotEnabled'].includes(name)) return true
+  if (isJetStreamUnavailable(err)) return true
   // An open breaker is the outage itself (cockatiel's error keeps the name 'Error').
   if (err instanceof BrokenCircuitError) return true
-  if (err instanceof RequestError && err.isNoResponders()) return true
-  // JetStream API 503 / 10008: "JetStream system temporarily unavailable".
-  if (err instanceof JetStreamApiError && (err.status === 503 || err.code === 10008)) return true
+  // Waiting for an operator's `fleetstream setup` (see infra/streams.ts).
+  if (err instanceof Error && err.name === 'StreamNotSetUpError') return true
   const cause = (err as { cause?: unknown }).cause
   return cause !== undefined && cause !== err && isTransient(cause)
+}
+
+/**
+ * NATS could not serve a JetStream request right now: it timed out, nobody answered (a stream or
+ * meta leader being elected; js.publish reports that as JetStreamNotEnabled), or the server said
+ * 503 / 10008 "JetStream system temporarily unavailable".
+ */
+export function isJetStreamUnavailable(err: unknown): boolean {
+  const name = err instanceof Error ? err.name : ''
+  if (['TimeoutError', 'NoResponders', 'JetStreamNotEnabled'].includes(name)) return true
+  if (err instanceof RequestError && err.isNoResponders()) return true
+  return err instanceof JetStreamApiError && (err.status === 503 || err.code === 10008)
+}
+
+/**
+ * NATS refused a publish or subscription for this user (its role does not allow it). Never
+ * transient: the same request is refused again until the server's configuration changes.
+ */
+export function isPermissionViolation(err: unknown): err is Error {
+  for (let e: unknown = err, i = 0; e instanceof Error && i < 5; e = e.cause, i++) {
+    if (e instanceof PermissionViolationError) return true
+  }
+  return false
 }
 
 export type BreakerState = 'closed' | 'open' | 'half-open'

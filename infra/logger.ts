@@ -1,9 +1,11 @@
+import { trace } from '@opentelemetry/api'
 import { pino, type Logger } from 'pino'
 
 export type { Logger }
 
 /**
- * Structured JSON logs on stderr (stdout stays free for command output).
+ * Structured JSON logs on stderr (stdout stays free for command output), with the trace and span
+ * id of the active span when tracing is on.
  *
  * ```ts
  * const log = createLogger({ level: config.logLevel, name: 'readings' })
@@ -16,6 +18,12 @@ export function createLogger(opts: { level: string; name?: string }): Logger {
       level: opts.level,
       base: opts.name ? { name: opts.name } : {},
       timestamp: pino.stdTimeFunctions.isoTime,
+      // Lines written inside a span (a batch, a publish) carry its ids, so a log line leads to its
+      // trace in Jaeger; fields the call passes (an event's own trace) take precedence.
+      mixin: () => {
+        const sc = trace.getActiveSpan()?.spanContext()
+        return sc && trace.isSpanContextValid(sc) ? { traceId: sc.traceId, spanId: sc.spanId } : {}
+      },
     },
     pino.destination({ dest: 2, sync: true }),
   )

@@ -14,3 +14,40 @@ export function sleep(ms: number, signal: AbortSignal): Promise<void> {
     signal.addEventListener('abort', done, { once: true })
   })
 }
+
+/** Rejects with an error naming `what` when `promise` has not settled after `ms`. */
+export async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      reject(new DeadlineError(`${what}: no answer within ${ms} ms`))
+    }, ms)
+  })
+  try {
+    return await Promise.race([promise, timeout])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+export class DeadlineError extends Error {
+  override readonly name = 'DeadlineError'
+}
+
+/**
+ * Lets a loop that waits between rounds be woken early: `wait` resolves after `ms`, on
+ * `notify()` (also one that came while nobody waited), or when `signal` aborts.
+ */
+export class Wakeup {
+  #pending = new AbortController()
+
+  notify(): void {
+    this.#pending.abort()
+  }
+
+  async wait(ms: number, signal: AbortSignal): Promise<void> {
+    const pending = this.#pending
+    if (!pending.signal.aborted) await sleep(ms, AbortSignal.any([signal, pending.signal]))
+    if (pending.signal.aborted) this.#pending = new AbortController()
+  }
+}

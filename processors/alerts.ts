@@ -2,7 +2,6 @@ import type { Config } from '../infra/config.ts'
 import { alertsProjection } from '../projections/alerts.ts'
 import type { AlertRules } from '../projections/alert-rules.ts'
 import { anyEvents } from '../projections/projection.ts'
-import { ALL_EVENTS } from '../schemas/subjects.ts'
 import { runOutboxRelay } from './outbox-relay.ts'
 import type { ProcessorSpec } from './processor.ts'
 
@@ -17,7 +16,7 @@ import type { ProcessorSpec } from './processor.ts'
 export function alertsProcessor(config: Config, rules: AlertRules): ProcessorSpec {
   return {
     name: 'alerts',
-    filterSubject: ALL_EVENTS,
+    reads: 'all',
     projection: anyEvents(
       alertsProjection({ rules, defaultTimeoutSeconds: config.sensorInactivityTimeoutSeconds }),
     ),

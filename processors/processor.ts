@@ -6,14 +6,16 @@ import {
   type JsMsg,
 } from '@nats-io/jetstream'
 import type { NatsConnection } from '@nats-io/transport-node'
-import { BrokenCircuitError, ExponentialBackoff } from 'cockatiel'
+import { context, trace } from '@opentelemetry/api'
+import { BrokenCircuitError, ExponentialBackoff, type IBackoff } from 'cockatiel'
 import type { Kysely } from 'kysely'
 import type pg from 'pg'
 import type { Config } from '../infra/config.ts'
 import type { Logger } from '../infra/logger.ts'
 import { createBreaker, isTransient, type Breaker, type BreakerState } from '../infra/failures.ts'
 import { errorSummary } from '../infra/retry.ts'
-import { sleep } from '../infra/sleep.ts'
+import { traceFields } from '../infra/telemetry.ts'
+import { sleep, Wakeup } from '../infra/sleep.ts'
 import {
   advanceCheckpoint,
   CheckpointConflictError,
@@ -22,26 +24,43 @@ import {
 } from '../projections/checkpoints.ts'
 import type { AnyProjection, ProjectedEvent } from '../projections/projection.ts'
 import type { Database } from '../projections/tables.ts'
-import { decodeEvent, type RejectReason } from '../schemas/decode.ts'
-import { assertWithinOffset, ClockSkewError, decodeHlc } from '../schemas/hlc.ts'
+import type { RejectReason } from '../schemas/decode.ts'
+import type { EventKind } from '../schemas/events.ts'
 import { Headers } from '../schemas/subjects.ts'
 import { anchorConsumer, MessageBuffer, type ConsumerSpec } from './consumer.ts'
+import { decide } from './decision.ts'
+import { Lease, slotsOf, type Slot } from './partitions.ts'
 import { parkInDlq } from './dlq.ts'
+import {
+  findDivergence,
+  markOf,
+  pruneMarks,
+  rewindCheckpoint,
+  sweepMarks,
+  sweepStart,
+  type Divergence,
+  type MarksToCompare,
+} from './stream-marks.ts'
+import { BatchSpans } from './tracing.ts'
+import type { Metrics, ProcessorMetrics } from './metrics.ts'
 
 /**
  * A processor: one durable consumer on FLEET_EVENTS feeding one projection.
  *
  * ```ts
  * export const readingsProcessor: ProcessorSpec = {
- *   name: 'readings', filterSubject: 'fleet.events.*.reading', projection: readingsProjection,
+ *   name: 'readings', reads: 'reading', projection: readingsProjection,
  * }
  * ```
  */
 export interface ProcessorSpec {
-  /** Durable consumer name, checkpoint key and DLQ subject token. */
+  /** Durable consumer name and checkpoint key (with `-p<N>` per partition), DLQ subject token. */
   readonly name: string
-  /** The one subject filter of its consumer (nats-server 2.9 allows one). */
-  readonly filterSubject: string
+  /**
+   * The events it reads: one kind, or all. Its consumers' one filter subject each (nats-server
+   * 2.9 allows one) follows from this and the stream's partitioning ({@link slotsOf}).
+   */
+  readonly reads: EventKind | 'all'
   readonly projection: AnyProjection
   /** Runs beside the processor while it runs (e.g. the alerts' outbox relay). */
   readonly companion?: (deps: ProcessorDeps, signal: AbortSignal) => Promise<void>
@@ -55,6 +74,8 @@ export interface ProcessorDeps {
   readonly pool: pg.Pool
   readonly config: Config
   readonly log: Logger
+  /** Where the processor reports what it does (Prometheus); nothing is reported without it. */
+  readonly metrics?: Metrics
 }
 
 export interface ProcessorStats {
@@ -67,8 +88,13 @@ export interface ProcessorStats {
   /** Redeliveries of events at or below the checkpoint, acked without work. */
   skipped: number
   batches: number
-  /** Stream sequence of the checkpoint. */
+  /**
+   * The newest stream sequence committed (the checkpoint of a processor that is not
+   * partitioned; the highest of the partitions' checkpoints this instance owns otherwise).
+   */
   checkpoint: number
+  /** The checkpoint of each slot this instance owns now (see {@link slotsOf}). */
+  slots: Record<string, number>
   /** Transactions that failed and were retried. */
   retries: number
   /** Events parked because the projection failed on them every time (a subset of `rejected`). */
@@ -87,12 +113,12 @@ export interface RunningProcessor {
   readonly done: Promise<void>
 }
 
-/** The durable consumer a processor reads, from its spec and the configuration. */
-export function consumerSpecOf(spec: ProcessorSpec, config: Config): ConsumerSpec {
+/** The durable consumer of one slot of a processor (one per partition). */
+export function consumerSpecOf(slot: Slot, config: Config): ConsumerSpec {
   return {
     stream: config.streams.events,
-    name: spec.name,
-    filterSubject: spec.filterSubject,
+    name: slot.key,
+    filterSubject: slot.filterSubject,
     maxAckPending: config.processor.maxAckPending,
     ackWaitSeconds: config.processor.ackWaitSeconds,
   }
@@ -116,6 +142,7 @@ class ProcessorRunner implements RunningProcessor {
     skipped: 0,
     batches: 0,
     checkpoint: 0,
+    slots: {},
     retries: 0,
     poisoned: 0,
     state: 'starting',
@@ -127,10 +154,13 @@ class ProcessorRunner implements RunningProcessor {
   readonly #log: Logger
   readonly #js: JetStreamClient
   readonly #stopping = new AbortController()
-  readonly #consumer: ConsumerSpec
+  readonly #slots: readonly Slot[]
   readonly #postgres: Breaker
+  readonly #metrics: ProcessorMetrics | undefined
   /** Events parked for handler failures since the last successful commit of any event. */
   #consecutivePoison = 0
+  /** Times the NATS connection came back: the stream may have changed meanwhile. */
+  #reconnects = 0
 
   constructor(spec: ProcessorSpec, deps: ProcessorDeps) {
     this.name = spec.name
@@ -138,15 +168,21 @@ class ProcessorRunner implements RunningProcessor {
     this.#deps = deps
     this.#log = deps.log.child({ processor: spec.name })
     this.#js = jetstream(deps.nc)
-    this.#consumer = consumerSpecOf(spec, deps.config)
+    this.#slots = slotsOf(spec, deps.config)
     this.#postgres = createBreaker('postgres', this.#log)
+    this.#metrics = deps.metrics?.register(this)
     this.#postgres.policy.onStateChange(() => {
       this.stats.postgres = this.#postgres.state
     })
     const companion = spec.companion?.(deps, this.#stopping.signal).catch((err: unknown) => {
       this.#log.error({ err: errorSummary(err) }, `${spec.name} companion stopped`)
     })
+    void this.#countReconnects()
     this.done = Promise.all([this.#supervise(), companion]).then(() => undefined)
+  }
+
+  async #countReconnects(): Promise<void> {
+    for await (const s of this.#deps.nc.status()) if (s.type === 'reconnect') this.#reconnects++
   }
 
   async stop(): Promise<void> {
@@ -160,7 +196,7 @@ class ProcessorRunner implements RunningProcessor {
     let delay = backoff
     while (!signal.aborted) {
       try {
-        await this.#session(signal, () => (delay = backoff))
+        await this.#membership(signal, () => (delay = backoff))
       } catch (err) {
         if (isAborted(signal)) break
         this.stats.state = 'backing-off'
@@ -176,39 +212,247 @@ class ProcessorRunner implements RunningProcessor {
     this.#log.info({ checkpoint: this.stats.checkpoint }, 'processor stopped')
   }
 
-  /** One life of the processor: lock, anchor the consumer, consume until stopped or broken. */
-  async #session(signal: AbortSignal, healthy: () => void): Promise<void> {
+  /**
+   * One membership among the processor's instances: a Postgres session holds this instance's
+   * locks (see {@link Lease}); slots are taken and given back as instances come and go, each
+   * consumed by its own {@link SlotSession}. Ends (and every slot session with it) when that
+   * Postgres session breaks.
+   */
+  async #membership(signal: AbortSignal, healthy: () => void): Promise<void> {
     // While the breaker is open this fails at once; after its backoff it lets one probe through.
     await this.#postgres.policy.execute(() => this.#deps.pool.query('select 1'))
-    const lock = await this.#deps.pool.connect()
-    const buffer = new MessageBuffer()
-    const lockState: { lost?: Error } = {}
-    const onLockError = (err: Error) => {
-      lockState.lost = err
-      buffer.close() // wake the loop: without the lock this session must end
+    const owned = new Map<Slot, OwnedSlot>()
+    const wake = new Wakeup()
+    const lease = await Lease.open(this.#deps.pool, this.name, () => {
+      for (const o of owned.values()) o.session.interrupt()
+      wake.notify()
+    })
+    const backoffs = new Map<Slot, { until: number; delay: IBackoff<unknown> }>()
+    try {
+      while (!(await lease.join())) {
+        this.stats.state = 'standby'
+        await sleep(REBALANCE_MS, signal)
+        if (signal.aborted) return
+      }
+      while (!signal.aborted) {
+        if (lease.lost) {
+          throw new Error('lost the connection holding the processor locks', { cause: lease.lost })
+        }
+        const wanted = await lease.share(this.#slots)
+        for (const slot of this.#slots) {
+          const mine = owned.get(slot)
+          if (mine !== undefined) {
+            if (!wanted.has(slot)) mine.session.giveUp() // another instance's share now
+            continue
+          }
+          if (!wanted.has(slot) || (backoffs.get(slot)?.until ?? 0) > Date.now()) continue
+          if (!(await lease.tryAcquire(slot.key))) continue // its owner has not let go yet
+          const session = new SlotSession(slot, this.#context(), signal)
+          const startedAt = Date.now()
+          const entry: OwnedSlot = { session, ended: Promise.resolve() }
+          entry.ended = session
+            .run()
+            .then(
+              () => {
+                backoffs.delete(slot)
+              },
+              (err: unknown) => {
+                if (signal.aborted) return
+                // A session that had been going for a while starts its backoff afresh; one that
+                // fails again soon after starting waits longer each time.
+                const lasted = Date.now() - startedAt > SLOT_HEALTHY_MS
+                const previous = lasted ? undefined : backoffs.get(slot)?.delay
+                const delay = previous?.next(undefined) ?? SLOT_BACKOFF.next()
+                backoffs.set(slot, { until: Date.now() + delay.duration, delay })
+                this.#log.warn(
+                  {
+                    slot: slot.key,
+                    err: errorSummary(err),
+                    retryInMs: Math.round(delay.duration),
+                  },
+                  'processor session failed',
+                )
+              },
+            )
+            .finally(async () => {
+              // The slot is given back before the session counts as ended, so the lease is
+              // never closed (and its connection returned to the pool) under a release.
+              owned.delete(slot)
+              this.stats.slots = Object.fromEntries(
+                Object.entries(this.stats.slots).filter(([key]) => key !== slot.key),
+              )
+              await lease.release(slot.key).catch(() => undefined)
+              wake.notify()
+            })
+          owned.set(slot, entry)
+        }
+        const waiting = [...backoffs.values()].some((b) => b.until > Date.now())
+        const state = owned.size > 0 ? 'running' : waiting ? 'backing-off' : 'standby'
+        if (state === 'standby' && this.stats.state !== 'standby') {
+          this.#log.info('other instances own every slot of this processor; standing by')
+        }
+        this.stats.state = state
+        if (state === 'running') healthy()
+        const soonest = Math.min(
+          ...[...backoffs.values()].map((b) => b.until).filter((t) => t > Date.now()),
+        )
+        await wake.wait(Math.max(10, Math.min(REBALANCE_MS, soonest - Date.now())), signal)
+      }
+    } finally {
+      const ending = [...owned.values()]
+      for (const o of ending) o.session.interrupt()
+      await Promise.all(ending.map((o) => o.ended))
+      await lease.close()
     }
-    lock.on('error', onLockError)
+  }
+
+  /** What every slot session of this instance shares. */
+  #context(): RunnerContext {
+    return {
+      spec: this.#spec,
+      deps: this.#deps,
+      log: this.#log,
+      js: this.#js,
+      postgres: this.#postgres,
+      metrics: this.#metrics,
+      stats: this.stats,
+      reconnects: () => this.#reconnects,
+      poison: {
+        get: () => this.#consecutivePoison,
+        set: (n) => {
+          this.#consecutivePoison = n
+        },
+      },
+    }
+  }
+}
+
+/** What the slot sessions of one processor instance share. */
+interface RunnerContext {
+  readonly spec: ProcessorSpec
+  readonly deps: ProcessorDeps
+  readonly log: Logger
+  readonly js: JetStreamClient
+  readonly postgres: Breaker
+  readonly metrics: ProcessorMetrics | undefined
+  readonly stats: ProcessorStats
+  /** Events parked for handler failures since the last successful commit of any event. */
+  readonly poison: { get(): number; set(n: number): void }
+  /** How often the NATS connection has come back so far. */
+  readonly reconnects: () => number
+}
+
+/** What a slot session's stream check compares with: the stream leader and reconnects seen last. */
+interface StreamSeen {
+  readonly leader: string | undefined
+  readonly reconnects: number
+}
+
+interface OwnedSlot {
+  readonly session: SlotSession
+  /** Settles when the session has ended (its failure already handled). */
+  ended: Promise<void>
+}
+
+/**
+ * One slot (the whole stream, or one partition) consumed while this instance holds its lock:
+ * anchor the durable consumer at the checkpoint, then take batches, apply and ack them until
+ * stopped, given up or broken. Ends by throwing on a failure; the next session starts again
+ * from the checkpoint in Postgres.
+ */
+class SlotSession {
+  readonly #slot: Slot
+  readonly #ctx: RunnerContext
+  readonly #log: Logger
+  readonly #consumer: ConsumerSpec
+  /** Aborted by the instance's stop, or when this slot is handed to another instance. */
+  readonly #stop = new AbortController()
+  readonly #buffer = new MessageBuffer()
+  /** Spans of the batch in hand (one batch at a time). */
+  #spans: BatchSpans | undefined
+  /** The checkpoint as this session last committed (or rewound) it. */
+  #position: CheckpointPosition = { lastSeq: 0, hlc: null }
+  /** The new messages of the batch in hand, in stream order: each commit marks its range of them. */
+  #inHand: readonly JsMsg[] = []
+  /** The highest stream sequence delivered in this session. */
+  #delivered = 0
+  /** Batches and stream checks take turns: a check may move the checkpoint back. */
+  #turn: Promise<unknown> = Promise.resolve()
+  /** Set when the stream no longer holds what was applied: the session ends and re-anchors. */
+  #diverged: Error | undefined
+
+  readonly #stopping: AbortSignal
+
+  constructor(slot: Slot, ctx: RunnerContext, stopping: AbortSignal) {
+    this.#slot = slot
+    this.#ctx = ctx
+    this.#log =
+      slot.partition === undefined ? ctx.log : ctx.log.child({ partition: slot.partition })
+    this.#consumer = consumerSpecOf(slot, ctx.deps.config)
+    this.#stopping = stopping
+  }
+
+  /** Finish the batch in hand, then end (the slot now belongs to another instance). */
+  giveUp(): void {
+    if (this.#stop.signal.aborted) return
+    this.#log.info({ slot: this.#slot.key }, 'handing the slot over to another instance')
+    this.#stop.abort()
+  }
+
+  /** End as soon as possible: the locks are gone or the instance is stopping. */
+  interrupt(): void {
+    this.#stop.abort()
+    this.#buffer.close()
+  }
+
+  async run(): Promise<void> {
+    const signal = this.#stop.signal
+    const buffer = this.#buffer
+    const watching = new AbortController()
+    const stop = () => {
+      this.#stop.abort()
+    }
+    if (this.#stopping.aborted) stop()
+    this.#stopping.addEventListener('abort', stop, { once: true })
     let messages: ConsumerMessages | undefined
     try {
-      await this.#acquireLock(lock, signal)
-      if (signal.aborted) return
-      const position = await readCheckpoint(this.#deps.db, this.name)
-      this.stats.checkpoint = position.lastSeq
-      const anchored = await anchorConsumer(this.#deps.jsm, this.#consumer, position)
-      this.#log.info({ checkpoint: position.lastSeq, consumer: anchored }, 'processor running')
-      this.stats.state = 'running'
-      healthy()
+      // What the stream check compares with later, taken before this session's first check.
+      const seen: StreamSeen = {
+        leader: (await this.#ctx.deps.jsm.streams.info(this.#consumer.stream)).cluster?.leader,
+        reconnects: this.#ctx.reconnects(),
+      }
+      let position = await readCheckpoint(this.#ctx.deps.db, this.#slot.key)
+      const found = await this.#findDivergence('session-start')
+      if (found !== undefined) position = await this.#rewind(found, position, 'session start')
+      this.#position = position
+      this.#checkpointAt(position.lastSeq)
+      const anchored = await anchorConsumer(this.#ctx.deps.jsm, this.#consumer, position)
+      this.#log.info(
+        { slot: this.#slot.key, checkpoint: position.lastSeq, consumer: anchored },
+        'processor running',
+      )
 
-      const consumer = await this.#js.consumers.get(this.#consumer.stream, this.#consumer.name)
+      // With AckPolicy.All, one ack covers every earlier delivery. If the server counted deliveries
+      // that never arrived (a connection dropped, a consumer leader died mid-flight), the next
+      // ack would cover them too and they would never come again. The consumer sequence numbers
+      // every delivery without gaps, so a jump in it is exactly such a loss.
+      const deliveries = new DeliverySequence()
+      const gap: { skipped?: string } = {}
+      const consumer = await this.#ctx.js.consumers.get(this.#consumer.stream, this.#consumer.name)
       messages = await consumer.consume({
         max_messages: Math.min(
-          this.#deps.config.processor.batchSize * 2,
+          this.#ctx.deps.config.processor.batchSize * 2,
           this.#consumer.maxAckPending,
         ),
         // Stop when the consumer disappears, so the session re-anchors it from the checkpoint.
         abort_on_missing_resource: true,
         callback: (m) => {
-          buffer.push(m)
+          this.#delivered = Math.max(this.#delivered, m.info.streamSequence)
+          if (gap.skipped === undefined && deliveries.add(m.info.deliverySequence)) buffer.push(m)
+          else if (gap.skipped === undefined) {
+            gap.skipped = `${deliveries.last} to ${m.info.deliverySequence}`
+            buffer.close() // what came before the gap is applied; nothing after it
+          }
         },
       })
       const closed = messages.closed().then((err) => {
@@ -216,55 +460,152 @@ class ProcessorRunner implements RunningProcessor {
         return err
       })
 
-      let from = position
+      void this.#watchStream(seen, watching.signal)
       while (!isAborted(signal)) {
-        const { batchSize, batchLingerMs } = this.#deps.config.processor
+        const { batchSize, batchLingerMs } = this.#ctx.deps.config.processor
         const batch = await buffer.take(batchSize, batchLingerMs, signal)
-        if (lockState.lost) {
-          throw new Error('lost the connection holding the processor lock', {
-            cause: lockState.lost,
-          })
-        }
+        if (this.#diverged !== undefined) throw this.#diverged
         if (batch.length === 0) {
-          if (buffer.closed) {
+          if (gap.skipped !== undefined) {
+            throw new Error(
+              `deliveries went missing in flight (consumer sequence jumped from ${gap.skipped}): ` +
+                'acking past them would skip events; re-anchoring at the checkpoint',
+            )
+          }
+          if (buffer.closed && !isAborted(signal)) {
             const err = await closed
             throw new Error('consumer stopped', { cause: err ?? undefined })
           }
           continue
         }
-        from = await this.#processBatch(batch, from, signal)
-      }
-    } finally {
-      messages?.stop()
-      // A lock connection that failed is destroyed; a healthy one goes back without its lock.
-      // Our error listener stays until the pool has it back: a connection dying meanwhile (the
-      // database going down as the session ends) with no listener would crash the process.
-      if (!lockState.lost) {
-        await lock.query('select pg_advisory_unlock_all()').catch((err: unknown) => {
-          lockState.lost = err instanceof Error ? err : new Error(String(err))
+        this.#position = await this.#exclusive(() => {
+          // A check that ran while this batch waited moved the checkpoint back past it.
+          if (this.#diverged !== undefined) throw this.#diverged
+          return this.#processBatch(batch, this.#position, signal)
         })
       }
-      lock.release(lockState.lost)
-      lock.off('error', onLockError)
+    } finally {
+      watching.abort()
+      this.#stopping.removeEventListener('abort', stop)
+      messages?.stop()
     }
   }
 
-  /** One active instance per processor; others wait on standby until it goes away. */
-  async #acquireLock(lock: pg.PoolClient, signal: AbortSignal): Promise<void> {
-    let announced = false
-    while (!signal.aborted) {
-      const r = await lock.query<{ ok: boolean }>(
-        "select pg_try_advisory_lock(hashtext('fleetstream-processor'), hashtext($1)) as ok",
-        [this.name],
-      )
-      if (r.rows[0]?.ok === true) return
-      if (!announced) {
-        this.stats.state = 'standby'
-        this.#log.info('another instance holds the processor lock; standing by')
-        announced = true
+  /** Runs `fn` when the batch or check before it has finished. */
+  #exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const turn = this.#turn.then(fn)
+    this.#turn = turn.catch(() => undefined)
+    return turn
+  }
+
+  #findDivergence(which: MarksToCompare): Promise<Divergence | undefined> {
+    const { db, jsm } = this.#ctx.deps
+    const { stream, filterSubject } = this.#consumer
+    return findDivergence(db, jsm, stream, this.#slot.key, filterSubject, which)
+  }
+
+  /**
+   * Moves the checkpoint back from `position` to where the stream stopped agreeing with what this
+   * slot applied (see processors/stream-marks.ts). Returns the position to go on from.
+   */
+  async #rewind(
+    found: Divergence,
+    position: CheckpointPosition,
+    why: string,
+  ): Promise<CheckpointPosition> {
+    // Never forward: a mark past the checkpoint is from before a replay moved it back.
+    const toSeq = Math.min(found.mark.fromSeq, position.lastSeq)
+    const to = await rewindCheckpoint(this.#ctx.deps.db, this.#slot.key, position, toSeq)
+    if (to.lastSeq === position.lastSeq) return position
+    this.#log.warn(
+      {
+        slot: this.#slot.key,
+        why,
+        range: `${found.mark.fromSeq + 1}-${found.mark.lastSeq}`,
+        found: found.found,
+        checkpoint: position.lastSeq,
+        rewoundTo: to.lastSeq,
+      },
+      'the stream no longer holds what was applied at this sequence; reading again from before it',
+    )
+    this.#ctx.metrics?.rewound()
+    return to
+  }
+
+  /**
+   * While the session runs: after a new stream leader, a reconnect, or the stream ending below
+   * what was delivered, compares the stream with the marks; if the checkpoint has to go back, it
+   * does so between two batches and the session ends, so the next one anchors there.
+   */
+  async #watchStream(seen: StreamSeen, signal: AbortSignal): Promise<void> {
+    const { jsm, db } = this.#ctx.deps
+    let { leader, reconnects } = seen
+    let due: string | undefined
+    // The checkpoint at the last few checks that saw nothing wrong: what a failover can have
+    // rewritten was applied after the oldest of them (kept a few checks back, for the tail
+    // read just before the change was seen).
+    const settled: number[] = [this.#position.lastSeq]
+    let swept = await sweepStart(db, this.#slot.key).catch(() => 0)
+    for (let round = 1; !isAborted(signal) && this.#diverged === undefined; round++) {
+      await sleep(STREAM_CHECK_MS, signal)
+      if (isAborted(signal)) return
+      try {
+        const info = await jsm.streams.info(this.#consumer.stream)
+        const now = info.cluster?.leader
+        if (now !== leader) due ??= `new stream leader ${now ?? '(none)'}`
+        if (info.state.last_seq < this.#delivered)
+          due ??= 'the stream ends below what was delivered'
+        if (this.#ctx.reconnects() !== reconnects) due ??= 'reconnected to NATS'
+        leader = now
+        reconnects = this.#ctx.reconnects()
+        const sweep = await sweepMarks(db, jsm, this.#consumer.stream, this.#slot.key, swept)
+        let afterSeq = settled[0] ?? 0
+        if (sweep.disagreesAt !== undefined) {
+          due ??= 'a commit no longer agrees with the stream'
+          afterSeq = Math.min(afterSeq, sweep.sweptTo)
+        }
+        if (due !== undefined) {
+          const why = due
+          // Compared while batches go on: only moving the checkpoint waits for the batch in hand.
+          const found = await this.#findDivergence({ afterSeq })
+          if (found !== undefined) {
+            await this.#exclusive(async () => {
+              if (this.#diverged !== undefined || isAborted(signal)) return
+              const from = this.#position
+              const to = await this.#rewind(found, from, why)
+              if (to.lastSeq === from.lastSeq) return
+              this.#position = to
+              this.#checkpointAt(to.lastSeq)
+              this.#diverged = new Error(
+                `the stream changed under the checkpoint (${why}); re-anchoring at ${to.lastSeq}`,
+              )
+              this.#buffer.close()
+            })
+          }
+          due = undefined
+        }
+        // Past a disagreement once the full check has run (it went back, or there was nothing
+        // to go back for: a message aged out of the stream).
+        swept = sweep.disagreesAt ?? sweep.sweptTo
+        settled.push(this.#position.lastSeq)
+        if (settled.length > SETTLED_CHECKS) settled.shift()
+        if (round % PRUNE_EVERY_ROUNDS === 0) await pruneMarks(db, this.#slot.key)
+      } catch (err) {
+        if (err instanceof CheckpointConflictError) {
+          this.#diverged = err
+          this.#buffer.close()
+          return
+        }
+        // NATS or Postgres not answering: try again next round, the check still due.
+        this.#log.debug({ err: errorSummary(err) }, 'stream check failed; trying again')
       }
-      await sleep(1000 + Math.random() * 1000, signal)
     }
+  }
+
+  #checkpointAt(seq: number): void {
+    const stats = this.#ctx.stats
+    stats.slots[this.#slot.key] = seq
+    stats.checkpoint = Math.max(0, ...Object.values(stats.slots))
   }
 
   /**
@@ -278,7 +619,30 @@ class ProcessorRunner implements RunningProcessor {
     from: CheckpointPosition,
     signal: AbortSignal,
   ): Promise<CheckpointPosition> {
-    this.stats.received += batch.length
+    const spans = new BatchSpans(this.#slot.processor, this.#slot.filterSubject, batch)
+    this.#spans = spans
+    try {
+      // The transaction runs inside the batch span: its database spans land beneath it.
+      const pos = await context.with(trace.setSpan(context.active(), spans.batch), () =>
+        this.#applyBatch(batch, from, signal),
+      )
+      spans.committed(pos.lastSeq)
+      return pos
+    } catch (err) {
+      spans.failed(err)
+      throw err
+    } finally {
+      this.#spans = undefined
+    }
+  }
+
+  async #applyBatch(
+    batch: JsMsg[],
+    from: CheckpointPosition,
+    signal: AbortSignal,
+  ): Promise<CheckpointPosition> {
+    const started = performance.now()
+    this.#ctx.stats.received += batch.length
     const fresh: JsMsg[] = []
     const seen = new Set<number>()
     let newest: JsMsg | undefined
@@ -286,7 +650,8 @@ class ProcessorRunner implements RunningProcessor {
       const seq = m.info.streamSequence
       if (newest === undefined || seq > newest.info.streamSequence) newest = m
       if (seq <= from.lastSeq || seen.has(seq)) {
-        this.stats.skipped++
+        this.#ctx.stats.skipped++
+        this.#ctx.metrics?.skipped()
         continue
       }
       seen.add(seq)
@@ -297,23 +662,31 @@ class ProcessorRunner implements RunningProcessor {
       newest.ack()
       return from
     }
+    fresh.sort((a, b) => a.info.streamSequence - b.info.streamSequence)
+    this.#inHand = fresh
 
     const accepted: Accepted[] = []
     const parked: JsMsg[] = []
     for (const msg of fresh) {
-      const redriveFor = msg.headers?.get(Headers.RedriveFor) ?? ''
-      if (redriveFor !== '' && redriveFor !== this.name) {
+      const d = decide(msg, this.#slot.processor, this.#ctx.deps.config)
+      if (d.kind === 'skip') {
         // Put back from the DLQ for another processor; this one applied the original.
-        this.stats.skipped++
+        this.#ctx.stats.skipped++
+        this.#ctx.metrics?.skipped()
         continue
       }
-      const decoded = this.#decode(msg, redriveFor !== '')
-      if ('reason' in decoded) {
+      this.#spans?.event(
+        msg,
+        d.kind === 'apply'
+          ? { correlationId: d.event.event.correlationId, hlc: d.event.event.hlc }
+          : undefined,
+      )
+      if (d.kind === 'refuse') {
         // Refused as it is: no attempt can change that. Parked before any commit passes it.
-        await this.#park({ msg, ...decoded, attempts: 1 })
+        await this.#park({ msg, reason: d.reason, detail: d.detail, attempts: 1 })
         parked.push(msg)
       } else {
-        accepted.push({ msg, event: decoded })
+        accepted.push({ msg, event: d.event })
       }
     }
 
@@ -323,35 +696,10 @@ class ProcessorRunner implements RunningProcessor {
 
     for (const m of parked) m.term() // no reason: nats-server 2.9 would redeliver term(reason)
     newest.ack()
-    this.stats.batches++
-    this.stats.checkpoint = pos.lastSeq
+    this.#ctx.stats.batches++
+    this.#checkpointAt(pos.lastSeq)
+    this.#ctx.metrics?.batch(batch.length, (performance.now() - started) / 1000)
     return pos
-  }
-
-  #decode(
-    msg: JsMsg,
-    redriven: boolean,
-  ): ProjectedEvent | { reason: RejectReason; detail: string } {
-    const decoded = decodeEvent({
-      subject: msg.subject,
-      data: msg.data,
-      // A redriven copy has its own Nats-Msg-Id (redrive:...), not the eventId.
-      msgId: redriven ? undefined : msg.headers?.get(Headers.MsgId),
-    })
-    if (!decoded.ok) return { reason: decoded.reason, detail: decoded.detail }
-    const ingestedAt = new Date(Math.floor(msg.info.timestampNanos / 1e6))
-    try {
-      // Measured against the stream's append time, so a replay decides exactly the same way.
-      assertWithinOffset(
-        decodeHlc(decoded.event.hlc),
-        ingestedAt.getTime(),
-        this.#deps.config.hlcMaxOffsetMs,
-      )
-    } catch (err) {
-      if (err instanceof ClockSkewError) return { reason: 'clock-skew', detail: err.message }
-      throw err
-    }
-    return { event: decoded.event, streamSeq: msg.info.streamSequence, ingestedAt }
   }
 
   /**
@@ -395,7 +743,7 @@ class ProcessorRunner implements RunningProcessor {
           failure = again
         }
       }
-      if (this.#consecutivePoison >= MAX_CONSECUTIVE_POISON) {
+      if (this.#ctx.poison.get() >= MAX_CONSECUTIVE_POISON) {
         // Everything fails: a broken projection, not bad events. Stop and back off rather than
         // empty the stream into the DLQ; a fixed deployment (a restart) starts counting afresh.
         throw new Error(
@@ -403,7 +751,7 @@ class ProcessorRunner implements RunningProcessor {
           { cause: failure.cause },
         )
       }
-      this.#consecutivePoison++
+      this.#ctx.poison.set(this.#ctx.poison.get() + 1)
       await this.#park({
         msg: only.msg,
         reason: 'handler-failed',
@@ -411,7 +759,7 @@ class ProcessorRunner implements RunningProcessor {
         attempts: POISON_ATTEMPTS,
       })
       parked.push(only.msg)
-      this.stats.poisoned++
+      this.#ctx.stats.poisoned++
       return from
     }
   }
@@ -422,8 +770,11 @@ class ProcessorRunner implements RunningProcessor {
     detail: string
     attempts: number
   }): Promise<void> {
+    this.#spans?.parked(d.msg, d.reason, d.detail)
     this.#log.warn(
       {
+        ...traceFields(this.#spans?.spanOf(d.msg)),
+        correlationId: d.msg.headers?.get(Headers.CorrelationId) || undefined,
         seq: d.msg.info.streamSequence,
         subject: d.msg.subject,
         reason: d.reason,
@@ -432,8 +783,9 @@ class ProcessorRunner implements RunningProcessor {
       },
       'event parked in the DLQ',
     )
-    await parkInDlq(this.#js, { processor: this.name, ...d })
-    this.stats.rejected++
+    await parkInDlq(this.#ctx.js, { processor: this.#slot.processor, ...d })
+    this.#ctx.stats.rejected++
+    this.#ctx.metrics?.parked(d.reason)
   }
 
   /**
@@ -448,18 +800,21 @@ class ProcessorRunner implements RunningProcessor {
     to: CheckpointPosition,
     signal: AbortSignal,
   ): Promise<CheckpointPosition> {
+    // Hashed once, not on every attempt.
+    const mark = markOf(this.#inHand, from.lastSeq, to.lastSeq)
     let delay = new ExponentialBackoff({ initialDelay: 100, maxDelay: 2_000 }).next()
     for (let attempt = 1; ; attempt++) {
       const started = performance.now()
       try {
-        await this.#postgres.policy.execute(() =>
-          this.#deps.db.transaction().execute(async (trx) => {
-            await this.#spec.projection.apply(trx, events)
-            await advanceCheckpoint(trx, this.name, this.#consumer.stream, from, to)
+        await this.#ctx.postgres.policy.execute(() =>
+          this.#ctx.deps.db.transaction().execute(async (trx) => {
+            await this.#ctx.spec.projection.apply(trx, events)
+            await advanceCheckpoint(trx, this.#slot.key, this.#consumer.stream, from, to, mark)
           }),
         )
-        this.stats.applied += events.length
-        if (events.length > 0) this.#consecutivePoison = 0
+        this.#ctx.stats.applied += events.length
+        this.#ctx.metrics?.committed(events)
+        if (events.length > 0) this.#ctx.poison.set(0)
         this.#log.debug(
           {
             applied: events.length,
@@ -476,7 +831,8 @@ class ProcessorRunner implements RunningProcessor {
         if (attempt >= COMMIT_ATTEMPTS || err instanceof BrokenCircuitError) {
           throw new Error(`not committed after ${attempt} attempts`, { cause: err })
         }
-        this.stats.retries++
+        this.#ctx.stats.retries++
+        this.#ctx.metrics?.retried()
         this.#log.warn(
           { err: errorSummary(err), retryInMs: Math.round(delay.duration) },
           'transaction failed; retrying',
@@ -487,6 +843,18 @@ class ProcessorRunner implements RunningProcessor {
         delay = delay.next(undefined)
       }
     }
+  }
+}
+
+/** Tracks a consumer's delivery sequence; `add` is false when deliveries were skipped. */
+class DeliverySequence {
+  last = 0
+
+  add(seq: number): boolean {
+    // A new consumer leader may resume below what it delivered before: those are redeliveries.
+    if (this.last !== 0 && seq > this.last + 1) return false
+    this.last = seq
+    return true
   }
 }
 
@@ -503,6 +871,13 @@ class DeterministicFailure extends Error {
   }
 }
 
+/** How often an instance looks at who else is running, to take or give up slots. */
+const REBALANCE_MS = 2_000
+/** Waits before a slot whose session failed is taken again (by this instance). */
+const SLOT_BACKOFF = new ExponentialBackoff({ initialDelay: 250, maxDelay: 15_000 })
+/** A slot session that lasted this long before failing starts the backoff afresh. */
+const SLOT_HEALTHY_MS = 30_000
+
 /** Attempts of one isolated event before it is parked. */
 const POISON_ATTEMPTS = 3
 /** More poison than this in a row, with no event applied in between, is a broken projection. */
@@ -510,6 +885,12 @@ const MAX_CONSECUTIVE_POISON = 10
 
 /** In-place attempts of one transaction before the session gives up (~4 s in all). */
 const COMMIT_ATTEMPTS = 5
+/** How often a running slot asks the stream whether it changed leader or lost its tail. */
+const STREAM_CHECK_MS = 2_000
+/** A failover is looked for in what was applied since this many quiet stream checks ago. */
+const SETTLED_CHECKS = 3
+/** Marks are pruned every this many stream checks. */
+const PRUNE_EVERY_ROUNDS = 30
 
 /** Read through a call: TypeScript would otherwise keep a narrowing from an earlier check. */
 function isAborted(signal: AbortSignal): boolean {

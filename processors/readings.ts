@@ -1,6 +1,5 @@
 import { anyEvents } from '../projections/projection.ts'
 import { readingsProjection } from '../projections/readings.ts'
-import { kindFilter } from '../schemas/subjects.ts'
 import type { ProcessorSpec } from './processor.ts'
 
 /**
@@ -11,6 +10,6 @@ import type { ProcessorSpec } from './processor.ts'
  */
 export const readingsProcessor: ProcessorSpec = {
   name: 'readings',
-  filterSubject: kindFilter('reading'),
+  reads: 'reading',
   projection: anyEvents(readingsProjection),
 }

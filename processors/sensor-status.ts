@@ -1,7 +1,6 @@
 import type { Config } from '../infra/config.ts'
 import { anyEvents } from '../projections/projection.ts'
 import { sensorStatusProjection } from '../projections/sensor-status.ts'
-import { ALL_EVENTS } from '../schemas/subjects.ts'
 import type { ProcessorSpec } from './processor.ts'
 
 /**
@@ -13,7 +12,7 @@ import type { ProcessorSpec } from './processor.ts'
 export function sensorStatusProcessor(config: Config): ProcessorSpec {
   return {
     name: 'sensor-status',
-    filterSubject: ALL_EVENTS,
+    reads: 'all',
     projection: anyEvents(
       sensorStatusProjection({ defaultTimeoutSeconds: config.sensorInactivityTimeoutSeconds }),
     ),

@@ -62,7 +62,7 @@ export function alertsProjection(opts: AlertsOptions): Projection {
           continue
         }
         const devices = deviceIdsOf(segment.events)
-        const sensors = await tracker.load(trx, devices)
+        const sensors = await tracker.load(trx, segment.events)
         await work.load(trx, devices)
         for (const p of segment.events) {
           const t = sensors.apply(p)

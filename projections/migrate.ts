@@ -1,6 +1,9 @@
 import { Migrator, type Kysely, type Migration, type MigrationResultSet } from 'kysely'
 import * as readings from './migrations/2026-11-23-01-readings.ts'
 import * as statusRollupsAlerts from './migrations/2026-11-23-02-status-rollups-alerts.ts'
+import * as sensorPartition from './migrations/2026-11-23-03-sensor-partition.ts'
+import * as lwwEventIds from './migrations/2026-11-23-04-lww-event-ids.ts'
+import * as streamMarks from './migrations/2026-11-23-05-stream-marks.ts'
 
 /**
  * Every migration, by name in the order they run. Listed here rather than read from a folder so
@@ -9,6 +12,9 @@ import * as statusRollupsAlerts from './migrations/2026-11-23-02-status-rollups-
 export const migrations: Readonly<Record<string, Migration>> = {
   '2026-11-23-01-readings': readings,
   '2026-11-23-02-status-rollups-alerts': statusRollupsAlerts,
+  '2026-11-23-03-sensor-partition': sensorPartition,
+  '2026-11-23-04-lww-event-ids': lwwEventIds,
+  '2026-11-23-05-stream-marks': streamMarks,
 }
 
 /** Brings the schema up to date; concurrent callers are serialised by Kysely's migration lock. */

@@ -9,6 +9,11 @@ export interface ProjectedEvent<E extends FleetEvent = FleetEvent> {
   readonly streamSeq: number
   /** When the stream stored it: time for projections comes from here or the event, never the wall clock. */
   readonly ingestedAt: Date
+  /**
+   * The partition its subject carries (the server maps device ids to partitions); `undefined`
+   * on a stream that is not partitioned. Stream time (clock ticks) is kept per partition.
+   */
+  readonly partition?: number
 }
 
 /**

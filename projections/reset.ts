@@ -1,11 +1,12 @@
-import type { Kysely } from 'kysely'
+import { sql, type Kysely } from 'kysely'
+import { ownRows, SHARED_TABLES } from './blue-green.ts'
 import type { AnyProjection } from './projection.ts'
 import type { Database } from './tables.ts'
 
 /**
  * Empties a projection's tables and forgets its checkpoint and stream time, in one transaction,
  * so that its processor rebuilds it from sequence 1 on its next start. Tables shared between
- * projections (`projection_clocks`) lose only this projection's row.
+ * projections (`projection_clocks`) lose only this projection's rows.
  */
 export async function resetProjection(
   db: Kysely<Database>,
@@ -14,15 +15,20 @@ export async function resetProjection(
 ): Promise<void> {
   await db.transaction().execute(async (trx) => {
     for (const table of projection.tables) {
-      if (table === 'projection_clocks') {
-        await trx
-          .deleteFrom('projection_clocks')
-          .where('projection', '=', projection.name)
-          .execute()
+      const key = SHARED_TABLES[table]
+      if (key !== undefined) {
+        await sql`delete from ${sql.table(table)} where ${ownRows(key, projection.name)}`.execute(
+          trx,
+        )
       } else {
         await trx.deleteFrom(table).execute()
       }
     }
-    await trx.deleteFrom('processor_checkpoints').where('processor', '=', processor).execute()
+    // The processor's checkpoint, or each of its partitions', and what it read up to there.
+    for (const table of ['processor_checkpoints', 'processor_stream_marks']) {
+      await sql`delete from ${sql.table(table)} where ${ownRows('processor', processor)}`.execute(
+        trx,
+      )
+    }
   })
 }

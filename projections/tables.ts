@@ -55,6 +55,19 @@ export interface CheckpointTable {
 }
 export type Checkpoint = Selectable<CheckpointTable>
 
+/** One commit's range of FLEET_EVENTS, (from_seq, last_seq], and what it read there. */
+export interface StreamMarkTable {
+  processor: string
+  from_seq: number
+  last_seq: number
+  /** The processor's messages in the range (those its filter subject matches). */
+  messages: number
+  digest: string
+  /** Of the message at last_seq alone. */
+  last_digest: string
+  committed_at: Generated<Date>
+}
+
 /**
  * Per-minute rollup of readings by the device's clock (count, min, max, sum; avg = sum / count).
  * Fed only by readings that were newly inserted, so redelivery and re-publishing never count twice.
@@ -90,9 +103,13 @@ export interface SensorStateTable {
   firmware: string | null
   inactivity_timeout_seconds: number | null
   registered_hlc: string | null
+  registered_event_id: string | null
   decommissioned_hlc: string | null
   declared_status: 'active' | 'inactive' | 'maintenance' | null
   declared_hlc: string | null
+  declared_event_id: string | null
+  /** The FLEET_EVENTS partition its events arrive on; null when the stream is not partitioned. */
+  partition: number | null
 }
 export type SensorState = Selectable<SensorStateTable>
 
@@ -179,6 +196,7 @@ export interface Database {
   latest_readings: LatestReadingTable
   readings_per_minute: ReadingsPerMinuteTable
   processor_checkpoints: CheckpointTable
+  processor_stream_marks: StreamMarkTable
   sensor_status: SensorStateTable
   alert_sensors: SensorStateTable
   sensor_status_history: SensorStatusHistoryTable

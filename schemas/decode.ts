@@ -12,7 +12,12 @@ export type RejectReason =
   | 'handler-failed'
 
 export type Decoded =
-  | { readonly ok: true; readonly event: FleetEvent }
+  | {
+      readonly ok: true
+      readonly event: FleetEvent
+      /** The partition token of its subject; `undefined` on a stream that is not partitioned. */
+      readonly partition?: number
+    }
   | { readonly ok: false; readonly reason: RejectReason; readonly detail: string }
 
 export interface RawEvent {
@@ -56,7 +61,9 @@ export function decodeEvent(raw: RawEvent): Decoded {
   const subject = parseEventSubject(raw.subject)
   const problems: string[] = []
   if (subject === undefined) {
-    problems.push(`subject must be fleet.events.<deviceId>.<kind>, got ${formatValue(raw.subject)}`)
+    problems.push(
+      `subject must be fleet.events.[<partition>.]<deviceId>.<kind>, got ${formatValue(raw.subject)}`,
+    )
   } else {
     if (subject.deviceId !== event.deviceId) {
       problems.push(
@@ -76,5 +83,7 @@ export function decodeEvent(raw: RawEvent): Decoded {
   }
   if (problems.length > 0)
     return { ok: false, reason: 'subject-mismatch', detail: problems.join('; ') }
-  return { ok: true, event }
+  return subject?.partition === undefined
+    ? { ok: true, event }
+    : { ok: true, event, partition: subject.partition }
 }

@@ -10,13 +10,14 @@ import { createLogger } from '../infra/logger.ts'
 import { createPublisher, type Publisher } from '../infra/publisher.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { openRuntime, setUp, type Runtime } from '../cli/runtime.ts'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { consumerInfo } from '../processors/consumer.ts'
+import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import type { EventDraft } from '../infra/publisher.ts'
 
 export const repoRoot = fileURLToPath(new URL('..', import.meta.url))
-export const cliPath = fileURLToPath(new URL('../dist/cli/main.js', import.meta.url))
+export const cliPath = fileURLToPath(new URL('../dist/cli/fleetstream.js', import.meta.url))
 
 /** Environment for a fleetstream process pointed at throwaway servers. */
 export function testEnv(
@@ -29,6 +30,9 @@ export function testEnv(
     DATABASE_URL: databaseUrl,
     LOG_LEVEL: 'warn',
     PROCESSOR_BATCH_LINGER_MS: '5',
+    // Processes of a run (and of test files running side by side) must not share a port.
+    METRICS_PORT: '0',
+    METRICS_HOST: '127.0.0.1',
     ...extra,
   }
 }
@@ -135,26 +139,28 @@ export async function allCaughtUp(
   names: readonly string[],
   timeoutMs = 60_000,
 ): Promise<void> {
+  // A consumer being re-anchored (deleted and created again) is absent for a moment: not done.
+  const infos = () =>
+    Promise.all(names.map((n) => consumerInfo(rt.jsm, rt.config.streams.events, n)))
   let calm = 0
   await waitFor(
     `processors ${names.join(', ')} to catch up`,
     async () => {
-      const infos = await Promise.all(
-        names.map((n) => rt.jsm.consumers.info(rt.config.streams.events, n)),
+      const done = (await infos()).every(
+        (i) => i !== undefined && i.num_pending === 0 && i.num_ack_pending === 0,
       )
-      const done = infos.every((i) => i.num_pending === 0 && i.num_ack_pending === 0)
       calm = done ? calm + 1 : 0
       return calm >= 2
     },
     timeoutMs,
-    async () => {
-      const infos = await Promise.all(
-        names.map((n) => rt.jsm.consumers.info(rt.config.streams.events, n)),
-      )
-      return infos
-        .map((i) => `${i.name}: pending ${i.num_pending}, ack pending ${i.num_ack_pending}`)
-        .join('; ')
-    },
+    async () =>
+      (await infos())
+        .map((i, k) =>
+          i === undefined
+            ? `${names[k]}: no consumer`
+            : `${i.name}: pending ${i.num_pending}, ack pending ${i.num_ack_pending}`,
+        )
+        .join('; '),
   )
 }
 
@@ -168,6 +174,42 @@ export function tickDraft(atMs: number): EventDraft<'clock.ticked'> {
     occurredAt: at,
     data: { at, intervalSeconds: 10 },
   }
+}
+
+/** Each processor's tables, with the columns that legitimately differ between runs left out. */
+export const READ_MODEL_TABLES = {
+  readings: { readings: [], latest_readings: [], readings_per_minute: [] },
+  'sensor-status': { sensor_status: [], sensor_status_history: [] },
+  alerts: {
+    alerts: [],
+    alert_conditions: [],
+    alert_sensors: [],
+    // when the relay sent it is wall-clock time
+    notification_outbox: ['published_at'],
+  },
+} as const satisfies Record<ProcessorName, Record<string, readonly string[]>>
+
+export const READ_MODEL_TABLE_NAMES: readonly string[] = Object.values(READ_MODEL_TABLES).flatMap(
+  (tables) => Object.keys(tables),
+)
+
+/**
+ * Every read-model table (and the projections' stream clocks), row by row in a stable order.
+ * `omit` leaves out more columns everywhere (e.g. `ingested_at`, the storing server's clock, when
+ * comparing the read models of two servers).
+ */
+export async function dumpReadModels(
+  rt: Runtime,
+  omit: readonly string[] = [],
+): Promise<Record<string, unknown[]>> {
+  const out: Record<string, unknown[]> = {}
+  for (const tables of Object.values(READ_MODEL_TABLES)) {
+    for (const [t, cols] of Object.entries(tables)) {
+      out[t] = await dumpTable(rt, t, [...cols, ...omit])
+    }
+  }
+  out.projection_clocks = await dumpTable(rt, 'projection_clocks')
+  return out
 }
 
 /** Every row of a table in a stable order, for comparing read models row by row. */

@@ -1,0 +1,85 @@
+import type { JsMsg } from '@nats-io/jetstream'
+import type { ProjectedEvent } from '../projections/projection.ts'
+import { decodeEvent, type RejectReason } from '../schemas/decode.ts'
+import { assertWithinOffset, ClockSkewError, decodeHlc } from '../schemas/hlc.ts'
+import type { Config } from '../infra/config.ts'
+import { SYSTEM_SOURCE } from '../schemas/envelope.ts'
+import type { FleetEvent } from '../schemas/events.ts'
+import { Headers, partitionOf } from '../schemas/subjects.ts'
+
+/**
+ * What a processor does with one message off FLEET_EVENTS. The live processor and a rebuild
+ * both decide with {@link decide}, so a rebuild refuses, skips and applies exactly what the live
+ * run did.
+ *
+ * - `skip`: a copy put back from the DLQ for another processor (this one applied the original);
+ * - `refuse`: bad JSON, schema, subject or clock skew; no attempt can change that;
+ * - `apply`: a valid event for the projection.
+ */
+export type Decision =
+  | { readonly kind: 'skip' }
+  | { readonly kind: 'refuse'; readonly reason: RejectReason; readonly detail: string }
+  | { readonly kind: 'apply'; readonly event: ProjectedEvent }
+
+/**
+ * Decides one message for `processor`. Pure apart from reading the message: time is the stream's
+ * append time, never the wall clock, so a replay decides exactly the same way.
+ *
+ * ```ts
+ * const d = decide(msg, 'readings', config)
+ * if (d.kind === 'apply') events.push(d.event)
+ * ```
+ */
+export function decide(
+  msg: JsMsg,
+  processor: string,
+  config: Pick<Config, 'hlcMaxOffsetMs' | 'partitions'>,
+): Decision {
+  const redriveFor = msg.headers?.get(Headers.RedriveFor) ?? ''
+  if (redriveFor !== '' && redriveFor !== processor) return { kind: 'skip' }
+  const decoded = decodeEvent({
+    subject: msg.subject,
+    data: msg.data,
+    // A redriven copy has its own Nats-Msg-Id (redrive:...), not the eventId.
+    msgId: redriveFor !== '' ? undefined : msg.headers?.get(Headers.MsgId),
+  })
+  if (!decoded.ok) return { kind: 'refuse', reason: decoded.reason, detail: decoded.detail }
+  const misplaced = misplacedIn(decoded.event, decoded.partition, config.partitions)
+  if (misplaced !== undefined)
+    return { kind: 'refuse', reason: 'subject-mismatch', detail: misplaced }
+  const ingestedAt = new Date(Math.floor(msg.info.timestampNanos / 1e6))
+  try {
+    // Measured against the stream's append time, so a replay decides exactly the same way.
+    assertWithinOffset(decodeHlc(decoded.event.hlc), ingestedAt.getTime(), config.hlcMaxOffsetMs)
+  } catch (err) {
+    if (err instanceof ClockSkewError)
+      return { kind: 'refuse', reason: 'clock-skew', detail: err.message }
+    throw err
+  }
+  const event = { event: decoded.event, streamSeq: msg.info.streamSequence, ingestedAt }
+  return {
+    kind: 'apply',
+    event: decoded.partition === undefined ? event : { ...event, partition: decoded.partition },
+  }
+}
+
+/**
+ * Why a device event is in the wrong partition, if it is: the server's mapping puts each device in
+ * one partition, so an event elsewhere was published straight into a partition (nats-server 2.9
+ * checks publish permissions after the mapping, so a device allowed the mapped subjects could).
+ * Applying it would let two partitions, perhaps two instances, write one sensor. Clock ticks
+ * (`_system`) go into every partition on purpose.
+ */
+function misplacedIn(
+  event: FleetEvent,
+  partition: number | undefined,
+  partitions: number,
+): string | undefined {
+  // Without a partition count nothing can be judged (set-up refuses that configuration).
+  if (partition === undefined || partitions === 0 || event.deviceId === SYSTEM_SOURCE) {
+    return undefined
+  }
+  const home = partitionOf(event.deviceId, partitions)
+  if (partition === home) return undefined
+  return `subject partition must be ${home} for device '${event.deviceId}' (FNV-1a of the id modulo ${partitions}, as the server's mapping), got '${partition}'`
+}
