@@ -52,10 +52,20 @@ export interface NatsFigures {
   /** Per processor: the newest stream sequence its filter matches (0: none yet). */
   readonly lastSeq: Readonly<Record<string, number>>
   /** Per processor: its durable consumer's counts; absent when it has no consumer. */
-  readonly consumers: Readonly<Record<string, { pending: number; ackPending: number } | undefined>>
+  readonly consumers: Readonly<Record<string, ConsumerFigures | undefined>>
   /** Entries in FLEET_DLQ per processor (processors with none included, as 0; keyed by `processor`). */
   readonly dlq: Readonly<Record<string, number>>
   readonly dlqTotal: number
+}
+
+/** A durable consumer's counts, as its consumer info reports them. */
+export interface ConsumerFigures {
+  /** Matching messages not delivered yet (`num_pending`). */
+  readonly pending: number
+  /** Delivered and not acked yet (`num_ack_pending`). */
+  readonly ackPending: number
+  /** Stream sequence of the newest delivery (`delivered.stream_seq`). */
+  readonly deliveredSeq: number
 }
 
 /** A processor's row in processor_checkpoints. */
@@ -103,7 +113,12 @@ export async function readNatsFigures(
     consumers: Object.fromEntries(
       processors.map((p, i) => {
         const c = consumers[i]
-        return [p.name, c && { pending: c.num_pending, ackPending: c.num_ack_pending }]
+        const figures: ConsumerFigures | undefined = c && {
+          pending: c.num_pending,
+          ackPending: c.num_ack_pending,
+          deliveredSeq: c.delivered.stream_seq,
+        }
+        return [p.name, figures]
       }),
     ),
     dlq: {

@@ -15,6 +15,7 @@ import {
   readNatsFigures,
   readOpenAlerts,
   streamInfo,
+  type ConsumerFigures,
   type NatsFigures,
 } from './fleet-state.ts'
 import { fmt } from './progress.ts'
@@ -78,7 +79,12 @@ export interface ProcessorStatus {
   /** Its consumer's num_pending and num_ack_pending; null when the consumer does not exist. */
   readonly pending: number | null
   readonly ackPending: number | null
-  /** The larger of `checkpointLag` and `pending + ackPending`: what `--max-lag` checks. */
+  /**
+   * The larger of `checkpointLag` and `pending` plus the unacked deliveries past the checkpoint:
+   * what `--max-lag` checks. Unacked deliveries at or below the checkpoint are applied already
+   * (their ack was lost, say across a NATS restart, and the server will redeliver them to be acked
+   * without work), so they are not lag.
+   */
   readonly lag: number
   /** Seconds since its checkpoint last moved (null: never); counts against `--max-staleness` only while `lag > 0`. */
   readonly stalenessSeconds: number | null
@@ -92,6 +98,20 @@ export interface Breach {
   readonly value: number | null
   readonly limit: number
   readonly message: string
+}
+
+/**
+ * What the consumer still has to hand over past the checkpoint: its pending messages and those of
+ * its unacked deliveries that lie past the checkpoint (at most every sequence between the
+ * checkpoint and its newest delivery).
+ */
+export function consumerLag(consumer: ConsumerFigures | undefined, checkpoint: number): number {
+  if (consumer === undefined) return 0
+  const unappliedInFlight = Math.min(
+    consumer.ackPending,
+    Math.max(0, consumer.deliveredSeq - checkpoint),
+  )
+  return consumer.pending + unappliedInFlight
 }
 
 /** NATS or PostgreSQL did not answer within the time given. */
@@ -155,7 +175,7 @@ async function readStatus(
       checkpointLag,
       pending: consumer?.pending ?? null,
       ackPending: consumer?.ackPending ?? null,
-      lag: Math.max(checkpointLag, (consumer?.pending ?? 0) + (consumer?.ackPending ?? 0)),
+      lag: Math.max(checkpointLag, consumerLag(consumer, checkpoint)),
       stalenessSeconds: c === undefined ? null : round(c.ageSeconds, 3),
       dlqDepth: nats.dlq[r.processor] ?? 0,
     }
