@@ -79,6 +79,18 @@ function latencyGoal(lat: Latency): Goal {
   return { goal, pass: reached && p99 < 250, margin: signed(1 - p99 / 250) }
 }
 
+/** The goal is for a 1M-event backlog: a smaller one says nothing about it. */
+const RSS_GOAL_BACKLOG = 1_000_000
+
+function rssGoal(f: Figures): Goal {
+  const maxRss = Math.max(...Object.values(f.fleetstream.peakRssMb))
+  const reached = f.events >= RSS_GOAL_BACKLOG
+  const goal =
+    `processor RSS < 250 MB with a ${num(RSS_GOAL_BACKLOG)}-event backlog` +
+    (reached ? '' : ` (the backlog was only ${num(f.events)})`)
+  return { goal, pass: reached && maxRss < 250, margin: signed(1 - maxRss / 250) }
+}
+
 export function goals(f: Figures): Goal[] {
   const fs = f.fleetstream
   const atLeast = (goal: string, value: number, min: number): Goal => ({
@@ -86,20 +98,14 @@ export function goals(f: Figures): Goal[] {
     pass: value >= min,
     margin: signed(value / min - 1),
   })
-  const below = (goal: string, value: number, max: number): Goal => ({
-    goal,
-    pass: value < max,
-    margin: signed(1 - value / max),
-  })
   const minRebuild = Math.min(...Object.values(fs.rebuild).map((r) => r.rate))
-  const maxRss = Math.max(...Object.values(fs.peakRssMb))
   return [
     atLeast('ingest >= 65% of core publish', fs.ingest.rate / f.limits.corePublish.rate, 0.65),
     atLeast('end-to-end >= 50% of raw limit', fs.endToEnd.rate / rawLimit(f), 0.5),
     atLeast('end-to-end >= 10x naive', fs.endToEnd.rate / f.naive.rate, 10),
     latencyGoal(fs.latency),
     atLeast('rebuild >= 50k events/s per projection', minRebuild, 50_000),
-    below('processor RSS < 250 MB', maxRss, 250),
+    rssGoal(f),
   ]
 }
 

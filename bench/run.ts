@@ -3,7 +3,7 @@
  * consumer, measured in one run with the same payloads, on throwaway nats-server and Postgres.
  *
  * ```sh
- * npm run bench                      # 50,000 events
+ * npm run bench                      # 20,000 events, about a minute
  * npm run bench -- --events 1000000  # the full run
  * npm run bench -- --json            # the figures as JSON on stdout
  * ```
@@ -43,6 +43,9 @@ import {
 } from './limits.ts'
 import { type Figures, printReport, type ScaleRun } from './report.ts'
 
+/** From this many events on, the defaults are those of a full run. */
+const FULL_RUN_EVENTS = 200_000
+
 const USAGE = `usage: npm run bench -- [--events N] [--naive-events N] [--latency-seconds S] [--latency-rate R] [--devices N] [--partitions N] [--scale-events N] [--json]`
 
 interface Options {
@@ -62,9 +65,9 @@ function parseOptions(argv: readonly string[]): Options {
   const { values } = parseArgs({
     args: [...argv],
     options: {
-      events: { type: 'string', default: '50000' },
+      events: { type: 'string', default: '20000' },
       'naive-events': { type: 'string' },
-      'latency-seconds': { type: 'string', default: '15' },
+      'latency-seconds': { type: 'string' },
       'latency-rate': { type: 'string', default: '5000' },
       devices: { type: 'string', default: '10000' },
       partitions: { type: 'string', default: '4' },
@@ -91,13 +94,22 @@ function parseOptions(argv: readonly string[]): Options {
       events,
       int('naive-events', values['naive-events'] ?? String(Math.min(events, 10_000)), 100),
     ),
-    latencySeconds: int('latency-seconds', values['latency-seconds'], 1),
+    // The quick default keeps the whole run near a minute; a full run measures latency longer.
+    latencySeconds: int(
+      'latency-seconds',
+      values['latency-seconds'] ?? (events >= FULL_RUN_EVENTS ? '15' : '6'),
+      1,
+    ),
     latencyRate: int('latency-rate', values['latency-rate'], 1),
     devices: int('devices', values.devices, 1),
     partitions: int('partitions', values.partitions, 1),
     scaleEvents: Math.min(
       events,
-      int('scale-events', values['scale-events'] ?? String(events), 1000),
+      int(
+        'scale-events',
+        values['scale-events'] ?? String(Math.max(10_000, Math.round(events / 5))),
+        1000,
+      ),
     ),
     json: values.json,
   }
