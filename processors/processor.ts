@@ -421,9 +421,7 @@ class SlotSession {
         leader: (await this.#ctx.deps.jsm.streams.info(this.#consumer.stream)).cluster?.leader,
         reconnects: this.#ctx.reconnects(),
       }
-      let position = await readCheckpoint(this.#ctx.deps.db, this.#slot.key)
-      const found = await this.#findDivergence('session-start')
-      if (found !== undefined) position = await this.#rewind(found, position, 'session start')
+      const position = await readCheckpoint(this.#ctx.deps.db, this.#slot.key)
       this.#position = position
       this.#checkpointAt(position.lastSeq)
       const anchored = await anchorConsumer(this.#ctx.deps.jsm, this.#consumer, position)
@@ -533,13 +531,18 @@ class SlotSession {
   }
 
   /**
-   * While the session runs: after a new stream leader, a reconnect, or the stream ending below
-   * what was delivered, compares the stream with the marks; if the checkpoint has to go back, it
-   * does so between two batches and the session ends, so the next one anchors there.
+   * While the session runs: first the commits just before it (the stream may have changed while
+   * the slot was away), then after a new stream leader, a reconnect, the stream ending below what
+   * was delivered, or a commit's last message disagreeing, compares the stream with the marks; if
+   * the checkpoint has to go back, it does so between two batches and the session ends, so the
+   * next one anchors there. Batches go on meanwhile: reading back a busy slot's last seconds can
+   * take as long, and projections apply what is read again idempotently.
    */
   async #watchStream(seen: StreamSeen, signal: AbortSignal): Promise<void> {
     const { jsm, db } = this.#ctx.deps
     let { leader, reconnects } = seen
+    // The session-start comparison is retried each round until it has run once.
+    let startDue: { sessionStart: number } | undefined = { sessionStart: this.#position.lastSeq }
     let due: string | undefined
     // The checkpoint at the last few checks that saw nothing wrong: what a failover can have
     // rewritten was applied after the oldest of them (kept a few checks back, for the tail
@@ -547,9 +550,15 @@ class SlotSession {
     const settled: number[] = [this.#position.lastSeq]
     let swept = await sweepStart(db, this.#slot.key).catch(() => 0)
     for (let round = 1; !isAborted(signal) && this.#diverged === undefined; round++) {
-      await sleep(STREAM_CHECK_MS, signal)
+      if (startDue === undefined) await sleep(STREAM_CHECK_MS, signal)
       if (isAborted(signal)) return
       try {
+        if (startDue !== undefined) {
+          const found = await this.#findDivergence(startDue)
+          startDue = undefined
+          if (found !== undefined) await this.#rewindBeside(found, 'session start', signal)
+          continue
+        }
         const info = await jsm.streams.info(this.#consumer.stream)
         const now = info.cluster?.leader
         if (now !== leader) due ??= `new stream leader ${now ?? '(none)'}`
@@ -568,20 +577,7 @@ class SlotSession {
           const why = due
           // Compared while batches go on: only moving the checkpoint waits for the batch in hand.
           const found = await this.#findDivergence({ afterSeq })
-          if (found !== undefined) {
-            await this.#exclusive(async () => {
-              if (this.#diverged !== undefined || isAborted(signal)) return
-              const from = this.#position
-              const to = await this.#rewind(found, from, why)
-              if (to.lastSeq === from.lastSeq) return
-              this.#position = to
-              this.#checkpointAt(to.lastSeq)
-              this.#diverged = new Error(
-                `the stream changed under the checkpoint (${why}); re-anchoring at ${to.lastSeq}`,
-              )
-              this.#buffer.close()
-            })
-          }
+          if (found !== undefined) await this.#rewindBeside(found, why, signal)
           due = undefined
         }
         // Past a disagreement once the full check has run (it went back, or there was nothing
@@ -598,8 +594,28 @@ class SlotSession {
         }
         // NATS or Postgres not answering: try again next round, the check still due.
         this.#log.debug({ err: errorSummary(err) }, 'stream check failed; trying again')
+        if (startDue !== undefined) await sleep(STREAM_CHECK_MS, signal)
       }
     }
+  }
+
+  /**
+   * Moves the checkpoint back to before `found`, between two batches, and ends the session so
+   * the next one anchors there.
+   */
+  async #rewindBeside(found: Divergence, why: string, signal: AbortSignal): Promise<void> {
+    await this.#exclusive(async () => {
+      if (this.#diverged !== undefined || isAborted(signal)) return
+      const from = this.#position
+      const to = await this.#rewind(found, from, why)
+      if (to.lastSeq === from.lastSeq) return
+      this.#position = to
+      this.#checkpointAt(to.lastSeq)
+      this.#diverged = new Error(
+        `the stream changed under the checkpoint (${why}); re-anchoring at ${to.lastSeq}`,
+      )
+      this.#buffer.close()
+    })
   }
 
   #checkpointAt(seq: number): void {

@@ -29,9 +29,9 @@ import { subjectMatches } from '../schemas/subjects.ts'
  */
 
 /**
- * At a session start, the marks committed within this long before the newest one are compared:
- * what a failover can have rewritten is the tail applied just before it (the stream does not
- * say whether one happened while the processor was away).
+ * At a session start, the marks committed within this long before the newest one from before the
+ * session are compared: what a failover can have rewritten is the tail applied just before it (the
+ * stream does not say whether one happened while the processor was away).
  */
 export const SESSION_START_WINDOW_MS = 10_000
 /** A commit's last message is compared with the stream once the commit is this old. */
@@ -102,8 +102,12 @@ export interface Divergence {
   readonly found: string
 }
 
-/** Which marks to compare: those of a session start, or those ending after a sequence. */
-export type MarksToCompare = 'session-start' | { readonly afterSeq: number }
+/**
+ * Which marks to compare: those of the commits just before a session that started at checkpoint
+ * `sessionStart` (the session's own commits, made while the comparison runs, are not among them),
+ * or those ending after a sequence.
+ */
+export type MarksToCompare = { readonly sessionStart: number } | { readonly afterSeq: number }
 
 /**
  * Compares marks of `processor` with what the stream holds in their ranges now, every message
@@ -125,8 +129,15 @@ export async function findDivergence(
     .select(['from_seq', 'last_seq', 'messages', 'digest', 'last_digest'])
     .where('processor', '=', processor)
     .where((eb) =>
-      which === 'session-start'
-        ? eb('committed_at', '>=', beforeNewest(processor, SESSION_START_WINDOW_MS))
+      'sessionStart' in which
+        ? eb.and([
+            eb('from_seq', '<', which.sessionStart),
+            eb(
+              'committed_at',
+              '>=',
+              beforeNewest(processor, SESSION_START_WINDOW_MS, which.sessionStart),
+            ),
+          ])
         : eb('last_seq', '>', which.afterSeq),
     )
     .orderBy('last_seq', 'desc')
@@ -224,9 +235,13 @@ export async function sweepStart(db: Kysely<Database>, processor: string): Promi
   return row?.seq ?? 0
 }
 
-/** `ms` before the newest mark of `processor` was committed (by the database's clock). */
-function beforeNewest(processor: string, ms: number) {
-  return sql<Date>`(select max(committed_at) from processor_stream_marks where processor = ${processor}) - make_interval(secs => ${ms / 1000})`
+/**
+ * `ms` before the newest mark of `processor` was committed (by the database's clock); with
+ * `startingBelow`, the newest of the marks whose range starts below that sequence.
+ */
+function beforeNewest(processor: string, ms: number, startingBelow?: number) {
+  const below = startingBelow === undefined ? sql`` : sql` and from_seq < ${startingBelow}`
+  return sql<Date>`(select max(committed_at) from processor_stream_marks where processor = ${processor}${below}) - make_interval(secs => ${ms / 1000})`
 }
 
 /**

@@ -30,33 +30,34 @@ describe('stream marks against a stream', () => {
     await nats.cleanup()
   })
 
+  /** The mark of a 'readings' commit over (from, last], `ageS` seconds old; `wrongAt` is recorded wrong. */
+  async function mark(from: number, last: number, ageS: number, wrongAt?: number) {
+    const d = new MarkDigest()
+    for (let seq = from + 1; seq <= last; seq++) {
+      const m = (await rt.jsm.streams.getMessage(rt.config.streams.events, { seq }))!
+      // The message a processor read at `wrongAt` was another one than the stream holds now.
+      d.add(m.subject, seq === wrongAt ? new TextEncoder().encode('another event') : m.data)
+    }
+    await rt.db
+      .insertInto('processor_stream_marks')
+      .values({
+        processor: 'readings',
+        from_seq: from,
+        last_seq: last,
+        messages: last - from,
+        digest: d.digest(),
+        last_digest: last === wrongAt ? 'not-what-is-there' : digests.get(last)!,
+        committed_at: sql<Date>`now() - make_interval(secs => ${ageS})`,
+      })
+      .execute()
+  }
+
   /** Marks of 'readings' for (0,2], (2,4], (4,6], aged `ageS` seconds; `wrongAt` is recorded wrong. */
   async function marks(ageS: number, wrongAt?: number) {
     await rt.db.deleteFrom('processor_stream_marks').execute()
-    for (const [from, last] of [
-      [0, 2],
-      [2, 4],
-      [4, 6],
-    ] as const) {
-      const d = new MarkDigest()
-      for (let seq = from + 1; seq <= last; seq++) {
-        const m = (await rt.jsm.streams.getMessage(rt.config.streams.events, { seq }))!
-        // The message a processor read at `wrongAt` was another one than the stream holds now.
-        d.add(m.subject, seq === wrongAt ? new TextEncoder().encode('another event') : m.data)
-      }
-      await rt.db
-        .insertInto('processor_stream_marks')
-        .values({
-          processor: 'readings',
-          from_seq: from,
-          last_seq: last,
-          messages: last - from,
-          digest: d.digest(),
-          last_digest: last === wrongAt ? 'not-what-is-there' : digests.get(last)!,
-          committed_at: sql<Date>`now() - make_interval(secs => ${ageS})`,
-        })
-        .execute()
-    }
+    await mark(0, 2, ageS, wrongAt)
+    await mark(2, 4, ageS, wrongAt)
+    await mark(4, 6, ageS, wrongAt)
   }
 
   const find = () =>
@@ -84,6 +85,22 @@ describe('stream marks against a stream', () => {
     expect((await find())?.mark).toMatchObject({ fromSeq: 2, lastSeq: 4 })
     await marks(5, 4) // younger than the sweep's delay: not yet
     expect(await sweep()).toEqual({ sweptTo: 0 })
+  })
+
+  it("at a session start, compare the last seconds of commits before it, not the session's own", async () => {
+    await rt.db.deleteFrom('processor_stream_marks').execute()
+    await mark(0, 2, 60, 1) // wrong, but a minute older than the newest commit before the session
+    await mark(2, 4, 30, 3) // the newest before a session that started at 4
+    await mark(4, 6, 0, 5) // that session's own commit, made while the comparison runs
+    const atStart = (sessionStart: number) =>
+      findDivergence(rt.db, rt.jsm, rt.config.streams.events, 'readings', eventsFilter('reading'), {
+        sessionStart,
+      })
+    expect((await atStart(4))?.mark).toMatchObject({ fromSeq: 2, lastSeq: 4 })
+    // A session that started at 6 committed nothing yet: only (4,6] is in its last ten seconds.
+    expect((await atStart(6))?.mark).toMatchObject({ fromSeq: 4, lastSeq: 6 })
+    // Nothing before a session that starts at 0.
+    expect(await atStart(0)).toBeUndefined()
   })
 
   it('find a commit whose range the stream no longer reaches', async () => {
