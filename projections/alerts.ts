@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto'
-import type { Transaction } from 'kysely'
+import { sql, type Transaction } from 'kysely'
 import type { DeviceEvent } from '../schemas/events.ts'
 import { notificationSubject } from '../schemas/subjects.ts'
 import { evaluateThreshold, NEW_CONDITION, type Condition } from './alert-evaluation.ts'
@@ -214,7 +214,7 @@ class AlertWork {
     const alerts = await trx
       .selectFrom('alerts')
       .selectAll()
-      .where('device_id', 'in', devices)
+      .where(sql<boolean>`device_id = any(${devices}::text[])`)
       .where('state', '<>', 'resolved')
       .orderBy('alert_id')
       .forUpdate()
@@ -226,7 +226,7 @@ class AlertWork {
     const conditions = await trx
       .selectFrom('alert_conditions')
       .selectAll()
-      .where('device_id', 'in', devices)
+      .where(sql<boolean>`device_id = any(${devices}::text[])`)
       .execute()
     for (const c of conditions) {
       this.#conditions.set(key(c.device_id, c.rule_id), {
@@ -336,17 +336,24 @@ class AlertWork {
     const alerts = [...this.#changed].sort().map((id) => this.#alerts.get(id) as AlertRow)
     if (alerts.length > 0) {
       // Resolutions first: the partial unique index allows a new alert only once the old one is resolved.
-      alerts.sort((a, b) => Number(b.state === 'resolved') - Number(a.state === 'resolved'))
-      for (const a of alerts) {
+      const resolved = alerts.filter((a) => a.state === 'resolved')
+      const others = alerts.filter((a) => a.state !== 'resolved')
+      for (const rows of [...inChunks(resolved), ...inChunks(others)]) {
         await trx
           .insertInto('alerts')
-          .values(a)
-          .onConflict((oc) => oc.column('alert_id').doUpdateSet(withoutKey(a)))
+          .values(rows)
+          .onConflict((oc) =>
+            oc
+              .column('alert_id')
+              .doUpdateSet(
+                Object.fromEntries(ALERT_COLUMNS.map((c) => [c, sql.ref(`excluded.${c}`)])),
+              ),
+          )
           .execute()
       }
     }
-    const conditions = [...this.#conditions.entries()].filter(([, c]) => c.dirty)
-    if (conditions.length > 0) {
+    const dirty = [...this.#conditions.entries()].filter(([, c]) => c.dirty)
+    for (const conditions of inChunks(dirty)) {
       await trx
         .insertInto('alert_conditions')
         .values(
@@ -372,19 +379,52 @@ class AlertWork {
         )
         .execute()
     }
-    if (this.#outbox.length > 0) {
+    for (const notifications of inChunks(this.#outbox)) {
       await trx
         .insertInto('notification_outbox')
-        .values(this.#outbox.map((n) => ({ ...n, payload: JSON.stringify(n.payload) })))
+        .values(notifications.map((n) => ({ ...n, payload: JSON.stringify(n.payload) })))
         .onConflict((oc) => oc.column('notification_id').doNothing())
         .execute()
     }
   }
 }
 
-function withoutKey(a: AlertRow): Omit<AlertRow, 'alert_id'> {
-  const { alert_id: _id, ...rest } = a
-  return rest
+/** Every column of `alerts` but its key (all of them, or this does not compile): what an upsert of a changed alert sets. */
+const ALERT_COLUMNS = Object.keys({
+  device_id: true,
+  rule_id: true,
+  severity: true,
+  state: true,
+  message: true,
+  value: true,
+  raised_at: true,
+  raised_hlc: true,
+  raised_event_id: true,
+  correlation_id: true,
+  acknowledged_at: true,
+  acknowledged_hlc: true,
+  acknowledged_by: true,
+  acknowledged_event_id: true,
+  resolved_at: true,
+  resolved_hlc: true,
+  resolved_event_id: true,
+  occurrences: true,
+  last_occurrence_event_id: true,
+} satisfies Record<Exclude<keyof AlertRow, 'alert_id'>, true>)
+
+/**
+ * A multi-row statement binds a parameter per column per row, and the wire protocol counts them
+ * in 16 bits: a mass silence of ~10,000 sensors once overflowed it. Rows go in chunks that stay
+ * far below (the widest table here, alerts, has 20 columns).
+ */
+const ROWS_PER_STATEMENT = 1000
+
+function inChunks<T>(rows: readonly T[]): T[][] {
+  const chunks: T[][] = []
+  for (let i = 0; i < rows.length; i += ROWS_PER_STATEMENT) {
+    chunks.push(rows.slice(i, i + ROWS_PER_STATEMENT))
+  }
+  return chunks
 }
 
 function key(deviceId: string, ruleId: string): string {

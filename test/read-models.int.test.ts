@@ -329,6 +329,60 @@ describe('the three read models', () => {
       expect((await alert('al-4', 'sensor-silent')).map((a) => a.state)).toEqual(['resolved'])
     })
 
+    it('a mass silence raises every alert and notification at one tick, and clears them all again', async () => {
+      // 12,000 sensors x 7 columns of notifications overflow the 16-bit parameter count of one
+      // statement (alerts was stuck retrying it once); written in chunks, nothing is lost.
+      const publisher = testPublisher(rt)
+      const devices = Array.from({ length: 12_000 }, (_, i) => `mass-${i}`)
+      const publishAll = async (draft: (d: string) => Parameters<typeof publisher.publish>[0]) => {
+        for (let i = 0; i < devices.length; i += 500) {
+          await Promise.all(devices.slice(i, i + 500).map((d) => publisher.publish(draft(d))))
+        }
+      }
+      await publishAll((deviceId) => ({
+        type: 'sensor.registered',
+        deviceId,
+        data: { site: 'plant-m', model: 'm', firmware: '1', inactivityTimeoutSeconds: 1 },
+      }))
+      await caughtUp()
+      await new Promise((r) => setTimeout(r, 1100))
+      const tick = await publisher.publish(tickDraft(Date.now()))
+      await caughtUp()
+      const count = async (state: 'open' | 'resolved') =>
+        Number(
+          (
+            await rt.db
+              .selectFrom('alerts')
+              .select((eb) => eb.fn.countAll<string>().as('n'))
+              .where('device_id', 'like', 'mass-%')
+              .where('rule_id', '=', 'sensor-silent')
+              .where('state', '=', state)
+              .where('raised_event_id', '=', tick.event.eventId)
+              .executeTakeFirstOrThrow()
+          ).n,
+        )
+      const notifications = async (kind: 'raised' | 'resolved') =>
+        Number(
+          (
+            await rt.db
+              .selectFrom('notification_outbox as n')
+              .innerJoin('alerts as a', 'a.alert_id', 'n.alert_id')
+              .select((eb) => eb.fn.countAll<string>().as('n'))
+              .where('a.device_id', 'like', 'mass-%')
+              .where('n.kind', '=', kind)
+              .executeTakeFirstOrThrow()
+          ).n,
+        )
+      expect(await count('open')).toBe(devices.length)
+      expect(await notifications('raised')).toBe(devices.length)
+
+      await publishAll((deviceId) => ({ type: 'heartbeat.received', deviceId, data: {} }))
+      await caughtUp()
+      expect(await count('resolved')).toBe(devices.length)
+      expect(await count('open')).toBe(0)
+      expect(await notifications('resolved')).toBe(devices.length)
+    }, 120_000)
+
     it('the CLI lists alerts and acknowledges one by publishing an event; an unknown id is refused', async () => {
       const publisher = testPublisher(rt)
       for (const value of [50, 51]) {
