@@ -389,7 +389,10 @@ class AlertWork {
   }
 }
 
-/** Every column of `alerts` but its key (all of them, or this does not compile): what an upsert of a changed alert sets. */
+/**
+ * Every column of `alerts` but its key, all of them (or this does not compile): what the upsert of
+ * a changed alert sets.
+ */
 const ALERT_COLUMNS = Object.keys({
   device_id: true,
   rule_id: true,
