@@ -8,18 +8,8 @@ import {
   type RunningProcessor,
 } from '../processors/processor.ts'
 import { readingsProcessor } from '../processors/readings.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
-import {
-  allCaughtUp,
-  readingDraft,
-  rulesFile,
-  runCli,
-  testConfig,
-  testEnv,
-  testPublisher,
-  testRuntime,
-  waitFor,
-} from './fixtures.ts'
+import type { NatsServer } from './harness/index.ts'
+import { allCaughtUp, cliSystem, readingDraft, runCli, testPublisher, waitFor } from './fixtures.ts'
 
 /** The readings processor with a bug: it throws on readings of 666. */
 const buggyReadings: ProcessorSpec = {
@@ -42,11 +32,7 @@ describe('dlq list, show and redrive', () => {
   let readings: RunningProcessor
   let status: RunningProcessor
   beforeAll(async () => {
-    nats = await startNatsServer()
-    const db = await freshDatabase()
-    const rules = await rulesFile()
-    env = testEnv(nats.url, db, { ALERT_RULES_FILE: rules })
-    rt = await testRuntime(testConfig(nats.url, db, { ALERT_RULES_FILE: rules }))
+    ;({ nats, env, rt } = await cliSystem())
     readings = startProcessor(buggyReadings, rt)
     status = startProcessor(rt.processors['sensor-status'], rt)
 

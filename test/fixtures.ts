@@ -248,6 +248,25 @@ export function pastDedupWindow(): Promise<void> {
   return new Promise((r) => setTimeout(r, 2500))
 }
 
+/**
+ * A throwaway nats-server and database with the test alert rules: a runtime on them, and the
+ * environment a `fleetstream` process started by the test gets for the same.
+ */
+export async function cliSystem(): Promise<{
+  nats: NatsServer
+  env: Record<string, string>
+  rt: Runtime
+}> {
+  const nats = await startNatsServer()
+  const db = await freshDatabase()
+  const settings = { ALERT_RULES_FILE: await rulesFile() }
+  return {
+    nats,
+    env: testEnv(nats.url, db, settings),
+    rt: await testRuntime(testConfig(nats.url, db, settings)),
+  }
+}
+
 /** A throwaway nats-server and database with all three processors, in this process. */
 export interface Pipeline {
   nats: NatsServer

@@ -2,15 +2,12 @@ import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../cli/runtime.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import type { NatsServer } from './harness/index.ts'
 import {
+  cliSystem,
   readingDraft,
-  rulesFile,
   spawnCli,
-  testConfig,
-  testEnv,
   testPublisher,
-  testRuntime,
   waitFor,
   type CliProcess,
 } from './fixtures.ts'
@@ -21,11 +18,7 @@ describe('processors as independent processes', () => {
   let env: Record<string, string>
   const procs: CliProcess[] = []
   beforeAll(async () => {
-    nats = await startNatsServer()
-    const db = await freshDatabase()
-    const rules = await rulesFile()
-    env = testEnv(nats.url, db, { ALERT_RULES_FILE: rules })
-    rt = await testRuntime(testConfig(nats.url, db, { ALERT_RULES_FILE: rules }))
+    ;({ nats, env, rt } = await cliSystem())
   })
   afterAll(async () => {
     for (const p of procs) p.child.kill('SIGKILL')

@@ -19,18 +19,15 @@ import { PROCESSOR_NAMES } from '../processors/index.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { decodeHlc } from '../schemas/hlc.ts'
 import { subjectMatches } from '../schemas/subjects.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import type { NatsServer } from './harness/index.ts'
 import {
   allCaughtUp,
+  cliSystem,
   readingDraft,
   repoRoot,
-  rulesFile,
   runCli,
   spawnCli,
-  testConfig,
-  testEnv,
   testPublisher,
-  testRuntime,
   tickDraft,
   waitFor,
 } from './fixtures.ts'
@@ -50,11 +47,7 @@ describe('inspecting the stream: fleetstream events, and the README nats CLI sec
   let invalidSeq: number
 
   beforeAll(async () => {
-    nats = await startNatsServer()
-    const db = await freshDatabase()
-    const rules = await rulesFile()
-    env = testEnv(nats.url, db, { ALERT_RULES_FILE: rules })
-    rt = await testRuntime(testConfig(nats.url, db, { ALERT_RULES_FILE: rules }))
+    ;({ nats, env, rt } = await cliSystem())
 
     // A fleet through the real CLI, then events whose every field this file knows.
     const sim = await runCli(
