@@ -77,7 +77,7 @@ export async function openEventsSource(
   log: Logger,
   opts: { name: string; signal?: AbortSignal },
 ): Promise<EventsSource & { readonly nc: NatsConnection; close(): Promise<void> }> {
-  const nc = await connectNats(config.natsUrl, { name: opts.name, log, signal: opts.signal })
+  const nc = await connectNats(config, { name: opts.name, log, signal: opts.signal })
   return {
     nc,
     js: jetstream(nc),

@@ -57,13 +57,7 @@ export async function openRuntime(
   })
   try {
     await waitForPostgres(pool, log, opts.signal)
-    const nc = await connectNats(config.natsUrl, {
-      name: opts.name,
-      log,
-      auth: config.natsAuth,
-      inboxPrefix: config.natsInboxPrefix,
-      ...(opts.signal ? { signal: opts.signal } : {}),
-    })
+    const nc = await connectNats(config, { name: opts.name, log, signal: opts.signal })
     const db = createKysely<Database>(pool)
     const closing = new AbortController()
     const watchdog = keepJetStreamReachable(nc, { log, signal: closing.signal })

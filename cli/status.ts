@@ -1,10 +1,11 @@
 import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
-import { connect, type NatsConnection } from '@nats-io/transport-node'
+import { AuthorizationError, connect, type NatsConnection } from '@nats-io/transport-node'
 import type { Kysely } from 'kysely'
 import type { Config } from '../infra/config.ts'
 import { createKysely, createPool } from '../infra/database.ts'
 import type { Logger } from '../infra/logger.ts'
-import { redact } from '../infra/nats.ts'
+import { credentialsRefused, natsConnectOptions } from '../infra/nats.ts'
+import { redact } from '../infra/redact.ts'
 import { errorSummary } from '../infra/retry.ts'
 import { sleep } from '../infra/sleep.ts'
 import type { ProcessorSpec } from '../processors/processor.ts'
@@ -317,13 +318,12 @@ async function connectBounded(
     untilDeadline(
       () =>
         connect({
-          servers: config.natsUrl.split(','),
-          name: 'fleetstream-status',
+          ...natsConnectOptions(config, 'fleetstream-status'),
           timeout: Math.min(left(), 5000),
-          noAsyncTraces: true,
         }),
       deadline,
-      () => false,
+      // Refused credentials: waiting will not help.
+      (err) => err instanceof AuthorizationError,
       signal,
     ),
     untilDeadline(
@@ -334,6 +334,10 @@ async function connectBounded(
       signal,
     ),
   ])
+  if (nats.status === 'rejected' && nats.reason instanceof AuthorizationError) {
+    await pool.end()
+    throw credentialsRefused(config, nats.reason)
+  }
   const problems: string[] = []
   if (nats.status === 'rejected') {
     problems.push(`NATS at ${redact(config.natsUrl)}: ${errorSummary(nats.reason)}`)

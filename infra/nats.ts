@@ -1,47 +1,85 @@
 import { jetstreamManager } from '@nats-io/jetstream'
-import { AuthorizationError, connect, type NatsConnection } from '@nats-io/transport-node'
-import { ConfigError } from './config.ts'
+import {
+  AuthorizationError,
+  connect,
+  type ConnectionOptions,
+  type NatsConnection,
+} from '@nats-io/transport-node'
+import { ConfigError, type Config } from './config.ts'
 import { isJetStreamUnavailable, isPermissionViolation } from './failures.ts'
+import { redact } from './redact.ts'
 import { errorSummary, withBackoff } from './retry.ts'
 import { sleep } from './sleep.ts'
 import type { Logger } from './logger.ts'
 
+export { redact } from './redact.ts'
+
+/** What a NATS connection is made of: the servers, who logs in, and the reply subjects' prefix. */
+export type NatsSettings = Pick<Config, 'natsUrl' | 'natsAuth' | 'natsInboxPrefix'>
+
 /**
- * Connects to NATS, waiting with backoff until a server answers (start-up never assumes NATS is
- * already up), then reconnects forever on its own.
+ * The connection options of every fleetstream command that talks to NATS: the servers of
+ * NATS_URL, the NATS_USER/NATS_PASSWORD login and the NATS_INBOX_PREFIX of the role. Servers
+ * started from nats.conf refuse anonymous clients and let each role subscribe to its own inbox
+ * prefix only, so a command connecting without these is refused or never hears a reply.
  *
  * ```ts
- * const nc = await connectNats(config.natsUrl, {
- *   name: 'fleetstream-readings', log, signal, auth: config.natsAuth, inboxPrefix: config.natsInboxPrefix,
- * })
+ * const nc = await connect({ ...natsConnectOptions(config, 'fleetstream-status'), timeout: 2000 })
+ * ```
+ */
+export function natsConnectOptions(settings: NatsSettings, name: string): ConnectionOptions {
+  return {
+    servers: settings.natsUrl.split(','),
+    name,
+    ...(settings.natsAuth
+      ? { user: settings.natsAuth.user, pass: settings.natsAuth.password }
+      : {}),
+    inboxPrefix: settings.natsInboxPrefix,
+    // Async stack traces on every request halve publish throughput; errors still say what failed.
+    noAsyncTraces: true,
+  }
+}
+
+/**
+ * A server refused the login: bad configuration (waiting cannot fix a wrong password), naming
+ * the user and the server, never the password.
+ */
+export function credentialsRefused(settings: NatsSettings, err: AuthorizationError): ConfigError {
+  const at = redact(settings.natsUrl)
+  return new ConfigError(
+    [
+      settings.natsAuth
+        ? `'NATS_USER' '${settings.natsAuth.user}' with 'NATS_PASSWORD' was refused by NATS at ${at}: ${err.message}`
+        : `'NATS_USER' is required by NATS at ${at} (it refuses anonymous clients: ${err.message}), got nothing`,
+    ],
+    'configuration',
+    { cause: err },
+  )
+}
+
+/**
+ * Connects to NATS with {@link natsConnectOptions}, waiting with backoff until a server answers
+ * (start-up never assumes NATS is already up), then reconnects forever on its own.
+ *
+ * ```ts
+ * const nc = await connectNats(config, { name: 'fleetstream-readings', log, signal })
  * ```
  *
  * A server that refuses the credentials stops start-up with a {@link ConfigError} (waiting
  * cannot fix a wrong password); one that is not up yet is waited for.
  */
 export async function connectNats(
-  url: string,
-  opts: {
-    name: string
-    log: Logger
-    signal?: AbortSignal
-    auth?: { readonly user: string; readonly password: string } | undefined
-    inboxPrefix?: string
-  },
+  settings: NatsSettings,
+  opts: { name: string; log: Logger; signal?: AbortSignal | undefined },
 ): Promise<NatsConnection> {
-  const who = opts.auth ? ` as '${opts.auth.user}'` : ''
-  const nc = await withBackoff(opts.log, `connect to NATS at ${redact(url)}${who}`, {
+  const who = settings.natsAuth ? ` as '${settings.natsAuth.user}'` : ''
+  const nc = await withBackoff(opts.log, `connect to NATS at ${redact(settings.natsUrl)}${who}`, {
     isPermanent: (err) => err instanceof AuthorizationError,
   })
     .execute(
       () =>
         connect({
-          servers: url.split(','),
-          name: opts.name,
-          ...(opts.auth ? { user: opts.auth.user, pass: opts.auth.password } : {}),
-          ...(opts.inboxPrefix ? { inboxPrefix: opts.inboxPrefix } : {}),
-          // Async stack traces on every request halve publish throughput; errors still say what failed.
-          noAsyncTraces: true,
+          ...natsConnectOptions(settings, opts.name),
           maxReconnectAttempts: -1,
           reconnectTimeWait: 1000,
           reconnectJitter: 500,
@@ -50,16 +88,8 @@ export async function connectNats(
       opts.signal,
     )
     .catch((err: unknown) => {
-      if (!(err instanceof AuthorizationError)) throw err
-      throw new ConfigError(
-        [
-          opts.auth
-            ? `'NATS_USER' '${opts.auth.user}' with 'NATS_PASSWORD' was refused by NATS at ${redact(url)}: ${err.message}`
-            : `'NATS_USER' is required by NATS at ${redact(url)} (it refuses anonymous clients: ${err.message}), got nothing`,
-        ],
-        'configuration',
-        { cause: err },
-      )
+      if (err instanceof AuthorizationError) throw credentialsRefused(settings, err)
+      throw err
     })
   void watchStatus(nc, opts.log)
   return nc
@@ -81,11 +111,6 @@ async function watchStatus(nc: NatsConnection, log: Logger): Promise<void> {
         break
     }
   }
-}
-
-/** Hides credentials in a URL for logs. */
-export function redact(url: string): string {
-  return url.replace(/\/\/[^@/]*@/, '//***@')
 }
 
 /**
