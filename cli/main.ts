@@ -2,7 +2,7 @@ import { once } from 'node:events'
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander'
 import { loadConfig, ConfigError, type Config } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
-import { redact } from '../infra/nats.ts'
+import { redact, secretsInUrls } from '../infra/redact.ts'
 import { runClock } from '../infra/clock-service.ts'
 import { createPublisher } from '../infra/publisher.ts'
 import { isPermissionViolation } from '../infra/failures.ts'
@@ -721,12 +721,13 @@ function printSummary(
   published: { published: number; duplicates: number },
 ) {
   const { config } = rt
-  // The password stays in the environment, never on the screen.
+  // Passwords stay in the environment, never on the screen.
   const natsFlags = [
-    `--server ${redact(config.natsUrl)}`,
+    `--server ${fromEnvironmentIfSecret('NATS_URL', config.natsUrl)}`,
     ...(config.natsAuth ? [`--user ${config.natsAuth.user} --password "$NATS_PASSWORD"`] : []),
     ...(config.natsInboxPrefix !== '_INBOX' ? [`--inbox-prefix ${config.natsInboxPrefix}`] : []),
   ].join(' ')
+  const psqlUrl = fromEnvironmentIfSecret('DATABASE_URL', config.databaseUrl)
   const lines = [
     '',
     `published ${fmt(published.published)} events (${fmt(published.duplicates)} re-sends refused as duplicates by the stream)`,
@@ -736,9 +737,9 @@ function printSummary(
     ),
     '',
     'Query what it wrote:',
-    `  psql '${config.databaseUrl}' -c "select status, count(*) from sensor_status group by status"`,
-    `  psql '${config.databaseUrl}' -c "select device_id, metric, value, unit, occurred_at from latest_readings order by device_id, metric limit 20"`,
-    `  psql '${config.databaseUrl}' -c "select severity, state, count(*) from alerts group by 1, 2 order by 1, 2"`,
+    `  psql ${psqlUrl} -c "select status, count(*) from sensor_status group by status"`,
+    `  psql ${psqlUrl} -c "select device_id, metric, value, unit, occurred_at from latest_readings order by device_id, metric limit 20"`,
+    `  psql ${psqlUrl} -c "select severity, state, count(*) from alerts group by 1, 2 order by 1, 2"`,
     '  npm run fleetstream -- alerts list --state open',
     'Inspect the stream (nats CLI):',
     `  nats ${natsFlags} stream info ${config.streams.events}`,
@@ -746,6 +747,11 @@ function printSummary(
     `  nats ${natsFlags} consumer report ${config.streams.events}`,
   ]
   console.log(lines.join('\n'))
+}
+
+/** A URL for a command line to copy: the variable holding it when it holds a secret. */
+function fromEnvironmentIfSecret(variable: string, url: string): string {
+  return secretsInUrls(url).length > 0 ? `"$${variable}"` : `'${url}'`
 }
 
 /**
@@ -877,16 +883,16 @@ try {
     err instanceof AlertCommandError ||
     err instanceof DlqCommandError
   ) {
-    console.error(`fleetstream: ${err.message}`)
+    console.error(`fleetstream: ${redact(err.message)}`)
     process.exitCode = EXIT_USAGE
   } else if (err instanceof CommanderError) {
     // commander has printed it; help and --version end here too, with 0
     process.exitCode = err.exitCode === 0 ? 0 : EXIT_USAGE
   } else if (err instanceof EventsCommandError) {
-    console.error(`fleetstream: ${err.message}`)
+    console.error(`fleetstream: ${redact(err.message)}`)
     process.exitCode = EXIT_FAILED
   } else {
-    console.error(`fleetstream: ${errorSummary(err)}`)
+    console.error(`fleetstream: ${redact(errorSummary(err))}`)
     process.exitCode = EXIT_FAILED
   }
 }

@@ -2,6 +2,7 @@ import { hostname } from 'node:os'
 import { z } from 'zod'
 import { HLC_NODE_PATTERN } from '../schemas/hlc.ts'
 import { ValidationError, describeIssues } from '../schemas/validation.ts'
+import { environmentSecrets, redact, redactValue } from './redact.ts'
 
 /** An integer from an environment string; anything else is reported as the string it was. */
 const int = (min: number, max: number) =>
@@ -144,7 +145,23 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     Object.entries(env).filter(([, v]) => v !== undefined && v !== ''),
   )
   const parsed = Env.safeParse(present, { reportInput: true })
-  if (!parsed.success) throw new ConfigError(describeIssues(parsed.error.issues), 'configuration')
+  if (!parsed.success) {
+    // Values are masked before they are described (and cut to length): no secret, not even
+    // the start of one, reaches the message.
+    const issues = parsed.error.issues.map((issue): z.core.$ZodIssue =>
+      typeof issue.input === 'string'
+        ? ({
+            ...issue,
+            input: redactValue(String(issue.path[0] ?? ''), issue.input),
+          } as z.core.$ZodIssue)
+        : issue,
+    )
+    const secrets = environmentSecrets(env)
+    throw new ConfigError(
+      describeIssues(issues).map((line) => redact(line, secrets)),
+      'configuration',
+    )
+  }
   const e = parsed.data
   if ((e.NATS_USER === undefined) !== (e.NATS_PASSWORD === undefined)) {
     const [set, missing] =

@@ -1,5 +1,6 @@
 import { trace } from '@opentelemetry/api'
 import { pino, type Logger } from 'pino'
+import { redact } from './redact.ts'
 
 export type { Logger }
 
@@ -20,6 +21,8 @@ export function createLogger(opts: { level: string; name?: string }): Logger {
       timestamp: pino.stdTimeFunctions.isoTime,
       // Lines written inside a span (a batch, a publish) carry its ids, so a log line leads to its
       // trace in Jaeger; fields the call passes (an event's own trace) take precedence.
+      // Whatever a line carries (an error quoting a URL, say), no secret leaves the process.
+      hooks: { streamWrite: (line) => redact(line) },
       mixin: () => {
         const sc = trace.getActiveSpan()?.spanContext()
         return sc && trace.isSpanContextValid(sc) ? { traceId: sc.traceId, spanId: sc.spanId } : {}
