@@ -46,8 +46,10 @@ export interface Observability {
   close(): Promise<void>
 }
 
-/** Each check and each part of a lag sample gets this long; a scrape never waits longer. */
+/** Each check and each part of a lag sample gets this long; a probe never waits longer. */
 const CHECK_TIMEOUT_MS = 2000
+/** Readiness probes closer together than this share one round of checks. */
+const READY_REUSE_MS = 1000
 
 export async function startObservability(
   config: Config,
@@ -113,7 +115,7 @@ export async function startObservability(
     }
   }
 
-  const metrics = createMetrics({ sample })
+  const metrics = createMetrics({ sample, refreshEveryMs: config.metrics.refreshSeconds * 1000 })
 
   const check = async (what: () => Promise<unknown>): Promise<CheckResult> => {
     try {
@@ -150,9 +152,25 @@ export async function startObservability(
     return { ready: Object.values(checks).every((c) => c.ok), checks }
   }
 
+  // Probes closer together than READY_REUSE_MS share one round of checks: a flood of probes
+  // costs NATS and Postgres one ping and one `select 1` a second at most.
+  let readiness: { at: number; result: Promise<Readiness> } | undefined
+  const readyShared = (): Promise<Readiness> => {
+    if (readiness === undefined || performance.now() - readiness.at >= READY_REUSE_MS) {
+      readiness = { at: performance.now(), result: ready() }
+    }
+    return readiness.result
+  }
+
   let server: MetricsServer
   try {
-    server = await startMetricsServer({ port, host, registry: metrics.registry, ready, log })
+    server = await startMetricsServer({
+      port,
+      host,
+      registry: metrics.registry,
+      ready: readyShared,
+      log,
+    })
   } catch (err) {
     metrics.registry.clear()
     throw err
@@ -185,11 +203,14 @@ export async function startObservability(
         queryTimeoutMs: CHECK_TIMEOUT_MS,
       })
       db = createKysely<Database>(pool)
+      void metrics.refresh()
     },
     draining() {
       shuttingDown = true
+      readiness = undefined
     },
     async close() {
+      metrics.close()
       await server.close()
       if (pool !== undefined && !pool.ended) await pool.end()
       metrics.registry.clear()

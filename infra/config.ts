@@ -75,10 +75,20 @@ const Env = z.object({
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   /** `/metrics`, `/healthz` and `/readyz` of `run` and `start`; 0: a port the OS picks; `off`. */
   METRICS_PORT: portOrOff.default(9464),
+  /**
+   * Address that server listens on. Loopback by default: it has no authentication, so it is
+   * exposed (`0.0.0.0`, or one interface's address) only where a scraper's network or a proxy
+   * keeps everyone else out, such as inside a container (README.md, "Metrics and health").
+   */
   METRICS_HOST: z
     .string()
     .regex(/^[A-Za-z0-9.:-]{1,253}$/)
-    .default('0.0.0.0'),
+    .default('127.0.0.1'),
+  /**
+   * Seconds between reads of the lag figures (NATS and Postgres) that `/metrics` serves from
+   * memory: the cost of scraping is one read per interval, whoever scrapes and how often.
+   */
+  METRICS_REFRESH_SECONDS: int(1, 3600).default(5),
 })
 
 /**
@@ -133,7 +143,10 @@ export interface Config {
   readonly metrics: {
     /** `null`: no server; 0: a port the OS picks (logged). */
     readonly port: number | null
+    /** Loopback unless configured: the endpoints have no authentication. */
     readonly host: string
+    /** Seconds between background reads of the lag figures. */
+    readonly refreshSeconds: number
   }
 }
 
@@ -202,7 +215,11 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     sensorInactivityTimeoutSeconds: e.SENSOR_INACTIVITY_TIMEOUT_SECONDS,
     alertRulesFile: e.ALERT_RULES_FILE,
     logLevel: e.LOG_LEVEL,
-    metrics: { port: e.METRICS_PORT, host: e.METRICS_HOST },
+    metrics: {
+      port: e.METRICS_PORT,
+      host: e.METRICS_HOST,
+      refreshSeconds: e.METRICS_REFRESH_SECONDS,
+    },
   }
   return deepFreeze(config)
 }

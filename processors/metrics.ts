@@ -29,8 +29,9 @@ export interface ProcessorMetrics {
 }
 
 /**
- * Lag figures read from NATS and Postgres on a scrape. A part that could not be read in time is
- * absent, and the gauges fed by it are left out of that scrape rather than repeating stale values.
+ * Lag figures read from NATS and Postgres in the background. A part that could not be read in
+ * time is absent, and the gauges fed by it are left out of the scrapes until a read succeeds
+ * rather than repeating stale values.
  */
 export interface LagSample {
   readonly nats?: {
@@ -62,7 +63,7 @@ export interface LagSample {
  * The metrics of one fleetstream process, in a registry of its own (Prometheus text format).
  *
  * ```ts
- * const metrics = createMetrics({ sample: () => readLag(rt) })
+ * const metrics = createMetrics({ sample: () => readLag(rt), refreshEveryMs: 5000 })
  * startProcessor(spec, { ...rt, metrics }) // registers itself
  * const text = await metrics.registry.metrics()
  * ```
@@ -76,11 +77,23 @@ export interface Metrics {
   register(processor: RunningProcessor): ProcessorMetrics
   /** Every processor registered in this process. */
   readonly processors: readonly RunningProcessor[]
+  /**
+   * Reads the lag figures anew (after the read in progress, if any), e.g. once the sources are
+   * open; otherwise they are read every `refreshEveryMs` and when a processor registers.
+   */
+  refresh(): Promise<void>
+  /** Stops the background reads. */
+  close(): void
 }
 
 export interface MetricsOptions {
-  /** Reads lag figures; called at most once per scrape, and must bound its own time. */
+  /** Reads lag figures; never called by a scrape, one call at a time; must bound its own time. */
   readonly sample: () => Promise<LagSample>
+  /**
+   * How often the lag figures are read in the background. Scrapes are served from memory, so
+   * what NATS and Postgres see is one read per interval however many scrapers there are.
+   */
+  readonly refreshEveryMs: number
   /** Node.js and process metrics (RSS, CPU, event loop lag, GC, handles); default true. */
   readonly defaultMetrics?: boolean
 }
@@ -106,6 +119,8 @@ export const METRIC = {
   streamBytes: 'fleetstream_stream_bytes',
   streamLastSeq: 'fleetstream_stream_last_sequence',
   sourceUp: 'fleetstream_lag_source_up',
+  refreshes: 'fleetstream_lag_refreshes_total',
+  sampleAge: 'fleetstream_lag_age_seconds',
 } as const
 
 const STATES: readonly ProcessorStats['state'][] = [
@@ -209,24 +224,46 @@ export function createMetrics(opts: MetricsOptions): Metrics {
     },
   })
 
-  // Every sampled gauge of a scrape asks for the sample: the first one reads it, the others
-  // share that read, and scrapes closer together than SAMPLE_REUSE_MS share its result.
-  let inflight: Promise<LagSample> | undefined
+  // The lag figures are read in the background and kept here; a scrape only reads memory, so a
+  // flood of scrapes costs NATS and Postgres nothing.
+  const refreshes = new Counter({
+    name: METRIC.refreshes,
+    help: 'Reads of the lag figures from NATS and Postgres (in the background, never by a scrape).',
+    registers,
+  })
   let last: { at: number; sample: LagSample } | undefined
-  const sample = (): Promise<LagSample> => {
-    if (last !== undefined && Date.now() - last.at < SAMPLE_REUSE_MS) {
-      return Promise.resolve(last.sample)
-    }
-    inflight ??= opts
-      .sample()
-      .catch((): LagSample => ({}))
-      .then((s) => {
-        last = { at: Date.now(), sample: s }
-        inflight = undefined
-        return s
-      })
-    return inflight
+  let inflight: Promise<void> | undefined
+  let queued: Promise<void> | undefined
+  let closed = false
+  const readOnce = async (): Promise<void> => {
+    refreshes.inc()
+    const s = await opts.sample().catch((): LagSample => ({}))
+    last = { at: Date.now(), sample: s }
   }
+  // A read that starts no earlier than the call: at most one runs and one waits behind it.
+  const refresh = (): Promise<void> => {
+    if (closed) return Promise.resolve()
+    queued ??= (inflight ?? Promise.resolve()).then(() => {
+      queued = undefined
+      inflight = readOnce().finally(() => {
+        inflight = undefined
+      })
+      return inflight
+    })
+    return queued
+  }
+  const timer = setInterval(() => void refresh(), opts.refreshEveryMs)
+  // The figures are no reason to keep a process alive.
+  timer.unref()
+  new Gauge({
+    name: METRIC.sampleAge,
+    help: 'Seconds since the lag figures served were read (absent before the first read).',
+    registers,
+    collect() {
+      this.reset()
+      if (last !== undefined) this.set((Date.now() - last.at) / 1000)
+    },
+  })
   const sampled = (
     name: string,
     help: string,
@@ -238,10 +275,9 @@ export function createMetrics(opts: MetricsOptions): Metrics {
       help,
       labelNames,
       registers,
-      async collect() {
-        const s = await sample()
+      collect() {
         this.reset()
-        fill(this, s, names())
+        fill(this, last?.sample ?? {}, names())
       },
     })
 
@@ -300,7 +336,7 @@ export function createMetrics(opts: MetricsOptions): Metrics {
   streamGauge(METRIC.streamLastSeq, 'Last sequence of FLEET_EVENTS.', (n) => n.stream.lastSeq)
   sampled(
     METRIC.sourceUp,
-    'Whether this scrape could read the lag figures from NATS and Postgres (1) or not in time (0: those gauges are left out).',
+    'Whether the last read of the lag figures from NATS and Postgres succeeded (1) or not in time (0: those gauges are left out).',
     ['source'],
     (g, s) => {
       g.set({ source: 'nats' }, s.nats === undefined ? 0 : 1)
@@ -311,8 +347,17 @@ export function createMetrics(opts: MetricsOptions): Metrics {
   return {
     registry,
     processors: tracked,
+    refresh,
+    close() {
+      closed = true
+      clearInterval(timer)
+    },
     register(p) {
-      if (!tracked.includes(p)) tracked.push(p)
+      if (!tracked.includes(p)) {
+        tracked.push(p)
+        // Its figures from now on, not at the next interval.
+        void refresh()
+      }
       const name = p.name
       const labels = { processor: name }
       const processedFor = processed.labels(labels)
@@ -356,6 +401,3 @@ export function createMetrics(opts: MetricsOptions): Metrics {
 }
 
 type NatsPart = NonNullable<LagSample['nats']>
-
-/** Scrapes closer together than this share one sample. */
-const SAMPLE_REUSE_MS = 1000

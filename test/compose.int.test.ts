@@ -3,7 +3,7 @@ import { existsSync, readFileSync } from 'node:fs'
 import { dirname, join, posix, resolve } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { parse } from 'yaml'
-import { CONFIG_VARIABLES } from '../infra/config.ts'
+import { CONFIG_VARIABLES, loadConfig } from '../infra/config.ts'
 import { OTEL_VARIABLES } from '../infra/telemetry.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
 import {
@@ -233,6 +233,20 @@ describe('infra/docker-compose.yml', () => {
     const jaeger = services.jaeger!
     expect(envOf(jaeger).COLLECTOR_OTLP_ENABLED).toBe('true')
     expect(jaeger.ports).toEqual(expect.arrayContaining(['16686:16686', '4318:4318']))
+  })
+
+  it('serves metrics and health where the health check and a scraper can reach them', () => {
+    for (const name of APP_SERVICES) {
+      const s = services[name]!
+      if (!['run', 'start'].includes(s.command?.[0] ?? '')) continue
+      // Inside a container a loopback listener is out of reach of the compose network.
+      const { metrics } = loadConfig(envOf(s))
+      expect(metrics.host, name).not.toMatch(/^(127\.|::1$|localhost$)/)
+      expect(metrics.port, name).not.toBeNull()
+      expect(s.healthcheck?.test.join(' '), name).toContain(`:${metrics.port}/readyz`)
+      // Not published on the host: it has no authentication.
+      expect(s.ports, name).toBeUndefined()
+    }
   })
 
   it('has a sane start-up graph: no cycles, health checks where waited for', () => {

@@ -102,7 +102,12 @@ describe('metrics, health and readiness of a `run` process', () => {
     pgc = await startPostgres() // its own cluster: these tests stop it
     const db = await pgc.createDatabase()
     rt = await testRuntime(testConfig(nats.url, db))
-    env = testEnv(nats.url, db, { LOG_LEVEL: 'info', PROCESSOR_BATCH_SIZE: '100' })
+    env = testEnv(nats.url, db, {
+      LOG_LEVEL: 'info',
+      PROCESSOR_BATCH_SIZE: '100',
+      // The lag figures are read in the background: every second here, to wait less.
+      METRICS_REFRESH_SECONDS: '1',
+    })
   })
   afterAll(async () => {
     if (proc.child.exitCode === null) {
@@ -178,8 +183,10 @@ describe('metrics, health and readiness of a `run` process', () => {
     const total = published.readings + published.garbage
 
     let s: Sample[] = []
+    // The checkpoint at the end of the stream: figures read after the last commit, not before.
     const caughtUp = (p: string) =>
       valueOf(s, 'fleetstream_events_processed_total', { processor: p }) === published.readings &&
+      valueOf(s, 'fleetstream_checkpoint_sequence', { processor: p }) === total &&
       valueOf(s, 'fleetstream_consumer_pending_messages', { processor: p }) === 0 &&
       valueOf(s, 'fleetstream_consumer_ack_pending_messages', { processor: p }) === 0 &&
       valueOf(s, 'fleetstream_checkpoint_lag_sequences', { processor: p }) === 0
