@@ -24,7 +24,13 @@ export function createPool(
 ): pg.Pool {
   const pool = new pg.Pool({
     connectionString: url,
-    ...(opts.searchPath ? { options: `-c search_path=${searchPathOption(opts.searchPath)}` } : {}),
+    options: [
+      ...SERVER_SIDE_TCP,
+      ...(opts.searchPath ? [`-c search_path=${searchPathOption(opts.searchPath)}`] : []),
+    ].join(' '),
+    // Our side notices a server gone silent (a partition) instead of waiting on a dead socket.
+    keepAlive: true,
+    keepAliveInitialDelayMillis: 10_000,
     max: opts.max ?? 4,
     application_name: opts.applicationName ?? 'fleetstream',
     connectionTimeoutMillis: opts.connectionTimeoutMs ?? 5000,
@@ -46,6 +52,20 @@ export function createPool(
   })
   return pool
 }
+
+/**
+ * The server's side of each connection: a client that stops acknowledging (cut off by a partition)
+ * is dropped after ~25 s of keepalives when idle, and after 30 s of unacknowledged data while the
+ * server sends, so its backend ends and releases what it holds, instead of waiting for the OS
+ * TCP timeout (~2 h). A frozen client's kernel still acknowledges: the lock session's own timeout
+ * covers that (processors/partitions.ts).
+ */
+const SERVER_SIDE_TCP = [
+  '-c tcp_keepalives_idle=10',
+  '-c tcp_keepalives_interval=5',
+  '-c tcp_keepalives_count=3',
+  '-c tcp_user_timeout=30000',
+]
 
 function searchPathOption(schemas: readonly string[]): string {
   for (const s of schemas) {

@@ -29,7 +29,8 @@ import type { EventKind } from '../schemas/events.ts'
 import { Headers } from '../schemas/subjects.ts'
 import { anchorConsumer, MessageBuffer, type ConsumerSpec } from './consumer.ts'
 import { decide } from './decision.ts'
-import { Lease, slotsOf, type Slot } from './partitions.ts'
+import { Lease, REBALANCE_MS, slotsOf, type Slot } from './partitions.ts'
+import { fencedDatabase } from './slot-fence.ts'
 import { parkInDlq } from './dlq.ts'
 import {
   findDivergence,
@@ -70,7 +71,7 @@ export interface ProcessorDeps {
   readonly nc: NatsConnection
   readonly jsm: JetStreamManager
   readonly db: Kysely<Database>
-  /** Pool the single-instance lock connection comes from. */
+  /** The pool `db` runs on: each instance's lock session and its slots' transactions come from it. */
   readonly pool: pg.Pool
   readonly config: Config
   readonly log: Logger
@@ -223,8 +224,15 @@ class ProcessorRunner implements RunningProcessor {
     await this.#postgres.policy.execute(() => this.#deps.pool.query('select 1'))
     const owned = new Map<Slot, OwnedSlot>()
     const wake = new Wakeup()
-    const lease = await Lease.open(this.#deps.pool, this.name, () => {
+    const lease = await Lease.open(this.#deps.pool, this.name, (err) => {
+      // Frozen, cut off, or the connection broke: another instance may own these slots already.
+      // Their transactions cannot commit any more (processors/slot-fence.ts); end them now.
+      this.#log.warn(
+        { err: errorSummary(err), slots: [...owned.keys()].map((s) => s.key) },
+        "lost the Postgres session that holds this instance's slots; giving them up",
+      )
       for (const o of owned.values()) o.session.interrupt()
+      this.stats.state = 'backing-off' // not ready, even while a session cut off still winds down
       wake.notify()
     })
     const backoffs = new Map<Slot, { until: number; delay: IBackoff<unknown> }>()
@@ -247,7 +255,8 @@ class ProcessorRunner implements RunningProcessor {
           }
           if (!wanted.has(slot) || (backoffs.get(slot)?.until ?? 0) > Date.now()) continue
           if (!(await lease.tryAcquire(slot.key))) continue // its owner has not let go yet
-          const session = new SlotSession(slot, this.#context(), signal)
+          const db = fencedDatabase(this.#deps.pool, lease, slot.key)
+          const session = new SlotSession(slot, this.#context(db), signal)
           const startedAt = Date.now()
           const entry: OwnedSlot = { session, ended: Promise.resolve() }
           entry.ended = session
@@ -306,11 +315,11 @@ class ProcessorRunner implements RunningProcessor {
     }
   }
 
-  /** What every slot session of this instance shares. */
-  #context(): RunnerContext {
+  /** What every slot session of this instance shares; `db` is the slot's, fenced by its lease. */
+  #context(db: Kysely<Database>): RunnerContext {
     return {
       spec: this.#spec,
-      deps: this.#deps,
+      deps: { ...this.#deps, db },
       log: this.#log,
       js: this.#js,
       postgres: this.#postgres,
@@ -887,8 +896,6 @@ class DeterministicFailure extends Error {
   }
 }
 
-/** How often an instance looks at who else is running, to take or give up slots. */
-const REBALANCE_MS = 2_000
 /** Waits before a slot whose session failed is taken again (by this instance). */
 const SLOT_BACKOFF = new ExponentialBackoff({ initialDelay: 250, maxDelay: 15_000 })
 /** A slot session that lasted this long before failing starts the backoff afresh. */

@@ -8,14 +8,19 @@ export interface CheckpointPosition {
   readonly hlc: string | null
 }
 
-/** Another instance moved the checkpoint under us; the transaction must roll back. */
+/**
+ * Another instance moved the checkpoint under us, or may be about to (the slot's lease ran out:
+ * processors/slot-fence.ts); the transaction must roll back and the session end.
+ */
 export class CheckpointConflictError extends Error {
-  override readonly name = 'CheckpointConflictError'
+  override readonly name: string = 'CheckpointConflictError'
 
-  constructor(processor: string, expectedSeq: number) {
-    super(
-      `checkpoint of '${processor}' is no longer at ${expectedSeq}: another instance is processing`,
-    )
+  constructor(
+    processor: string,
+    expectedSeq: number | undefined,
+    message = `checkpoint of '${processor}' is no longer at ${expectedSeq}: another instance is processing`,
+  ) {
+    super(message)
   }
 }
 
