@@ -25,6 +25,8 @@ export interface RawEvent {
   readonly data: Uint8Array
   /** The `Nats-Msg-Id` header, when the publisher set one (MQTT devices cannot). */
   readonly msgId?: string | undefined
+  /** The `Fleet-Hlc` header, when the publisher set one: it must agree with the body's `hlc`. */
+  readonly hlc?: string | undefined
 }
 
 const utf8 = new TextDecoder('utf-8', { fatal: true })
@@ -79,6 +81,11 @@ export function decodeEvent(raw: RawEvent): Decoded {
   if (raw.msgId !== undefined && raw.msgId !== '' && raw.msgId !== event.eventId) {
     problems.push(
       `header 'Nats-Msg-Id' must equal 'eventId' '${event.eventId}', got '${raw.msgId}'`,
+    )
+  }
+  if (raw.hlc !== undefined && raw.hlc !== '' && raw.hlc !== event.hlc) {
+    problems.push(
+      `header 'Fleet-Hlc' must equal 'hlc' ${formatValue(event.hlc)}, got ${formatValue(raw.hlc)}`,
     )
   }
   if (problems.length > 0)

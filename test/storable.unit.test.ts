@@ -19,7 +19,11 @@ const envelope = {
 }
 /** One event of every type, every optional string field filled. */
 export const everyKind: Record<string, unknown>[] = [
-  { ...envelope, type: 'reading.recorded', data: { metric: 'temperature', value: 21.5, unit: 'C' } },
+  {
+    ...envelope,
+    type: 'reading.recorded',
+    data: { metric: 'temperature', value: 21.5, unit: 'C' },
+  },
   {
     ...envelope,
     type: 'sensor.registered',
@@ -56,7 +60,9 @@ const refusal = (e: Record<string, unknown>) => {
 }
 
 /** Every string leaf of an event, as a path and a setter on a deep copy. */
-function stringLeaves(e: Record<string, unknown>): { path: string; set: (v: string) => Record<string, unknown> }[] {
+function stringLeaves(
+  e: Record<string, unknown>,
+): { path: string; set: (v: string) => Record<string, unknown> }[] {
   const out: { path: string; set: (v: string) => Record<string, unknown> }[] = []
   const walk = (o: Record<string, unknown>, path: string[]) => {
     for (const [k, v] of Object.entries(o)) {
@@ -71,7 +77,8 @@ function stringLeaves(e: Record<string, unknown>): { path: string; set: (v: stri
             return copy
           },
         })
-      } else if (typeof v === 'object' && v !== null) walk(v as Record<string, unknown>, [...path, k])
+      } else if (typeof v === 'object' && v !== null)
+        walk(v as Record<string, unknown>, [...path, k])
     }
   }
   walk(e, [])
@@ -88,7 +95,9 @@ describe('the schema refuses what Postgres cannot store', () => {
     for (const e of everyKind) {
       for (const leaf of stringLeaves(e)) {
         if (leaf.path === 'type' || leaf.path === 'deviceId') continue // they pick the schema and subject
-        const original = leaf.path.split('.').reduce<unknown>((o, p) => (o as Record<string, unknown>)[p], e) as string
+        const original = leaf.path
+          .split('.')
+          .reduce<unknown>((o, p) => (o as Record<string, unknown>)[p], e) as string
         const d = refusal(leaf.set(`${original.slice(0, 1)}\u0000${original.slice(1)}`))
         expect(d.reason, leaf.path).toBe('invalid-event')
         expect(d.detail, leaf.path).toContain(`'${leaf.path}'`)
@@ -118,9 +127,9 @@ describe('the schema refuses what Postgres cannot store', () => {
     const note = refusal({ ...everyKind[4], data: { alertId: 'a-1', by: 'ops', note: '\udfff' } })
     expect(note.detail).toContain("'data.note' must be well-formed Unicode")
     // A whole surrogate pair is a character like any other.
-    expect(
-      decodeAs({ ...everyKind[3], data: { status: 'maintenance', reason: 'ok 😀' } }).ok,
-    ).toBe(true)
+    expect(decodeAs({ ...everyKind[3], data: { status: 'maintenance', reason: 'ok 😀' } }).ok).toBe(
+      true,
+    )
   })
 
   it('refuses date-times outside what Postgres timestamptz reads: year 0000, offsets beyond ±15:59', () => {
@@ -128,7 +137,9 @@ describe('the schema refuses what Postgres cannot store', () => {
     expect(at('0000-06-01T00:00:00.000Z')).toBe(
       "'occurredAt' must be a date-time Postgres can store (year 0001 to 9999, UTC offset within ±15:59), got '0000-06-01T00:00:00.000Z'",
     )
-    expect(at('0000-02-29T00:00:00Z')).toContain("'occurredAt' must be a date-time Postgres can store")
+    expect(at('0000-02-29T00:00:00Z')).toContain(
+      "'occurredAt' must be a date-time Postgres can store",
+    )
     expect(at('2026-01-01T00:00:00+16:00')).toContain(
       "'occurredAt' must be a date-time Postgres can store",
     )
