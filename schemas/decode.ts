@@ -10,6 +10,8 @@ export type RejectReason =
   | 'clock-skew'
   /** Valid, but the projection failed on it every time. */
   | 'handler-failed'
+  /** Valid, but Postgres refused its values (SQLSTATE class 22, 23 or 54: a CHECK, a range). */
+  | 'storage-refused'
 
 export type Decoded =
   | {

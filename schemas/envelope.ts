@@ -36,7 +36,7 @@ export const Timestamp = z.iso.datetime({ offset: true }).refine((s) => POSTGRES
 })
 
 /** U+0000: Postgres `text` and `jsonb` cannot hold it (22021, 22P05). */
-const NUL = /\u0000/
+const NUL = '\u0000'
 /** A lone surrogate half: the driver sends U+FFFD in its place (text) or Postgres refuses it (jsonb). */
 const LONE_SURROGATE = /\p{Cs}/u
 
@@ -52,7 +52,7 @@ export const Text = (max: number) =>
   z
     .string()
     .max(max)
-    .refine((s) => !NUL.test(s), 'must not contain U+0000 (Postgres text cannot hold it)')
+    .refine((s) => !s.includes(NUL), 'must not contain U+0000 (Postgres text cannot hold it)')
     .refine(
       (s) => !LONE_SURROGATE.test(s),
       'must be well-formed Unicode (no lone surrogate; Postgres would store U+FFFD instead)',
