@@ -743,7 +743,6 @@ class SlotSession {
     let hlc = from.hlc
     for (const e of events) if (hlc === null || e.event.event.hlc > hlc) hlc = e.event.event.hlc
     const to: CheckpointPosition = { lastSeq: last.event.streamSeq, hlc }
-    let err: DeterministicFailure
     try {
       return await this.#commit(
         events.map((e) => e.event),
@@ -751,53 +750,53 @@ class SlotSession {
         to,
         signal,
       )
-    } catch (e) {
-      if (!(e instanceof DeterministicFailure)) throw e
-      err = e
-    }
-    if (isDataError(err.cause)) {
-      try {
-        return await this.#applyRefusing(events, from, to, parked, signal)
-      } catch (e) {
-        // Something other than a data error among them: isolate it by halving.
-        if (!(e instanceof DeterministicFailure)) throw e
-        err = e
+    } catch (err) {
+      if (!(err instanceof DeterministicFailure)) throw err
+      if (isDataError(err.cause)) {
+        const refusing = await this.#applyRefusing(events, from, to, parked, signal).catch(
+          (e: unknown) => {
+            // Something other than a data error among them: isolate it by halving.
+            if (e instanceof DeterministicFailure) return e
+            throw e
+          },
+        )
+        if (!(refusing instanceof DeterministicFailure)) return refusing
       }
-    }
-    if (events.length > 1) {
-      const mid = Math.ceil(events.length / 2)
-      const left = await this.#applyIsolating(events.slice(0, mid), from, parked, signal)
-      return this.#applyIsolating(events.slice(mid), left, parked, signal)
-    }
-    const [only] = events as [Accepted]
-    let failure = err
-    for (let attempt = 2; attempt <= POISON_ATTEMPTS; attempt++) {
-      await sleep(100 * attempt, signal)
-      try {
-        return await this.#commit([only.event], from, to, signal)
-      } catch (again) {
-        if (!(again instanceof DeterministicFailure)) throw again
-        failure = again
+      if (events.length > 1) {
+        const mid = Math.ceil(events.length / 2)
+        const left = await this.#applyIsolating(events.slice(0, mid), from, parked, signal)
+        return this.#applyIsolating(events.slice(mid), left, parked, signal)
       }
+      const [only] = events as [Accepted]
+      let failure = err
+      for (let attempt = 2; attempt <= POISON_ATTEMPTS; attempt++) {
+        await sleep(100 * attempt, signal)
+        try {
+          return await this.#commit([only.event], from, to, signal)
+        } catch (again) {
+          if (!(again instanceof DeterministicFailure)) throw again
+          failure = again
+        }
+      }
+      if (this.#ctx.poison.get() >= MAX_CONSECUTIVE_POISON) {
+        // Everything fails: a broken projection, not bad events. Stop and back off rather than
+        // empty the stream into the DLQ; a fixed deployment (a restart) starts counting afresh.
+        throw new Error(
+          `${MAX_CONSECUTIVE_POISON} events in a row failed in the projection; treating it as systemic, not poison`,
+          { cause: failure.cause },
+        )
+      }
+      this.#ctx.poison.set(this.#ctx.poison.get() + 1)
+      await this.#park({
+        msg: only.msg,
+        reason: 'handler-failed',
+        detail: errorSummary(failure.cause),
+        attempts: POISON_ATTEMPTS,
+      })
+      parked.push(only.msg)
+      this.#ctx.stats.poisoned++
+      return from
     }
-    if (this.#ctx.poison.get() >= MAX_CONSECUTIVE_POISON) {
-      // Everything fails: a broken projection, not bad events. Stop and back off rather than
-      // empty the stream into the DLQ; a fixed deployment (a restart) starts counting afresh.
-      throw new Error(
-        `${MAX_CONSECUTIVE_POISON} events in a row failed in the projection; treating it as systemic, not poison`,
-        { cause: failure.cause },
-      )
-    }
-    this.#ctx.poison.set(this.#ctx.poison.get() + 1)
-    await this.#park({
-      msg: only.msg,
-      reason: 'handler-failed',
-      detail: errorSummary(failure.cause),
-      attempts: POISON_ATTEMPTS,
-    })
-    parked.push(only.msg)
-    this.#ctx.stats.poisoned++
-    return from
   }
 
   /**
