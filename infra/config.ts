@@ -51,6 +51,11 @@ const Env = z.object({
   /** HLC node id of this process; defaults to a token derived from the host name. */
   FLEETSTREAM_NODE_ID: z.string().regex(HLC_NODE_PATTERN).optional(),
   HLC_MAX_OFFSET_MS: int(0, 3_600_000).default(500),
+  /**
+   * How far an event's HLC (or a tick's time) may be behind the stream's append time: the longest
+   * a device may hold events while offline. 7 days by default; at most 365.
+   */
+  HLC_MAX_AGE_MS: int(60_000, 365 * 24 * 3_600_000).default(7 * 24 * 3_600_000),
   FLEET_STREAM_REPLICAS: int(1, 5).default(1),
   FLEET_DUPLICATE_WINDOW_SECONDS: int(1, 7 * 24 * 3600).default(120),
   FLEET_MAX_MSG_BYTES: int(1024, 1024 * 1024).default(16 * 1024),
@@ -113,6 +118,8 @@ export interface Config {
   readonly databaseUrl: string
   readonly nodeId: string
   readonly hlcMaxOffsetMs: number
+  /** How far behind the stream's append time an HLC or a tick may be (offline buffering). */
+  readonly hlcMaxAgeMs: number
   /**
    * Partitions of FLEET_EVENTS (the server's subject mapping); 0: not partitioned. Each processor
    * then has one consumer and one checkpoint per partition, shared out among its instances.
@@ -194,6 +201,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     databaseUrl: e.DATABASE_URL,
     nodeId: e.FLEETSTREAM_NODE_ID ?? defaultNodeId(),
     hlcMaxOffsetMs: e.HLC_MAX_OFFSET_MS,
+    hlcMaxAgeMs: e.HLC_MAX_AGE_MS,
     partitions: e.FLEET_PARTITIONS,
     streams: {
       events: 'FLEET_EVENTS',

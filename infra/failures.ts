@@ -47,6 +47,32 @@ export function isTransient(err: unknown): boolean {
 }
 
 /**
+ * Postgres refused the values of the statement: the event's fault, not the projection's. Retrying
+ * the same values fails the same way, and another event goes through, so it is parked at once and
+ * never counts toward the broken-projection guard.
+ *
+ * SQLSTATE classes: 22 data exception (a value out of range, an invalid byte, a bad date), 23
+ * integrity constraint violation (a CHECK the value breaks), 54 program limit exceeded (a value
+ * too large for an index row). Not 23502 (not-null violation): schema-valid events carry every
+ * value a NOT NULL column needs, so that one is the projection's bug.
+ *
+ * ```ts
+ * isDataError({ code: '22021' }) // true: invalid byte sequence (U+0000)
+ * isDataError({ code: '42P01' }) // false: undefined table, a broken deployment
+ * ```
+ */
+export function isDataError(err: unknown): boolean {
+  for (let e: unknown = err, i = 0; typeof e === 'object' && e !== null && i < 5; i++) {
+    const code = (e as { code?: unknown }).code
+    if (typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code)) {
+      return /^(22|23|54)/.test(code) && code !== '23502'
+    }
+    e = (e as { cause?: unknown }).cause
+  }
+  return false
+}
+
+/**
  * NATS could not serve a JetStream request right now: it timed out, nobody answered (a stream or
  * meta leader being elected; js.publish reports that as JetStreamNotEnabled), or the server said
  * 503 / 10008 "JetStream system temporarily unavailable".

@@ -1,7 +1,13 @@
 import type { JsMsg } from '@nats-io/jetstream'
 import type { ProjectedEvent } from '../projections/projection.ts'
 import { decodeEvent, type RejectReason } from '../schemas/decode.ts'
-import { assertWithinOffset, ClockSkewError, decodeHlc } from '../schemas/hlc.ts'
+import {
+  assertWithinAge,
+  assertWithinOffset,
+  ClockAgeError,
+  ClockSkewError,
+  decodeHlc,
+} from '../schemas/hlc.ts'
 import type { Config } from '../infra/config.ts'
 import { SYSTEM_SOURCE } from '../schemas/envelope.ts'
 import type { FleetEvent } from '../schemas/events.ts'
@@ -33,7 +39,7 @@ export type Decision =
 export function decide(
   msg: JsMsg,
   processor: string,
-  config: Pick<Config, 'hlcMaxOffsetMs' | 'partitions'>,
+  config: Pick<Config, 'hlcMaxOffsetMs' | 'hlcMaxAgeMs' | 'partitions'>,
 ): Decision {
   const redriveFor = msg.headers?.get(Headers.RedriveFor) ?? ''
   if (redriveFor !== '' && redriveFor !== processor) return { kind: 'skip' }
@@ -42,25 +48,59 @@ export function decide(
     data: msg.data,
     // A redriven copy has its own Nats-Msg-Id (redrive:...), not the eventId.
     msgId: redriveFor !== '' ? undefined : msg.headers?.get(Headers.MsgId),
+    hlc: msg.headers?.get(Headers.Hlc),
   })
   if (!decoded.ok) return { kind: 'refuse', reason: decoded.reason, detail: decoded.detail }
   const misplaced = misplacedIn(decoded.event, decoded.partition, config.partitions)
   if (misplaced !== undefined)
     return { kind: 'refuse', reason: 'subject-mismatch', detail: misplaced }
   const ingestedAt = new Date(Math.floor(msg.info.timestampNanos / 1e6))
-  try {
-    // Measured against the stream's append time, so a replay decides exactly the same way.
-    assertWithinOffset(decodeHlc(decoded.event.hlc), ingestedAt.getTime(), config.hlcMaxOffsetMs)
-  } catch (err) {
-    if (err instanceof ClockSkewError)
-      return { kind: 'refuse', reason: 'clock-skew', detail: err.message }
-    throw err
-  }
+  // A copy put back from the DLQ is appended again, maybe weeks after the original: its age says
+  // nothing about the device, and an operator chose to apply it.
+  const skew = timeProblem(decoded.event, ingestedAt.getTime(), config, redriveFor !== '')
+  if (skew !== undefined) return { kind: 'refuse', reason: 'clock-skew', detail: skew }
   const event = { event: decoded.event, streamSeq: msg.info.streamSequence, ingestedAt }
   return {
     kind: 'apply',
     event: decoded.partition === undefined ? event : { ...event, partition: decoded.partition },
   }
+}
+
+/**
+ * Why the time an event claims cannot be trusted, if it cannot. Measured against the stream's
+ * append time, so a replay decides exactly the same way:
+ * - its HLC may be at most `hlcMaxOffsetMs` ahead (a clock ahead would win every last-writer-wins
+ *   comparison) and at most `hlcMaxAgeMs` behind. The past bound is far wider than the future
+ *   one: a device that buffers while offline (simulator/fleet.ts) replays what it held, stamped
+ *   when it happened, after it reconnects; days of that are normal, an HLC of 0 or from 2001 is not;
+ * - a clock tick's `data.at` is held to the same bounds: it is stream time, and a tick a year
+ *   ahead would make every sensor silent and keep it so (stream time never goes back).
+ */
+function timeProblem(
+  event: FleetEvent,
+  appendMs: number,
+  config: Pick<Config, 'hlcMaxOffsetMs' | 'hlcMaxAgeMs'>,
+  redriven: boolean,
+): string | undefined {
+  const maxAgeMs = redriven ? Infinity : config.hlcMaxAgeMs
+  try {
+    const hlc = decodeHlc(event.hlc)
+    assertWithinOffset(hlc, appendMs, config.hlcMaxOffsetMs)
+    assertWithinAge(hlc, appendMs, maxAgeMs)
+  } catch (err) {
+    if (err instanceof ClockSkewError || err instanceof ClockAgeError) return err.message
+    throw err
+  }
+  if (event.type !== 'clock.ticked') return undefined
+  const at = Date.parse(event.data.at)
+  const stored = new Date(appendMs).toISOString()
+  if (at - appendMs > config.hlcMaxOffsetMs) {
+    return `'data.at' '${event.data.at}' is ${at - appendMs} ms ahead of the stream's append time ${stored}, more than the max offset of ${config.hlcMaxOffsetMs} ms (HLC_MAX_OFFSET_MS)`
+  }
+  if (appendMs - at > maxAgeMs) {
+    return `'data.at' '${event.data.at}' is ${appendMs - at} ms behind the stream's append time ${stored}, more than the max age of ${config.hlcMaxAgeMs} ms (HLC_MAX_AGE_MS)`
+  }
+  return undefined
 }
 
 /**

@@ -8,11 +8,17 @@ import {
 import type { NatsConnection } from '@nats-io/transport-node'
 import { context, trace } from '@opentelemetry/api'
 import { BrokenCircuitError, ExponentialBackoff, type IBackoff } from 'cockatiel'
-import type { Kysely } from 'kysely'
+import { sql, type Kysely, type Transaction } from 'kysely'
 import type pg from 'pg'
 import type { Config } from '../infra/config.ts'
 import type { Logger } from '../infra/logger.ts'
-import { createBreaker, isTransient, type Breaker, type BreakerState } from '../infra/failures.ts'
+import {
+  createBreaker,
+  isDataError,
+  isTransient,
+  type Breaker,
+  type BreakerState,
+} from '../infra/failures.ts'
 import { errorSummary } from '../infra/retry.ts'
 import { traceFields } from '../infra/telemetry.ts'
 import { sleep, Wakeup } from '../infra/sleep.ts'
@@ -728,9 +734,12 @@ class SlotSession {
   }
 
   /**
-   * Commits `events` (in stream order) with the checkpoint. When the projection fails on them
-   * deterministically, each half is tried on its own, down to the one event that fails; that one
-   * gets {@link POISON_ATTEMPTS} attempts, then is parked, and the rest goes on.
+   * Commits `events` (in stream order) with the checkpoint. When Postgres refuses the values of
+   * some of them (a data error, {@link isDataError}), those are found in one pass with a savepoint
+   * per event, parked at once as `storage-refused` and the rest committed: the events' fault, so
+   * they never count toward {@link MAX_CONSECUTIVE_POISON}. When the projection fails on them
+   * otherwise, each half is tried on its own, down to the one event that fails; that one gets
+   * {@link POISON_ATTEMPTS} attempts, then is parked, and the rest goes on.
    */
   async #applyIsolating(
     events: readonly Accepted[],
@@ -752,6 +761,16 @@ class SlotSession {
       )
     } catch (err) {
       if (!(err instanceof DeterministicFailure)) throw err
+      if (isDataError(err.cause)) {
+        const refusing = await this.#applyRefusing(events, from, to, parked, signal).catch(
+          (e: unknown) => {
+            // Something other than a data error among them: isolate it by halving.
+            if (e instanceof DeterministicFailure) return e
+            throw e
+          },
+        )
+        if (!(refusing instanceof DeterministicFailure)) return refusing
+      }
       if (events.length > 1) {
         const mid = Math.ceil(events.length / 2)
         const left = await this.#applyIsolating(events.slice(0, mid), from, parked, signal)
@@ -786,6 +805,48 @@ class SlotSession {
       parked.push(only.msg)
       this.#ctx.stats.poisoned++
       return from
+    }
+  }
+
+  /**
+   * Applies `events` one by one under savepoints in one transaction: those Postgres refuses are
+   * rolled back to their savepoint and the rest applied in order, as one set-based apply would. If
+   * any were refused, the transaction is rolled back, they are parked (before any commit passes
+   * them) and the rest is applied again, so one pass over a batch finds every culprit however many
+   * there are (halving would cost a transaction per culprit and level).
+   */
+  async #applyRefusing(
+    events: readonly Accepted[],
+    from: CheckpointPosition,
+    to: CheckpointPosition,
+    parked: JsMsg[],
+    signal: AbortSignal,
+  ): Promise<CheckpointPosition> {
+    let rest = events
+    for (;;) {
+      try {
+        return await this.#commit(
+          rest.map((e) => e.event),
+          from,
+          to,
+          signal,
+          true,
+        )
+      } catch (err) {
+        if (!(err instanceof StorageRefused)) throw err
+        const refused = new Set(err.refused.map((r) => r.seq))
+        for (const r of err.refused) {
+          const e = rest.find((a) => a.event.streamSeq === r.seq) as Accepted
+          await this.#park({
+            msg: e.msg,
+            reason: 'storage-refused',
+            detail: errorSummary(r.cause),
+            attempts: 1,
+          })
+          parked.push(e.msg)
+        }
+        rest = rest.filter((e) => !refused.has(e.event.streamSeq))
+      }
     }
   }
 
@@ -824,6 +885,7 @@ class SlotSession {
     from: CheckpointPosition,
     to: CheckpointPosition,
     signal: AbortSignal,
+    eachUnderSavepoint = false,
   ): Promise<CheckpointPosition> {
     // Hashed once, not on every attempt.
     const mark = markOf(this.#inHand, from.lastSeq, to.lastSeq)
@@ -833,7 +895,8 @@ class SlotSession {
       try {
         await this.#ctx.postgres.policy.execute(() =>
           this.#ctx.deps.db.transaction().execute(async (trx) => {
-            await this.#ctx.spec.projection.apply(trx, events)
+            if (eachUnderSavepoint) await this.#applyEach(trx, events)
+            else await this.#ctx.spec.projection.apply(trx, events)
             await advanceCheckpoint(trx, this.#slot.key, this.#consumer.stream, from, to, mark)
           }),
         )
@@ -851,7 +914,8 @@ class SlotSession {
         return to
       } catch (err) {
         // Someone else moved the checkpoint: end the session, re-read it and re-anchor.
-        if (err instanceof CheckpointConflictError || signal.aborted) throw err
+        if (err instanceof CheckpointConflictError || err instanceof StorageRefused) throw err
+        if (signal.aborted) throw err
         if (!isTransient(err)) throw new DeterministicFailure(err)
         if (attempt >= COMMIT_ATTEMPTS || err instanceof BrokenCircuitError) {
           throw new Error(`not committed after ${attempt} attempts`, { cause: err })
@@ -868,6 +932,27 @@ class SlotSession {
         delay = delay.next(undefined)
       }
     }
+  }
+
+  /**
+   * Applies each event under its own savepoint; throws {@link StorageRefused} (after trying them
+   * all) when Postgres refused the values of some. Any other failure ends the transaction.
+   */
+  async #applyEach(trx: Transaction<Database>, events: readonly ProjectedEvent[]): Promise<void> {
+    const refused: { seq: number; cause: unknown }[] = []
+    for (const e of events) {
+      await sql`savepoint fleet_event`.execute(trx)
+      try {
+        await this.#ctx.spec.projection.apply(trx, [e])
+      } catch (err) {
+        if (!isDataError(err)) throw err
+        await sql`rollback to savepoint fleet_event`.execute(trx)
+        refused.push({ seq: e.streamSeq, cause: err })
+        continue
+      }
+      await sql`release savepoint fleet_event`.execute(trx)
+    }
+    if (refused.length > 0) throw new StorageRefused(refused)
   }
 }
 
@@ -888,6 +973,14 @@ interface Accepted {
   readonly event: ProjectedEvent
 }
 
+/** Postgres refused the values of these events (by stream sequence); the rest applied cleanly. */
+class StorageRefused extends Error {
+  override readonly name = 'StorageRefused'
+  constructor(readonly refused: readonly { readonly seq: number; readonly cause: unknown }[]) {
+    super(`Postgres refused ${refused.length} event(s): ${errorSummary(refused[0]?.cause)}`)
+  }
+}
+
 /** The projection failed on this input in a way a retry cannot fix. */
 class DeterministicFailure extends Error {
   override readonly name = 'DeterministicFailure'
@@ -903,7 +996,11 @@ const SLOT_HEALTHY_MS = 30_000
 
 /** Attempts of one isolated event before it is parked. */
 const POISON_ATTEMPTS = 3
-/** More poison than this in a row, with no event applied in between, is a broken projection. */
+/**
+ * More poison than this in a row, with no event applied in between, is a broken projection. Events
+ * whose values Postgres refuses (parked as `storage-refused`) are not counted: they are the events'
+ * fault, and a burst of them must not stop the processor.
+ */
 const MAX_CONSECUTIVE_POISON = 10
 
 /** In-place attempts of one transaction before the session gives up (~4 s in all). */

@@ -10,6 +10,8 @@ export type RejectReason =
   | 'clock-skew'
   /** Valid, but the projection failed on it every time. */
   | 'handler-failed'
+  /** Valid, but Postgres refused its values (SQLSTATE class 22, 23 or 54: a CHECK, a range). */
+  | 'storage-refused'
 
 export type Decoded =
   | {
@@ -25,6 +27,8 @@ export interface RawEvent {
   readonly data: Uint8Array
   /** The `Nats-Msg-Id` header, when the publisher set one (MQTT devices cannot). */
   readonly msgId?: string | undefined
+  /** The `Fleet-Hlc` header, when the publisher set one: it must agree with the body's `hlc`. */
+  readonly hlc?: string | undefined
 }
 
 const utf8 = new TextDecoder('utf-8', { fatal: true })
@@ -79,6 +83,11 @@ export function decodeEvent(raw: RawEvent): Decoded {
   if (raw.msgId !== undefined && raw.msgId !== '' && raw.msgId !== event.eventId) {
     problems.push(
       `header 'Nats-Msg-Id' must equal 'eventId' '${event.eventId}', got '${raw.msgId}'`,
+    )
+  }
+  if (raw.hlc !== undefined && raw.hlc !== '' && raw.hlc !== event.hlc) {
+    problems.push(
+      `header 'Fleet-Hlc' must equal 'hlc' ${formatValue(event.hlc)}, got ${formatValue(raw.hlc)}`,
     )
   }
   if (problems.length > 0)

@@ -14,8 +14,49 @@ export const DeviceId = z.string().regex(DEVICE_ID_PATTERN)
 export const SYSTEM_SOURCE = '_system'
 export const EventId = z.string().regex(ID_PATTERN)
 export const HlcString = z.string().regex(HLC_PATTERN)
-/** Device clock time; kept as sent, never used for ordering. */
-export const Timestamp = z.iso.datetime({ offset: true })
+/**
+ * What Postgres `timestamptz` reads from the ISO form: years 0001 to 9999 (it refuses year 0000,
+ * 22008) and UTC offsets within ±15:59 (22009). JS Date reads all of it; the format allows four
+ * digit years only, so Postgres's upper bound (294276) and Date's (275760) are never reached.
+ */
+const POSTGRES_DATETIME = /^(?!0000)\d{4}-.*(?:Z|[+-](?:0\d|1[0-5]):[0-5]\d)$/
+
+/**
+ * An ISO 8601 date-time with a zone that Postgres stores as it is.
+ *
+ * ```ts
+ * Timestamp.parse('2026-11-23T10:00:00.000Z') // ok
+ * Timestamp.parse('0000-06-01T00:00:00Z')     // refused: year 0000
+ * ```
+ */
+export const Timestamp = z.iso.datetime({ offset: true }).refine((s) => POSTGRES_DATETIME.test(s), {
+  message: 'must be a date-time Postgres can store (year 0001 to 9999, UTC offset within ±15:59)',
+  // A string that is no date-time at all is reported once, by the format check.
+  when: (payload) => payload.issues.length === 0,
+})
+
+/** U+0000: Postgres `text` and `jsonb` cannot hold it (22021, 22P05). */
+const NUL = '\u0000'
+/** A lone surrogate half: the driver sends U+FFFD in its place (text) or Postgres refuses it (jsonb). */
+const LONE_SURROGATE = /\p{Cs}/u
+
+/**
+ * Free text up to `max` UTF-16 units that Postgres stores exactly as sent: no U+0000 and no lone
+ * surrogate (every other character, control characters included, is kept).
+ *
+ * ```ts
+ * const reason = Text(256) // 'calibration' ok; 'a\u0000b' refused
+ * ```
+ */
+export const Text = (max: number) =>
+  z
+    .string()
+    .max(max)
+    .refine((s) => !s.includes(NUL), 'must not contain U+0000 (Postgres text cannot hold it)')
+    .refine(
+      (s) => !LONE_SURROGATE.test(s),
+      'must be well-formed Unicode (no lone surrogate; Postgres would store U+FFFD instead)',
+    )
 
 /**
  * Fields every event carries. A concrete event extends it with `type`, `version` and `data`.

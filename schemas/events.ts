@@ -1,5 +1,5 @@
 import { z } from 'zod'
-import { DEVICE_ID_PATTERN, Envelope, EventId, SYSTEM_SOURCE, Timestamp } from './envelope.ts'
+import { DEVICE_ID_PATTERN, Envelope, EventId, SYSTEM_SOURCE, Text, Timestamp } from './envelope.ts'
 
 const SiteId = z.string().regex(DEVICE_ID_PATTERN)
 /** Printable, no whitespace or control characters. */
@@ -52,7 +52,7 @@ export type HeartbeatReceived = z.infer<typeof HeartbeatReceived>
 export const StatusChanged = Envelope.extend({
   type: z.literal('status.changed'),
   version: z.literal(1),
-  data: z.strictObject({ status: SensorStatus, reason: z.string().max(256).optional() }),
+  data: z.strictObject({ status: SensorStatus, reason: Text(256).optional() }),
 })
 export type StatusChanged = z.infer<typeof StatusChanged>
 
@@ -64,7 +64,7 @@ export const AlertAcknowledged = Envelope.extend({
     alertId: EventId,
     /** Who acknowledged it. */
     by: z.string().regex(/^[^\p{C}]{1,64}$/u),
-    note: z.string().max(512).optional(),
+    note: Text(512).optional(),
   }),
 })
 export type AlertAcknowledged = z.infer<typeof AlertAcknowledged>

@@ -53,6 +53,24 @@ export class ClockSkewError extends Error {
   }
 }
 
+/**
+ * A remote timestamp more than the allowed age behind the reference clock: older than any device
+ * is expected to hold an event while offline (an HLC of 0, one from 2001).
+ */
+export class ClockAgeError extends Error {
+  override readonly name = 'ClockAgeError'
+  constructor(
+    readonly remote: Hlc,
+    readonly referenceMs: number,
+    readonly maxAgeMs: number,
+  ) {
+    super(
+      `HLC '${encodeHlc(remote)}' is ${referenceMs - remote.wallMs} ms behind the reference ` +
+        `clock, more than the max age of ${maxAgeMs} ms`,
+    )
+  }
+}
+
 export function encodeHlc(h: Hlc): string {
   if (!Number.isSafeInteger(h.wallMs) || h.wallMs < 0 || h.wallMs > MAX_WALL_MS) {
     throw new HlcFormatError(`'wallMs' must be an integer in [0, ${MAX_WALL_MS}], got ${h.wallMs}`)
@@ -104,6 +122,17 @@ export function maxHlc(a: string, b: string): string {
 export function assertWithinOffset(remote: Hlc, referenceMs: number, maxOffsetMs: number): void {
   if (remote.wallMs - referenceMs > maxOffsetMs) {
     throw new ClockSkewError(remote, referenceMs, maxOffsetMs)
+  }
+}
+
+/**
+ * Throws {@link ClockAgeError} when `remote` is more than `maxAgeMs` behind `referenceMs`. The
+ * bound is far wider than the max offset ahead: a device that buffers while offline (see
+ * simulator/fleet.ts) publishes what it held, stamped when it happened, after it reconnects.
+ */
+export function assertWithinAge(remote: Hlc, referenceMs: number, maxAgeMs: number): void {
+  if (referenceMs - remote.wallMs > maxAgeMs) {
+    throw new ClockAgeError(remote, referenceMs, maxAgeMs)
   }
 }
 

@@ -104,7 +104,7 @@ function formatPath(path: readonly PropertyKey[]): string {
 
 /** Renders a value for an error message: quoted, bounded, and honest about NaN and Infinity. */
 export function formatValue(value: unknown): string {
-  if (typeof value === 'string') return `'${truncate(value, 80)}'`
+  if (typeof value === 'string') return `'${escapeInvisible(truncate(value, 80))}'`
   if (typeof value === 'number' || typeof value === 'bigint' || typeof value === 'boolean') {
     return String(value)
   }
@@ -114,6 +114,14 @@ export function formatValue(value: unknown): string {
   } catch {
     return Object.prototype.toString.call(value)
   }
+}
+
+/** Control characters and lone surrogates as `\\uXXXX`: a message must be safe to log and to send. */
+function escapeInvisible(s: string): string {
+  return s.replace(
+    /[\p{Cc}\p{Cs}]/gu,
+    (c) => `\\u${(c.codePointAt(0) ?? 0).toString(16).padStart(4, '0')}`,
+  )
 }
 
 function truncate(s: string, max: number): string {

@@ -1,6 +1,6 @@
 import { BrokenCircuitError } from 'cockatiel'
 import { describe, expect, it } from 'vitest'
-import { isTransient } from '../infra/failures.ts'
+import { isDataError, isTransient } from '../infra/failures.ts'
 
 const pgError = (code: string) => Object.assign(new Error(`pg ${code}`), { code })
 
@@ -35,6 +35,29 @@ describe('failure classification', () => {
       undefined,
     ]) {
       expect(isTransient(err), String(err)).toBe(false)
+    }
+  })
+
+  it("a value Postgres refuses is the event's fault; a broken projection is not", () => {
+    for (const err of [
+      pgError('22021'), // invalid byte sequence: U+0000
+      pgError('22008'), // date/time field value out of range
+      pgError('22003'), // numeric value out of range
+      pgError('23514'), // check violation
+      pgError('54000'), // program limit exceeded: index row too large
+      new Error('wrapped', { cause: pgError('22P05') }),
+    ]) {
+      expect(isDataError(err), String(err)).toBe(true)
+    }
+    for (const err of [
+      pgError('23502'), // not-null violation: the projection left a required value out
+      pgError('42P01'), // undefined table
+      pgError('42703'), // undefined column
+      pgError('08006'),
+      new TypeError("Cannot read properties of undefined (reading 'value')"),
+      undefined,
+    ]) {
+      expect(isDataError(err), String(err)).toBe(false)
     }
   })
 })

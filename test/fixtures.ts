@@ -164,6 +164,14 @@ export async function allCaughtUp(
   )
 }
 
+/**
+ * Settings for tests that move stream time ahead with clock ticks (a sensor silent after 30 s
+ * without waiting 30 s): a tick may be only HLC_MAX_OFFSET_MS ahead of the stream's clock, so
+ * these allow two minutes. Give the same to every process that decides their events (a rebuild
+ * must decide as the live run did).
+ */
+export const FAST_FORWARD_TICKS = { HLC_MAX_OFFSET_MS: '120000' } as const
+
 /** A clock tick at `atMs`, as the clock service publishes it. */
 export function tickDraft(atMs: number): EventDraft<'clock.ticked'> {
   const at = new Date(atMs).toISOString()

@@ -8,6 +8,7 @@ import type { FleetEvent } from '../schemas/events.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet } from '../simulator/fleet.ts'
 import {
+  FAST_FORWARD_TICKS,
   allCaughtUp,
   dumpReadModels,
   pastDedupWindow,
@@ -30,7 +31,7 @@ describe('guarantees of all three read models', () => {
   let p: Pipeline
   const sent: FleetEvent[] = []
   beforeAll(async () => {
-    p = await pipeline()
+    p = await pipeline(FAST_FORWARD_TICKS)
     p.start()
     // A busy fleet: registrations, readings with heat episodes, heartbeats, duplicates...
     const publisher = testPublisher(p.rt, 'sim')
@@ -184,6 +185,7 @@ describe('guarantees of all three read models', () => {
 
     p.start(
       testConfig(p.nats.url, p.rt.config.databaseUrl, {
+        ...FAST_FORWARD_TICKS,
         ALERT_RULES_FILE: p.rt.config.alertRulesFile!,
         SENSOR_INACTIVITY_TIMEOUT_SECONDS: '30',
         PROCESSOR_BATCH_SIZE: '37',
@@ -209,8 +211,8 @@ describe('shuffled, duplicated input with skewed clocks', () => {
   let ordered: Pipeline
   let shuffled: Pipeline
   beforeAll(async () => {
-    ordered = await pipeline()
-    shuffled = await pipeline()
+    ordered = await pipeline(FAST_FORWARD_TICKS)
+    shuffled = await pipeline(FAST_FORWARD_TICKS)
   })
   afterAll(async () => {
     await ordered.close()

@@ -1,4 +1,5 @@
 import { headers } from '@nats-io/transport-node'
+import { sql } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import type { Runtime } from '../cli/runtime.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
@@ -132,6 +133,61 @@ describe('poison', () => {
     expect((await rt.jsm.streams.info(rt.config.streams.dlq)).state.messages).toBe(10)
     expect(await rows()).toEqual([])
   })
+
+  it('a handler bug and values Postgres refuses in one batch: each parked once with its own reason, the rest applied', async () => {
+    await sql`alter table readings add constraint readings_above_absolute_zero
+                check (metric <> 'temperature' or value >= -273.15)`.execute(rt.db)
+    processor = startProcessor(
+      buggyReadings((e) => e.event.type === 'reading.recorded' && e.event.data.value === 666),
+      rt,
+    )
+    const publisher = testPublisher(rt)
+    const pipe = new PublishPipeline(64)
+    let last = 0
+    for (let i = 0; i < 100; i++) {
+      const value = i === 40 ? 666 : i % 20 === 7 ? -300 : i
+      await pipe.submit(async () => {
+        const r = await publisher.publish(readingDraft('p-5', value))
+        last = Math.max(last, r.seq)
+        return r
+      })
+    }
+    await pipe.drain()
+    await waitFor('the checkpoint to pass every event', () => processor!.stats.checkpoint === last)
+    const reasons: string[] = []
+    const depth = (await rt.jsm.streams.info(rt.config.streams.dlq)).state.last_seq
+    for (let seq = 1; seq <= depth; seq++) {
+      const m = await rt.jsm.streams.getMessage(rt.config.streams.dlq, { seq })
+      reasons.push(m!.header.get(Headers.DlqReason))
+    }
+    expect(reasons.sort()).toEqual([
+      'handler-failed',
+      ...Array.from({ length: 5 }, () => 'storage-refused'),
+    ])
+    expect(await rows()).toHaveLength(94)
+    expect(processor.stats).toMatchObject({ poisoned: 1, rejected: 6 })
+  })
+
+  it('a projection whose table is gone (42P01) is broken, not fed poison: nothing is parked, everything applied once the table is back', async () => {
+    await sql`alter table readings rename to readings_moved`.execute(rt.db)
+    processor = startProcessor(readingsProcessor, rt)
+    const publisher = testPublisher(rt)
+    let last = 0
+    for (let i = 0; i < 20; i++) last = (await publisher.publish(readingDraft('p-4', i))).seq
+    await waitFor(
+      'the processor to fail on the missing table',
+      () => processor!.stats.retries > 0 || processor!.stats.state === 'backing-off',
+    )
+    expect(processor.stats.rejected).toBe(0)
+    await sql`alter table readings_moved rename to readings`.execute(rt.db)
+    await waitFor(
+      'the checkpoint to pass every event',
+      () => processor!.stats.checkpoint === last,
+      60_000,
+    )
+    expect(await rows()).toHaveLength(20)
+    expect((await rt.jsm.streams.info(rt.config.streams.dlq)).state.messages).toBe(0)
+  }, 90_000)
 
   it('an event with an HLC beyond max offset is quarantined and moves no state and no clock', async () => {
     processor = startProcessor(readingsProcessor, rt)

@@ -5,6 +5,7 @@ import type { Runtime } from '../cli/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
 import { simulateFleet } from '../simulator/fleet.ts'
 import {
+  FAST_FORWARD_TICKS,
   allCaughtUp,
   pipeline,
   repoRoot,
@@ -24,7 +25,7 @@ describe('README SQL recipes', () => {
   let p: Pipeline
   let rt: Runtime
   beforeAll(async () => {
-    p = await pipeline()
+    p = await pipeline(FAST_FORWARD_TICKS)
     p.start()
     rt = p.rt
     const publisher = testPublisher(rt, 'sim')

@@ -6,6 +6,7 @@ import { resetProjection } from '../projections/reset.ts'
 import { simulateFleet } from '../simulator/fleet.ts'
 import { startNatsServer, freshDatabase, type NatsServer } from './harness/index.ts'
 import {
+  FAST_FORWARD_TICKS,
   allCaughtUp,
   dumpReadModels,
   READ_MODEL_TABLE_NAMES,
@@ -94,6 +95,7 @@ describe('fleetstream rebuild and replay, with a live processor running', () => 
     nats = await startNatsServer()
     const dbUrl = await freshDatabase()
     const extra = {
+      ...FAST_FORWARD_TICKS,
       ALERT_RULES_FILE: await rulesFile(),
       FLEET_DUPLICATE_WINDOW_SECONDS: '1',
       SENSOR_INACTIVITY_TIMEOUT_SECONDS: '30',
