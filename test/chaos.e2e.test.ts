@@ -412,10 +412,7 @@ describe('chaos', () => {
         const there = await jsm.streams
           .getMessage('FLEET_EVENTS', { seq: seqNow })
           .catch(() => null)
-        if (
-          there?.header.get('Nats-Msg-Id') !==
-          m.header.get(Headers.DlqKey)
-        ) {
+        if (there?.header.get('Nats-Msg-Id') !== m.header.get(Headers.DlqKey)) {
           seqMoved++
           if (seqMoved <= 3)
             log(
