@@ -10,7 +10,9 @@ import {
 } from '../processors/processor.ts'
 import { readingsProcessor } from '../processors/readings.ts'
 import { Headers } from '../schemas/subjects.ts'
-import type { NatsServer } from './harness/index.ts'
+import { jetstream } from '@nats-io/jetstream'
+import { isPermissionViolation } from '../infra/failures.ts'
+import { startRoleNatsServer, type NatsServer, type RoleNatsServer } from './harness/index.ts'
 import {
   allCaughtUp,
   cliSystem,
@@ -319,5 +321,31 @@ describe('a processor killed between parking and acking', () => {
     for (let seq = 1; seq <= ids.length; seq++) {
       for (const p of PROCESSOR_NAMES) expect(counts.get(`${p} #${seq}`), `${p} #${seq}`).toBe(1)
     }
+  })
+})
+
+describe('redrive subjects on the role-scoped server', () => {
+  let ns: RoleNatsServer
+  afterAll(async () => {
+    await ns.cleanup()
+  })
+
+  it('a device may not publish a redrive; an operator may, and FLEET_EVENTS stores it', async () => {
+    ns = await startRoleNatsServer()
+    const admin = await ns.admin()
+    await admin.jsm.streams.add({ name: 'FLEET_EVENTS', subjects: ['fleet.events.>'] })
+    const device = await ns.connect('device')
+    const subject = 'fleet.events.dev-1.reading.redrive.readings'
+    const refused = await jetstream(device)
+      .publish(subject, '{}')
+      .then(
+        () => undefined,
+        (err: unknown) => err,
+      )
+    expect(isPermissionViolation(refused), String(refused)).toBe(true)
+    const pa = await jetstream(admin.nc).publish(subject, '{}')
+    expect(pa.stream).toBe('FLEET_EVENTS')
+    await device.close()
+    await admin.nc.close()
   })
 })
