@@ -12,6 +12,7 @@ import { readingsProcessor } from '../processors/readings.ts'
 import { Headers } from '../schemas/subjects.ts'
 import { jetstream } from '@nats-io/jetstream'
 import { isPermissionViolation } from '../infra/failures.ts'
+import { ensureStreams } from '../infra/streams.ts'
 import { startRoleNatsServer, type NatsServer, type RoleNatsServer } from './harness/index.ts'
 import {
   allCaughtUp,
@@ -321,6 +322,40 @@ describe('a processor killed between parking and acking', () => {
     for (let seq = 1; seq <= ids.length; seq++) {
       for (const p of PROCESSOR_NAMES) expect(counts.get(`${p} #${seq}`), `${p} #${seq}`).toBe(1)
     }
+  })
+})
+
+describe('a DLQ that is not there', () => {
+  let nats: NatsServer
+  let rt: Runtime
+  let readings: RunningProcessor | undefined
+  afterAll(async () => {
+    await readings?.stop()
+    await rt.close()
+    await nats.cleanup()
+  })
+
+  it('holds the processor at the refused event, retrying, until the DLQ is back; then it is parked once and the rest applied', async () => {
+    ;({ nats, rt } = await cliSystem())
+    await rt.jsm.streams.delete(rt.config.streams.dlq)
+    readings = startProcessor(readingsProcessor, rt)
+    const bad = await raw(rt, 'fleet.events.u-1.reading', 'not json', { msgID: 'unparked-1' })
+    const publisher = testPublisher(rt)
+    const good = await publisher.publish(readingDraft('u-2', 21))
+    await waitFor(
+      'the session to end on the failed park',
+      () => readings!.stats.state === 'backing-off',
+    )
+    expect(await readingRows(rt, 'u-2')).toBe(0)
+
+    await ensureStreams(rt.jsm, rt.config.streams)
+    await waitFor(
+      'the checkpoint to pass the good event',
+      () => readings!.stats.checkpoint >= good.seq,
+    )
+    expect(await readingRows(rt, 'u-2')).toBe(1)
+    const counts = await dlqCounts(rt)
+    expect([...counts.entries()]).toEqual([[`readings #${bad}`, 1]])
   })
 })
 
