@@ -64,8 +64,8 @@ export interface ProcessorSpec {
   /** Durable consumer name and checkpoint key (with `-p<N>` per partition), DLQ subject token. */
   readonly name: string
   /**
-   * The events it reads: one kind, or all. Its consumers' one filter subject each (nats-server
-   * 2.9 allows one) follows from this and the stream's partitioning ({@link slotsOf}).
+   * The events it reads: one kind, or all. Its consumers read the whole stream (or partition,
+   * {@link slotsOf}) so that redrives reach them; `decide()` skips the other kinds.
    */
   readonly reads: EventKind | 'all'
   readonly projection: AnyProjection
