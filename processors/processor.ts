@@ -693,7 +693,8 @@ class SlotSession {
     for (const msg of fresh) {
       const d = decide(msg, this.#ctx.spec, this.#ctx.deps.config)
       if (d.kind === 'skip') {
-        // Put back from the DLQ for another processor; this one applied the original.
+        // Put back from the DLQ for another processor (this one applied the original), or of a
+        // kind this processor does not read.
         this.#ctx.stats.skipped++
         this.#ctx.metrics?.skipped()
         continue
