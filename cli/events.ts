@@ -18,7 +18,7 @@ import { decodeEvent, type RejectReason } from '../schemas/decode.ts'
 import { DEVICE_ID_PATTERN, SYSTEM_SOURCE } from '../schemas/envelope.ts'
 import { EVENT_KINDS, type EventKind, type FleetEvent } from '../schemas/events.ts'
 import { decodeHlc, HlcFormatError } from '../schemas/hlc.ts'
-import { ALL_EVENTS, EVENTS_SUBJECT_PREFIX, Headers } from '../schemas/subjects.ts'
+import { ALL_EVENTS, EVENTS_SUBJECT_PREFIX, Headers, parseRedrive } from '../schemas/subjects.ts'
 
 /** What `events tail` and `events show` read from: FLEET_EVENTS over one NATS connection. */
 export interface EventsSource {
@@ -285,12 +285,13 @@ export function presentEvent(m: {
 }): ShownEvent {
   const headers: Record<string, string> = {}
   for (const k of m.headers?.keys() ?? []) headers[k] = m.headers?.values(k).join(', ') ?? ''
-  const redriven = (headers[Headers.RedriveFor] ?? '') !== ''
+  // A copy put back from the DLQ is known by its subject (see redriveSubject), never a header.
+  const redrive = parseRedrive(m.subject)
   const decoded = decodeEvent({
-    subject: m.subject,
+    subject: redrive?.subject ?? m.subject,
     data: m.data,
     // A copy put back from the DLQ has its own Nats-Msg-Id (redrive:...), not the eventId.
-    msgId: redriven ? undefined : headers[Headers.MsgId],
+    msgId: redrive !== undefined ? undefined : headers[Headers.MsgId],
   })
   const where = { seq: m.seq, subject: m.subject, storedAt: m.storedAt.toISOString(), headers }
   if (decoded.ok) {

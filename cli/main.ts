@@ -364,9 +364,14 @@ dlq
           `detail:     ${e.detail}`,
           `attempts:   ${e.attempts} (delivered ${e.deliveries} times)`,
           `origin:     ${e.stream} #${e.streamSeq} on ${e.subject}`,
+          ...(e.headersCut || e.bodyCut
+            ? [
+                `cut:        ${[e.headersCut && `headers ${e.headersCut}`, e.bodyCut && `body ${e.bodyCut}`].filter(Boolean).join('; ')} (whole in ${e.stream} #${e.streamSeq}: fleetstream events show ${e.streamSeq})`,
+              ]
+            : []),
           'headers:',
           ...Object.entries(e.headers).map(([k, v]) => `  ${k}: ${v}`),
-          'body:',
+          e.bodyNote ? `body (${e.bodyNote}):` : 'body:',
           typeof e.body === 'string' ? e.body : JSON.stringify(e.body, null, 2),
         ].join('\n'),
       )
@@ -404,12 +409,18 @@ dlq
         throw new InvalidArgumentError(`give exactly one of '--seq <n...>' and '--all'`)
       }
       await withRuntime('fleetstream-dlq', async (rt, signal) => {
-        const done = await redriveDlq(rt, {
+        const { done, failed } = await redriveDlq(rt, {
           ...(opts.seq ? { seqs: opts.seq } : {}),
           ...(opts.processor ? { processor: opts.processor } : {}),
           ratePerSecond: opts.rate,
           signal,
         })
+        for (const f of failed) {
+          console.error(
+            `failed ${f.entry.seq}: ${f.entry.subject} #${f.entry.streamSeq}: ${f.error}`,
+          )
+        }
+        if (failed.length > 0) process.exitCode = EXIT_FAILED
         if (opts.json) {
           console.log(
             JSON.stringify(
@@ -422,7 +433,7 @@ dlq
           console.log(`redriven ${e.seq}: ${e.subject} #${e.streamSeq} for ${e.processor}`)
         const left = (await dlqDepth(rt)).total
         console.log(
-          `redriven ${fmt(done.length)} event${done.length === 1 ? '' : 's'}; ${fmt(left)} left in ${rt.config.streams.dlq}`,
+          `redriven ${fmt(done.length)} event${done.length === 1 ? '' : 's'}; ${failed.length > 0 ? `${fmt(failed.length)} failed (left in the DLQ); ` : ''}${fmt(left)} left in ${rt.config.streams.dlq}`,
         )
       })
     },

@@ -10,15 +10,22 @@ import {
 } from '../schemas/hlc.ts'
 import type { Config } from '../infra/config.ts'
 import { SYSTEM_SOURCE } from '../schemas/envelope.ts'
-import type { FleetEvent } from '../schemas/events.ts'
-import { Headers, partitionOf } from '../schemas/subjects.ts'
+import type { EventKind, FleetEvent } from '../schemas/events.ts'
+import {
+  eventsFilter,
+  Headers,
+  parseRedrive,
+  partitionOf,
+  subjectMatches,
+} from '../schemas/subjects.ts'
 
 /**
  * What a processor does with one message off FLEET_EVENTS. The live processor and a rebuild
  * both decide with {@link decide}, so a rebuild refuses, skips and applies exactly what the live
  * run did.
  *
- * - `skip`: a copy put back from the DLQ for another processor (this one applied the original);
+ * - `skip`: a copy put back from the DLQ for another processor (this one applied the original),
+ *   or an event of a kind this processor does not read;
  * - `refuse`: bad JSON, schema, subject or clock skew; no attempt can change that;
  * - `apply`: a valid event for the projection.
  */
@@ -27,27 +34,43 @@ export type Decision =
   | { readonly kind: 'refuse'; readonly reason: RejectReason; readonly detail: string }
   | { readonly kind: 'apply'; readonly event: ProjectedEvent }
 
+/** Who decides: a processor's name and the events it reads (a `ProcessorSpec` is one). */
+export interface Decider {
+  readonly name: string
+  readonly reads: EventKind | 'all'
+}
+
 /**
  * Decides one message for `processor`. Pure apart from reading the message: time is the stream's
  * append time, never the wall clock, so a replay decides exactly the same way.
  *
+ * A copy put back from the DLQ is known by its subject (`...<kind>.redrive.<processor>`, see
+ * `redriveSubject`), where only an operator may publish; no header a device can set (`Fleet-*`
+ * included) changes what is decided. Every consumer reads the whole stream (or partition), so
+ * that a redrive reaches it: events of a kind the processor does not read are skipped here.
+ *
  * ```ts
- * const d = decide(msg, 'readings', config)
+ * const d = decide(msg, readingsProcessor, config)
  * if (d.kind === 'apply') events.push(d.event)
  * ```
  */
 export function decide(
   msg: JsMsg,
-  processor: string,
+  processor: Decider,
   config: Pick<Config, 'hlcMaxOffsetMs' | 'hlcMaxAgeMs' | 'partitions'>,
 ): Decision {
-  const redriveFor = msg.headers?.get(Headers.RedriveFor) ?? ''
-  if (redriveFor !== '' && redriveFor !== processor) return { kind: 'skip' }
+  const redrive = parseRedrive(msg.subject)
+  if (redrive !== undefined && redrive.processor !== processor.name) return { kind: 'skip' }
+  const subject = redrive?.subject ?? msg.subject
+  if (processor.reads !== 'all') {
+    const reads = eventsFilter(processor.reads, config.partitions === 0 ? undefined : '*')
+    if (!subjectMatches(reads, subject)) return { kind: 'skip' }
+  }
   const decoded = decodeEvent({
-    subject: msg.subject,
+    subject,
     data: msg.data,
     // A redriven copy has its own Nats-Msg-Id (redrive:...), not the eventId.
-    msgId: redriveFor !== '' ? undefined : msg.headers?.get(Headers.MsgId),
+    msgId: redrive !== undefined ? undefined : msg.headers?.get(Headers.MsgId),
     hlc: msg.headers?.get(Headers.Hlc),
   })
   if (!decoded.ok) return { kind: 'refuse', reason: decoded.reason, detail: decoded.detail }
@@ -57,7 +80,7 @@ export function decide(
   const ingestedAt = new Date(Math.floor(msg.info.timestampNanos / 1e6))
   // A copy put back from the DLQ is appended again, maybe weeks after the original: its age says
   // nothing about the device, and an operator chose to apply it.
-  const skew = timeProblem(decoded.event, ingestedAt.getTime(), config, redriveFor !== '')
+  const skew = timeProblem(decoded.event, ingestedAt.getTime(), config, redrive !== undefined)
   if (skew !== undefined) return { kind: 'refuse', reason: 'clock-skew', detail: skew }
   const event = { event: decoded.event, streamSeq: msg.info.streamSequence, ingestedAt }
   return {

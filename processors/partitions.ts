@@ -8,10 +8,15 @@ import type { ProcessorSpec } from './processor.ts'
  * What one instance owns at a time: the whole stream of a processor (not partitioned), or one
  * partition of it. Its key names the durable consumer, the checkpoint row and the lock.
  *
- * | partitions | slots of `readings`                                          | of `sensor-status`                               |
- * |------------|--------------------------------------------------------------|--------------------------------------------------|
- * | 0          | `readings`: filter `fleet.events.*.reading`                  | `sensor-status`: `fleet.events.>`                |
- * | 4          | `readings-p0` … `readings-p3`: `fleet.events.0.*.reading` …  | `sensor-status-p0` …: `fleet.events.0.>` …       |
+ * | partitions | slots of `readings`                                 | of `sensor-status`                          |
+ * |------------|-----------------------------------------------------|---------------------------------------------|
+ * | 0          | `readings`: filter `fleet.events.>`                 | `sensor-status`: `fleet.events.>`           |
+ * | 4          | `readings-p0` … `readings-p3`: `fleet.events.0.>` … | `sensor-status-p0` …: `fleet.events.0.>` …  |
+ *
+ * Every consumer reads the whole stream (or partition), whatever kinds its processor handles: an
+ * event put back from the DLQ arrives on a longer subject (`<subject>.redrive.<processor>`) that a
+ * kind filter such as `fleet.events.*.reading` would not match, and nats-server 2.9 allows one
+ * filter per consumer. `decide()` skips the kinds a processor does not read.
  */
 export interface Slot {
   /** Durable consumer name, checkpoint key and lock key. */
@@ -39,13 +44,16 @@ export function slotsOf(spec: ProcessorSpec, config: Pick<Config, 'partitions'>)
     key: `${spec.name}-p${p}`,
     processor: spec.name,
     partition: p,
-    filterSubject: eventsFilter(spec.reads, p),
+    filterSubject: eventsFilter('all', p),
   }))
 }
 
-/** Every subject the processor reads, across all its partitions (rebuild, replay, metrics). */
-export function processorFilter(spec: ProcessorSpec, config: Pick<Config, 'partitions'>): string {
-  return eventsFilter(spec.reads, config.partitions === 0 ? undefined : '*')
+/**
+ * Every subject the processor's consumers read, across all its partitions (rebuild, replay,
+ * metrics): the whole stream, see {@link Slot}.
+ */
+export function processorFilter(_spec: ProcessorSpec, config: Pick<Config, 'partitions'>): string {
+  return eventsFilter('all', config.partitions === 0 ? undefined : '*')
 }
 
 /** The advisory lock a slot's owner holds (`pg_locks` shows it as classid/objid). */

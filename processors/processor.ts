@@ -15,11 +15,13 @@ import type { Logger } from '../infra/logger.ts'
 import {
   createBreaker,
   isDataError,
+  isJetStreamUnavailable,
   isTransient,
   type Breaker,
   type BreakerState,
 } from '../infra/failures.ts'
 import { errorSummary } from '../infra/retry.ts'
+import { dlqStreamSpec } from '../infra/streams.ts'
 import { traceFields } from '../infra/telemetry.ts'
 import { sleep, Wakeup } from '../infra/sleep.ts'
 import {
@@ -64,8 +66,8 @@ export interface ProcessorSpec {
   /** Durable consumer name and checkpoint key (with `-p<N>` per partition), DLQ subject token. */
   readonly name: string
   /**
-   * The events it reads: one kind, or all. Its consumers' one filter subject each (nats-server
-   * 2.9 allows one) follows from this and the stream's partitioning ({@link slotsOf}).
+   * The events it reads: one kind, or all. Its consumers read the whole stream (or partition,
+   * {@link slotsOf}) so that redrives reach them; `decide()` skips the other kinds.
    */
   readonly reads: EventKind | 'all'
   readonly projection: AnyProjection
@@ -699,9 +701,10 @@ class SlotSession {
     const accepted: Accepted[] = []
     const parked: JsMsg[] = []
     for (const msg of fresh) {
-      const d = decide(msg, this.#slot.processor, this.#ctx.deps.config)
+      const d = decide(msg, this.#ctx.spec, this.#ctx.deps.config)
       if (d.kind === 'skip') {
-        // Put back from the DLQ for another processor; this one applied the original.
+        // Put back from the DLQ for another processor (this one applied the original), or of a
+        // kind this processor does not read.
         this.#ctx.stats.skipped++
         this.#ctx.metrics?.skipped()
         continue
@@ -850,6 +853,13 @@ class SlotSession {
     }
   }
 
+  /**
+   * Parks one event in the DLQ, and says so once the DLQ has acknowledged it. A failed park is
+   * retried with backoff; when the server refuses the entry itself (not merely unavailable), a
+   * stub without the original headers and body, naming the original's stream sequence, is parked
+   * instead. After {@link PARK_ATTEMPTS} the session ends with nothing of the batch acked, and
+   * the next one parks it again (once: the DLQ deduplicates).
+   */
   async #park(d: {
     msg: JsMsg
     reason: RejectReason
@@ -857,19 +867,67 @@ class SlotSession {
     attempts: number
   }): Promise<void> {
     this.#spans?.parked(d.msg, d.reason, d.detail)
-    this.#log.warn(
-      {
-        ...traceFields(this.#spans?.spanOf(d.msg)),
-        correlationId: d.msg.headers?.get(Headers.CorrelationId) || undefined,
-        seq: d.msg.info.streamSequence,
-        subject: d.msg.subject,
-        reason: d.reason,
-        detail: d.detail,
-        attempts: d.attempts,
-      },
-      'event parked in the DLQ',
-    )
-    await parkInDlq(this.#ctx.js, { processor: this.#slot.processor, ...d })
+    const fields = {
+      ...traceFields(this.#spans?.spanOf(d.msg)),
+      correlationId: d.msg.headers?.get(Headers.CorrelationId) || undefined,
+      seq: d.msg.info.streamSequence,
+      subject: d.msg.subject,
+      reason: d.reason,
+      detail: d.detail,
+      attempts: d.attempts,
+    }
+    const { config, nc } = this.#ctx.deps
+    const limits = {
+      maxEntryBytes: Math.min(
+        dlqStreamSpec(config.streams).max_msg_size,
+        nc.info?.max_payload ?? Number.POSITIVE_INFINITY,
+      ),
+    }
+    const signal = this.#stop.signal
+    let stub = false
+    let delay = new ExponentialBackoff({ initialDelay: 200, maxDelay: 5_000 }).next()
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const parked = await parkInDlq(
+          this.#ctx.js,
+          { processor: this.#slot.processor, ...d },
+          limits,
+          { stub },
+        )
+        this.#log.warn(
+          {
+            ...fields,
+            dlqSeq: parked.seq,
+            ...(parked.duplicate ? { duplicate: true } : {}),
+            ...(parked.cut.length > 0 ? { cut: parked.cut } : {}),
+            ...(stub ? { stub } : {}),
+          },
+          'event parked in the DLQ',
+        )
+        break
+      } catch (err) {
+        const refused = !isJetStreamUnavailable(err) && !isTransient(err)
+        if (attempt >= PARK_ATTEMPTS || isAborted(signal)) {
+          this.#log.error(
+            { ...fields, err: errorSummary(err), attempt },
+            'could not park the event in the DLQ; the session ends and the event is tried again',
+          )
+          throw new Error(
+            `could not park stream sequence ${d.msg.info.streamSequence} in the DLQ after ${attempt} attempts`,
+            { cause: err },
+          )
+        }
+        this.#log.warn(
+          { ...fields, err: errorSummary(err), attempt, retryInMs: Math.round(delay.duration) },
+          refused && !stub
+            ? 'the DLQ refused the entry; parking a stub that points at the original instead'
+            : 'parking in the DLQ failed; retrying',
+        )
+        if (refused) stub = true
+        await sleep(delay.duration, signal)
+        delay = delay.next(undefined)
+      }
+    }
     this.#ctx.stats.rejected++
     this.#ctx.metrics?.parked(d.reason)
   }
@@ -994,6 +1052,8 @@ const SLOT_BACKOFF = new ExponentialBackoff({ initialDelay: 250, maxDelay: 15_00
 /** A slot session that lasted this long before failing starts the backoff afresh. */
 const SLOT_HEALTHY_MS = 30_000
 
+/** Attempts to park one event (with backoff, ~10 s in all) before the session ends. */
+const PARK_ATTEMPTS = 6
 /** Attempts of one isolated event before it is parked. */
 const POISON_ATTEMPTS = 3
 /**

@@ -4,7 +4,8 @@ import type { ProcessorSpec } from './processor.ts'
 
 /**
  * readings
- * - reads:   FLEET_EVENTS, durable consumer `readings`, filter `fleet.events.*.reading`
+ * - reads:   FLEET_EVENTS, durable consumer `readings`, filter `fleet.events.>` (skips all but
+ *            readings: see processors/partitions.ts)
  * - handles: reading.recorded
  * - writes:  readings, latest_readings, readings_per_minute (+ its checkpoint)
  */

@@ -341,7 +341,7 @@ class RebuildRun {
         skipped++
         continue
       }
-      const d = decide(m, this.#spec.name, this.#deps.config)
+      const d = decide(m, this.#spec, this.#deps.config)
       if (d.kind === 'apply') events.push(d.event)
       else if (d.kind === 'refuse') refused++
       else skipped++

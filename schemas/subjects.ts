@@ -87,6 +87,38 @@ export function parseEventSubject(subject: string): EventSubject | undefined {
   return partition === undefined ? { deviceId, kind } : { deviceId, kind, partition }
 }
 
+/** The token that marks an event put back from the DLQ: see {@link redriveSubject}. */
+export const REDRIVE_TOKEN = 'redrive'
+
+/**
+ * The subject an operator puts a parked event back on, for one processor:
+ * `<stored subject>.redrive.<processor>`, e.g. `fleet.events.sensor-7.reading.redrive.readings`
+ * or, on a partitioned stream, `fleet.events.2.sensor-7.reading.redrive.readings`. Devices may
+ * publish only `fleet.events.<deviceId>.<kind>` (four tokens), so only an operator can put an
+ * event here; FLEET_EVENTS stores it (`fleet.events.>`), the server's partition mapping leaves it
+ * alone, and every processor's consumer receives it (each reads `fleet.events.>` or
+ * `fleet.events.<partition>.>`). The marker is trusted from the subject only, never from a header.
+ */
+export function redriveSubject(storedSubject: string, processor: string): string {
+  return `${storedSubject}.${REDRIVE_TOKEN}.${processor}`
+}
+
+/** A redrive subject split: the original's subject and the processor it is for. */
+export interface Redrive {
+  readonly subject: string
+  readonly processor: string
+}
+
+/** The parts of a {@link redriveSubject}; `undefined` for any other subject. */
+export function parseRedrive(subject: string): Redrive | undefined {
+  const tokens = subject.split('.')
+  if (tokens.length < 6 || tokens[tokens.length - 2] !== REDRIVE_TOKEN) return undefined
+  if (`${tokens[0]}.${tokens[1]}` !== EVENTS_SUBJECT_PREFIX) return undefined
+  const processor = tokens[tokens.length - 1] ?? ''
+  if (processor === '') return undefined
+  return { subject: tokens.slice(0, -2).join('.'), processor }
+}
+
 /** The header names fleetstream sets; `nats stream view --headers` shows them. */
 export const Headers = {
   /** JetStream's dedup key; always the eventId. */
@@ -106,11 +138,23 @@ export const Headers = {
   DlqSubject: 'Fleet-Dlq-Subject',
   DlqStream: 'Fleet-Dlq-Stream',
   DlqStreamSeq: 'Fleet-Dlq-Stream-Seq',
-  /** On an event put back from the DLQ: the one processor that should apply it again. */
-  RedriveFor: 'Fleet-Redrive-For',
-  /** On an event put back from the DLQ: the stream sequence of the original. */
+  /** On a DLQ entry: what identifies the parked event (its eventId, or stream:seq). */
+  DlqKey: 'Fleet-Dlq-Key',
+  /**
+   * On a DLQ entry, once per original header: `<name>: <value>`, escaped so that no copied text
+   * reads as a header the server obeys (see processors/dlq.ts).
+   */
+  DlqHeader: 'Fleet-Dlq-Header',
+  /** On a DLQ entry whose original headers were cut to the budget: `kept <n> of <total>`. */
+  DlqHeadersCut: 'Fleet-Dlq-Headers-Cut',
+  /** On a DLQ entry whose body was cut to the budget: `kept <n> of <total> bytes`. */
+  DlqBodyCut: 'Fleet-Dlq-Body-Cut',
+  /**
+   * On an event put back from the DLQ, for people: the stream sequence of the original. Nothing
+   * trusts it: the redrive subject ({@link redriveSubject}) is the marker.
+   */
   RedriveOf: 'Fleet-Redrive-Of',
-  /** Prefix for original headers that JetStream would interpret (Nats-*) when copied into the DLQ. */
+  /** Entries parked by earlier versions kept the original Nats-* headers under this prefix. */
   DlqOriginalPrefix: 'Fleet-Dlq-Original-',
 } as const
 

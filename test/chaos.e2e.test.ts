@@ -405,17 +405,14 @@ describe('chaos', () => {
       ) {
         const m = await retrying(() => jsm.streams.getMessage('FLEET_DLQ', { seq }))
         if (!m) continue
-        const key = `${m.header.get(Headers.DlqProcessor)} ${m.header.get(`${Headers.DlqOriginalPrefix}Nats-Msg-Id`)}`
+        const key = `${m.header.get(Headers.DlqProcessor)} ${m.header.get(Headers.DlqKey)}`
         parked.add(key)
         // Does the stream still hold this event at the sequence the processor saw it at?
         const seqNow = Number(m.header.get(Headers.DlqStreamSeq))
         const there = await jsm.streams
           .getMessage('FLEET_EVENTS', { seq: seqNow })
           .catch(() => null)
-        if (
-          there?.header.get('Nats-Msg-Id') !==
-          m.header.get(`${Headers.DlqOriginalPrefix}Nats-Msg-Id`)
-        ) {
+        if (there?.header.get('Nats-Msg-Id') !== m.header.get(Headers.DlqKey)) {
           seqMoved++
           if (seqMoved <= 3)
             log(

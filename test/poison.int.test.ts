@@ -8,6 +8,7 @@ import {
   type ProcessorSpec,
   type RunningProcessor,
 } from '../processors/processor.ts'
+import { originalHeaders } from '../processors/dlq.ts'
 import { readingsProcessor } from '../processors/readings.ts'
 import type { ProjectedEvent } from '../projections/projection.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
@@ -89,8 +90,8 @@ describe('poison', () => {
       attempts: m?.header.get(Headers.DlqAttempts),
       subject: m?.header.get(Headers.DlqSubject),
       seq: m?.header.get(Headers.DlqStreamSeq),
-      msgId: m?.header.get(`${Headers.DlqOriginalPrefix}Nats-Msg-Id`),
-      hlc: m?.header.get(Headers.Hlc),
+      msgId: m?.header.get(Headers.DlqKey),
+      hlc: m && originalHeaders(m.header).find(([k]) => k === Headers.Hlc)?.[1],
     }).toEqual({
       processor: 'readings',
       reason: 'handler-failed',

@@ -212,7 +212,7 @@ describe('readings processor', () => {
         if (m === null) throw new Error(`FLEET_DLQ has no message ${seq}`)
         parked.push({
           subject: m.subject,
-          id: m.header.get(`${Headers.DlqOriginalPrefix}Nats-Msg-Id`),
+          id: m.header.get(Headers.DlqKey),
           reason: m.header.get(Headers.DlqReason),
           detail: m.header.get(Headers.DlqDetail),
           seq: m.header.get(Headers.DlqStreamSeq),

@@ -52,11 +52,13 @@ const tick = (at: string, hlc = hlcAt(appendMs)) => ({
   data: { at, intervalSeconds: 10 },
 })
 const TICK = 'fleet.events._system.tick'
+const READINGS = { name: 'readings', reads: 'reading' } as const
+const STATUS = { name: 'sensor-status', reads: 'all' } as const
 
 describe('time a message claims is held to the stream', () => {
   it('refuses a tick whose data.at is a year ahead of the append time, even with a current HLC', () => {
     const yearAhead = new Date(appendMs + 365 * DAY).toISOString()
-    const d = decide(message(tick(yearAhead), { subject: TICK }), 'sensor-status', config)
+    const d = decide(message(tick(yearAhead), { subject: TICK }), STATUS, config)
     expect(d).toEqual({
       kind: 'refuse',
       reason: 'clock-skew',
@@ -66,18 +68,14 @@ describe('time a message claims is held to the stream', () => {
 
   it('applies a tick within the max offset, and one a little behind (published after its boundary)', () => {
     for (const at of [appendMs + 400, appendMs - 3_000]) {
-      const d = decide(
-        message(tick(new Date(at).toISOString()), { subject: TICK }),
-        'sensor-status',
-        config,
-      )
+      const d = decide(message(tick(new Date(at).toISOString()), { subject: TICK }), STATUS, config)
       expect(d.kind, new Date(at).toISOString()).toBe('apply')
     }
   })
 
   it('refuses a tick older than the max age', () => {
     const old = new Date(appendMs - 30 * DAY).toISOString()
-    const d = decide(message(tick(old), { subject: TICK }), 'sensor-status', config)
+    const d = decide(message(tick(old), { subject: TICK }), STATUS, config)
     expect(d).toMatchObject({ kind: 'refuse', reason: 'clock-skew' })
     expect(d.kind === 'refuse' && d.detail).toBe(
       `'data.at' '${old}' is ${30 * DAY} ms behind the stream's append time 2026-11-23T10:00:00.000Z, more than the max age of ${7 * DAY} ms (HLC_MAX_AGE_MS)`,
@@ -86,23 +84,21 @@ describe('time a message claims is held to the stream', () => {
 
   it('refuses an HLC from 2001 and an HLC of 0, naming the HLC and the bound', () => {
     const from2001 = hlcAt(Date.parse('2001-09-09T01:46:40.000Z'))
-    const d2001 = decide(message(reading(from2001)), 'readings', config)
+    const d2001 = decide(message(reading(from2001)), READINGS, config)
     expect(d2001).toMatchObject({ kind: 'refuse', reason: 'clock-skew' })
     expect(d2001.kind === 'refuse' && d2001.detail).toBe(
       `HLC '${from2001}' is ${appendMs - 1_000_000_000_000} ms behind the reference clock, more than the max age of ${7 * DAY} ms`,
     )
     const zero = '0000000000000-000000-gw-1'
-    const d0 = decide(message(reading(zero)), 'readings', config)
+    const d0 = decide(message(reading(zero)), READINGS, config)
     expect(d0).toMatchObject({ kind: 'refuse', reason: 'clock-skew' })
     expect(d0.kind === 'refuse' && d0.detail).toContain(`HLC '${zero}' is ${appendMs} ms behind`)
   })
 
   it('applies an HLC a device held while offline for six days (buffered, replayed on reconnect)', () => {
-    expect(decide(message(reading(hlcAt(appendMs - 6 * DAY))), 'readings', config).kind).toBe(
-      'apply',
-    )
+    expect(decide(message(reading(hlcAt(appendMs - 6 * DAY))), READINGS, config).kind).toBe('apply')
     const shorter = loadConfig({ HLC_MAX_AGE_MS: String(DAY) })
-    expect(decide(message(reading(hlcAt(appendMs - 2 * DAY))), 'readings', shorter)).toMatchObject({
+    expect(decide(message(reading(hlcAt(appendMs - 2 * DAY))), READINGS, shorter)).toMatchObject({
       kind: 'refuse',
       reason: 'clock-skew',
     })
@@ -111,31 +107,30 @@ describe('time a message claims is held to the stream', () => {
   it('decides by the append time, not the wall clock: a replay years later decides the same', () => {
     const old = Date.parse('2020-01-01T00:00:00.000Z')
     const msg = message(reading(hlcAt(old + 100)), { appendMs: old })
-    expect(decide(msg, 'readings', config).kind).toBe('apply')
-    expect(decide(msg, 'readings', config).kind).toBe('apply')
+    expect(decide(msg, READINGS, config).kind).toBe('apply')
+    expect(decide(msg, READINGS, config).kind).toBe('apply')
   })
 
   it('refuses a Fleet-Hlc header that disagrees with the body, naming both values', () => {
     const body = hlcAt(appendMs)
     const header = hlcAt(appendMs - 5_000, 'other-gw')
-    const d = decide(message(reading(body), { hlcHeader: header }), 'readings', config)
+    const d = decide(message(reading(body), { hlcHeader: header }), READINGS, config)
     expect(d).toEqual({
       kind: 'refuse',
       reason: 'subject-mismatch',
       detail: `header 'Fleet-Hlc' must equal 'hlc' '${body}', got '${header}'`,
     })
-    expect(decide(message(reading(body), { hlcHeader: body }), 'readings', config).kind).toBe(
-      'apply',
-    )
+    expect(decide(message(reading(body), { hlcHeader: body }), READINGS, config).kind).toBe('apply')
     // MQTT devices cannot set headers: no header is no disagreement.
-    expect(decide(message(reading(body)), 'readings', config).kind).toBe('apply')
+    expect(decide(message(reading(body)), READINGS, config).kind).toBe('apply')
   })
 })
 
 describe('a copy an operator put back from the DLQ', () => {
   it('is not held to the max age: it is appended again, maybe weeks after the original', () => {
-    const msg = message(reading(hlcAt(appendMs - 20 * DAY)))
-    msg.headers?.set(Headers.RedriveFor, 'readings')
-    expect(decide(msg, 'readings', config).kind).toBe('apply')
+    const msg = message(reading(hlcAt(appendMs - 20 * DAY)), {
+      subject: 'fleet.events.sensor-7.reading.redrive.readings',
+    })
+    expect(decide(msg, READINGS, config).kind).toBe('apply')
   })
 })
