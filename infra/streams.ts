@@ -64,6 +64,9 @@ export function eventsStreamSpec(c: Config['streams']): StreamSpec {
   }
 }
 
+/** How long FLEET_DLQ remembers an entry's id, so that parking an event again stores nothing. */
+export const DLQ_DEDUP_WINDOW_MS = 24 * 3600 * 1000
+
 /** FLEET_DLQ: parked events with their reason, browsable, kept for a limited time. */
 export function dlqStreamSpec(c: Config['streams']): StreamSpec {
   return {
@@ -78,7 +81,12 @@ export function dlqStreamSpec(c: Config['streams']): StreamSpec {
     max_age: nanos(c.dlqMaxAgeDays * 24 * 3600 * 1000),
     // Room for the original event plus the DLQ headers.
     max_msg_size: c.maxMsgBytes + 8 * 1024,
-    duplicate_window: nanos(120_000),
+    // One entry per (processor, event): a processor parks an event before the commit that passes
+    // it, so a crash or a Postgres outage between the two parks it again when the processor is
+    // back, which can be hours later. The DLQ's dedup (by processor + event id) covers a day of
+    // that; nats-server keeps each id of the window in memory, about 150 bytes each, and a DLQ
+    // holds few entries next to the events (a longer window costs memory, a shorter one copies).
+    duplicate_window: nanos(Math.min(DLQ_DEDUP_WINDOW_MS, c.dlqMaxAgeDays * 24 * 3600 * 1000)),
     num_replicas: c.replicas,
     deny_delete: false,
     deny_purge: true,
@@ -143,7 +151,13 @@ export class StreamConflictError extends Error {
   }
 }
 
-export type EnsureResult = 'created' | 'unchanged'
+export type EnsureResult = 'created' | 'updated' | 'unchanged'
+
+/**
+ * Settings `setup` changes in place on an existing stream: changing them loses nothing and no
+ * client depends on the old value (a longer duplicate window only remembers ids for longer).
+ */
+const UPDATABLE: ReadonlySet<keyof StreamSpec> = new Set(['duplicate_window'])
 
 /**
  * Creates the stream if it is missing; if it exists, checks every setting fleetstream owns and
@@ -165,7 +179,12 @@ export async function ensureStream(jsm: JetStreamManager, spec: StreamSpec): Pro
   const info = existing ?? (await jsm.streams.info(spec.name))
   const differences = streamDifferences(spec, info.config)
   if (differences.length > 0) throw new StreamConflictError(spec.name, differences)
-  return 'unchanged'
+  const updates = (Object.keys(spec) as (keyof StreamSpec)[]).filter(
+    (key) => UPDATABLE.has(key) && spec[key] !== info.config[key],
+  )
+  if (updates.length === 0) return 'unchanged'
+  await jsm.streams.update(spec.name, { ...info.config, ...spec })
+  return 'updated'
 }
 
 /** Every fleetstream stream; returns what was done to each. */
@@ -180,10 +199,11 @@ export async function ensureStreams(
   return out
 }
 
+/** The settings of `actual` that differ from `spec` and that `setup` does not change itself. */
 export function streamDifferences(spec: StreamSpec, actual: StreamConfig): string[] {
   const out: string[] = []
   for (const key of Object.keys(spec) as (keyof StreamSpec)[]) {
-    if (key === 'description') continue
+    if (key === 'description' || UPDATABLE.has(key)) continue
     const want = spec[key]
     const have = actual[key]
     const same =

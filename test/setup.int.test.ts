@@ -88,6 +88,38 @@ describe('fleetstream setup against a conflicting stream', () => {
   })
 })
 
+describe('fleetstream setup on a FLEET_DLQ of an earlier version', () => {
+  let nats: NatsServer
+  beforeAll(async () => {
+    nats = await startNatsServer()
+  })
+  afterAll(async () => nats.cleanup())
+
+  it('widens its duplicate window to a day in place, so a re-park hours later stores nothing', async () => {
+    const env = testEnv(nats.url, await freshDatabase())
+    expect((await runCli(['setup'], env)).code).toBe(0)
+    const { nc, jsm } = await natsAdmin(nats.url)
+    const js = jsm.jetstream()
+    const created = await jsm.streams.info('FLEET_DLQ')
+    expect(created.config.duplicate_window).toBe(24 * 3600 * 1e9)
+    // As earlier versions created it: a two-minute window, one entry in it.
+    await jsm.streams.update('FLEET_DLQ', { ...created.config, duplicate_window: 120e9 })
+    await js.publish('fleet.dlq.readings', 'x', { msgID: 'readings:e-1' })
+
+    const r = await runCli(['setup', '--json'], env)
+    expect(r.code).toBe(0)
+    expect(JSON.parse(r.output)).toMatchObject({ streams: { FLEET_DLQ: 'updated' } })
+    const after = await jsm.streams.info('FLEET_DLQ')
+    expect(after.config).toEqual({ ...created.config, duplicate_window: 24 * 3600 * 1e9 })
+    expect(after.created).toEqual(created.created)
+    expect(after.state.messages).toBe(1)
+    expect((await js.publish('fleet.dlq.readings', 'x', { msgID: 'readings:e-1' })).duplicate).toBe(
+      true,
+    )
+    await nc.close()
+  })
+})
+
 describe('fleetstream configuration', () => {
   it('refuses bad configuration with every problem listed at once (exit 2)', async () => {
     const r = await runCli(['setup'], {
