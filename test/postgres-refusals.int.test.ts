@@ -62,7 +62,7 @@ describe('values Postgres refuses', () => {
       const m = await rt.jsm.streams.getMessage(rt.config.streams.dlq, { seq }).catch(() => null)
       if (!m) continue
       entries.push({
-        id: m.header.get(`${Headers.DlqOriginalPrefix}${Headers.MsgId}`),
+        id: m.header.get(Headers.DlqKey),
         reason: m.header.get(Headers.DlqReason),
         detail: m.header.get(Headers.DlqDetail),
         processor: m.header.get(Headers.DlqProcessor),

@@ -171,9 +171,9 @@ describe('readings processor', () => {
     it('never reach the tables, are parked in FLEET_DLQ with their reason, and the rest go on', async () => {
       const publisher = testPublisher(s.rt)
       const good = publisher.stamp(readingDraft('sensor-1', 1))
-      const raw = (subject: string, body: string, msgId: string) => {
+      const raw = (subject: string, body: string, msgId: string, hlc = good.hlc) => {
         const h = headers()
-        h.set(Headers.Hlc, good.hlc)
+        h.set(Headers.Hlc, hlc)
         return s.rt.js.publish(subject, body, { msgID: msgId, headers: h })
       }
       const json = (patch: Record<string, unknown>) =>
@@ -196,7 +196,12 @@ describe('readings processor', () => {
       )
       // A device clock far ahead: quarantined, never applied.
       const future = `${String(Date.now() + 3_600_000)}-000000-rogue`
-      await raw('fleet.events.sensor-1.reading', json({ eventId: 'skewed', hlc: future }), 'skewed')
+      await raw(
+        'fleet.events.sensor-1.reading',
+        json({ eventId: 'skewed', hlc: future }),
+        'skewed',
+        future,
+      )
       await publisher.publishEvent(good)
       await caughtUp(s.rt, s.processor)
 

@@ -60,7 +60,7 @@ describe('time a device claims', () => {
     for (let seq = 1; seq <= last; seq++) {
       const m = await rt.jsm.streams.getMessage(rt.config.streams.dlq, { seq })
       out.push({
-        id: m!.header.get(`${Headers.DlqOriginalPrefix}${Headers.MsgId}`),
+        id: m!.header.get(Headers.DlqKey),
         reason: m!.header.get(Headers.DlqReason),
         detail: m!.header.get(Headers.DlqDetail),
       })
