@@ -51,6 +51,11 @@ async function site(): Promise<Site> {
     PROCESSOR_BATCH_LINGER_MS: '2',
     ALERT_RULES_FILE: await rulesFile(),
     SENSOR_INACTIVITY_TIMEOUT_SECONDS: '30',
+    // Longer than this file can take: both servers deduplicate every re-send, however slowly a
+    // busy machine publishes. With the default 120 s, a batch that took longer than that to
+    // publish had one server store a re-send the other still deduplicated, and from there on the
+    // two streams numbered every event differently (every later stream_seq differed).
+    FLEET_DUPLICATE_WINDOW_SECONDS: String(24 * 3600),
   }
   const rt = await testRuntime(testConfig(nats.url, db, extra))
   return { nats, rt, env: testEnv(nats.url, db, extra), processes: [] }
@@ -215,17 +220,38 @@ function distinctReadings(input: readonly { event: FleetEvent }[]): number {
   ).size
 }
 
-/** Publishes in order, one at a time, so that both sites store the same sequence. */
+/**
+ * Publishes in order, one at a time, so that both sites store the same sequence. Resolves with
+ * what the server did with each event: the sequence it stored it at, or `dup <seq>` when it
+ * deduplicated it (the sequence of the copy it holds).
+ */
 async function publishAll(
   publisher: Publisher,
   input: readonly { event: FleetEvent; partition?: number }[],
-): Promise<void> {
+): Promise<string[]> {
+  const stored: string[] = []
   for (const e of input) {
-    await publisher.publishEvent(
+    const r = await publisher.publishEvent(
       e.event,
       e.partition === undefined ? {} : { partition: e.partition },
     )
+    stored.push(r.duplicate ? `dup ${r.seq}` : String(r.seq))
   }
+  return stored
+}
+
+/**
+ * Where two servers given the same input stored it differently, if they did: the read models
+ * name stream sequences, so they can only be compared across two servers that agree.
+ */
+function divergence(
+  input: readonly { event: FleetEvent }[],
+  one: readonly string[],
+  two: readonly string[],
+): string | undefined {
+  const i = one.findIndex((x, k) => x !== two[k])
+  if (i < 0) return undefined
+  return `event ${i} (${input[i]?.event.eventId}): one instance's server ${one[i]}, two instances' server ${two[i]}`
 }
 
 // Whole processes on two servers each, beside other test files on two cores: minutes, not seconds.
@@ -262,10 +288,11 @@ describe(
       startInstance(two)
       // Both instances of the second site own two partitions of each processor.
       await sharedAs(two, '2,2')
-      await Promise.all([
+      const [storedOne, storedTwo] = await Promise.all([
         publishAll(testPublisher(one.rt), first),
         publishAll(testPublisher(two.rt), first),
       ])
+      expect(divergence(first, storedOne, storedTwo)).toBeUndefined()
       await Promise.all([
         allCaughtUp(one.rt, consumerNames(one), 180_000),
         allCaughtUp(two.rt, consumerNames(two), 180_000),
@@ -297,7 +324,7 @@ describe(
       const second = fleetInput(one.rt, 120, { from: 30, to: 70 })
       const before = (await readingRows(two)).rows
       const publishing = publishAll(testPublisher(two.rt), second)
-      await publishAll(testPublisher(one.rt), second)
+      const storedOne = await publishAll(testPublisher(one.rt), second)
       await waitFor(
         'the second batch of readings to be under way',
         async () => (await readingRows(two)).rows > before + 600,
@@ -307,7 +334,7 @@ describe(
       expect(await victim.exited).toBe(137)
       // The survivor takes the victim's partitions of every processor.
       await sharedAs(two, '4')
-      await publishing
+      expect(divergence(second, storedOne, await publishing)).toBeUndefined()
       await Promise.all([
         allCaughtUp(one.rt, consumerNames(one), 180_000),
         allCaughtUp(two.rt, consumerNames(two), 180_000),
@@ -329,7 +356,8 @@ describe(
         expect(r.code, r.output).toBe(0)
         expect(r.output).toContain('"retired":null')
       }
-      await publishing
+      const [storedOne, storedTwo] = await publishing
+      expect(divergence(third, storedOne, storedTwo)).toBeUndefined()
       await Promise.all([
         allCaughtUp(one.rt, consumerNames(one), 180_000),
         allCaughtUp(two.rt, consumerNames(two), 180_000),
