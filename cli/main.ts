@@ -15,6 +15,7 @@ import { RebuildRefusedError } from '../projections/blue-green.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet, type SimulationOptions } from '../simulator/fleet.ts'
 import { DlqCommandError, dlqDepth, listDlq, redriveDlq, showDlq } from './dlq.ts'
+import { devicesCommand, DevicesCommandError } from './devices.ts'
 import {
   EVENT_KIND_NAMES,
   EventsCommandError,
@@ -503,6 +504,8 @@ events
     })
   })
 
+program.addCommand(devicesCommand())
+
 const alerts = program.command('alerts').description('list and acknowledge alerts')
 
 alerts
@@ -875,7 +878,8 @@ try {
     err instanceof RebuildRefusedError ||
     err instanceof InvalidArgumentError ||
     err instanceof AlertCommandError ||
-    err instanceof DlqCommandError
+    err instanceof DlqCommandError ||
+    err instanceof DevicesCommandError
   ) {
     console.error(`fleetstream: ${err.message}`)
     process.exitCode = EXIT_USAGE

@@ -89,6 +89,7 @@ export function dlqStreamSpec(c: Config['streams']): StreamSpec {
 /**
  * FLEET_NOTIFICATIONS: alert notifications from the alerts outbox, one subject each, kept for a
  * year so the relay can tell what it already sent (also after a replay of the alerts projection).
+ * No purge: an emptied stream would make the relay page again for every open alert.
  */
 export function notificationsStreamSpec(c: Config['streams']): StreamSpec {
   return {
@@ -105,7 +106,7 @@ export function notificationsStreamSpec(c: Config['streams']): StreamSpec {
     duplicate_window: nanos(120_000),
     num_replicas: c.replicas,
     deny_delete: false,
-    deny_purge: false,
+    deny_purge: true,
     allow_rollup_hdrs: false,
   }
 }

@@ -2,6 +2,7 @@ import { jetstream, type JetStreamManager } from '@nats-io/jetstream'
 import type { NatsConnection } from '@nats-io/transport-node'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import type { DeviceCredential } from '../cli/devices.ts'
 import type { DeadLetterEntry } from '../cli/dlq.ts'
 import { createPublisher, type EventDraft } from '../infra/publisher.ts'
 import type { FleetEvent } from '../schemas/events.ts'
@@ -41,17 +42,24 @@ describe('MQTT devices', () => {
   let mosquittoPub: string
   let stamp: <T extends FleetEvent['type']>(draft: EventDraft<T>) => FleetEvent
 
-  /** mosquitto_pub -q 1 as `user` to `topic`; resolves with its exit code and output. */
-  const publish = (topic: string, body: string, user = 'device', password?: string) =>
-    run(
+  /** MQTT credentials of the devices these tests use (`fleetstream devices add <id> --mqtt`). */
+  const creds: Record<string, DeviceCredential> = {}
+  /**
+   * mosquitto_pub -q 1 to `topic` as `user` (by default the device the topic names, with its
+   * own credential); resolves with its exit code and output.
+   */
+  const publish = (topic: string, body: string, user?: string, password?: string) => {
+    const u = user ?? topic.split('/')[2] ?? ''
+    return run(
       mosquittoPub,
       [
-        ...['-h', '127.0.0.1', '-p', String(ns.mqttPort), '-q', '1', '-i', `test-${user}`],
-        ...['-u', user, '-P', password ?? ns.secrets.roles.device.password],
+        ...['-h', '127.0.0.1', '-p', String(ns.mqttPort), '-q', '1', '-i', `test-${u}`],
+        ...['-u', u, '-P', password ?? creds[u]?.password ?? 'none'],
         ...['-t', topic, '-m', body],
       ],
       { cwd: repoRoot, timeoutMs: 15_000 },
     )
+  }
 
   const storedOn = async (subject: string): Promise<number> => {
     const info = await admin.jsm.streams.info('FLEET_EVENTS', { subjects_filter: subject })
@@ -78,6 +86,8 @@ describe('MQTT devices', () => {
     db = new pg.Client(dbUrl)
     await db.connect()
     admin = await ns.admin()
+    for (const id of ['mqtt-7', 'mqtt-8', 'mqtt-9', 'mqtt-10'])
+      creds[id] = await ns.addDevice(id, { mqtt: true })
     const setup = await runCli(['setup'], { ...env, ...ns.env('admin') })
     expect(setup.code, setup.output).toBe(0)
     processors = spawnCli(['run', '--no-clock'], { ...env, ...ns.env('processor') })
@@ -180,11 +190,12 @@ describe('MQTT devices', () => {
   it('enforces device credentials', async () => {
     const e = stamp(readingDraft('mqtt-10', 1))
     const body = JSON.stringify(e)
-    const wrong = await publish('fleet/events/mqtt-10/reading', body, 'device', 'not-the-password')
+    const wrong = await publish('fleet/events/mqtt-10/reading', body, 'mqtt-10', 'not-the-password')
     expect(wrong.code, wrong.output).not.toBe(0)
     expect(wrong.output).toMatch(/not authori[sz]ed/i)
-    // The processor and admin roles may not connect over MQTT, even with their own passwords.
-    for (const role of ['processor', 'admin'] as const) {
+    // The processor, admin and gateway roles may not connect over MQTT, even with their own
+    // passwords.
+    for (const role of ['processor', 'admin', 'gateway'] as const) {
       const r = await publish(
         'fleet/events/mqtt-10/reading',
         body,
@@ -214,14 +225,19 @@ describe('MQTT devices', () => {
     // A device's permissions hold over MQTT too. MQTT 3.1.1 has no way to refuse a QoS 1
     // publish (the PUBACK comes regardless), so the proof is that nothing was stored.
     const dlqBefore = (await admin.jsm.streams.info('FLEET_DLQ')).state.messages
+    const mqtt7Before = await storedOn('fleet.events.mqtt-7.reading')
     const tick = stamp(tickDraft(Date.now()))
-    await publish('fleet/events/_system/tick', JSON.stringify(tick))
-    await publish('fleet/dlq/readings', body)
-    await publish('fleet/events/mqtt-10/alert', body)
+    const as10 = (topic: string, b: string) => publish(topic, b, 'mqtt-10')
+    await as10('fleet/events/_system/tick', JSON.stringify(tick))
+    await as10('fleet/dlq/readings', body)
+    await as10('fleet/events/mqtt-10/alert', body)
+    // Nor for another device.
+    await as10('fleet/events/mqtt-7/reading', body)
     await admin.nc.flush()
     expect(await storedOn('fleet.events._system.tick')).toBe(0)
     expect(await storedOn('fleet.events.mqtt-10.alert')).toBe(0)
     expect(await storedOn('fleet.events.mqtt-10.reading')).toBe(0)
+    expect(await storedOn('fleet.events.mqtt-7.reading')).toBe(mqtt7Before)
     expect((await admin.jsm.streams.info('FLEET_DLQ')).state.messages).toBe(dlqBefore)
   })
 })
