@@ -16,6 +16,7 @@ import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet, type SimulationOptions } from '../simulator/fleet.ts'
 import { DlqCommandError, dlqDepth, listDlq, redriveDlq, showDlq } from './dlq.ts'
 import { devicesCommand, DevicesCommandError } from './devices.ts'
+import { ensureMqttMessagesStream, MQTT_MESSAGES_STREAM } from '../infra/streams.ts'
 import {
   EVENT_KIND_NAMES,
   EventsCommandError,
@@ -115,12 +116,14 @@ program
   .action(async (opts: { json?: boolean }) => {
     await withRuntime('fleetstream-setup', async (rt, signal) => {
       const report = await setUp(rt, signal)
+      const mqtt = await ensureMqttMessagesStream(rt.nc, rt.config.streams)
       if (opts.json) console.log(JSON.stringify(report))
       else {
         console.log(
           `schema: ${report.migrations.length ? `applied ${report.migrations.join(', ')}` : 'up to date'}`,
         )
         for (const [name, r] of Object.entries(report.streams)) console.log(`stream ${name}: ${r}`)
+        if (mqtt !== 'unreachable') console.log(`stream ${MQTT_MESSAGES_STREAM}: ${mqtt}`)
         for (const [name, r] of Object.entries(report.consumers))
           console.log(`consumer ${name}: ${r}`)
       }

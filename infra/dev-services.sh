@@ -261,7 +261,7 @@ ensure_nats() {
   # a server started with -sd, and `fleetstream devices` reloads it). Users and passwords:
   # infra/nats/accounts.conf, with the passwords from the environment (infra/dev.env).
   # shellcheck disable=SC2094 # nats-server appends its log; early errors go to stderr
-  NATS_MQTT_PORT=$mqtt NATS_STORE_DIR=$NATS_DIR nohup setsid "$bin" -c nats.conf -a "$host" -p "$port" "${monitor[@]}" \
+  NATS_MQTT_PORT=$mqtt NATS_STORE_DIR="\"$NATS_DIR\"" nohup setsid "$bin" -c nats.conf -a "$host" -p "$port" "${monitor[@]}" \
     -P "$NATS_PID" -l "$NATS_LOG" </dev/null >>"$NATS_LOG" 2>&1 &
   pid=$!
   local i

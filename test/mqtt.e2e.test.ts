@@ -1,3 +1,5 @@
+import { readFile, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
 import { jetstream, type JetStreamManager } from '@nats-io/jetstream'
 import type { NatsConnection } from '@nats-io/transport-node'
 import pg from 'pg'
@@ -86,10 +88,12 @@ describe('MQTT devices', () => {
     db = new pg.Client(dbUrl)
     await db.connect()
     admin = await ns.admin()
-    for (const id of ['mqtt-7', 'mqtt-8', 'mqtt-9', 'mqtt-10'])
+    for (const id of ['mqtt-7', 'mqtt-8', 'mqtt-9', 'mqtt-10', 'mqtt-11'])
       creds[id] = await ns.addDevice(id, { mqtt: true })
     const setup = await runCli(['setup'], { ...env, ...ns.env('admin') })
     expect(setup.code, setup.output).toBe(0)
+    // MQTT's message stream, sized like FLEET_EVENTS (what a PUBACK means, below).
+    expect(setup.output).toContain('stream $MQTT_msgs: created')
     processors = spawnCli(['run', '--no-clock'], { ...env, ...ns.env('processor') })
     const publisher = createPublisher(jetstream(admin.nc), {
       clock: new HybridLogicalClock({ node: 'mqtt-gw', maxOffsetMs: 500 }),
@@ -239,5 +243,39 @@ describe('MQTT devices', () => {
     expect(await storedOn('fleet.events.mqtt-10.reading')).toBe(0)
     expect(await storedOn('fleet.events.mqtt-7.reading')).toBe(mqtt7Before)
     expect((await admin.jsm.streams.info('FLEET_DLQ')).state.messages).toBe(dlqBefore)
+  })
+
+  it('refuses what FLEET_EVENTS would not store: no PUBACK for an oversize payload (item 8)', async () => {
+    // FLEET_EVENTS takes at most FLEET_MAX_MSG_BYTES (16 KiB) of headers and body; MQTT adds a
+    // short header. nats-server 2.9 sends the PUBACK only once MQTT's own stream stored the
+    // message, and setup gave that stream the same limit.
+    const body = JSON.stringify(stamp(readingDraft('mqtt-11', 1)))
+    /** The event padded with trailing spaces to `size` bytes, from a file (argv is too small). */
+    const publishPadded = async (size: number) => {
+      const file = join(ns.server.dir, `payload-${size}`)
+      await writeFile(file, body + ' '.repeat(size - body.length))
+      const c = creds['mqtt-11']!
+      return run(
+        mosquittoPub,
+        [
+          ...['-h', '127.0.0.1', '-p', String(ns.mqttPort), '-q', '1', '-i', 'test-mqtt-11'],
+          ...['-u', c.user, '-P', c.password, '-t', 'fleet/events/mqtt-11/reading', '-f', file],
+        ],
+        { cwd: repoRoot, timeoutMs: 15_000 },
+      )
+    }
+    const before = await storedOn('fleet.events.mqtt-11.reading')
+    const ok = await publishPadded(16_000)
+    expect(ok.code, ok.output).toBe(0)
+    expect(await storedOn('fleet.events.mqtt-11.reading')).toBe(before + 1)
+    for (const size of [20 * 1024, 1_100_000]) {
+      const r = await publishPadded(size)
+      // mosquitto_pub: 'Error: The connection was lost.' (exit 7): the server closed it, no PUBACK.
+      expect(r.code, `${size} bytes: ${r.output}`).not.toBe(0)
+      expect(r.output).toMatch(/connection was lost/i)
+    }
+    expect(await storedOn('fleet.events.mqtt-11.reading')).toBe(before + 1)
+    const log = await readFile(join(ns.server.dir, 'nats-server.log'), 'utf8')
+    expect(log.match(/"test-mqtt-11" - message size exceeds maximum allowed/g)?.length).toBe(2)
   })
 })
