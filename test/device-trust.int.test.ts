@@ -7,7 +7,12 @@ import { createPublisher, type EventDraft } from '../infra/publisher.ts'
 import { ensureStreams } from '../infra/streams.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
-import { HarnessError, startRoleNatsServer, type RoleNatsServer } from './harness/index.ts'
+import {
+  HarnessError,
+  setFleetMaxFile,
+  startRoleNatsServer,
+  type RoleNatsServer,
+} from './harness/index.ts'
 import { findOnPath, run } from './harness/processes.ts'
 import { readingDraft, repoRoot, runCli, testConfig, waitFor } from './fixtures.ts'
 
@@ -143,7 +148,7 @@ describe('devices are untrusted on the wire', () => {
     })
     const dlqAfter = await messages('FLEET_DLQ')
     expect(dlqAfter.messages).toBe(dlqBefore.messages)
-    expect(dlqAfter.num_deleted).toBe(0)
+    expect(dlqAfter.last_seq - dlqAfter.first_seq + 1).toBe(dlqAfter.messages)
     expect(await storedOn('fleet.events._system.tick')).toBe(0)
     expect(await storedOn('fleet.events.dev-b.status')).toBe(0)
     expect(await storedOn('fleet.events.victim-7.status')).toBe(0)
@@ -274,5 +279,87 @@ describe('devices are untrusted on the wire', () => {
     const unknown = await runCli(['devices', 'revoke', 'nobody'], ns.devicesEnv())
     expect(unknown.code).toBe(2)
     expect(unknown.output).toContain(`no device 'nobody'`)
+  })
+})
+
+/**
+ * Item 9: one device fills FLEET_EVENTS (no purge, no delete) so that every other device is
+ * refused. nats-server 2.9 has no per-user rate or byte limit for config-file users, so the
+ * recovery is the operator's (README.md, "A device that floods the stream"): revoke the device,
+ * raise the FLEET account's storage limit, reload.
+ */
+describe('a device that fills the stream', () => {
+  let ns: RoleNatsServer
+  let admin: { nc: NatsConnection; jsm: JetStreamManager }
+  const conns: NatsConnection[] = []
+  let stamp: <T extends FleetEvent['type']>(draft: EventDraft<T>) => FleetEvent
+
+  beforeAll(async () => {
+    // The FLEET account's file storage, 9GB in accounts.conf, made small enough to fill.
+    ns = await startRoleNatsServer({ fleetMaxFile: '256KB' })
+    admin = await ns.admin()
+    await ensureStreams(admin.jsm, testConfig(ns.url, 'postgres://unused@127.0.0.1/x').streams)
+    const publisher = createPublisher(jetstream(admin.nc), {
+      clock: new HybridLogicalClock({ node: 'flood', maxOffsetMs: 500 }),
+    })
+    stamp = (draft) => publisher.stamp(draft)
+  })
+  afterAll(async () => {
+    await Promise.all(conns.map((c) => c.close().catch(() => undefined)))
+    await admin.nc.close()
+    await ns.cleanup()
+  })
+
+  it('refuses every device once it is full; the operator revokes the device and raises the limit', async () => {
+    const [flooder, other] = [await ns.addDevice('flood-1'), await ns.addDevice('other-1')]
+    const f = await ns.connectDevice(flooder)
+    const o = await ns.connectDevice(other)
+    conns.push(f, o)
+    // Big junk until it no longer fits, then small junk until nothing does.
+    let stored = 0
+    let refusal: unknown
+    for (const size of [4096, 64]) {
+      const junk = JSON.stringify({ junk: 'x'.repeat(size) })
+      refusal = undefined
+      while (refusal === undefined && stored < 5000) {
+        await jetstream(f)
+          .publish('fleet.events.flood-1.reading', junk)
+          .then(
+            () => stored++,
+            (err: unknown) => (refusal = err),
+          )
+      }
+    }
+    expect(String(refusal)).toMatch(/resource limits exceeded/i)
+    const full = (await admin.jsm.streams.info('FLEET_EVENTS')).state
+    // Nothing was dropped to make room: every stored event is still there, from sequence 1.
+    expect(full).toMatchObject({ messages: stored, first_seq: 1 })
+    const reading = (id: string) => JSON.stringify(stamp(readingDraft(id, 20)))
+    // Everybody else is refused now, and the junk cannot be removed.
+    await expect(
+      jetstream(o).publish('fleet.events.other-1.reading', reading('other-1')),
+    ).rejects.toThrow(/resource limits exceeded/i)
+    await expect(admin.jsm.streams.purge('FLEET_EVENTS')).rejects.toThrow(/purge/i)
+    await expect(admin.jsm.streams.deleteMessage('FLEET_EVENTS', 1)).rejects.toThrow(/delete/i)
+
+    // Recovery: revoke the device (its connection is closed on reload) ...
+    const closed = f.closed()
+    const revoke = await runCli(['devices', 'revoke', 'flood-1'], ns.devicesEnv())
+    expect(revoke.code, revoke.output).toBe(0)
+    expect(String(await closed)).toMatch(/Authorization Violation/i)
+    // ... raise the FLEET account's max_file in accounts.conf and reload.
+    await setFleetMaxFile(ns.configDir, '1MB')
+    process.kill(ns.server.pid, 'SIGHUP')
+    // While the server reloads the accounts, their JetStream API does not answer for a moment.
+    await waitFor('the new limit to take', async () => {
+      const a = await admin.jsm.getAccountInfo().catch(() => undefined)
+      return a?.limits.max_storage === 1024 * 1024
+    })
+    const ack = await jetstream(o).publish('fleet.events.other-1.reading', reading('other-1'))
+    expect(ack.seq).toBeGreaterThan(stored)
+    expect((await admin.jsm.streams.info('FLEET_EVENTS')).state).toMatchObject({
+      messages: stored + 1,
+      first_seq: 1,
+    })
   })
 })

@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { copyFile, mkdir, mkdtemp, rm } from 'node:fs/promises'
+import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -96,6 +96,8 @@ export interface RoleNatsServer {
   readonly mqttPort: number
   readonly monitorUrl: string
   readonly secrets: RoleSecrets
+  /** This server's copy of nats.conf and infra/nats/ (what an operator would edit). */
+  readonly configDir: string
   /** Environment of a fleetstream process in `role` (NATS_USER, NATS_PASSWORD, NATS_INBOX_PREFIX). */
   env(role: Role): Record<string, string>
   /**
@@ -113,7 +115,14 @@ export interface RoleNatsServer {
   cleanup(): Promise<void>
 }
 
-export async function startRoleNatsServer(): Promise<RoleNatsServer> {
+export interface RoleNatsServerOptions {
+  /** The FLEET account's JetStream file limit in place of accounts.conf's (e.g. `'256KB'`). */
+  readonly fleetMaxFile?: string
+}
+
+export async function startRoleNatsServer(
+  opts: RoleNatsServerOptions = {},
+): Promise<RoleNatsServer> {
   const secrets = generateSecrets()
   const [port, monitorPort, mqttPort] = [await freePort(), await freePort(), await freePort()]
   // A copy of the repository's configs, so that `fleetstream devices` rewrites this server's
@@ -123,6 +132,7 @@ export async function startRoleNatsServer(): Promise<RoleNatsServer> {
   await copyFile(NATS_CONF, join(confDir, 'nats.conf'))
   for (const f of NATS_INCLUDES)
     await copyFile(join(repoRoot, 'infra', 'nats', f), join(confDir, 'infra', 'nats', f))
+  if (opts.fleetMaxFile !== undefined) await setFleetMaxFile(confDir, opts.fleetMaxFile)
   const pidFile = join(confDir, 'nats.pid')
   // The flags infra/dev-services.sh passes, with ports of our own; the store under the
   // server's temp dir (its working directory).
@@ -138,6 +148,7 @@ export async function startRoleNatsServer(): Promise<RoleNatsServer> {
     mqttPort,
     monitorUrl: `http://127.0.0.1:${monitorPort}`,
     secrets,
+    configDir: confDir,
     env: (role) => roleEnv(secrets, role),
     devicesEnv: () => ({
       NATS_DEVICES_FILE: join(confDir, 'infra', 'nats', 'devices.conf'),
@@ -188,4 +199,15 @@ export async function startRoleNatsServer(): Promise<RoleNatsServer> {
     },
   }
   return ns
+}
+
+/**
+ * Sets the FLEET account's JetStream file limit in the copy of accounts.conf under `configDir`
+ * (the first `max_file:` in it is FLEET's); reload the server to apply it.
+ */
+export async function setFleetMaxFile(configDir: string, limit: string): Promise<void> {
+  const file = join(configDir, 'infra', 'nats', 'accounts.conf')
+  const text = await readFile(file, 'utf8')
+  if (!/max_file: \S+/.test(text)) throw new HarnessError(`no 'max_file:' in ${file}`)
+  await writeFile(file, text.replace(/max_file: \S+/, `max_file: ${limit}`))
 }
