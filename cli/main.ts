@@ -189,6 +189,12 @@ program
     ),
   )
   .addOption(
+    new Option(
+      '--max-storage-use <percent>',
+      "crossed when FLEET_EVENTS uses more of its storage limit (its own or the account's)",
+    ).argParser(nonNegative),
+  )
+  .addOption(
     new Option('--window <seconds>', 'measure the ingest rate over this long (0: skip)')
       .argParser(nonNegative)
       .default(1),
@@ -206,6 +212,7 @@ program
         maxLag?: number
         maxStaleness?: number
         maxDlq?: number
+        maxStorageUse?: number
         window: number
         timeout: number
       },
@@ -220,6 +227,7 @@ program
         ...(opts.maxLag !== undefined ? { maxLag: opts.maxLag } : {}),
         ...(opts.maxStaleness !== undefined ? { maxStalenessSeconds: opts.maxStaleness } : {}),
         ...(opts.maxDlq !== undefined ? { maxDlq: opts.maxDlq } : {}),
+        ...(opts.maxStorageUse !== undefined ? { maxStorageUse: opts.maxStorageUse } : {}),
       })
       console.log(opts.json ? JSON.stringify(report) : formatStatus(report))
       if (report.breaches.length > 0) {

@@ -2,19 +2,22 @@ import { jetstream, jetstreamManager, type JetStreamManager } from '@nats-io/jet
 import { connect, type NatsConnection } from '@nats-io/transport-node'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { DeviceCredential } from '../cli/devices.ts'
+import { readNatsFigures } from '../cli/fleet-state.ts'
+import type { Config } from '../infra/config.ts'
 import { isPermissionViolation } from '../infra/failures.ts'
 import { createPublisher, type EventDraft } from '../infra/publisher.ts'
 import { ensureStreams } from '../infra/streams.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import {
+  freshDatabase,
   HarnessError,
   setFleetMaxFile,
   startRoleNatsServer,
   type RoleNatsServer,
 } from './harness/index.ts'
 import { findOnPath, run } from './harness/processes.ts'
-import { readingDraft, repoRoot, runCli, testConfig, waitFor } from './fixtures.ts'
+import { readingDraft, repoRoot, runCli, testConfig, testEnv, waitFor } from './fixtures.ts'
 
 /**
  * What a hostile device can do on a server started with the repository's own nats.conf
@@ -290,6 +293,8 @@ describe('devices are untrusted on the wire', () => {
  */
 describe('a device that fills the stream', () => {
   let ns: RoleNatsServer
+  let env: Record<string, string>
+  let config: Config
   let admin: { nc: NatsConnection; jsm: JetStreamManager }
   const conns: NatsConnection[] = []
   let stamp: <T extends FleetEvent['type']>(draft: EventDraft<T>) => FleetEvent
@@ -298,7 +303,10 @@ describe('a device that fills the stream', () => {
     // The FLEET account's file storage, 9GB in accounts.conf, made small enough to fill.
     ns = await startRoleNatsServer({ fleetMaxFile: '256KB' })
     admin = await ns.admin()
-    await ensureStreams(admin.jsm, testConfig(ns.url, 'postgres://unused@127.0.0.1/x').streams)
+    env = { ...testEnv(ns.url, await freshDatabase()), ...ns.env('admin') }
+    const setup = await runCli(['setup'], env)
+    expect(setup.code, setup.output).toBe(0)
+    config = testConfig(ns.url, 'postgres://unused@127.0.0.1/x')
     const publisher = createPublisher(jetstream(admin.nc), {
       clock: new HybridLogicalClock({ node: 'flood', maxOffsetMs: 500 }),
     })
@@ -315,6 +323,9 @@ describe('a device that fills the stream', () => {
     const f = await ns.connectDevice(flooder)
     const o = await ns.connectDevice(other)
     conns.push(f, o)
+    /** What `fleetstream status` reports (and `--max-storage-use` checks): percent used. */
+    const use = async () => (await readNatsFigures(admin.jsm, config, [])).stream.storageUsePercent
+    expect(await use()).toBeLessThan(80)
     // Big junk until it no longer fits, then small junk until nothing does.
     let stored = 0
     let refusal: unknown
@@ -331,9 +342,13 @@ describe('a device that fills the stream', () => {
       }
     }
     expect(String(refusal)).toMatch(/resource limits exceeded/i)
-    const full = (await admin.jsm.streams.info('FLEET_EVENTS')).state
+    // What an operator's monitoring sees, and would have seen crossing a threshold before.
+    expect(await use()).toBeGreaterThan(95)
     // Nothing was dropped to make room: every stored event is still there, from sequence 1.
-    expect(full).toMatchObject({ messages: stored, first_seq: 1 })
+    expect((await admin.jsm.streams.info('FLEET_EVENTS')).state).toMatchObject({
+      messages: stored,
+      first_seq: 1,
+    })
     const reading = (id: string) => JSON.stringify(stamp(readingDraft(id, 20)))
     // Everybody else is refused now, and the junk cannot be removed.
     await expect(
