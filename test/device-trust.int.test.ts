@@ -1,3 +1,6 @@
+import { spawn } from 'node:child_process'
+import { readFile } from 'node:fs/promises'
+import { join } from 'node:path'
 import { jetstream, jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
 import { connect, type NatsConnection } from '@nats-io/transport-node'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -47,6 +50,7 @@ describe('devices are untrusted on the wire', () => {
       [
         ...['-h', '127.0.0.1', '-p', String(ns.mqttPort), '-q', '1'],
         ...['-i', c.mqttClientId ?? c.user, '-u', c.user, '-P', c.password],
+        // A later -i wins: `extra` may give another client id.
         ...extra,
         ...['-t', topic, '-m', body],
       ],
@@ -247,6 +251,47 @@ describe('devices are untrusted on the wire', () => {
     const overMqtt = await mqttPublish(creds['dev-a']!, 'fleet/events/dev-a/reading', '{}')
     expect(overMqtt.code, overMqtt.output).not.toBe(0)
     await expect(login(creds['mqtt-a']!)).rejects.toThrow(/Authorization Violation/i)
+  })
+
+  it("lets a second MQTT client with a device's client id disconnect it, never speak for it (item 7, nats-server 2.9)", async () => {
+    // mqtt-a stays connected: mosquitto_pub -l publishes stdin's lines until stdin closes.
+    const a = creds['mqtt-a']!
+    const first = spawn(
+      mosquittoPub,
+      [
+        ...['-d', '-h', '127.0.0.1', '-p', String(ns.mqttPort), '-q', '1', '-i', 'mqtt-a'],
+        ...['-u', a.user, '-P', a.password, '-t', 'fleet/events/mqtt-a/heartbeat', '-l'],
+      ],
+      { stdio: ['pipe', 'pipe', 'pipe'] },
+    )
+    let out = ''
+    first.stdout.on('data', (d: Buffer) => (out += d.toString()))
+    first.stderr.on('data', (d: Buffer) => (out += d.toString()))
+    try {
+      const connected = async () => {
+        const connz = await (await fetch(`${ns.monitorUrl}/connz?acc=MQTT_DEVICES`)).text()
+        return connz.includes('"mqtt_client": "mqtt-a"') || connz.includes('"mqtt_client":"mqtt-a"')
+      }
+      await waitFor('mqtt-a connected', connected, 30_000, () => out)
+      const before = await storedOn('fleet.events.mqtt-a.reading')
+      // mqtt-b, logged in as itself, takes mqtt-a's client id and tries to speak for it.
+      const r = await mqttPublish(
+        creds['mqtt-b']!,
+        'fleet/events/mqtt-a/reading',
+        JSON.stringify(stamp(readingDraft('mqtt-a', -273))),
+        ['-i', 'mqtt-a'],
+      )
+      expect(r.code, r.output).toBe(0)
+      const log = await readFile(join(ns.server.dir, 'nats-server.log'), 'utf8')
+      const replaced = log.match(
+        /Replacing old client .* since both have the same client ID "mqtt-a"/g,
+      )
+      expect(replaced?.length ?? 0).toBeGreaterThanOrEqual(1)
+      expect(await storedOn('fleet.events.mqtt-a.reading')).toBe(before)
+    } finally {
+      first.stdin.end()
+      first.kill()
+    }
   })
 
   it('lists devices and revokes one: its live connection is closed, it cannot log in again', async () => {
