@@ -614,6 +614,7 @@ withSimulationOptions(
     'fleetstream-start',
     async (rt, signal, obs) => {
       const report = await setUp(rt, signal)
+      await ensureMqttMessagesStream(rt.nc, rt.config.streams)
       console.log(
         `fleetstream: NATS ${redact(rt.config.natsUrl)}, PostgreSQL ${redact(rt.config.databaseUrl)}; ` +
           `streams ${Object.entries(report.streams)
