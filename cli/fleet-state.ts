@@ -48,6 +48,12 @@ export interface NatsFigures {
     /** When the stream stored its first and last message (null when empty). */
     readonly firstAt: Date | null
     readonly lastAt: Date | null
+    /**
+     * How full it is, in percent: the larger of its bytes against its own byte limit and the
+     * account's file storage against the account's limit (null: neither has a limit). At 100
+     * every device's event is refused, and MQTT devices on nats-server 2.9 still get a PUBACK.
+     */
+    readonly storageUsePercent: number | null
   }
   /** Per processor: the newest stream sequence its filter matches (0: none yet). */
   readonly lastSeq: Readonly<Record<string, number>>
@@ -92,8 +98,9 @@ export async function readNatsFigures(
   processors: readonly ProcessorRef[],
 ): Promise<NatsFigures> {
   const stream = config.streams.events
-  const [info, lastSeqs, consumers, dlq] = await Promise.all([
+  const [info, account, lastSeqs, consumers, dlq] = await Promise.all([
     streamInfo(jsm, stream),
+    jsm.getAccountInfo(),
     Promise.all(processors.map((p) => lastMatching(jsm, stream, p.filterSubject))),
     Promise.all(processors.map((p) => consumerInfo(jsm, stream, p.name))),
     dlqDepth({ jsm, config }),
@@ -108,6 +115,10 @@ export async function readNatsFigures(
       lastSeq: s.last_seq,
       firstAt: s.messages > 0 ? new Date(s.first_ts) : null,
       lastAt: s.messages > 0 ? new Date(s.last_ts) : null,
+      storageUsePercent: usePercent([
+        [s.bytes, info.config.max_bytes],
+        [account.storage, account.limits.max_storage],
+      ]),
     },
     lastSeq: Object.fromEntries(processors.map((p, i) => [p.name, lastSeqs[i] ?? 0])),
     consumers: Object.fromEntries(
@@ -197,4 +208,10 @@ export async function readOpenAlerts(
   const out = { critical: 0, warning: 0, info: 0 }
   for (const r of rows) out[r.severity] = r.n
   return out
+}
+
+/** The highest of used/limit in percent over the pairs that have a limit (> 0); null if none. */
+function usePercent(pairs: readonly (readonly [number, number])[]): number | null {
+  const shares = pairs.filter(([, limit]) => limit > 0).map(([used, limit]) => (used / limit) * 100)
+  return shares.length === 0 ? null : Math.round(Math.max(...shares) * 10) / 10
 }

@@ -15,6 +15,8 @@ import { RebuildRefusedError } from '../projections/blue-green.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet, type SimulationOptions } from '../simulator/fleet.ts'
 import { DlqCommandError, dlqDepth, listDlq, redriveDlq, showDlq } from './dlq.ts'
+import { devicesCommand, DevicesCommandError } from './devices.ts'
+import { ensureMqttMessagesStream, MQTT_MESSAGES_STREAM } from '../infra/streams.ts'
 import {
   EVENT_KIND_NAMES,
   EventsCommandError,
@@ -114,12 +116,14 @@ program
   .action(async (opts: { json?: boolean }) => {
     await withRuntime('fleetstream-setup', async (rt, signal) => {
       const report = await setUp(rt, signal)
+      const mqtt = await ensureMqttMessagesStream(rt.nc, rt.config.streams)
       if (opts.json) console.log(JSON.stringify(report))
       else {
         console.log(
           `schema: ${report.migrations.length ? `applied ${report.migrations.join(', ')}` : 'up to date'}`,
         )
         for (const [name, r] of Object.entries(report.streams)) console.log(`stream ${name}: ${r}`)
+        if (mqtt !== 'unreachable') console.log(`stream ${MQTT_MESSAGES_STREAM}: ${mqtt}`)
         for (const [name, r] of Object.entries(report.consumers))
           console.log(`consumer ${name}: ${r}`)
       }
@@ -185,6 +189,12 @@ program
     ),
   )
   .addOption(
+    new Option(
+      '--max-storage-use <percent>',
+      "crossed when FLEET_EVENTS uses more of its storage limit (its own or the account's)",
+    ).argParser(nonNegative),
+  )
+  .addOption(
     new Option('--window <seconds>', 'measure the ingest rate over this long (0: skip)')
       .argParser(nonNegative)
       .default(1),
@@ -202,6 +212,7 @@ program
         maxLag?: number
         maxStaleness?: number
         maxDlq?: number
+        maxStorageUse?: number
         window: number
         timeout: number
       },
@@ -216,6 +227,7 @@ program
         ...(opts.maxLag !== undefined ? { maxLag: opts.maxLag } : {}),
         ...(opts.maxStaleness !== undefined ? { maxStalenessSeconds: opts.maxStaleness } : {}),
         ...(opts.maxDlq !== undefined ? { maxDlq: opts.maxDlq } : {}),
+        ...(opts.maxStorageUse !== undefined ? { maxStorageUse: opts.maxStorageUse } : {}),
       })
       console.log(opts.json ? JSON.stringify(report) : formatStatus(report))
       if (report.breaches.length > 0) {
@@ -514,6 +526,8 @@ events
     })
   })
 
+program.addCommand(devicesCommand())
+
 const alerts = program.command('alerts').description('list and acknowledge alerts')
 
 alerts
@@ -611,6 +625,7 @@ withSimulationOptions(
     'fleetstream-start',
     async (rt, signal, obs) => {
       const report = await setUp(rt, signal)
+      await ensureMqttMessagesStream(rt.nc, rt.config.streams)
       console.log(
         `fleetstream: NATS ${redact(rt.config.natsUrl)}, PostgreSQL ${redact(rt.config.databaseUrl)}; ` +
           `streams ${Object.entries(report.streams)
@@ -892,7 +907,8 @@ try {
     err instanceof RebuildRefusedError ||
     err instanceof InvalidArgumentError ||
     err instanceof AlertCommandError ||
-    err instanceof DlqCommandError
+    err instanceof DlqCommandError ||
+    err instanceof DevicesCommandError
   ) {
     console.error(`fleetstream: ${redact(err.message)}`)
     process.exitCode = EXIT_USAGE

@@ -29,6 +29,8 @@ export interface Thresholds {
   readonly maxStalenessSeconds?: number
   /** Entries a processor may have in FLEET_DLQ. */
   readonly maxDlq?: number
+  /** Percent of FLEET_EVENTS's storage limit (its own or the account's) that may be used. */
+  readonly maxStorageUse?: number
 }
 
 export interface StatusOptions extends Thresholds {
@@ -93,7 +95,8 @@ export interface ProcessorStatus {
 }
 
 export interface Breach {
-  readonly check: 'max-lag' | 'max-staleness' | 'max-dlq'
+  readonly check: 'max-lag' | 'max-staleness' | 'max-dlq' | 'max-storage-use'
+  /** The processor, or the stream for 'max-storage-use'. */
   readonly processor: string
   /** null: never committed. */
   readonly value: number | null
@@ -185,6 +188,7 @@ async function readStatus(
     ...(o.maxLag !== undefined ? { maxLag: o.maxLag } : {}),
     ...(o.maxStalenessSeconds !== undefined ? { maxStalenessSeconds: o.maxStalenessSeconds } : {}),
     ...(o.maxDlq !== undefined ? { maxDlq: o.maxDlq } : {}),
+    ...(o.maxStorageUse !== undefined ? { maxStorageUse: o.maxStorageUse } : {}),
   }
   return {
     at: at.toISOString(),
@@ -198,8 +202,22 @@ async function readStatus(
     dlq: { total: nats.dlqTotal, byProcessor: nats.dlq },
     openAlerts: { ...alerts, total: alerts.critical + alerts.warning + alerts.info },
     thresholds,
-    breaches: breaches(processors, thresholds),
+    breaches: [...breaches(processors, thresholds), ...storageBreach(nats.stream, thresholds)],
   }
+}
+
+function storageBreach(s: NatsFigures['stream'], t: Thresholds): Breach[] {
+  const use = s.storageUsePercent
+  if (t.maxStorageUse === undefined || use === null || use <= t.maxStorageUse) return []
+  return [
+    {
+      check: 'max-storage-use',
+      processor: s.name,
+      value: use,
+      limit: t.maxStorageUse,
+      message: `${s.name}: ${use}% of its storage limit used > --max-storage-use ${t.maxStorageUse} (at 100% every device's event is refused)`,
+    },
+  ]
 }
 
 function breaches(processors: readonly ProcessorStatus[], t: Thresholds): Breach[] {
@@ -269,7 +287,7 @@ export function formatStatus(r: StatusReport): string {
     .map(([p, n]) => `${p} ${fmt(n)}`)
   const a = r.openAlerts
   return [
-    `${s.name}: ${fmt(s.messages)} messages, ${bytes(s.bytes)}, sequences ${fmt(s.firstSeq)}..${fmt(s.lastSeq)}${span}`,
+    `${s.name}: ${fmt(s.messages)} messages, ${bytes(s.bytes)}${s.storageUsePercent === null ? '' : ` (${s.storageUsePercent}% of its storage limit)`}, sequences ${fmt(s.firstSeq)}..${fmt(s.lastSeq)}${span}`,
     `ingest: ${s.ingestPerSecond === null ? 'not measured (--window 0)' : `${fmt(s.ingestPerSecond)} events/s over ${s.rateWindowSeconds.toFixed(1)} s`}`,
     '',
     line(header),

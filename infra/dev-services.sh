@@ -257,12 +257,12 @@ ensure_nats() {
   rm -f "$NATS_PID"
   say "starting nats-server at $at (data: ${NATS_DIR#"$REPO"/}, log: ${NATS_LOG#"$REPO"/}," \
     "monitoring: http://127.0.0.1:$mport, MQTT: mqtt://127.0.0.1:$mqtt)"
-  # JetStream data goes to .data/nats (-sd; nats.conf has no store_dir, because nats-server
-  # 2.9 refuses -sd together with one). Users and passwords: infra/nats/accounts.conf, with
-  # the passwords from the environment (infra/dev.env).
+  # JetStream data goes to .data/nats (NATS_STORE_DIR, not -sd: nats-server 2.9 cannot reload
+  # a server started with -sd, and `fleetstream devices` reloads it). Users and passwords:
+  # infra/nats/accounts.conf, with the passwords from the environment (infra/dev.env).
   # shellcheck disable=SC2094 # nats-server appends its log; early errors go to stderr
-  NATS_MQTT_PORT=$mqtt nohup setsid "$bin" -c nats.conf -a "$host" -p "$port" "${monitor[@]}" \
-    -sd "$NATS_DIR" -P "$NATS_PID" -l "$NATS_LOG" </dev/null >>"$NATS_LOG" 2>&1 &
+  NATS_MQTT_PORT=$mqtt NATS_STORE_DIR="\"$NATS_DIR\"" nohup setsid "$bin" -c nats.conf -a "$host" -p "$port" "${monitor[@]}" \
+    -P "$NATS_PID" -l "$NATS_LOG" </dev/null >>"$NATS_LOG" 2>&1 &
   pid=$!
   local i
   for ((i = 0; i < 40; i++)); do
@@ -281,7 +281,7 @@ ensure_nats() {
 # be cut short or refused (see infra/nats/accounts.conf).
 check_passwords() {
   local v n
-  for n in NATS_ADMIN_PASSWORD NATS_PROCESSOR_PASSWORD NATS_DEVICE_PASSWORD NATS_SYSTEM_PASSWORD; do
+  for n in NATS_ADMIN_PASSWORD NATS_PROCESSOR_PASSWORD NATS_GATEWAY_PASSWORD NATS_SYSTEM_PASSWORD; do
     v=${!n}
     [[ $v =~ ^[A-Za-z][A-Za-z0-9_-]{11,}$ ]] ||
       die "'$n' must match /^[A-Za-z][A-Za-z0-9_-]{11,}\$/ (nats-server reads it as a config value), got a value of ${#v} characters that does not (not shown)"

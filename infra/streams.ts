@@ -2,13 +2,14 @@ import {
   DiscardPolicy,
   JetStreamApiCodes,
   JetStreamApiError,
+  jetstreamManager,
   RetentionPolicy,
   StorageType,
   type JetStreamManager,
   type StreamConfig,
   type StreamInfo,
 } from '@nats-io/jetstream'
-import { nanos } from '@nats-io/transport-node'
+import { nanos, type NatsConnection } from '@nats-io/transport-node'
 import {
   DLQ_SUBJECT_PREFIX,
   EVENTS_SUBJECT_PREFIX,
@@ -97,6 +98,7 @@ export function dlqStreamSpec(c: Config['streams']): StreamSpec {
 /**
  * FLEET_NOTIFICATIONS: alert notifications from the alerts outbox, one subject each, kept for a
  * year so the relay can tell what it already sent (also after a replay of the alerts projection).
+ * No purge: an emptied stream would make the relay page again for every open alert.
  */
 export function notificationsStreamSpec(c: Config['streams']): StreamSpec {
   return {
@@ -113,7 +115,7 @@ export function notificationsStreamSpec(c: Config['streams']): StreamSpec {
     duplicate_window: nanos(120_000),
     num_replicas: c.replicas,
     deny_delete: false,
-    deny_purge: false,
+    deny_purge: true,
     allow_rollup_hdrs: false,
   }
 }
@@ -224,4 +226,51 @@ async function streamInfo(jsm: JetStreamManager, name: string): Promise<StreamIn
       return undefined
     throw err
   }
+}
+
+/** MQTT's stream of QoS 1 messages, in the MQTT_DEVICES account (infra/nats/accounts.conf). */
+export const MQTT_MESSAGES_STREAM = '$MQTT_msgs'
+/** Where the FLEET account reaches that stream's API: accounts.conf imports it under this prefix. */
+export const MQTT_DEVICES_API_PREFIX = '$JS.MQTT_DEVICES.API'
+
+export type MqttStreamResult = EnsureResult | 'updated' | 'unreachable'
+
+/**
+ * Sizes MQTT's message stream like FLEET_EVENTS, so that an MQTT device is refused what the
+ * stream would drop. nats-server 2.9 stores every QoS 1 MQTT publish twice: it delivers it (to
+ * FLEET_EVENTS, which silently drops what is over its max_msg_size) and then stores it in
+ * `$MQTT_msgs`, and sends the PUBACK only if that store succeeds; it never checks an MQTT
+ * payload's size itself. With `$MQTT_msgs`'s max_msg_size equal to FLEET_EVENTS's, an oversize
+ * publish gets no PUBACK and the device is disconnected. The server creates `$MQTT_msgs` when the
+ * first MQTT client connects and uses an existing one as it is, so this creates it with the
+ * server's own settings plus the size limit, or updates the limit.
+ *
+ * 'unreachable': this server has no MQTT_DEVICES import (a plain test server) or the user may
+ * not use it; nothing was done.
+ */
+export async function ensureMqttMessagesStream(
+  nc: NatsConnection,
+  c: Config['streams'],
+): Promise<MqttStreamResult> {
+  const jsm = await jetstreamManager(nc, { apiPrefix: MQTT_DEVICES_API_PREFIX, checkAPI: false })
+  let info: StreamInfo | undefined
+  try {
+    info = await streamInfo(jsm, MQTT_MESSAGES_STREAM)
+  } catch {
+    return 'unreachable'
+  }
+  if (info === undefined) {
+    await jsm.streams.add({
+      name: MQTT_MESSAGES_STREAM,
+      subjects: ['$MQTT.msgs.>'],
+      storage: StorageType.File,
+      retention: RetentionPolicy.Interest,
+      num_replicas: c.replicas,
+      max_msg_size: c.maxMsgBytes,
+    })
+    return 'created'
+  }
+  if (info.config.max_msg_size === c.maxMsgBytes) return 'unchanged'
+  await jsm.streams.update(MQTT_MESSAGES_STREAM, { max_msg_size: c.maxMsgBytes })
+  return 'updated'
 }

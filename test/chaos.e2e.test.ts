@@ -71,7 +71,7 @@ describe('chaos', () => {
     expect(setup.code, setup.output).toBe(0)
     const reconnecting = { maxReconnectAttempts: -1, reconnectTimeWait: 250 }
     nc = await cluster.connect('admin', reconnecting)
-    devices = await cluster.connect('device', reconnecting)
+    devices = await cluster.connect('gateway', reconnecting)
     jsm = await jetstreamManager(nc)
     env = { ...env, ...cluster.env('processor') }
     for (const name of PROCESSOR_NAMES) procs.set(name, spawnCli(['run', name, '--no-clock'], env))

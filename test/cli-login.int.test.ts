@@ -24,7 +24,7 @@ describe('CLI commands log in to a role-scoped NATS', () => {
     env = testEnv(ns.url, await freshDatabase(), { ALERT_RULES_FILE: await rulesFile() })
     const setup = await runCli(['setup'], as('admin'))
     expect(setup.code, setup.output).toBe(0)
-    device = await ns.connect('device')
+    device = await ns.connect('gateway')
     const publisher = createPublisher(jetstream(device), {
       clock: new HybridLogicalClock({ node: 'gw-login', maxOffsetMs: 500 }),
     })

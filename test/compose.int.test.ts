@@ -78,17 +78,22 @@ function hostPath(s: Service, containerPath: string): string | undefined {
 
 /** Every `$VAR` a nats-server config and its includes read from the environment. */
 function configVariables(file: string): Set<string> {
-  const text = readFileSync(file, 'utf8').replace(/#.*$/gm, '')
+  // One text with every include in it: a variable may be defined in one file, used in another.
+  const text = configText(file)
   const defined = new Set([...text.matchAll(/^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=/gm)].map((m) => m[1]))
   const vars = new Set<string>()
   // Quoted strings are taken literally ("$JS.API.INFO" is a subject, not a variable).
   for (const m of text.replace(/"[^"]*"/g, '""').matchAll(/\$([A-Za-z_][A-Za-z0-9_]*)/g)) {
     if (!defined.has(m[1])) vars.add(m[1]!)
   }
-  for (const m of text.matchAll(/^\s*include\s+"?([^"\s]+)"?/gm)) {
-    for (const v of configVariables(join(dirname(file), m[1]!))) vars.add(v)
-  }
   return vars
+}
+
+function configText(file: string): string {
+  const text = readFileSync(file, 'utf8').replace(/#.*$/gm, '')
+  return text.replace(/^\s*include\s+"?([^"\s]+)"?/gm, (_l, inc: string) =>
+    configText(join(dirname(file), inc)),
+  )
 }
 
 describe('infra/docker-compose.yml', () => {
@@ -180,10 +185,10 @@ describe('infra/docker-compose.yml', () => {
   it('runs real fleetstream commands with the role each needs', async () => {
     const roles = generateSecrets().roles
     const nodeEnv = envOf(services.n1!)
-    const roleOf: Record<string, 'admin' | 'processor' | 'device'> = {
+    const roleOf: Record<string, 'admin' | 'processor' | 'gateway'> = {
       setup: 'admin',
       run: 'processor',
-      simulate: 'device',
+      simulate: 'gateway',
     }
     for (const name of APP_SERVICES) {
       const s = services[name]!

@@ -365,11 +365,11 @@ describe('redrive subjects on the role-scoped server', () => {
     await ns.cleanup()
   })
 
-  it('a device may not publish a redrive; an operator may, and FLEET_EVENTS stores it', async () => {
+  it('a device (here its gateway) may not publish a redrive; an operator may, and FLEET_EVENTS stores it', async () => {
     ns = await startRoleNatsServer()
     const admin = await ns.admin()
     await admin.jsm.streams.add({ name: 'FLEET_EVENTS', subjects: ['fleet.events.>'] })
-    const device = await ns.connect('device')
+    const device = await ns.connect('gateway')
     const subject = 'fleet.events.dev-1.reading.redrive.readings'
     const refused = await jetstream(device)
       .publish(subject, '{}')

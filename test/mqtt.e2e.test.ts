@@ -1,7 +1,10 @@
+import { readFile, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
 import { jetstream, type JetStreamManager } from '@nats-io/jetstream'
 import type { NatsConnection } from '@nats-io/transport-node'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import type { DeviceCredential } from '../cli/devices.ts'
 import type { DeadLetterEntry } from '../cli/dlq.ts'
 import { createPublisher, type EventDraft } from '../infra/publisher.ts'
 import type { FleetEvent } from '../schemas/events.ts'
@@ -41,17 +44,24 @@ describe('MQTT devices', () => {
   let mosquittoPub: string
   let stamp: <T extends FleetEvent['type']>(draft: EventDraft<T>) => FleetEvent
 
-  /** mosquitto_pub -q 1 as `user` to `topic`; resolves with its exit code and output. */
-  const publish = (topic: string, body: string, user = 'device', password?: string) =>
-    run(
+  /** MQTT credentials of the devices these tests use (`fleetstream devices add <id> --mqtt`). */
+  const creds: Record<string, DeviceCredential> = {}
+  /**
+   * mosquitto_pub -q 1 to `topic` as `user` (by default the device the topic names, with its
+   * own credential); resolves with its exit code and output.
+   */
+  const publish = (topic: string, body: string, user?: string, password?: string) => {
+    const u = user ?? topic.split('/')[2] ?? ''
+    return run(
       mosquittoPub,
       [
-        ...['-h', '127.0.0.1', '-p', String(ns.mqttPort), '-q', '1', '-i', `test-${user}`],
-        ...['-u', user, '-P', password ?? ns.secrets.roles.device.password],
+        ...['-h', '127.0.0.1', '-p', String(ns.mqttPort), '-q', '1', '-i', `test-${u}`],
+        ...['-u', u, '-P', password ?? creds[u]?.password ?? 'none'],
         ...['-t', topic, '-m', body],
       ],
       { cwd: repoRoot, timeoutMs: 15_000 },
     )
+  }
 
   const storedOn = async (subject: string): Promise<number> => {
     const info = await admin.jsm.streams.info('FLEET_EVENTS', { subjects_filter: subject })
@@ -78,8 +88,12 @@ describe('MQTT devices', () => {
     db = new pg.Client(dbUrl)
     await db.connect()
     admin = await ns.admin()
+    for (const id of ['mqtt-7', 'mqtt-8', 'mqtt-9', 'mqtt-10', 'mqtt-11'])
+      creds[id] = await ns.addDevice(id, { mqtt: true })
     const setup = await runCli(['setup'], { ...env, ...ns.env('admin') })
     expect(setup.code, setup.output).toBe(0)
+    // MQTT's message stream, sized like FLEET_EVENTS (what a PUBACK means, below).
+    expect(setup.output).toContain('stream $MQTT_msgs: created')
     processors = spawnCli(['run', '--no-clock'], { ...env, ...ns.env('processor') })
     const publisher = createPublisher(jetstream(admin.nc), {
       clock: new HybridLogicalClock({ node: 'mqtt-gw', maxOffsetMs: 500 }),
@@ -180,11 +194,12 @@ describe('MQTT devices', () => {
   it('enforces device credentials', async () => {
     const e = stamp(readingDraft('mqtt-10', 1))
     const body = JSON.stringify(e)
-    const wrong = await publish('fleet/events/mqtt-10/reading', body, 'device', 'not-the-password')
+    const wrong = await publish('fleet/events/mqtt-10/reading', body, 'mqtt-10', 'not-the-password')
     expect(wrong.code, wrong.output).not.toBe(0)
     expect(wrong.output).toMatch(/not authori[sz]ed/i)
-    // The processor and admin roles may not connect over MQTT, even with their own passwords.
-    for (const role of ['processor', 'admin'] as const) {
+    // The processor, admin and gateway roles may not connect over MQTT, even with their own
+    // passwords.
+    for (const role of ['processor', 'admin', 'gateway'] as const) {
       const r = await publish(
         'fleet/events/mqtt-10/reading',
         body,
@@ -214,14 +229,53 @@ describe('MQTT devices', () => {
     // A device's permissions hold over MQTT too. MQTT 3.1.1 has no way to refuse a QoS 1
     // publish (the PUBACK comes regardless), so the proof is that nothing was stored.
     const dlqBefore = (await admin.jsm.streams.info('FLEET_DLQ')).state.messages
+    const mqtt7Before = await storedOn('fleet.events.mqtt-7.reading')
     const tick = stamp(tickDraft(Date.now()))
-    await publish('fleet/events/_system/tick', JSON.stringify(tick))
-    await publish('fleet/dlq/readings', body)
-    await publish('fleet/events/mqtt-10/alert', body)
+    const as10 = (topic: string, b: string) => publish(topic, b, 'mqtt-10')
+    await as10('fleet/events/_system/tick', JSON.stringify(tick))
+    await as10('fleet/dlq/readings', body)
+    await as10('fleet/events/mqtt-10/alert', body)
+    // Nor for another device.
+    await as10('fleet/events/mqtt-7/reading', body)
     await admin.nc.flush()
     expect(await storedOn('fleet.events._system.tick')).toBe(0)
     expect(await storedOn('fleet.events.mqtt-10.alert')).toBe(0)
     expect(await storedOn('fleet.events.mqtt-10.reading')).toBe(0)
+    expect(await storedOn('fleet.events.mqtt-7.reading')).toBe(mqtt7Before)
     expect((await admin.jsm.streams.info('FLEET_DLQ')).state.messages).toBe(dlqBefore)
+  })
+
+  it('refuses what FLEET_EVENTS would not store: no PUBACK for an oversize payload (item 8)', async () => {
+    // FLEET_EVENTS takes at most FLEET_MAX_MSG_BYTES (16 KiB) of headers and body; MQTT adds a
+    // short header. nats-server 2.9 sends the PUBACK only once MQTT's own stream stored the
+    // message, and setup gave that stream the same limit.
+    const body = JSON.stringify(stamp(readingDraft('mqtt-11', 1)))
+    /** The event padded with trailing spaces to `size` bytes, from a file (argv is too small). */
+    const publishPadded = async (size: number) => {
+      const file = join(ns.server.dir, `payload-${size}`)
+      await writeFile(file, body + ' '.repeat(size - body.length))
+      const c = creds['mqtt-11']!
+      return run(
+        mosquittoPub,
+        [
+          ...['-h', '127.0.0.1', '-p', String(ns.mqttPort), '-q', '1', '-i', 'test-mqtt-11'],
+          ...['-u', c.user, '-P', c.password, '-t', 'fleet/events/mqtt-11/reading', '-f', file],
+        ],
+        { cwd: repoRoot, timeoutMs: 15_000 },
+      )
+    }
+    const before = await storedOn('fleet.events.mqtt-11.reading')
+    const ok = await publishPadded(16_000)
+    expect(ok.code, ok.output).toBe(0)
+    expect(await storedOn('fleet.events.mqtt-11.reading')).toBe(before + 1)
+    for (const size of [20 * 1024, 1_100_000]) {
+      const r = await publishPadded(size)
+      // mosquitto_pub: 'Error: The connection was lost.' (exit 7): the server closed it, no PUBACK.
+      expect(r.code, `${size} bytes: ${r.output}`).not.toBe(0)
+      expect(r.output).toMatch(/connection was lost/i)
+    }
+    expect(await storedOn('fleet.events.mqtt-11.reading')).toBe(before + 1)
+    const log = await readFile(join(ns.server.dir, 'nats-server.log'), 'utf8')
+    expect(log.match(/"test-mqtt-11" - message size exceeds maximum allowed/g)?.length).toBe(2)
   })
 })

@@ -55,6 +55,9 @@ describe('NATS roles from nats.conf', () => {
   let dbUrl: string
   let env: Record<string, string>
   let db: pg.Client
+  /** A gateway: speaks for many devices (the simulator's role). */
+  let gateway: NatsConnection
+  /** A device with a credential of its own (`fleetstream devices add kind-1`). */
   let device: NatsConnection
   let processor: NatsConnection
   let admin: NatsConnection
@@ -66,7 +69,8 @@ describe('NATS roles from nats.conf', () => {
     env = testEnv(ns.url, dbUrl, { ALERT_RULES_FILE: await rulesFile(), CLOCK_TICK_SECONDS: '1' })
     db = new pg.Client(dbUrl)
     await db.connect()
-    device = await ns.connect('device')
+    gateway = await ns.connect('gateway')
+    device = await ns.connectDevice(await ns.addDevice('kind-1'))
     processor = await ns.connect('processor')
     admin = await ns.connect('admin')
   })
@@ -82,7 +86,7 @@ describe('NATS roles from nats.conf', () => {
 
   afterAll(async () => {
     for (const p of procs) p.child.kill('SIGKILL')
-    await Promise.all([device, processor, admin].map((nc) => nc.close()))
+    await Promise.all([gateway, device, processor, admin].map((nc) => nc.close()))
     await db.end()
     await ns.cleanup()
   })
@@ -119,7 +123,7 @@ describe('NATS roles from nats.conf', () => {
     expect(setup.code, setup.output).toBe(0)
     expect(setup.output).toContain('stream FLEET_EVENTS: created')
 
-    const js = jetstream(device)
+    const js = jetstream(gateway)
     const publisher = createPublisher(js, {
       clock: new HybridLogicalClock({ node: 'gw-roles', maxOffsetMs: 500 }),
     })
@@ -162,10 +166,12 @@ describe('NATS roles from nats.conf', () => {
     // The alert-raised notification, in FLEET_NOTIFICATIONS, from the processor role.
     const alerts = await db.query('select 1 from alerts where device_id = $1', ['role-1'])
     expect(alerts.rowCount).toBe(1)
-    // Everything the processors did was granted, but creating the stream while they waited.
-    expect(new Set(await violations('processor'))).toEqual(
-      new Set(['Publish $JS.API.STREAM.CREATE.FLEET_EVENTS']),
-    )
+    // Everything the processors did was granted, but creating the streams while they waited
+    // (the first one, and any the set-up had not created yet when they looked).
+    const refused = new Set(await violations('processor'))
+    expect(refused).toContain('Publish $JS.API.STREAM.CREATE.FLEET_EVENTS')
+    for (const v of refused)
+      expect(v).toMatch(/^Publish \$JS\.API\.STREAM\.CREATE\.FLEET_(EVENTS|DLQ|NOTIFICATIONS)$/)
   })
 
   it('lets the admin operate: dlq list and redrive, alerts list', async () => {
@@ -178,12 +184,15 @@ describe('NATS roles from nats.conf', () => {
     const redrive = await runCli(['dlq', 'redrive', '--all', '--processor', 'readings'], adminEnv)
     expect(redrive.code, redrive.output).toBe(0)
     expect(redrive.output).toContain('redriven 1 event;')
+    // Not even the admin can purge the notifications the outbox relay relies on.
+    await expect(
+      (await jetstreamManager(admin)).streams.purge('FLEET_NOTIFICATIONS'),
+    ).rejects.toThrow(/purge/i)
     expect(await violations('admin')).toEqual([])
   })
 
-  it('lets a device publish every device event kind and simulate a fleet', async () => {
-    const js = jetstream(device)
-    const publisher = createPublisher(js, {
+  it('lets a device publish every event kind of its own, and a gateway simulate a fleet', async () => {
+    const publisher = createPublisher(jetstream(device), {
       clock: new HybridLogicalClock({ node: 'gw-kinds', maxOffsetMs: 500 }),
     })
     const results = await Promise.all([
@@ -204,7 +213,7 @@ describe('NATS roles from nats.conf', () => {
 
     const sim = await runCli(
       ['simulate', '--devices', '5', '--rate', '50', '--duration', '1', '--json'],
-      { ...env, ...ns.env('device') },
+      { ...env, ...ns.env('gateway') },
     )
     expect(sim.code, sim.output).toBe(0)
     const summary = sim.output.split('\n').find((l) => l.startsWith('{"sent"'))
@@ -213,20 +222,34 @@ describe('NATS roles from nats.conf', () => {
     expect(stats.stored).toBeGreaterThan(0)
   })
 
-  it('refuses a device everything but publishing device events', async () => {
-    const js = jetstream(device)
-    const jsm = await jetstreamManager(device, { checkAPI: false })
+  it('refuses a device and a gateway everything but publishing device events', async () => {
+    for (const nc of [device, gateway]) await refusedButEvents(nc)
+    // A device speaks for its own id only; a gateway for any device, never for the system.
+    await expectRefused(jetstream(device).publish('fleet.events.kind-2.reading', '{}'))
+    await expectRefused(jetstream(gateway).publish('fleet.events._system.reading', '{}'))
+    const adminJsm = await jetstreamManager(admin)
+    expect((await adminJsm.streams.info('FLEET_EVENTS')).config.name).toBe('FLEET_EVENTS')
+    expect((await adminJsm.streams.info('FLEET_DLQ')).config.name).toBe('FLEET_DLQ')
+  })
+
+  async function refusedButEvents(nc: NatsConnection): Promise<void> {
+    const js = jetstream(nc)
+    const jsm = await jetstreamManager(nc, { checkAPI: false })
     // It cannot consume: no consumer of its own, none of the processors', no pulls, no
     // subscriptions to stream subjects, and not the processors' reply subjects either.
     await expectRefused(jsm.consumers.add('FLEET_EVENTS', { durable_name: 'spy' }))
     await expectRefused(jsm.consumers.info('FLEET_EVENTS', 'readings'))
     await expectRefused(
-      device.request('$JS.API.CONSUMER.MSG.NEXT.FLEET_EVENTS.readings', '{"batch":1}'),
+      nc.request('$JS.API.CONSUMER.MSG.NEXT.FLEET_EVENTS.readings', '{"batch":1}'),
     )
     await expectRefused(jsm.streams.getMessage('FLEET_EVENTS', { seq: 1 }))
-    await expectSubscriptionRefused(device, 'fleet.events.>')
-    await expectSubscriptionRefused(device, '_INBOX_processor.>')
-    await expectSubscriptionRefused(device, '_INBOX_admin.>')
+    await expectSubscriptionRefused(nc, 'fleet.events.>')
+    await expectSubscriptionRefused(nc, '_INBOX_processor.>')
+    await expectSubscriptionRefused(nc, '_INBOX_admin.>')
+    // Nor other devices' replies (their PubAcks), nor the MQTT streams' API.
+    await expectSubscriptionRefused(nc, '_INBOX.>')
+    await expectRefused(jsm.streams.purge('$MQTT_sess'))
+    await expectRefused(jsm.streams.purge('FLEET_NOTIFICATIONS'))
     // It cannot touch the DLQ.
     await expectRefused(js.publish('fleet.dlq.readings', '{}'))
     await expectRefused(jsm.streams.info('FLEET_DLQ'))
@@ -242,20 +265,16 @@ describe('NATS roles from nats.conf', () => {
     await expectRefused(js.publish('fleet.events._system.tick', '{}'))
     await expectRefused(js.publish('fleet.events.kind-1.alert', '{}'))
     await expectRefused(js.publish('fleet.notifications.alerts.critical.x.y', '{}'))
+  }
 
-    const adminJsm = await jetstreamManager(admin)
-    expect((await adminJsm.streams.info('FLEET_EVENTS')).config.name).toBe('FLEET_EVENTS')
-    expect((await adminJsm.streams.info('FLEET_DLQ')).config.name).toBe('FLEET_DLQ')
-  })
-
-  it('never shows a device what processors pull, though it may read its own PubAcks', async () => {
+  it('never shows a gateway what processors pull, though it reads its own PubAcks', async () => {
     const seen: string[] = []
-    const sub = device.subscribe('_INBOX.>', {
+    const sub = gateway.subscribe('_INBOX_gateway.>', {
       callback: (_err, m) => {
         seen.push(m.string())
       },
     })
-    const publisher = createPublisher(jetstream(device), {
+    const publisher = createPublisher(jetstream(gateway), {
       clock: new HybridLogicalClock({ node: 'gw-snoop', maxOffsetMs: 500 }),
     })
     for (let i = 0; i < 5; i++) await publisher.publish(readingDraft('snoop-1', i))
@@ -264,8 +283,8 @@ describe('NATS roles from nats.conf', () => {
       return r.rowCount === 5
     })
     sub.unsubscribe()
-    // Only PubAcks, never an event body.
-    expect(seen.length).toBeGreaterThanOrEqual(5)
+    // Its own five PubAcks, never an event body.
+    expect(seen.length).toBe(5)
     expect(seen.filter((s) => s.includes('eventId'))).toEqual([])
     expect(seen.every((s) => s.includes('"stream":"FLEET_EVENTS"'))).toBe(true)
   })

@@ -8,6 +8,7 @@ export { startNatsCluster, clusterNodeEnv, CLUSTER_NODES } from './nats-cluster.
 export type { NatsCluster, NodePorts } from './nats-cluster.ts'
 export {
   startRoleNatsServer,
+  setFleetMaxFile,
   generateSecrets,
   passwordEnv,
   roleEnv,
@@ -17,7 +18,13 @@ export {
   CLUSTER_NODE_CONF,
   ROLES,
 } from './nats-roles.ts'
-export type { RoleNatsServer, Role, RoleSecrets, Credentials } from './nats-roles.ts'
+export type {
+  RoleNatsServer,
+  RoleNatsServerOptions,
+  Role,
+  RoleSecrets,
+  Credentials,
+} from './nats-roles.ts'
 export { startPostgres } from './postgres.ts'
 export type { PgCluster } from './postgres.ts'
 export { HarnessError } from './processes.ts'
