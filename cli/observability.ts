@@ -19,6 +19,7 @@ import {
   processorRefs,
   readCheckpoints,
   readNatsFigures,
+  StreamMissingError,
   type ProcessorRef,
 } from './fleet-state.ts'
 import type { Runtime } from './runtime.ts'
@@ -81,6 +82,9 @@ export async function startObservability(
     if (sourceUp[source] === up) return
     sourceUp[source] = up
     if (up) log.info({ source }, 'lag figures readable again')
+    // `start` sets the streams up after the runtime opens: not set up yet is no failure.
+    else if (err instanceof StreamMissingError)
+      log.info({ source, err: errorSummary(err) }, 'lag figures wait for setup')
     else
       log.warn({ source, err: errorSummary(err) }, 'lag figures not readable; left out of /metrics')
   }
