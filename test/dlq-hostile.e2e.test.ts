@@ -3,11 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { DeadLetterEntry } from '../cli/dlq.ts'
 import type { Runtime } from '../cli/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
-import {
-  startProcessor,
-  type ProcessorSpec,
-  type RunningProcessor,
-} from '../processors/processor.ts'
+import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { readingsProcessor } from '../processors/readings.ts'
 import { Headers } from '../schemas/subjects.ts'
 import { jetstream } from '@nats-io/jetstream'
@@ -23,6 +19,7 @@ import {
   testPublisher,
   waitFor,
   type CliProcess,
+  buggyReadings,
 } from './fixtures.ts'
 
 /** How many DLQ entries each (processor, original stream sequence) has: counted, not a set. */
@@ -184,20 +181,6 @@ describe('hostile input: parking is total, bounded and once', () => {
     }
   })
 })
-
-/** The readings processor with a bug: it throws on readings of 666. */
-const buggyReadings: ProcessorSpec = {
-  ...readingsProcessor,
-  projection: {
-    ...readingsProcessor.projection,
-    async apply(trx, events) {
-      if (events.some((e) => e.event.type === 'reading.recorded' && e.event.data.value === 666)) {
-        throw new RangeError('666 is not a temperature')
-      }
-      await readingsProcessor.projection.apply(trx, events)
-    },
-  },
-}
 
 describe('operator tools on hostile entries', () => {
   let nats: NatsServer

@@ -2,28 +2,18 @@ import { headers } from '@nats-io/transport-node'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { DeadLetterEntry } from '../cli/dlq.ts'
 import type { Runtime } from '../cli/runtime.ts'
-import {
-  startProcessor,
-  type ProcessorSpec,
-  type RunningProcessor,
-} from '../processors/processor.ts'
+import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { readingsProcessor } from '../processors/readings.ts'
 import type { NatsServer } from './harness/index.ts'
-import { allCaughtUp, cliSystem, readingDraft, runCli, testPublisher, waitFor } from './fixtures.ts'
-
-/** The readings processor with a bug: it throws on readings of 666. */
-const buggyReadings: ProcessorSpec = {
-  ...readingsProcessor,
-  projection: {
-    ...readingsProcessor.projection,
-    async apply(trx, events) {
-      if (events.some((e) => e.event.type === 'reading.recorded' && e.event.data.value === 666)) {
-        throw new RangeError('666 is not a temperature')
-      }
-      await readingsProcessor.projection.apply(trx, events)
-    },
-  },
-}
+import {
+  allCaughtUp,
+  buggyReadings,
+  cliSystem,
+  readingDraft,
+  runCli,
+  testPublisher,
+  waitFor,
+} from './fixtures.ts'
 
 describe('dlq list, show and redrive', () => {
   let nats: NatsServer

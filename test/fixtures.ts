@@ -12,7 +12,12 @@ import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { openRuntime, setUp, type Runtime } from '../cli/runtime.ts'
 import { consumerInfo } from '../processors/consumer.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
-import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
+import {
+  startProcessor,
+  type ProcessorSpec,
+  type RunningProcessor,
+} from '../processors/processor.ts'
+import { readingsProcessor } from '../processors/readings.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import type { EventDraft } from '../infra/publisher.ts'
 
@@ -314,4 +319,18 @@ export async function pipeline(env: Record<string, string> = {}): Promise<Pipeli
     },
   }
   return p
+}
+
+/** The readings processor with a bug: it throws on readings of 666 (a poison event for it). */
+export const buggyReadings: ProcessorSpec = {
+  ...readingsProcessor,
+  projection: {
+    ...readingsProcessor.projection,
+    async apply(trx, events) {
+      if (events.some((e) => e.event.type === 'reading.recorded' && e.event.data.value === 666)) {
+        throw new RangeError('666 is not a temperature')
+      }
+      await readingsProcessor.projection.apply(trx, events)
+    },
+  },
 }
