@@ -40,6 +40,8 @@ export interface LagSample {
       readonly messages: number
       readonly bytes: number
       readonly lastSeq: number
+      /** Percent of its storage limit (its own or the account's) in use; null without a limit. */
+      readonly storageUsePercent: number | null
     }
     /**
      * Per processor (per partition, e.g. `readings-p2`, when FLEET_EVENTS is partitioned): the
@@ -117,6 +119,7 @@ export const METRIC = {
   dlqDepth: 'fleetstream_dlq_depth',
   streamMessages: 'fleetstream_stream_messages',
   streamBytes: 'fleetstream_stream_bytes',
+  streamStorageUse: 'fleetstream_stream_storage_use_ratio',
   streamLastSeq: 'fleetstream_stream_last_sequence',
   sourceUp: 'fleetstream_lag_source_up',
   refreshes: 'fleetstream_lag_refreshes_total',
@@ -334,6 +337,15 @@ export function createMetrics(opts: MetricsOptions): Metrics {
   streamGauge(METRIC.streamMessages, 'Messages stored in FLEET_EVENTS.', (n) => n.stream.messages)
   streamGauge(METRIC.streamBytes, 'Bytes stored in FLEET_EVENTS.', (n) => n.stream.bytes)
   streamGauge(METRIC.streamLastSeq, 'Last sequence of FLEET_EVENTS.', (n) => n.stream.lastSeq)
+  sampled(
+    METRIC.streamStorageUse,
+    "Share of FLEET_EVENTS's storage limit in use (its own or the account's; absent without one). At 1 every device's event is refused, and MQTT devices on nats-server 2.9 still get a PUBACK.",
+    ['stream'],
+    (g, s) => {
+      const use = s.nats?.stream.storageUsePercent
+      if (s.nats !== undefined && use != null) g.set({ stream: s.nats.stream.name }, use / 100)
+    },
+  )
   sampled(
     METRIC.sourceUp,
     'Whether the last read of the lag figures from NATS and Postgres succeeded (1) or not in time (0: those gauges are left out).',

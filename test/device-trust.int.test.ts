@@ -389,6 +389,14 @@ describe('a device that fills the stream', () => {
     expect(String(refusal)).toMatch(/resource limits exceeded/i)
     // What an operator's monitoring sees, and would have seen crossing a threshold before.
     expect(await use()).toBeGreaterThan(95)
+    const status = await runCli(
+      ['status', '--max-storage-use', '80', '--window', '0', '--timeout', '10'],
+      env,
+    )
+    expect(status.code, status.output).toBe(3)
+    expect(status.output).toMatch(
+      /FLEET_EVENTS: [\d.]+% of its storage limit used > --max-storage-use 80/,
+    )
     // Nothing was dropped to make room: every stored event is still there, from sequence 1.
     expect((await admin.jsm.streams.info('FLEET_EVENTS')).state).toMatchObject({
       messages: stored,

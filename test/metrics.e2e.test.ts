@@ -230,6 +230,10 @@ describe('metrics, health and readiness of a `run` process', () => {
     ).toBeUndefined()
     expect(valueOf(s, 'fleetstream_stream_messages', { stream: 'FLEET_EVENTS' })).toBe(total)
     expect(valueOf(s, 'fleetstream_stream_last_sequence', { stream: 'FLEET_EVENTS' })).toBe(total)
+    // This server sets no storage limit: no share of one to report.
+    expect(
+      valueOf(s, 'fleetstream_stream_storage_use_ratio', { stream: 'FLEET_EVENTS' }),
+    ).toBeUndefined()
     expect(valueOf(s, 'fleetstream_lag_source_up', { source: 'nats' })).toBe(1)
     expect(valueOf(s, 'fleetstream_lag_source_up', { source: 'postgres' })).toBe(1)
   })
