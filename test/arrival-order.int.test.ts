@@ -1,13 +1,14 @@
 import fc from 'fast-check'
-import { sql, type Kysely } from 'kysely'
+import { Migrator, sql, type Kysely } from 'kysely'
 import pino from 'pino'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { createKysely, createPool } from '../infra/database.ts'
 import { alertId, alertsProjection } from '../projections/alerts.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
-import { migrateToLatest } from '../projections/migrate.ts'
+import { migrateToLatest, migrations } from '../projections/migrate.ts'
 import { anyEvents, type AnyProjection, type ProjectedEvent } from '../projections/projection.ts'
 import { readingsProjection } from '../projections/readings.ts'
+import { foldTimeline } from '../projections/sensor-tracker.ts'
 import { sensorStatusProjection } from '../projections/sensor-status.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent, SensorStatus } from '../schemas/events.ts'
@@ -408,3 +409,58 @@ function differences(a: Record<string, unknown[]>, b: Record<string, unknown[]>)
   }
   return out
 }
+
+describe('upgrading to status timelines', () => {
+  it('keeps an existing history: the migration reads the timeline back from it', async () => {
+    const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
+    const db = createKysely<Database>(pool)
+    try {
+      const migrator = new Migrator({
+        db,
+        provider: { getMigrations: () => Promise.resolve(migrations) },
+      })
+      await migrator.migrateTo('2026-11-23-05-stream-marks')
+      const h = (
+        id: string,
+        from: string | null,
+        to: string,
+        wall: number,
+        reason: string,
+      ): Database['sensor_status_history'] => ({
+        device_id: 's1',
+        event_id: id,
+        stream_seq: wall,
+        from_status: from,
+        to_status: to,
+        hlc: encodeHlc({ wallMs: T0 + wall * 1000, logical: 0, node: 'gw' }),
+        changed_at: new Date(T0 + wall * 1000),
+        correlation_id: `c-${id}`,
+        causation_id: null,
+        reason,
+      })
+      const history = [
+        h('e1', null, 'active', 1, 'registered'),
+        h('e2', 'active', 'maintenance', 2, 'status changed to maintenance: calibration: 2 h'),
+        h('e3', 'maintenance', 'active', 3, 'status changed to active'),
+        h('tick', 'active', 'unknown', 50, 'silent'),
+        h('e5', 'unknown', 'active', 60, 'seen again'),
+      ]
+      await db.insertInto('sensor_status_history').values(history).execute()
+      await migrator.migrateToLatest()
+      const points = await db.selectFrom('sensor_status_timeline').selectAll().execute()
+      const folded = foldTimeline('s1', new Map(points.map((p) => [p.event_id, p])))
+      expect(folded.map((t) => [t.eventId, t.from, t.to, t.reason, t.hlc, t.at.getTime()])).toEqual(
+        history.map((r) => [
+          r.event_id,
+          r.from_status,
+          r.to_status,
+          r.reason,
+          r.hlc,
+          r.changed_at.getTime(),
+        ]),
+      )
+    } finally {
+      await db.destroy()
+    }
+  })
+})
