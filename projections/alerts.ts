@@ -48,6 +48,7 @@ export function alertsProjection(opts: AlertsOptions): Projection {
       'alerts',
       'alert_conditions',
       'alert_sensors',
+      'alert_sensors_timeline',
       'notification_outbox',
       'projection_clocks',
     ],

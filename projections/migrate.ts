@@ -4,6 +4,7 @@ import * as statusRollupsAlerts from './migrations/2026-11-23-02-status-rollups-
 import * as sensorPartition from './migrations/2026-11-23-03-sensor-partition.ts'
 import * as lwwEventIds from './migrations/2026-11-23-04-lww-event-ids.ts'
 import * as streamMarks from './migrations/2026-11-23-05-stream-marks.ts'
+import * as statusTimeline from './migrations/2026-12-02-01-status-timeline.ts'
 
 /**
  * Every migration, by name in the order they run. Listed here rather than read from a folder so
@@ -15,6 +16,7 @@ export const migrations: Readonly<Record<string, Migration>> = {
   '2026-11-23-03-sensor-partition': sensorPartition,
   '2026-11-23-04-lww-event-ids': lwwEventIds,
   '2026-11-23-05-stream-marks': streamMarks,
+  '2026-12-02-01-status-timeline': statusTimeline,
 }
 
 /** Brings the schema up to date; concurrent callers are serialised by Kysely's migration lock. */

@@ -7,7 +7,7 @@ import type { Projection, ProjectedEvent } from './projection.ts'
  * rollups (count, min, max, exact sum) by the device's clock.
  *
  * Set-based: one INSERT ... SELECT FROM unnest(...) per table per batch. Idempotent: a reading
- * is keyed by eventId, and `latest_readings` only moves to a strictly newer HLC, so a redelivered,
+ * is keyed by eventId, and `latest_readings` only moves to a strictly newer (HLC, event id), so a redelivered,
  * re-published or late event changes nothing it should not.
  */
 export const readingsProjection: Projection<'reading.recorded'> = {
@@ -51,7 +51,8 @@ export const readingsProjection: Projection<'reading.recorded'> = {
         value = excluded.value, unit = excluded.unit, occurred_at = excluded.occurred_at,
         hlc = excluded.hlc, event_id = excluded.event_id, correlation_id = excluded.correlation_id,
         stream_seq = excluded.stream_seq
-      where l.hlc < excluded.hlc`.execute(trx)
+      where l.hlc < excluded.hlc
+         or (l.hlc = excluded.hlc and l.event_id < excluded.event_id collate "C")`.execute(trx)
   },
 }
 
@@ -62,8 +63,14 @@ function newestPerKey(rows: readonly Row[]): Row[] {
   for (const r of rows) {
     const key = `${r.event.deviceId}\u0000${r.event.data.metric}`
     const seen = best.get(key)
-    // Encoded HLCs compare as strings in clock order.
-    if (seen === undefined || seen.event.hlc < r.event.hlc) best.set(key, r)
+    // Encoded HLCs compare as strings in clock order; the event id breaks a tie between distinct
+    // readings with one HLC, so that the winner does not depend on which arrived first.
+    if (
+      seen === undefined ||
+      seen.event.hlc < r.event.hlc ||
+      (seen.event.hlc === r.event.hlc && seen.event.eventId < r.event.eventId)
+    )
+      best.set(key, r)
   }
   return [...best.values()]
 }

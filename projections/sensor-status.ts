@@ -36,24 +36,43 @@ export function sensorStatusProjection(
       'status.changed',
       'clock.ticked',
     ],
-    tables: ['sensor_status', 'sensor_status_history', 'projection_clocks'],
+    tables: [
+      'sensor_status',
+      'sensor_status_history',
+      'sensor_status_timeline',
+      'projection_clocks',
+    ],
     async apply(trx, events) {
       for (const segment of splitAtTicks(events)) {
         if (segment.tick) {
-          await writeHistory(trx, await tracker.tick(trx, segment.tick))
+          const silenced = await tracker.tick(trx, segment.tick)
+          await rewriteHistory(trx, tracker, [...new Set(silenced.map((t) => t.deviceId))])
           continue
         }
         const sensors = await tracker.load(trx, segment.events)
-        const transitions: Transition[] = []
-        for (const e of segment.events) {
-          const t = sensors.apply(e)
-          if (t) transitions.push(t)
-        }
-        await sensors.flush(trx)
-        await writeHistory(trx, transitions)
+        for (const e of segment.events) sensors.apply(e)
+        await rewriteHistory(trx, tracker, await sensors.flush(trx))
       }
     },
   }
+}
+
+/**
+ * A sensor's history is its timeline folded in HLC order: when a (late) event changes the
+ * timeline, the sensor's history is written again, so it is the same whatever the arrival order.
+ */
+async function rewriteHistory(
+  trx: Transaction<Database>,
+  tracker: SensorTracker,
+  deviceIds: readonly string[],
+): Promise<void> {
+  if (deviceIds.length === 0) return
+  const history = await tracker.histories(trx, deviceIds)
+  await trx
+    .deleteFrom('sensor_status_history')
+    .where(sql<boolean>`device_id = any(${[...deviceIds]}::text[])`)
+    .execute()
+  await writeHistory(trx, history)
 }
 
 async function writeHistory(trx: Transaction<Database>, ts: readonly Transition[]): Promise<void> {

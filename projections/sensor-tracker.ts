@@ -9,7 +9,7 @@ import {
   type EffectiveStatus,
   type SensorLifecycle,
 } from './sensor-lifecycle.ts'
-import type { Database, SensorStateTable } from './tables.ts'
+import type { Database, SensorStateTable, SensorTimelineTable } from './tables.ts'
 
 /** A sensor's status moved, and which event moved it. */
 export interface Transition {
@@ -36,7 +36,18 @@ interface Tracked {
   statusChangedAt: Date | null
   partition: number | null
   dirty: boolean
+  /** Its timeline points, by event id; `timelineDirty` when one was added or changed. */
+  points: Map<string, Point>
+  timelineDirty: boolean
+  /** Its status when loaded. */
+  readonly loadedStatus: EffectiveStatus | null
 }
+
+/** A row of `<table>_timeline`. */
+type Point = SensorTimelineTable
+
+/** Timeline points per statement: 15 columns each, far below the 16-bit parameter count. */
+const POINTS_PER_STATEMENT = 1000
 
 /** The tables that hold sensor state with this shape. */
 export type SensorStateTableName = 'sensor_status' | 'alert_sensors'
@@ -107,7 +118,53 @@ export class SensorTracker {
           ).rows
     const tracked = new Map<string, Tracked>()
     for (const r of rows) tracked.set(r.device_id, fromRow(r))
+    for (const [deviceId, points] of await this.points(trx, deviceIds)) {
+      const t = tracked.get(deviceId)
+      if (t) t.points = points
+    }
     return new TrackerSegment(this, tracked, await this.now(trx, partitions))
+  }
+
+  /** `<table>_timeline`: what each sensor's status timeline is folded from. */
+  get timeline(): 'sensor_status_timeline' | 'alert_sensors_timeline' {
+    return this.table === 'sensor_status' ? 'sensor_status_timeline' : 'alert_sensors_timeline'
+  }
+
+  /** The timeline points of some sensors. */
+  async points(
+    trx: Transaction<Database>,
+    deviceIds: readonly string[],
+  ): Promise<Map<string, Map<string, Point>>> {
+    const out = new Map<string, Map<string, Point>>()
+    if (deviceIds.length === 0) return out
+    const rows = await trx
+      .selectFrom(this.timeline)
+      .selectAll()
+      .where(sql<boolean>`device_id = any(${[...deviceIds]}::text[])`)
+      .execute()
+    for (const r of rows) {
+      const m = out.get(r.device_id) ?? new Map<string, Point>()
+      m.set(r.event_id, r) // int8 comes back as a number (infra/database.ts)
+      out.set(r.device_id, m)
+    }
+    return out
+  }
+
+  /**
+   * Each sensor's status history as folded from its timeline in HLC order (see
+   * {@link foldTimeline}), with the row's current status reconciled.
+   */
+  async histories(trx: Transaction<Database>, deviceIds: readonly string[]): Promise<Transition[]> {
+    if (deviceIds.length === 0) return []
+    const points = await this.points(trx, deviceIds)
+    const rows = (
+      await sql<SensorStateTable>`select * from ${sql.table(this.table)}
+        where device_id = any(${[...deviceIds]}::text[])`.execute(trx)
+    ).rows
+    return rows.flatMap((r) => {
+      const t = { ...fromRow(r), points: points.get(r.device_id) ?? new Map<string, Point>() }
+      return reconcile(r.device_id, foldTimeline(r.device_id, t.points), t)
+    })
   }
 
   /**
@@ -133,6 +190,31 @@ export class SensorTracker {
         and last_seen_at < ${at.toISOString()}::timestamptz
             - make_interval(secs => coalesce(inactivity_timeout_seconds, ${this.defaultTimeoutSeconds}))
       returning device_id`.execute(trx)
+    const marks = silenced.rows.map((r) => ({
+      device_id: r.device_id,
+      event_id: e.event.eventId,
+      kind: 'silent' as const,
+      hlc: e.event.hlc,
+      at,
+      status: null,
+      note: null,
+      correlation_id: e.event.correlationId,
+      causation_id: e.event.causationId ?? null,
+      stream_seq: e.streamSeq,
+      again_event_id: null,
+      again_hlc: null,
+      again_correlation_id: null,
+      again_causation_id: null,
+      again_stream_seq: null,
+    }))
+    // In chunks: a mass silence must stay below the 16-bit parameter count of a statement.
+    for (let i = 0; i < marks.length; i += POINTS_PER_STATEMENT) {
+      await trx
+        .insertInto(this.timeline)
+        .values(marks.slice(i, i + POINTS_PER_STATEMENT))
+        .onConflict((oc) => oc.columns(['device_id', 'event_id']).doNothing())
+        .execute()
+    }
     return silenced.rows
       .map((r) => r.device_id)
       .sort()
@@ -163,8 +245,14 @@ export class TrackerSegment {
   /** Folds one event in; returns the status change it caused, if any. */
   apply(p: ProjectedEvent<DeviceEvent>): Transition | undefined {
     const e = p.event
+    // An operator action, not a sign of life: it neither creates a sensor nor changes one.
+    if (e.type === 'alert.acknowledged') return undefined
     const t = this.sensors.get(e.deviceId) ?? newTracked()
     this.sensors.set(e.deviceId, t)
+    if (addPoint(t.points, p)) {
+      t.timelineDirty = true
+      t.dirty = true
+    }
     const lifecycle = observe(t.lifecycle, e)
     if (lifecycle === t.lifecycle && t.status !== null) return undefined
     t.lifecycle = lifecycle
@@ -198,10 +286,53 @@ export class TrackerSegment {
     return this.sensors.get(deviceId)?.status ?? null
   }
 
-  /** Writes every changed sensor back in one statement. */
-  async flush(trx: Transaction<Database>): Promise<void> {
+  /**
+   * Writes every changed sensor back in one statement, its current status named by the event that
+   * began its current run in HLC order. Returns the sensors whose timeline changed.
+   */
+  async flush(trx: Transaction<Database>): Promise<string[]> {
     const rows = [...this.sensors.entries()].filter(([, t]) => t.dirty && t.status !== null)
-    if (rows.length === 0) return
+    if (rows.length === 0) return []
+    const changed = rows
+      .filter(([, t]) => t.timelineDirty || t.status !== t.loadedStatus)
+      .map(([id]) => id)
+    for (const [id, t] of rows) {
+      const history = reconcile(id, foldTimeline(id, t.points), t)
+      const last = history.at(-1)
+      if (last === undefined) continue
+      t.statusHlc = last.hlc
+      t.statusEventId = last.eventId
+      t.statusCorrelationId = last.correlationId
+      t.statusChangedAt = last.at
+    }
+    const points = rows
+      .filter(([, t]) => t.timelineDirty)
+      .flatMap(([, t]) => [...t.points.values()])
+    for (let i = 0; i < points.length; i += POINTS_PER_STATEMENT) {
+      await trx
+        .insertInto(this.tracker.timeline)
+        .values(points.slice(i, i + POINTS_PER_STATEMENT))
+        .onConflict((oc) =>
+          oc.columns(['device_id', 'event_id']).doUpdateSet((eb) => ({
+            again_event_id: eb.ref('excluded.again_event_id'),
+            again_hlc: eb.ref('excluded.again_hlc'),
+            again_correlation_id: eb.ref('excluded.again_correlation_id'),
+            again_causation_id: eb.ref('excluded.again_causation_id'),
+            again_stream_seq: eb.ref('excluded.again_stream_seq'),
+          })),
+        )
+        .execute()
+    }
+    // A sensor has one `first` point: the earliest reading or heartbeat; earlier ones replace it.
+    const firsts = points.filter((x) => x.kind === 'first')
+    if (firsts.length > 0) {
+      await trx
+        .deleteFrom(this.tracker.timeline)
+        .where('kind', '=', 'first')
+        .where(sql<boolean>`device_id = any(${firsts.map((x) => x.device_id)}::text[])`)
+        .where(sql<boolean>`not (event_id = any(${firsts.map((x) => x.event_id)}::text[]))`)
+        .execute()
+    }
     const col = <T>(f: (id: string, t: Tracked) => T) => rows.map(([id, t]) => f(id, t))
     const l = (id: string, t: Tracked) => t.lifecycle
     await sql`
@@ -231,7 +362,11 @@ export class TrackerSegment {
         decommissioned_hlc = excluded.decommissioned_hlc, declared_status = excluded.declared_status,
         declared_hlc = excluded.declared_hlc, declared_event_id = excluded.declared_event_id,
         partition = excluded.partition`.execute(trx)
-    for (const [, t] of rows) t.dirty = false
+    for (const [, t] of rows) {
+      t.dirty = false
+      t.timelineDirty = false
+    }
+    return changed
   }
 }
 
@@ -245,6 +380,9 @@ function newTracked(): Tracked {
     statusChangedAt: null,
     partition: null,
     dirty: false,
+    points: new Map(),
+    timelineDirty: false,
+    loadedStatus: null,
   }
 }
 
@@ -271,6 +409,9 @@ function fromRow(r: SensorStateTable): Tracked {
     statusChangedAt: r.status_changed_at,
     partition: r.partition,
     dirty: false,
+    points: new Map(),
+    timelineDirty: false,
+    loadedStatus: r.status,
   }
 }
 
@@ -313,4 +454,202 @@ export function splitAtTicks(events: readonly ProjectedEvent[]): Segment[] {
 /** Distinct device ids of a run, sorted (rows are locked in this order: no deadlocks). */
 export function deviceIdsOf(events: readonly ProjectedEvent<DeviceEvent>[]): string[] {
   return [...new Set(events.map((e) => e.event.deviceId))].sort()
+}
+
+/** (hlc, event id) of a before (b, c): the order of a sensor's timeline. */
+function before(aHlc: string, aId: string, bHlc: string, bId: string): boolean {
+  return aHlc < bHlc || (aHlc === bHlc && aId < bId)
+}
+
+/**
+ * Adds what an event means to a sensor's timeline points; true if they changed. Registrations and
+ * status changes are points of their own; of readings and heartbeats only the earliest (`first`)
+ * and, for each silence, the earliest one after it (its `again_*`) matter.
+ */
+function addPoint(points: Map<string, Point>, p: ProjectedEvent<DeviceEvent>): boolean {
+  const e = p.event
+  const point = (kind: Point['kind'], status: string | null, note: string | null): Point => ({
+    device_id: e.deviceId,
+    event_id: e.eventId,
+    kind,
+    hlc: e.hlc,
+    at: hlcTime(e.hlc),
+    status,
+    note,
+    correlation_id: e.correlationId,
+    causation_id: e.causationId ?? null,
+    stream_seq: p.streamSeq,
+    again_event_id: null,
+    again_hlc: null,
+    again_correlation_id: null,
+    again_causation_id: null,
+    again_stream_seq: null,
+  })
+  if (points.has(e.eventId)) return false
+  switch (e.type) {
+    case 'sensor.registered':
+      points.set(e.eventId, point('registered', null, null))
+      return true
+    case 'status.changed':
+      points.set(e.eventId, point('status', e.data.status, e.data.reason ?? null))
+      return true
+    case 'reading.recorded':
+    case 'heartbeat.received': {
+      let changed = false
+      const first = [...points.values()].find((x) => x.kind === 'first')
+      if (first === undefined || before(e.hlc, e.eventId, first.hlc, first.event_id)) {
+        if (first) points.delete(first.event_id)
+        points.set(e.eventId, point('first', null, null))
+        changed = true
+      }
+      for (const [id, s] of points) {
+        if (s.kind !== 'silent' || !before(s.hlc, s.event_id, e.hlc, e.eventId)) continue
+        if (s.again_hlc !== null && s.again_event_id !== null)
+          if (!before(e.hlc, e.eventId, s.again_hlc, s.again_event_id)) continue
+        points.set(id, {
+          ...s,
+          again_event_id: e.eventId,
+          again_hlc: e.hlc,
+          again_correlation_id: e.correlationId,
+          again_causation_id: e.causationId ?? null,
+          again_stream_seq: p.streamSeq,
+        })
+        changed = true
+      }
+      return changed
+    }
+    default:
+      return false
+  }
+}
+
+/**
+ * A sensor's status history from its timeline points folded in HLC order: what the history would
+ * be had every event arrived in HLC order. Each transition names the event that began the run of
+ * its status, so the current status names the earliest event of its current uninterrupted run.
+ * A late event in the middle of a run moves the run's start if it is earlier; one that splits a
+ * run adds the transitions it causes and a new start for the rest of the run.
+ */
+export function foldTimeline(
+  deviceId: string,
+  points: ReadonlyMap<string, Point> | undefined,
+): Transition[] {
+  interface Item {
+    readonly kind: Point['kind'] | 'again'
+    readonly point: Point
+    readonly eventId: string
+    readonly hlc: string
+    readonly at: Date
+    readonly correlationId: string
+    readonly causationId: string | null
+    readonly streamSeq: number
+  }
+  const items: Item[] = []
+  for (const pt of points?.values() ?? []) {
+    items.push({
+      kind: pt.kind,
+      point: pt,
+      eventId: pt.event_id,
+      hlc: pt.hlc,
+      at: pt.at,
+      correlationId: pt.correlation_id,
+      causationId: pt.causation_id,
+      streamSeq: pt.stream_seq,
+    })
+    if (pt.kind === 'silent' && pt.again_event_id !== null && pt.again_hlc !== null) {
+      items.push({
+        kind: 'again',
+        point: pt,
+        eventId: pt.again_event_id,
+        hlc: pt.again_hlc,
+        at: hlcTime(pt.again_hlc),
+        correlationId: pt.again_correlation_id ?? '',
+        causationId: pt.again_causation_id,
+        streamSeq: pt.again_stream_seq ?? 0,
+      })
+    }
+  }
+  items.sort((a, b) => (before(a.hlc, a.eventId, b.hlc, b.eventId) ? -1 : 1))
+  let registered: string | null = null
+  let decommissioned: string | null = null
+  let declared: { status: EffectiveStatus; hlc: string } | null = null
+  let silenced = false
+  let status: EffectiveStatus | null = null
+  const out: Transition[] = []
+  for (const it of items) {
+    if (it.kind === 'registered') registered = it.hlc
+    if (it.kind === 'status') {
+      if (it.point.status === 'decommissioned') decommissioned = it.hlc
+      else declared = { status: it.point.status as EffectiveStatus, hlc: it.hlc }
+    }
+    if (it.kind === 'silent') {
+      if (status === null) continue
+      silenced = true
+    } else {
+      silenced = false
+    }
+    const base: EffectiveStatus =
+      decommissioned !== null && (registered === null || decommissioned > registered)
+        ? 'decommissioned'
+        : declared !== null && (registered === null || declared.hlc > registered)
+          ? declared.status
+          : 'active'
+    const to: EffectiveStatus = base === 'active' && silenced ? 'unknown' : base
+    if (to === status) continue
+    let reason: string
+    if (it.kind === 'registered') reason = status === null ? 'registered' : 're-registered'
+    else if (it.kind === 'status' && it.point.status === to)
+      reason = `status changed to ${to}${it.point.note ? `: ${it.point.note}` : ''}`
+    else if (it.kind === 'silent') reason = 'silent'
+    else if (status === null) reason = 'first seen'
+    else if (status === 'unknown') reason = 'seen again'
+    else reason = `seen (${to})`
+    out.push({
+      deviceId,
+      from: status,
+      to,
+      eventId: it.eventId,
+      streamSeq: it.streamSeq,
+      hlc: it.hlc,
+      correlationId: it.correlationId,
+      causationId: it.causationId,
+      at: it.at,
+      reason,
+    })
+    status = to
+  }
+  return out
+}
+
+/**
+ * The folded history, made to end in the status the sensor has. They differ only where silence is
+ * judged by what had arrived when a tick was applied (README, "Guarantees"): then the history ends
+ * with the transition the sensor's row names.
+ */
+function reconcile(deviceId: string, history: Transition[], t: Tracked): Transition[] {
+  const last = history.at(-1)
+  if (t.status === null || (last !== undefined && last.to === t.status)) return history
+  if (t.statusEventId === null || t.statusHlc === null || t.statusChangedAt === null) return history
+  const from = last?.to ?? null
+  const to = t.status
+  const synthesized: Transition = {
+    deviceId,
+    from,
+    to,
+    eventId: t.statusEventId,
+    streamSeq: t.points.get(t.statusEventId)?.stream_seq ?? 0,
+    hlc: t.statusHlc,
+    correlationId: t.statusCorrelationId ?? '',
+    causationId: null,
+    at: t.statusChangedAt,
+    reason:
+      to === 'unknown'
+        ? 'silent'
+        : from === null
+          ? 'first seen'
+          : from === 'unknown'
+            ? 'seen again'
+            : `seen (${to})`,
+  }
+  return [...history.filter((h) => h.eventId !== t.statusEventId), synthesized]
 }

@@ -127,6 +127,32 @@ export interface SensorStatusHistoryTable {
   reason: string
 }
 
+/**
+ * What a sensor's status timeline is folded from, in HLC order (projections/sensor-tracker.ts):
+ * every registration and status change, the first reading or heartbeat, and each silence (the
+ * tick that turned the sensor unknown) with the earliest event after it (`again_*`).
+ */
+export interface SensorTimelineTable {
+  device_id: string
+  event_id: string
+  kind: 'registered' | 'status' | 'first' | 'silent'
+  hlc: string
+  /** The event's HLC wall time; the tick's time for a silence. */
+  at: Date
+  /** The status a status change declares. */
+  status: string | null
+  /** The reason a status change gives. */
+  note: string | null
+  correlation_id: string
+  causation_id: string | null
+  stream_seq: number
+  again_event_id: string | null
+  again_hlc: string | null
+  again_correlation_id: string | null
+  again_causation_id: string | null
+  again_stream_seq: number | null
+}
+
 /** Stream time per projection: the newest clock tick it applied. */
 export interface ProjectionClockTable {
   projection: string
@@ -200,6 +226,8 @@ export interface Database {
   sensor_status: SensorStateTable
   alert_sensors: SensorStateTable
   sensor_status_history: SensorStatusHistoryTable
+  sensor_status_timeline: SensorTimelineTable
+  alert_sensors_timeline: SensorTimelineTable
   projection_clocks: ProjectionClockTable
   alerts: AlertTable
   alert_conditions: AlertConditionTable

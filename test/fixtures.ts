@@ -192,11 +192,12 @@ export function tickDraft(atMs: number): EventDraft<'clock.ticked'> {
 /** Each processor's tables, with the columns that legitimately differ between runs left out. */
 export const READ_MODEL_TABLES = {
   readings: { readings: [], latest_readings: [], readings_per_minute: [] },
-  'sensor-status': { sensor_status: [], sensor_status_history: [] },
+  'sensor-status': { sensor_status: [], sensor_status_history: [], sensor_status_timeline: [] },
   alerts: {
     alerts: [],
     alert_conditions: [],
     alert_sensors: [],
+    alert_sensors_timeline: [],
     // when the relay sent it is wall-clock time
     notification_outbox: ['published_at'],
   },
