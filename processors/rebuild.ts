@@ -205,7 +205,7 @@ class RebuildRun {
   async run(): Promise<RebuildResult> {
     const { config } = this.#deps
     this.#report('reading-dlq')
-    this.#parked = await parkedEvents(this.#js, this.#deps.jsm, config.streams, this.#spec.name)
+    this.#parked = await this.#readParked()
     this.#report('preparing')
     const scratch = await prepareScratch(this.#deps.db, this.#spec.name, this.#spec.projection)
     this.#log.info({ scratch, parked: this.#parked.size }, 'rebuilding into scratch tables')
@@ -257,6 +257,22 @@ class RebuildRun {
       const result = await this.#trySwap(db)
       if (result) return result
       await sleep(200 + Math.random() * 500, this.#signal)
+    }
+  }
+
+  /** What the live run parked; an abort ends it as an interrupted rebuild. */
+  async #readParked(): Promise<Set<string>> {
+    try {
+      return await parkedEvents(
+        this.#js,
+        this.#deps.jsm,
+        this.#deps.config.streams,
+        this.#spec.name,
+        this.#signal,
+      )
+    } catch (err) {
+      this.#throwIfAborted()
+      throw err
     }
   }
 
@@ -392,12 +408,7 @@ class RebuildRun {
       }
       const [m] = msgs as [JsMsg]
       const seq = m.info.streamSequence
-      this.#parked = await parkedEvents(
-        this.#js,
-        this.#deps.jsm,
-        this.#deps.config.streams,
-        this.#spec.name,
-      )
+      this.#parked = await this.#readParked()
       if (this.#parked.has(parkedKey(m))) {
         this.#skipped++
         return
