@@ -180,6 +180,8 @@ class RebuildRun {
   #refused = 0
   #skipped = 0
   #deferred = 0
+  /** Swaps deferred because a live table's lock was not granted in time: each doubles the next wait. */
+  #lockTimeouts = 0
   #phase: RebuildProgress['phase'] = 'reading-dlq'
   #reader: StreamReader | undefined
 
@@ -437,7 +439,7 @@ class RebuildRun {
       await analyzeScratch(db, name, projection)
       await db.transaction().execute(async (trx) => {
         const slots = this.#slots.map((s) => s.key)
-        const live = await lockLive(trx, slots, projection, this.#opts.lockTimeoutMs)
+        const live = await lockLive(trx, slots, projection, this.#lockWaitMs())
         lockedAt = performance.now()
         for (const slot of slots) {
           const was = this.#live.get(slot) ?? 0
@@ -458,8 +460,10 @@ class RebuildRun {
       step = undefined
       if (err instanceof RebuildError || this.#signal.aborted) throw err
       this.#deferred++
+      const waitedMs = this.#lockWaitMs()
+      if (isLockTimeout(err)) this.#lockTimeouts++
       this.#log.info(
-        { err: errorSummary(err), attempt: this.#deferred },
+        { err: errorSummary(err), attempt: this.#deferred, lockWaitMs: waitedMs },
         'swap deferred: the live processor goes first',
       )
       if (this.#deferred >= MAX_DEFERRED_SWAPS) {
@@ -494,6 +498,17 @@ class RebuildRun {
       lockedMs,
       deferredSwaps: this.#deferred,
     }
+  }
+
+  /**
+   * How long this swap waits for the live tables: `lockTimeoutMs`, doubled for every earlier swap
+   * that did not get them in time, up to {@link MAX_LOCK_WAIT_MS}. On a loaded machine the live
+   * processor's batches and the outbox relay's transactions (which publish while holding their
+   * rows) often last longer than 500 ms; with a fixed wait the swap could lose every time and the
+   * rebuild follow the live processor until it gave up.
+   */
+  #lockWaitMs(): number {
+    return Math.min(this.#opts.lockTimeoutMs * 2 ** this.#lockTimeouts, MAX_LOCK_WAIT_MS)
   }
 
   /**
@@ -569,6 +584,14 @@ const MAX_TAIL = 20_000
  * full, the rebuild waits for the live processors rather than read on.
  */
 const MAX_CARRY = 50_000
+/** Most a swap waits for the live tables (the live processor waits behind it as long). */
+const MAX_LOCK_WAIT_MS = 8000
+
+/** Postgres' lock_not_available: a lock not granted within `lock_timeout`. */
+function isLockTimeout(err: unknown): boolean {
+  return (err as { code?: unknown } | null)?.code === '55P03'
+}
+
 /** Swap attempts before the rebuild gives up (the live processor never let go of its tables). */
 const MAX_DEFERRED_SWAPS = 200
 
