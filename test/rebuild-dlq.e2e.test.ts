@@ -94,6 +94,38 @@ describe('fleetstream rebuild after poison events every processor parked', () =>
     expect(await dlqDepth()).toBe(POISON.length * PROCESSOR_NAMES.length)
   }, 300_000)
 
+  it('swaps although the live outbox is never free for 500 ms (busy live transactions, as on a loaded machine)', async () => {
+    // Three overlapping transactions, each holding notification_outbox for 3 s, a second apart: at
+    // any moment one of them holds it for 2 s more, as the live batches and the outbox relay did
+    // under load. The swap must get the tables all the same (the live processor waits behind it).
+    const holding = { on: true }
+    const holders = [0, 1000, 2000].map(async (offset) => {
+      const c = new pg.Client(rt.config.databaseUrl)
+      await c.connect()
+      await new Promise((r) => setTimeout(r, offset))
+      try {
+        while (holding.on) {
+          await c.query('begin')
+          await c.query('lock table notification_outbox in row exclusive mode')
+          await new Promise((r) => setTimeout(r, 3000))
+          await c.query('commit')
+        }
+      } finally {
+        await c.end()
+      }
+    })
+    try {
+      const r = await runCli(['rebuild', 'alerts', '--json', '--drop-retired'], env, 90_000)
+      expect(r.code, r.output).toBe(0)
+      const result = jsonLine(r.output)
+      expect(result).toMatchObject({ processor: 'alerts' })
+      expect(result.deferredSwaps as number).toBeGreaterThan(0)
+    } finally {
+      holding.on = false
+      await Promise.all(holders)
+    }
+  }, 180_000)
+
   it('a SIGINT stops a rebuild mid-way: exit 130 within seconds, the live tables untouched', async () => {
     const before = await dumpReadModels(rt)
     const scratchAt = async () =>
