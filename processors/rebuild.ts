@@ -107,7 +107,16 @@ export async function rebuildProjection(
   return withAdminLock(deps.pool, spec.name, 'rebuild', async () => {
     const run = new RebuildRun(spec, deps, opts)
     try {
-      return await run.run()
+      return await run.run().catch((err: unknown) => {
+        // Whatever was in hand when the signal came (a query, a read), the rebuild was interrupted.
+        if (opts.signal?.aborted === true && !(err instanceof RebuildError)) {
+          throw new RebuildError(
+            `rebuild of '${spec.name}' interrupted; the live tables are untouched`,
+            { cause: err },
+          )
+        }
+        throw err
+      })
     } catch (err) {
       await discardScratch(deps.db, spec.name).catch((e: unknown) => {
         deps.log.warn({ err: errorSummary(e) }, 'could not drop the scratch schema')
