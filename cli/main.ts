@@ -43,10 +43,14 @@ import { EXIT_THRESHOLD, fleetStatus, formatStatus } from './status.ts'
 
 /**
  * Exit codes: 0 done, 1 failed (or NATS/PostgreSQL unreachable for `status`), 2 bad usage or
- * configuration, 3 a `status` threshold crossed, 130 interrupted twice.
+ * configuration, 3 a `status` threshold crossed, 130 interrupted (a one-shot command stopped by
+ * SIGINT/SIGTERM before it finished; any command on a second signal).
  */
 const EXIT_FAILED = 1
 const EXIT_USAGE = 2
+const EXIT_INTERRUPTED = 130
+/** Set on the first SIGINT/SIGTERM: a command that fails after it was interrupted exits 130. */
+const signals = { interrupted: false }
 
 /** The fleet options `simulate` and `start` share; only what --duration means differs. */
 function withSimulationOptions(cmd: Command, duration: { help: string; default: number }): Command {
@@ -801,6 +805,7 @@ async function withRuntime(
       process.exit(130)
     }
     log.info({ signal: sig }, 'shutting down: finishing the batch in hand')
+    signals.interrupted = true
     obs.draining()
     stop.abort()
   }
@@ -835,6 +840,7 @@ async function withNats(
   const onSignal = (sig: NodeJS.Signals) => {
     if (stop.signal.aborted) process.exit(130)
     log.info({ signal: sig }, 'stopping')
+    signals.interrupted = true
     stop.abort()
   }
   process.on('SIGINT', onSignal)
@@ -912,6 +918,9 @@ try {
   ) {
     console.error(`fleetstream: ${redact(err.message)}`)
     process.exitCode = EXIT_USAGE
+  } else if (signals.interrupted) {
+    console.error(`fleetstream: ${redact(errorSummary(err))}`)
+    process.exitCode = EXIT_INTERRUPTED
   } else if (err instanceof CommanderError) {
     // commander has printed it; help and --version end here too, with 0
     process.exitCode = err.exitCode === 0 ? 0 : EXIT_USAGE

@@ -196,12 +196,15 @@ const VALUE_BYTES = 1024
 /**
  * The {@link parkedKey}s of the events `processor` has parked that are still in the DLQ (not
  * redriven), read from the entries' headers. A rebuild skips these, as the live run did.
+ * Reads to the end of the processor's DLQ subject as it was when called (entries parked by other
+ * processors after it do not hold it up); throws as soon as `signal` aborts.
  */
 export async function parkedEvents(
   js: JetStreamClient,
   jsm: JetStreamManager,
   streams: { readonly events: string; readonly dlq: string },
   processor: string,
+  signal?: AbortSignal,
 ): Promise<Set<string>> {
   const subject = `${DLQ_SUBJECT_PREFIX}.${processor}`
   const parked = new Set<string>()
@@ -217,7 +220,8 @@ export async function parkedEvents(
   try {
     // Entries may be redriven (deleted) meanwhile: stop at the end, however many are left.
     for (;;) {
-      const m = await reader.next(1000)
+      signal?.throwIfAborted()
+      const m = await reader.next(250)
       if (m === undefined) {
         if (await reader.drained()) break
         continue

@@ -107,7 +107,16 @@ export async function rebuildProjection(
   return withAdminLock(deps.pool, spec.name, 'rebuild', async () => {
     const run = new RebuildRun(spec, deps, opts)
     try {
-      return await run.run()
+      return await run.run().catch((err: unknown) => {
+        // Whatever was in hand when the signal came (a query, a read), the rebuild was interrupted.
+        if (opts.signal?.aborted === true && !(err instanceof RebuildError)) {
+          throw new RebuildError(
+            `rebuild of '${spec.name}' interrupted; the live tables are untouched`,
+            { cause: err },
+          )
+        }
+        throw err
+      })
     } catch (err) {
       await discardScratch(deps.db, spec.name).catch((e: unknown) => {
         deps.log.warn({ err: errorSummary(e) }, 'could not drop the scratch schema')
@@ -180,6 +189,8 @@ class RebuildRun {
   #refused = 0
   #skipped = 0
   #deferred = 0
+  /** Swaps deferred because a live table's lock was not granted in time: each doubles the next wait. */
+  #lockTimeouts = 0
   #phase: RebuildProgress['phase'] = 'reading-dlq'
   #reader: StreamReader | undefined
 
@@ -205,7 +216,7 @@ class RebuildRun {
   async run(): Promise<RebuildResult> {
     const { config } = this.#deps
     this.#report('reading-dlq')
-    this.#parked = await parkedEvents(this.#js, this.#deps.jsm, config.streams, this.#spec.name)
+    this.#parked = await this.#readParked()
     this.#report('preparing')
     const scratch = await prepareScratch(this.#deps.db, this.#spec.name, this.#spec.projection)
     this.#log.info({ scratch, parked: this.#parked.size }, 'rebuilding into scratch tables')
@@ -257,6 +268,22 @@ class RebuildRun {
       const result = await this.#trySwap(db)
       if (result) return result
       await sleep(200 + Math.random() * 500, this.#signal)
+    }
+  }
+
+  /** What the live run parked; an abort ends it as an interrupted rebuild. */
+  async #readParked(): Promise<Set<string>> {
+    try {
+      return await parkedEvents(
+        this.#js,
+        this.#deps.jsm,
+        this.#deps.config.streams,
+        this.#spec.name,
+        this.#signal,
+      )
+    } catch (err) {
+      this.#throwIfAborted()
+      throw err
     }
   }
 
@@ -392,12 +419,7 @@ class RebuildRun {
       }
       const [m] = msgs as [JsMsg]
       const seq = m.info.streamSequence
-      this.#parked = await parkedEvents(
-        this.#js,
-        this.#deps.jsm,
-        this.#deps.config.streams,
-        this.#spec.name,
-      )
+      this.#parked = await this.#readParked()
       if (this.#parked.has(parkedKey(m))) {
         this.#skipped++
         return
@@ -426,7 +448,7 @@ class RebuildRun {
       await analyzeScratch(db, name, projection)
       await db.transaction().execute(async (trx) => {
         const slots = this.#slots.map((s) => s.key)
-        const live = await lockLive(trx, slots, projection, this.#opts.lockTimeoutMs)
+        const live = await lockLive(trx, slots, projection, this.#lockWaitMs())
         lockedAt = performance.now()
         for (const slot of slots) {
           const was = this.#live.get(slot) ?? 0
@@ -447,8 +469,10 @@ class RebuildRun {
       step = undefined
       if (err instanceof RebuildError || this.#signal.aborted) throw err
       this.#deferred++
+      const waitedMs = this.#lockWaitMs()
+      if (isLockTimeout(err)) this.#lockTimeouts++
       this.#log.info(
-        { err: errorSummary(err), attempt: this.#deferred },
+        { err: errorSummary(err), attempt: this.#deferred, lockWaitMs: waitedMs },
         'swap deferred: the live processor goes first',
       )
       if (this.#deferred >= MAX_DEFERRED_SWAPS) {
@@ -483,6 +507,17 @@ class RebuildRun {
       lockedMs,
       deferredSwaps: this.#deferred,
     }
+  }
+
+  /**
+   * How long this swap waits for the live tables: `lockTimeoutMs`, doubled for every earlier swap
+   * that did not get them in time, up to {@link MAX_LOCK_WAIT_MS}. On a loaded machine the live
+   * processor's batches and the outbox relay's transactions (which publish while holding their
+   * rows) often last longer than 500 ms; with a fixed wait the swap could lose every time and the
+   * rebuild follow the live processor until it gave up.
+   */
+  #lockWaitMs(): number {
+    return Math.min(this.#opts.lockTimeoutMs * 2 ** this.#lockTimeouts, MAX_LOCK_WAIT_MS)
   }
 
   /**
@@ -558,6 +593,14 @@ const MAX_TAIL = 20_000
  * full, the rebuild waits for the live processors rather than read on.
  */
 const MAX_CARRY = 50_000
+/** Most a swap waits for the live tables (the live processor waits behind it as long). */
+const MAX_LOCK_WAIT_MS = 8000
+
+/** Postgres' lock_not_available: a lock not granted within `lock_timeout`. */
+function isLockTimeout(err: unknown): boolean {
+  return (err as { code?: unknown } | null)?.code === '55P03'
+}
+
 /** Swap attempts before the rebuild gives up (the live processor never let go of its tables). */
 const MAX_DEFERRED_SWAPS = 200
 

@@ -26,6 +26,11 @@ export class StreamReader {
   readonly #messages: ConsumerMessages
   readonly #it: AsyncIterator<JsMsg>
   #pending: Promise<IteratorResult<JsMsg>> | undefined
+  /** Whether `#pending` has settled: a message taken off the buffer, not handed out yet. */
+  #settled = false
+  /** The consumer (an ordered consumer is recreated on a gap) and delivery count of the newest message handed out. */
+  #lastConsumer: string | undefined
+  #lastDelivery = 0
   /** Stream sequence of the newest message handed out; 0 before the first. */
   lastSeq = 0
   /** Messages left after the newest one handed out, as the server counted when it sent it. */
@@ -57,7 +62,17 @@ export class StreamReader {
 
   /** The next message, or undefined if none arrives within `waitMs`. Throws when the reader stopped. */
   async next(waitMs: number): Promise<JsMsg | undefined> {
-    this.#pending ??= this.#it.next()
+    if (this.#pending === undefined) {
+      const p = this.#it.next()
+      this.#settled = false
+      void p.then(
+        () => {
+          if (this.#pending === p) this.#settled = true
+        },
+        () => undefined,
+      )
+      this.#pending = p
+    }
     let timer: NodeJS.Timeout | undefined
     const timeout = new Promise<'timeout'>((resolve) => {
       timer = setTimeout(resolve, waitMs, 'timeout')
@@ -66,8 +81,11 @@ export class StreamReader {
       const r = await Promise.race([this.#pending, timeout])
       if (r === 'timeout') return undefined
       this.#pending = undefined
+      this.#settled = false
       if (r.done === true) throw new Error('the stream reader stopped')
       this.lastSeq = r.value.info.streamSequence
+      this.#lastConsumer = r.value.info.consumer
+      this.#lastDelivery = r.value.info.deliverySequence
       this.pending = r.value.info.pending
       return r.value
     } finally {
@@ -78,10 +96,26 @@ export class StreamReader {
   /**
    * True when every message stored so far has been handed out: asks the server (the counts on the
    * messages may be old). Used where "nothing more up to here" must be certain.
+   *
+   * Decided by delivery counts, not stream sequences: on a filtered consumer nats-server 2.9
+   * reports `delivered.stream_seq` as the stream's last sequence (past the last message that
+   * matches), so waiting for the last message handed out to reach it never ends. Here: nothing
+   * left on the server (`num_pending`), nothing received and not handed out, and every message
+   * the server says it delivered (`delivered.consumer_seq`) handed out (none in flight).
    */
   async drained(): Promise<boolean> {
+    if (this.#buffered()) return false
     const info = await this.#consumer.info(false)
-    return info.num_pending === 0 && info.delivered.stream_seq <= this.lastSeq
+    if (info.num_pending > 0 || this.#buffered()) return false
+    // An ordered consumer recreated after a gap counts its deliveries from 1 again.
+    return info.name === this.#lastConsumer
+      ? info.delivered.consumer_seq <= this.#lastDelivery
+      : info.delivered.consumer_seq === 0
+  }
+
+  /** Whether a message was received and not handed out yet. */
+  #buffered(): boolean {
+    return this.#settled || this.#messages.getPending() > 0
   }
 
   async close(): Promise<void> {
