@@ -129,7 +129,7 @@ describe('chaos', () => {
   })
 
   it(
-    'loses nothing, applies nothing twice, and parks exactly the poison and the skewed',
+    'loses nothing, applies nothing twice, and parks each hostile or skewed copy exactly once',
     async () => {
       const gateways = [-300, 0, 300].map((skew, i) =>
         createPublisher(jetstream(devices), {
