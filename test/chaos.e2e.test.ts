@@ -438,6 +438,25 @@ describe('chaos', () => {
           restoredAt: 0,
           recoveredAt: 0,
         }
+        if (ms === LONG_OUTAGE_MS) {
+          // A storm of poison as Postgres goes down: the processors park what is in hand, then
+          // cannot commit past it, and park it again when Postgres is back, after the old
+          // two-minute DLQ window. (Without the storm the batch in hand rarely holds poison.)
+          for (let i = 0; i < 20; i++) {
+            setTimeout(() => {
+              for (let j = 0; j < 20; j++) {
+                const id = `storm-${i}-${j}`
+                const h = headers()
+                h.set(Headers.Hlc, encodeHlc({ wallMs: Date.now(), logical: 0, node: 'poison' }))
+                driver.raw(`fleet.events.${device()}.reading`, `{"eventId": "${id}"`, id, {
+                  headers: h,
+                  kind: 'poison',
+                })
+              }
+            }, i * 50)
+          }
+          await new Promise((r) => setTimeout(r, 500))
+        }
         await postgres.stop('immediate')
         await new Promise((r) => setTimeout(r, ms))
         await postgres.start()
