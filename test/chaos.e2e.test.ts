@@ -1,30 +1,63 @@
 import { writeFile } from 'node:fs/promises'
 import { jetstream, jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
-import { headers, type NatsConnection } from '@nats-io/transport-node'
+import { headers, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { createPublisher, type Publisher } from '../infra/publisher.ts'
+import { createPublisher, eventHeaders, type Publisher } from '../infra/publisher.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { decodeHlc, encodeHlc, HybridLogicalClock } from '../schemas/hlc.ts'
-import { Headers } from '../schemas/subjects.ts'
+import { eventSubject, Headers } from '../schemas/subjects.ts'
 import {
+  HarnessError,
   startNatsCluster,
   startPostgres,
   type NatsCluster,
   type PgCluster,
 } from './harness/index.ts'
-import { rulesFile, runCli, spawnCli, testEnv, waitFor, type CliProcess } from './fixtures.ts'
+import { findOnPath, run } from './harness/processes.ts'
+import {
+  repoRoot,
+  rulesFile,
+  runCli,
+  spawnCli,
+  testEnv,
+  waitFor,
+  type CliProcess,
+} from './fixtures.ts'
 
 /**
  * A fleet through real failures, checked against an oracle computed from the publisher's own
  * record of what the stream acknowledged. CHAOS_SECONDS and CHAOS_RATE scale it: the CI run is
  * short; `npm run chaos` runs the long one. CHAOS_REPORT names a JSON file for the figures.
+ * CHAOS_LONG_OUTAGE_MS > 0 adds one Postgres outage that long, beside the other faults (the long
+ * run: 130 s, longer than the DLQ's old two-minute duplicate window).
+ *
+ * Hostile input rides along with the valid events, all on the project's real accounts
+ * (infra/nats/cluster-node.conf): poison Postgres would refuse, messages whose full DLQ copy
+ * would not fit FLEET_DLQ, headers a device sets to confuse the processors or the DLQ, reply
+ * subjects naming FLEET's JetStream API and DLQ (from a device of its own and the gateway), and
+ * an MQTT device. DLQ entries are counted per (processor, Fleet-Dlq-Key): each expected one once.
  */
 const SECONDS = Number(process.env.CHAOS_SECONDS ?? 30)
 const RATE = Number(process.env.CHAOS_RATE ?? 500)
 const DEVICES = 200
 const OUTAGE_MS = Number(process.env.CHAOS_OUTAGE_MS ?? 4000)
+const LONG_OUTAGE_MS = Number(process.env.CHAOS_LONG_OUTAGE_MS ?? 0)
+/** FLEET_EVENTS's max_msg_size (FLEET_MAX_MSG_BYTES's default; testEnv leaves it). */
+const MAX_MSG_BYTES = 16 * 1024
+/** A device with a NATS credential of its own (account DEVICES), and one speaking MQTT. */
+const NATS_DEVICE = 'chaos-dev'
+const MQTT_DEVICE = 'chaos-mqtt'
+/** Reply subjects a device names, hoping FLEET's JetStream API or DLQ takes the PubAck. */
+const INJECTED_REPLIES = [
+  '$JS.API.STREAM.PURGE.FLEET_NOTIFICATIONS',
+  '$JS.API.STREAM.MSG.DELETE.FLEET_DLQ',
+  'fleet.dlq.readings',
+] as const
+/** Which processors read (and so park) an event on `subject`. */
+const readersOf = (subject: string) =>
+  PROCESSOR_NAMES.filter((n) => n !== 'readings' || subject.endsWith('.reading'))
 
 const t0 = Date.now()
 /** Progress on stderr, so a stuck run says where it is. */
@@ -48,8 +81,11 @@ describe('chaos', () => {
   /** The operator's view (admin role): stream and consumer info, reading the stream. */
   let nc: NatsConnection
   let jsm: JetStreamManager
-  /** The gateways' connection (device role). */
+  /** The gateways' connection (account GATEWAYS). */
   let devices: NatsConnection
+  /** A device's own connection (account DEVICES). */
+  let deviceNc: NatsConnection
+  let mosquittoPub: string
   const procs = new Map<string, CliProcess>()
   /** Checkpoints moved back because the stream no longer held what was applied (killed processes'). */
   let rewinds = 0
@@ -59,7 +95,12 @@ describe('chaos', () => {
   beforeAll(async () => {
     // The compose topology: three nodes from infra/nats/cluster-node.conf, every client in
     // its role (set-up as admin, processors as processor, gateways as device).
-    cluster = await startNatsCluster()
+    const bin = await findOnPath('mosquitto_pub')
+    if (bin === undefined) throw new HarnessError('mosquitto_pub not found on PATH')
+    mosquittoPub = bin
+    cluster = await startNatsCluster({
+      devices: [{ id: NATS_DEVICE }, { id: MQTT_DEVICE, mqtt: true }],
+    })
     postgres = await startPostgres()
     env = testEnv(cluster.url, await postgres.createDatabase(), {
       FLEET_STREAM_REPLICAS: '3',
@@ -72,6 +113,7 @@ describe('chaos', () => {
     const reconnecting = { maxReconnectAttempts: -1, reconnectTimeWait: 250 }
     nc = await cluster.connect('admin', reconnecting)
     devices = await cluster.connect('gateway', reconnecting)
+    deviceNc = await cluster.connectDevice(NATS_DEVICE, reconnecting)
     jsm = await jetstreamManager(nc)
     env = { ...env, ...cluster.env('processor') }
     for (const name of PROCESSOR_NAMES) procs.set(name, spawnCli(['run', name, '--no-clock'], env))
@@ -80,13 +122,14 @@ describe('chaos', () => {
   afterAll(async () => {
     for (const p of procs.values()) p.child.kill('SIGKILL')
     await devices.close()
+    await deviceNc.close()
     await nc.close()
     await postgres.cleanup()
     await cluster.cleanup()
   })
 
   it(
-    'loses nothing, applies nothing twice, and parks exactly the poison and the skewed',
+    'loses nothing, applies nothing twice, and parks each hostile or skewed copy exactly once',
     async () => {
       const gateways = [-300, 0, 300].map((skew, i) =>
         createPublisher(jetstream(devices), {
@@ -108,6 +151,15 @@ describe('chaos', () => {
         timeoutMs: 2000,
       })
       const driver = new Driver(devices)
+      // The device with a credential of its own publishes its own id only; MQTT events are
+      // stamped here and sent by mosquitto_pub.
+      const own = (node: string, nc: NatsConnection) =>
+        createPublisher(jetstream(nc), {
+          clock: new HybridLogicalClock({ node, maxOffsetMs: 500 }),
+          timeoutMs: 2000,
+        })
+      const devicePublisher = own(NATS_DEVICE, deviceNc)
+      const mqttStamper = own(MQTT_DEVICE, devices)
       let rnd = 7
       const random = () => (rnd = (rnd * 16807) % 2147483647) / 2147483647
       const device = () => `chaos-${Math.floor(random() * DEVICES)}`
@@ -128,6 +180,14 @@ describe('chaos', () => {
               data: { batteryPercent: Math.round(random() * 100) },
             } as const)
 
+      driver.send(
+        devicePublisher,
+        devicePublisher.stamp({
+          type: 'sensor.registered',
+          deviceId: NATS_DEVICE,
+          data: { site: 'site-own', model: 'm', firmware: '1' },
+        }),
+      )
       for (let i = 0; i < DEVICES; i++) {
         driver.send(
           gateways[i % 3]!,
@@ -149,16 +209,74 @@ describe('chaos', () => {
       // skewed clocks and poison, going on through every fault.
       const publishing = (async () => {
         let emitted = 0
+        let oversize = 0
         while (Date.now() < endAt) {
+          // Twice a run, messages FLEET_EVENTS stores whole but whose full copy FLEET_DLQ would not.
+          if (
+            oversize < 2 &&
+            Date.now() > started + (oversize === 0 ? 0.3 : 0.7) * SECONDS * 1000
+          ) {
+            oversize++
+            const wide = headers()
+            for (let i = 0; i < 1200; i++) wide.append('Nats-X', 'y')
+            driver.raw(
+              `fleet.events.${device()}.reading`,
+              'not json',
+              `oversize-wide-${oversize}`,
+              {
+                headers: wide,
+                kind: 'oversize',
+              },
+            )
+            const some = headers()
+            for (let i = 0; i < 60; i++) some.append(`Nats-Y-${i}`, 'v')
+            driver.raw(
+              `fleet.events.${device()}.reading`,
+              'x'.repeat(MAX_MSG_BYTES - 1400),
+              `oversize-big-${oversize}`,
+              { headers: some, kind: 'oversize' },
+            )
+          }
           const due = Math.floor(((Date.now() - started) / 1000) * RATE)
           while (emitted < due) {
             emitted++
             const gw = gateways[emitted % 3]!
             const roll = random()
             if (roll < 0.003) {
-              driver.poison(`fleet.events.${device()}.reading`, `poison-${emitted}`)
+              const h = headers()
+              h.set(Headers.Hlc, encodeHlc({ wallMs: Date.now(), logical: 0, node: 'poison' }))
+              if (emitted % 2 === 0) {
+                // Headers that name a message id, hoping to change how the DLQ deduplicates.
+                h.set('X-Nats-Msg-Id', 'same')
+                h.set('Fleet-Dlq-Original-Nats-Msg-Id', 'same')
+              }
+              driver.raw(
+                `fleet.events.${device()}.reading`,
+                `{"eventId": "poison-${emitted}", "type": "reading.deleted"`,
+                `poison-${emitted}`,
+                { headers: h, kind: 'poison' },
+              )
             } else if (roll < 0.006) {
               driver.send(rogue, rogue.stamp(draft(device())), 'skewed')
+            } else if (roll < 0.0075) {
+              // What the schema once took and Postgres refuses: U+0000 in text, year 0000, +23:00.
+              const e = pgRefused(gw, device(), emitted)
+              driver.raw(eventSubject(e.deviceId, e.type), JSON.stringify(e), e.eventId, {
+                headers: eventHeaders(e),
+                kind: 'pg-refused',
+              })
+            } else if (roll < 0.0095) {
+              // A valid event with the header a redrive once carried: applied by all as usual.
+              const e = gw.stamp(draft(device()))
+              const h = eventHeaders(e)
+              h.set('Fleet-Redrive-For', emitted % 2 === 0 ? 'nobody' : 'readings')
+              h.set('Fleet-Redrive-Of', '1')
+              driver.raw(eventSubject(e.deviceId, e.type), JSON.stringify(e), e.eventId, {
+                headers: h,
+                kind: 'valid',
+                event: e,
+              })
+              driver.redriveHeaders++
             } else if (roll < 0.036) {
               const e = gw.stamp(draft(device()))
               held.push({ event: e, gw, at: Date.now() + 1000 + random() * 1000 }) // arrives late
@@ -186,6 +304,82 @@ describe('chaos', () => {
         for (const h of held) driver.send(h.gw, h.event)
       })()
 
+      // A device of its own and the gateway name FLEET's JetStream API and DLQ as reply subjects;
+      // an MQTT device publishes with QoS 1. One at a time, paused while a NATS node is down: a
+      // PUBACK on nats-server 2.9 says that MQTT's own stream stored the message, not that
+      // FLEET_EVENTS did (README, "What an MQTT PUBACK means"), and a stream without a leader
+      // drops it.
+      const natsFault = { down: false }
+      let deviceStep: Promise<unknown> = Promise.resolve()
+      let mqttNode = 0
+      const mqtt = cluster.devices[MQTT_DEVICE]!
+      const mqttPublish = async (topic: string, body: string) => {
+        for (;;) {
+          while (natsFault.down) await new Promise((r) => setTimeout(r, 200))
+          const port = cluster.ports[mqttNode % cluster.ports.length]!.mqtt
+          const r = await run(
+            mosquittoPub,
+            [
+              ...['-h', '127.0.0.1', '-p', String(port), '-q', '1'],
+              ...['-i', mqtt.mqttClientId ?? mqtt.user, '-u', mqtt.user, '-P', mqtt.password],
+              ...['-t', topic, '-m', body],
+            ],
+            { cwd: repoRoot, timeoutMs: 15_000 },
+          )
+          if (r.code === 0) return
+          driver.mqttRetries++
+          mqttNode++
+          await new Promise((r) => setTimeout(r, 500))
+        }
+      }
+      const mqttSend = async (e: FleetEvent) => {
+        await mqttPublish(eventSubject(e.deviceId, e.type).replaceAll('.', '/'), JSON.stringify(e))
+        driver.accepted.set(e.eventId, e)
+        driver.mqttAcked++
+      }
+      const inject = async (k: number) => {
+        const viaGateway = k % 2 === 1
+        const conn = viaGateway ? devices : deviceNc
+        const e = viaGateway
+          ? gateways[0]!.stamp(draft(device()))
+          : devicePublisher.stamp(draft(NATS_DEVICE))
+        const h = eventHeaders(e)
+        h.set('Nats-Msg-Id', e.eventId)
+        conn.publish(eventSubject(e.deviceId, e.type), JSON.stringify(e), {
+          reply: INJECTED_REPLIES[Math.floor(k / 2) % INJECTED_REPLIES.length]!,
+          headers: h,
+        })
+        await conn.flush().catch(() => undefined)
+        // The same event again as a device that wants its PubAck: stored once (same id).
+        await retrying(() =>
+          jetstream(conn).publish(eventSubject(e.deviceId, e.type), JSON.stringify(e), {
+            msgID: e.eventId,
+            headers: eventHeaders(e),
+            timeout: 2000,
+          }),
+        )
+        driver.accepted.set(e.eventId, e)
+        driver.injected++
+      }
+      const deviceLoop = (async () => {
+        await mqttSend(
+          mqttStamper.stamp({
+            type: 'sensor.registered',
+            deviceId: MQTT_DEVICE,
+            data: { site: 'site-mqtt', model: 'm', firmware: '1' },
+          }),
+        )
+        // A payload that is not an event, without a message id: parked by its stream sequence.
+        await mqttPublish(`fleet/events/${MQTT_DEVICE}/reading`, '{"temperature": 21')
+        driver.mqttPoison++
+        for (let k = 0; Date.now() < endAt; k++) {
+          while (natsFault.down) await new Promise((r) => setTimeout(r, 200))
+          deviceStep = k % 2 === 0 ? mqttSend(mqttStamper.stamp(draft(MQTT_DEVICE))) : inject(k)
+          await deviceStep
+          await new Promise((r) => setTimeout(r, 100))
+        }
+      })()
+
       // Faults, one after another, while the fleet publishes.
       const chaos = (async () => {
         const plan = [0.12, 0.25, 0.38, 0.62, 0.75, 0.88]
@@ -199,15 +393,29 @@ describe('chaos', () => {
             t: at(f),
             run: () => killProcessor(PROCESSOR_NAMES[Math.floor(random() * 3)]!),
           })),
-          { t: at(pgAt), run: () => stopPostgres() },
+          // With a long outage, that one is Postgres's (beside the other faults, below).
+          ...(LONG_OUTAGE_MS > 0 ? [] : [{ t: at(pgAt), run: () => stopPostgres(OUTAGE_MS) }]),
           { t: at(natsAt), run: () => killStreamLeader() },
         ].sort((a, b) => a.t - b.t)
-        for (const s of steps) {
-          await waitUntil(s.t)
-          const f = await s.run()
+        const done = (f: Fault) => {
           log(`fault: ${f.kind}, service back after ${(f.restoredAt - f.at) / 1000} s`)
           faults.push(f)
         }
+        // Longer than the DLQ's old duplicate window: what was parked before it and is parked
+        // again after it must still be one entry each. Processors are killed and the stream
+        // leader too while Postgres is down.
+        const long =
+          LONG_OUTAGE_MS > 0
+            ? waitUntil(at(0.1)).then(async () => {
+                log(`fault: PostgreSQL down for ${LONG_OUTAGE_MS / 1000} s, starting`)
+                done(await stopPostgres(LONG_OUTAGE_MS))
+              })
+            : Promise.resolve()
+        for (const s of steps) {
+          await waitUntil(s.t)
+          done(await s.run())
+        }
+        await long
       })()
       chaos.catch(() => undefined) // awaited below; not an unhandled rejection meanwhile
 
@@ -223,15 +431,34 @@ describe('chaos', () => {
         void recovered(f)
         return f
       }
-      const stopPostgres = async (): Promise<Fault> => {
+      const stopPostgres = async (ms: number): Promise<Fault> => {
         const f: Fault = {
-          kind: `PostgreSQL down ${OUTAGE_MS / 1000} s`,
+          kind: `PostgreSQL down ${ms / 1000} s`,
           at: Date.now(),
           restoredAt: 0,
           recoveredAt: 0,
         }
+        if (ms === LONG_OUTAGE_MS) {
+          // A storm of poison as Postgres goes down: the processors park what is in hand, then
+          // cannot commit past it, and park it again when Postgres is back, after the old
+          // two-minute DLQ window. (Without the storm the batch in hand rarely holds poison.)
+          for (let i = 0; i < 20; i++) {
+            setTimeout(() => {
+              for (let j = 0; j < 20; j++) {
+                const id = `storm-${i}-${j}`
+                const h = headers()
+                h.set(Headers.Hlc, encodeHlc({ wallMs: Date.now(), logical: 0, node: 'poison' }))
+                driver.raw(`fleet.events.${device()}.reading`, `{"eventId": "${id}"`, id, {
+                  headers: h,
+                  kind: 'poison',
+                })
+              }
+            }, i * 50)
+          }
+          await new Promise((r) => setTimeout(r, 500))
+        }
         await postgres.stop('immediate')
-        await new Promise((r) => setTimeout(r, OUTAGE_MS))
+        await new Promise((r) => setTimeout(r, ms))
         await postgres.start()
         f.restoredAt = Date.now()
         void recovered(f)
@@ -242,6 +469,8 @@ describe('chaos', () => {
         const leader =
           (await retrying(() => jsm.streams.info('FLEET_EVENTS'))).cluster?.leader ?? ''
         const node = cluster.servers[cluster.names.indexOf(leader)] ?? cluster.servers[0]!
+        natsFault.down = true
+        await deviceStep.catch(() => undefined)
         const f: Fault = {
           kind: `NATS stream leader ${leader} killed ${OUTAGE_MS / 1000} s`,
           at: Date.now(),
@@ -252,7 +481,7 @@ describe('chaos', () => {
         await new Promise((r) => setTimeout(r, OUTAGE_MS))
         await node.restart()
         f.restoredAt = Date.now()
-        void recovered(f)
+        void recovered(f).finally(() => (natsFault.down = false))
         return f
       }
       /** Every processor has caught up with the stream as it stood when the fault ended. */
@@ -260,12 +489,13 @@ describe('chaos', () => {
         const target = await retrying(
           async () => (await jsm.streams.info('FLEET_EVENTS')).state.last_seq,
         )
-        await waitFor(`recovery from ${f.kind}`, () => caughtUpTo(target), 120_000).then(
+        const within = 120_000 + LONG_OUTAGE_MS
+        await waitFor(`recovery from ${f.kind}`, () => caughtUpTo(target), within).then(
           () => (f.recoveredAt = Date.now()),
           () => (f.recoveredAt = -1), // reported, and failed below
         )
         log(
-          `recovered from ${f.kind}: ${f.recoveredAt < 0 ? 'NOT within 120 s' : `${(f.recoveredAt - f.restoredAt) / 1000} s`}`,
+          `recovered from ${f.kind}: ${f.recoveredAt < 0 ? `NOT within ${within / 1000} s` : `${(f.recoveredAt - f.restoredAt) / 1000} s`}`,
         )
       }
       const caughtUpTo = async (target: number) => {
@@ -283,6 +513,7 @@ describe('chaos', () => {
       }
 
       await publishing
+      await deviceLoop
       log(
         `published for ${SECONDS} s: ${driver.attempts} publishes, ${driver.retries} retries so far`,
       )
@@ -291,6 +522,22 @@ describe('chaos', () => {
         expect(p.child.exitCode, `${name} died on its own:\n${p.output().slice(-3000)}`).toBeNull()
       }
       await driver.drain()
+      // A device that knows the last message id makes the server check it on a poison event;
+      // its DLQ copies must not carry that check along. Nothing else publishes now.
+      const before = gateways[0]!.stamp(draft(device()))
+      await retrying(() => gateways[0]!.publishEvent(before))
+      driver.accepted.set(before.eventId, before)
+      const expecting = headers()
+      expecting.set(Headers.Hlc, encodeHlc({ wallMs: Date.now(), logical: 0, node: 'poison' }))
+      expecting.set('Nats-Expected-Last-Msg-Id', before.eventId)
+      await retrying(() =>
+        jetstream(devices).publish(`fleet.events.${device()}.reading`, 'not json, expecting', {
+          msgID: 'poison-expecting-last',
+          headers: expecting,
+          timeout: 2000,
+        }),
+      )
+      driver.poisonIds.set('poison-expecting-last', 'poison')
       log('every publish acknowledged')
       // Publishes that timed out during the leader kill may still be stored after their retries
       // were acknowledged: wait until the stream stands still before taking its measure.
@@ -311,7 +558,7 @@ describe('chaos', () => {
       await waitFor(
         'every fault to be recovered from',
         () => faults.every((f) => f.recoveredAt !== 0),
-        130_000,
+        130_000 + LONG_OUTAGE_MS,
       )
 
       // The oracle: what the stream acknowledged, and what should therefore be in the read models.
@@ -319,15 +566,23 @@ describe('chaos', () => {
       await client.connect()
       const q = async <T extends pg.QueryResultRow>(sql: string) =>
         (await client.query<T>(sql)).rows
-      // The final stream, by message id: how far ahead of its store time each copy's HLC was.
+      // The final stream, by message id (an MQTT message has none: by its eventId, or if it is
+      // not an event, by the DLQ key of its sequence): how far ahead of its store time each
+      // copy's HLC was.
       const stored = new Map<
         string,
         { subject: string; copies: number; minAheadMs: number; maxAheadMs: number }
       >()
-      await scanStream(nc, last, (_seq, subject, msgId, hlc, storedMs) => {
+      const mqttPoisonKeys = new Set<string>()
+      await scanStream(nc, last, (seq, subject, msgId, hlc, storedMs, data) => {
         const ahead = hlc === '' ? 0 : decodeHlc(hlc).wallMs - storedMs
-        const had = stored.get(msgId)
-        stored.set(msgId, {
+        let id = msgId
+        if (id === '') {
+          id = eventIdIn(data) ?? `FLEET_EVENTS:${seq}`
+          if (id === `FLEET_EVENTS:${seq}`) mqttPoisonKeys.add(id)
+        }
+        const had = stored.get(id)
+        stored.set(id, {
           subject,
           copies: (had?.copies ?? 0) + 1,
           minAheadMs: Math.min(had?.minAheadMs ?? Infinity, ahead),
@@ -376,26 +631,26 @@ describe('chaos', () => {
         (seen.size - statusRows.length)
       await client.end()
 
-      // DLQ: each processor whose filter matches parks each stored copy of a poison event, and of
-      // a rogue event that was still beyond max offset when the stream stored it (one delayed by
-      // retries through an outage may no longer be, and is then rightly applied).
-      // Compared by identity (the original Nats-Msg-Id every DLQ entry keeps), not by sequence.
+      // DLQ: each processor that reads an event's kind parks each stored poison event (bad JSON,
+      // what Postgres would refuse, oversize, an MQTT payload that is not an event) once, and
+      // each rogue event that was still beyond max offset when the stream stored it (one delayed
+      // by retries through an outage may no longer be, and is then rightly applied). Entries are
+      // counted per (processor, Fleet-Dlq-Key): the original's Nats-Msg-Id, or its stream and
+      // sequence when it had none.
       const expectedDlq = new Set<string>()
-      let skewed = 0
-      let poison = 0
-      for (const [msgId, m] of stored) {
-        const isPoison = msgId.startsWith('poison-')
-        const isSkewed = driver.skewedIds.has(msgId) && m.maxAheadMs > 500
-        if (isPoison) poison++
-        if (isSkewed) skewed++
-        if (isPoison || isSkewed) {
-          for (const n of PROCESSOR_NAMES) {
-            if (n !== 'readings' || m.subject.endsWith('.reading')) expectedDlq.add(`${n} ${msgId}`)
-          }
-        }
+      const storedByKind: Record<string, number> = {}
+      for (const [id, m] of stored) {
+        const kind = mqttPoisonKeys.has(id)
+          ? 'mqtt-poison'
+          : (driver.poisonIds.get(id) ??
+            (driver.skewedIds.has(id) && m.maxAheadMs > 500 ? 'skewed' : undefined))
+        if (kind === undefined) continue
+        storedByKind[kind] = (storedByKind[kind] ?? 0) + 1
+        for (const n of readersOf(m.subject)) expectedDlq.add(`${n} ${id}`)
       }
       const dlqInfo = await retrying(() => jsm.streams.info('FLEET_DLQ'))
-      const parked = new Set<string>()
+      const dlqCounts = new Map<string, number>()
+      let dlqEntries = 0
       let seqMoved = 0
       const why = new Map<string, string>()
       for (
@@ -405,14 +660,19 @@ describe('chaos', () => {
       ) {
         const m = await retrying(() => jsm.streams.getMessage('FLEET_DLQ', { seq }))
         if (!m) continue
-        const key = `${m.header.get(Headers.DlqProcessor)} ${m.header.get(Headers.DlqKey)}`
-        parked.add(key)
+        const dlqKey = m.header.get(Headers.DlqKey)
+        const key = `${m.header.get(Headers.DlqProcessor)} ${dlqKey}`
+        dlqEntries++
+        dlqCounts.set(key, (dlqCounts.get(key) ?? 0) + 1)
         // Does the stream still hold this event at the sequence the processor saw it at?
         const seqNow = Number(m.header.get(Headers.DlqStreamSeq))
         const there = await jsm.streams
           .getMessage('FLEET_EVENTS', { seq: seqNow })
           .catch(() => null)
-        if (there?.header.get('Nats-Msg-Id') !== m.header.get(Headers.DlqKey)) {
+        const keyThere = there
+          ? there.header.get('Nats-Msg-Id') || `FLEET_EVENTS:${seqNow}`
+          : undefined
+        if (keyThere !== dlqKey) {
           seqMoved++
           if (seqMoved <= 3)
             log(
@@ -424,10 +684,33 @@ describe('chaos', () => {
           `${m.header.get(Headers.DlqReason)}: ${m.header.get(Headers.DlqDetail)} (stream seq ${m.header.get(Headers.DlqStreamSeq)}, subject ${m.header.get(Headers.DlqSubject)})`,
         )
       }
-      for (const k of parked)
-        if (!expectedDlq.has(k)) log(`parked but not poison or skewed: ${k}: ${why.get(k) ?? ''}`)
+      const dlqUnexpected = [...dlqCounts.keys()].filter((k) => !expectedDlq.has(k))
+      const dlqNotOnce = [...expectedDlq]
+        .filter((k) => dlqCounts.get(k) !== 1)
+        .map((k) => `${k} x${dlqCounts.get(k) ?? 0}`)
+      for (const k of dlqUnexpected.slice(0, 10))
+        log(`parked but not poison or skewed: ${k}: ${why.get(k) ?? ''}`)
+      for (const k of dlqNotOnce.slice(0, 10)) log(`expected once in the DLQ: ${k}`)
+      // Reply subjects named by devices purged, deleted or forged nothing: the streams hold every
+      // message they ever stored, and the DLQ only the expected entries (counted above).
+      const untouched = async (name: string) => {
+        const st = (await retrying(() => jsm.streams.info(name))).state
+        return {
+          messages: st.messages,
+          firstSeq: st.first_seq,
+          lastSeq: st.last_seq,
+          // nats-server leaves num_deleted out when it is 0.
+          deleted: st.num_deleted || 0,
+        }
+      }
+      const notifications = await untouched('FLEET_NOTIFICATIONS')
+      const dlqState = await untouched('FLEET_DLQ')
       // Acknowledged by the stream, yet not in it at the end: the server would have lost them.
-      const acked = [...driver.accepted.keys(), ...driver.poisonIds, ...driver.skewedIds.keys()]
+      const acked = [
+        ...driver.accepted.keys(),
+        ...driver.poisonIds.keys(),
+        ...driver.skewedIds.keys(),
+      ]
       const missingFromStream = acked.filter((id) => !stored.has(id))
       if (missingFromStream.length > 0) {
         const info = await retrying(() => jsm.streams.info('FLEET_EVENTS'))
@@ -440,8 +723,12 @@ describe('chaos', () => {
         seconds: SECONDS,
         published: driver.attempts,
         accepted: driver.accepted.size + driver.poisonIds.size + driver.skewedIds.size,
-        poisonStored: poison,
-        skewedStored: skewed,
+        hostileStored: storedByKind,
+        validWithRedriveHeaders: driver.redriveHeaders,
+        injectedReplies: driver.injected,
+        mqttAcked: driver.mqttAcked,
+        mqttPoison: driver.mqttPoison,
+        mqttRetries: driver.mqttRetries,
         duplicatesRefusedByStream: driver.duplicates,
         publishRetries: driver.retries,
         streamMessages: last,
@@ -454,7 +741,11 @@ describe('chaos', () => {
         wrongLatest,
         wrongStatus,
         dlqExpected: expectedDlq.size,
-        dlqParked: parked.size,
+        dlqEntries,
+        dlqKeysNotOnce: dlqNotOnce.length,
+        dlqUnexpected: dlqUnexpected.length,
+        notifications,
+        dlqStream: dlqState,
         dlqEntriesWhoseSequenceNowHoldsAnotherEvent: seqMoved,
         checkpointRewinds: rewinds + [...procs.values()].reduce((n, p) => n + rewindsIn(p), 0),
         faults: faults.map((f) => ({
@@ -488,7 +779,22 @@ describe('chaos', () => {
         wrongLatest: 0,
         wrongStatus: 0,
       })
-      expect([...parked].sort()).toEqual([...expectedDlq].sort())
+      expect({
+        dlqNotOnce: dlqNotOnce.slice(0, 20),
+        dlqUnexpected: dlqUnexpected.slice(0, 20),
+        dlqEntries,
+      }).toEqual({ dlqNotOnce: [], dlqUnexpected: [], dlqEntries: expectedDlq.size })
+      for (const kind of ['poison', 'pg-refused', 'oversize', 'mqtt-poison'])
+        expect(storedByKind[kind] ?? 0, kind).toBeGreaterThan(0)
+      expect(driver.redriveHeaders).toBeGreaterThan(0)
+      expect(driver.injected).toBeGreaterThanOrEqual(INJECTED_REPLIES.length * 2)
+      expect(driver.mqttAcked).toBeGreaterThan(1)
+      for (const st of [notifications, dlqState]) {
+        expect(st.deleted).toBe(0)
+        expect(st.firstSeq).toBeLessThanOrEqual(1)
+        expect(st.messages).toBe(st.lastSeq)
+      }
+      expect(dlqState.messages).toBe(expectedDlq.size)
       for (const p of procs.values()) p.child.kill('SIGTERM')
       expect(await Promise.all([...procs.values()].map((p) => p.exited))).toEqual([0, 0, 0])
     },
@@ -503,7 +809,13 @@ describe('chaos', () => {
 class Driver {
   readonly accepted = new Map<string, FleetEvent>()
   readonly skewedIds = new Map<string, FleetEvent>()
-  readonly poisonIds = new Set<string>()
+  /** Hostile messages the stream acknowledged, by message id: what kind of hostile. */
+  readonly poisonIds = new Map<string, string>()
+  redriveHeaders = 0
+  injected = 0
+  mqttAcked = 0
+  mqttPoison = 0
+  mqttRetries = 0
   attempts = 0
   duplicates = 0
   retries = 0
@@ -523,16 +835,25 @@ class Driver {
     })
   }
 
-  poison(subject: string, id: string): void {
+  /**
+   * Publishes `body` as it is with message id `id`, past the publisher's validation (a hostile
+   * device): a hostile `kind`, or a valid `event` with odd headers.
+   */
+  raw(
+    subject: string,
+    body: string,
+    id: string,
+    opts: { headers: MsgHdrs; kind: string; event?: FleetEvent },
+  ): void {
     this.#track(async () => {
-      const h = headers()
-      h.set(Headers.Hlc, encodeHlc({ wallMs: Date.now(), logical: 0, node: 'poison' }))
-      await this.#js.publish(subject, `{"eventId": "${id}", "type": "reading.deleted"`, {
+      const r = await this.#js.publish(subject, body, {
         msgID: id,
-        headers: h,
+        headers: opts.headers,
         timeout: 2000,
       })
-      this.poisonIds.add(id)
+      if (r.duplicate) this.duplicates++
+      if (opts.event !== undefined) this.accepted.set(id, opts.event)
+      else this.poisonIds.set(id, opts.kind)
     })
   }
 
@@ -573,7 +894,14 @@ class Driver {
 async function scanStream(
   nc: NatsConnection,
   last: number,
-  each: (seq: number, subject: string, msgId: string, hlc: string, storedMs: number) => void,
+  each: (
+    seq: number,
+    subject: string,
+    msgId: string,
+    hlc: string,
+    storedMs: number,
+    data: Uint8Array,
+  ) => void,
 ): Promise<void> {
   const jsm = await jetstreamManager(nc)
   for (let from = 1; from <= last; from += 64) {
@@ -589,8 +917,44 @@ async function scanStream(
         m.header.get('Nats-Msg-Id'),
         m.header.get(Headers.Hlc),
         m.time.getTime(),
+        m.data,
       )
     }
+  }
+}
+
+/** The eventId of a message body that is a JSON object with one, else undefined. */
+function eventIdIn(data: Uint8Array): string | undefined {
+  try {
+    const v: unknown = JSON.parse(new TextDecoder().decode(data))
+    const id = (v as { eventId?: unknown } | null)?.eventId
+    return typeof id === 'string' ? id : undefined
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * An event the schema once accepted and Postgres refuses (issue 12, item 2), now refused when
+ * decoded: U+0000 in a status reason, an occurredAt in year 0000, or one with a +23:00 offset.
+ */
+function pgRefused(gw: Publisher, deviceId: string, k: number): FleetEvent {
+  if (k % 3 === 0) {
+    const e = gw.stamp({
+      type: 'status.changed',
+      deviceId,
+      data: { status: 'maintenance', reason: 'x' },
+    })
+    return { ...e, data: { status: 'maintenance', reason: `bad\u0000${k}` } }
+  }
+  const e = gw.stamp({
+    type: 'reading.recorded',
+    deviceId,
+    data: { metric: 'temperature', value: 20, unit: 'C' },
+  })
+  return {
+    ...e,
+    occurredAt: k % 3 === 1 ? '0000-06-01T00:00:00.000Z' : '2026-06-01T12:00:00.000+23:00',
   }
 }
 

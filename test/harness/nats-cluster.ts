@@ -1,11 +1,17 @@
+import { execFile } from 'node:child_process'
+import { copyFile, mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import { jetstreamManager } from '@nats-io/jetstream'
 import { connect, type ConnectionOptions, type NatsConnection } from '@nats-io/transport-node'
 import { setTimeout as sleep } from 'node:timers/promises'
+import type { DeviceCredential } from '../../cli/devices.ts'
 import { startNatsServer, type NatsServer } from './nats-server.ts'
 import {
-  CLUSTER_NODE_CONF,
   generateSecrets,
   passwordEnv,
+  repoRoot,
   roleConnectOptions,
   roleEnv,
   type Role,
@@ -73,28 +79,79 @@ export interface NatsCluster {
   /** The URLs comma-joined, as NATS_URL takes them. */
   readonly url: string
   readonly secrets: RoleSecrets
+  /** The credentials of the devices asked for in {@link NatsClusterOptions.devices}, by id. */
+  readonly devices: Readonly<Record<string, DeviceCredential>>
   /** Environment of a fleetstream process in `role` (NATS_USER, NATS_PASSWORD, NATS_INBOX_PREFIX). */
   env(role: Role): Record<string, string>
   connect(role: Role, opts?: Partial<ConnectionOptions>): Promise<NatsConnection>
+  /** A NATS connection as one of {@link devices} (a NATS device, in the DEVICES account). */
+  connectDevice(deviceId: string, opts?: Partial<ConnectionOptions>): Promise<NatsConnection>
   /** Resolves once JetStream has a meta leader and every server is routed. */
   ready(timeoutMs?: number): Promise<void>
   cleanup(): Promise<void>
 }
 
-export async function startNatsCluster(): Promise<NatsCluster> {
+export interface NatsClusterOptions {
+  /**
+   * Devices with credentials of their own (`fleetstream devices add <id> [--mqtt]`), written into
+   * a copy of infra/nats/devices.conf before the nodes start: NATS devices in the DEVICES account,
+   * MQTT devices in MQTT_DEVICES.
+   */
+  readonly devices?: readonly { readonly id: string; readonly mqtt?: boolean }[]
+}
+
+export async function startNatsCluster(opts: NatsClusterOptions = {}): Promise<NatsCluster> {
   const secrets = generateSecrets()
-  // Ports are picked free, then bound by nats-server a moment later: another process can take
-  // one in between (seen in CI beside other test files). Then start again on fresh ports.
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await startOnFreePorts(secrets)
-    } catch (err) {
-      if (attempt >= 3 || !/address already in use/.test(String(err))) throw err
+  // A copy of infra/nats/, so that `fleetstream devices add` writes the cluster's devices.conf
+  // and never the repository's.
+  const confDir = await mkdtemp(join(tmpdir(), 'fleetstream-cluster-conf-'))
+  try {
+    for (const f of ['cluster-node.conf', 'limits.conf', 'accounts.conf', 'devices.conf'])
+      await copyFile(join(repoRoot, 'infra', 'nats', f), join(confDir, f))
+    const devices: Record<string, DeviceCredential> = {}
+    for (const d of opts.devices ?? []) devices[d.id] = await addDevice(confDir, d.id, d.mqtt)
+    // Ports are picked free, then bound by nats-server a moment later: another process can take
+    // one in between (seen in CI beside other test files). Then start again on fresh ports.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await startOnFreePorts(secrets, confDir, devices)
+      } catch (err) {
+        if (attempt >= 3 || !/address already in use/.test(String(err))) throw err
+      }
     }
+  } catch (err) {
+    await rm(confDir, { recursive: true, force: true })
+    throw err
   }
 }
 
-async function startOnFreePorts(secrets: RoleSecrets): Promise<NatsCluster> {
+/** The built CLI (test/harness/global-setup.ts builds it). */
+const CLI = fileURLToPath(new URL('../../dist/cli/fleetstream.js', import.meta.url))
+
+/** `fleetstream devices add <id> [--mqtt] --json` on the devices.conf in `confDir`. */
+function addDevice(confDir: string, id: string, mqtt = false): Promise<DeviceCredential> {
+  const args = ['devices', 'add', id, '--json', ...(mqtt ? ['--mqtt'] : [])]
+  return new Promise((resolve, reject) => {
+    execFile(
+      process.execPath,
+      [CLI, ...args],
+      {
+        cwd: repoRoot,
+        env: { PATH: process.env.PATH ?? '', NATS_DEVICES_FILE: join(confDir, 'devices.conf') },
+      },
+      (err, stdout, stderr) => {
+        if (err) reject(new HarnessError(`fleetstream ${args.join(' ')}: ${stdout}${stderr}`))
+        else resolve(JSON.parse(stdout) as DeviceCredential)
+      },
+    )
+  })
+}
+
+async function startOnFreePorts(
+  secrets: RoleSecrets,
+  confDir: string,
+  devices: Record<string, DeviceCredential>,
+): Promise<NatsCluster> {
   const ports: NodePorts[] = []
   for (let i = 0; i < CLUSTER_NODES.length; i++) {
     ports.push({
@@ -109,7 +166,7 @@ async function startOnFreePorts(secrets: RoleSecrets): Promise<NatsCluster> {
     for (let i = 0; i < CLUSTER_NODES.length; i++) {
       servers.push(
         await startNatsServer({
-          configFile: CLUSTER_NODE_CONF,
+          configFile: join(confDir, 'cluster-node.conf'),
           env: clusterNodeEnv(i, ports, secrets),
         }),
       )
@@ -128,8 +185,20 @@ async function startOnFreePorts(secrets: RoleSecrets): Promise<NatsCluster> {
     urls,
     url: urls.join(','),
     secrets,
+    devices,
     env: (role) => roleEnv(secrets, role),
     connect: connectAs,
+    connectDevice(deviceId, opts = {}) {
+      const c = devices[deviceId]
+      if (c === undefined) throw new HarnessError(`no device '${deviceId}' in this cluster`)
+      return connect({
+        servers: [...urls],
+        user: c.user,
+        pass: c.password,
+        ...(c.inboxPrefix ? { inboxPrefix: c.inboxPrefix } : {}),
+        ...opts,
+      })
+    },
     async ready(timeoutMs = 30_000) {
       const deadline = Date.now() + timeoutMs
       let last: unknown
@@ -157,6 +226,7 @@ async function startOnFreePorts(secrets: RoleSecrets): Promise<NatsCluster> {
     },
     async cleanup() {
       await Promise.all(servers.map((s) => s.cleanup()))
+      await rm(confDir, { recursive: true, force: true })
     },
   }
   await cluster.ready()
