@@ -5,7 +5,7 @@
 #   docker run --rm fleetstream --help
 
 # ---- build: install everything, compile TypeScript, then drop the dev dependencies
-FROM node:20-bookworm-slim AS build
+FROM node:24-bookworm-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
@@ -19,7 +19,7 @@ COPY simulator ./simulator
 RUN npm run build && npm prune --omit=dev --no-audit --no-fund
 
 # ---- runtime: the compiled code, production dependencies and the default alert rules
-FROM node:20-bookworm-slim
+FROM node:24-bookworm-slim
 ENV NODE_ENV=production
 WORKDIR /app
 COPY --from=build /app/package.json ./

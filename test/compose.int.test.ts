@@ -9,13 +9,15 @@ import { PROCESSOR_NAMES } from '../processors/index.ts'
 import {
   clusterNodeEnv,
   CLUSTER_NODES,
+  freshDatabase,
   generateSecrets,
   HarnessError,
   repoRoot,
+  startRoleNatsServer,
   type NodePorts,
 } from './harness/index.ts'
 import { findOnPath, run } from './harness/processes.ts'
-import { cliPath } from './fixtures.ts'
+import { cliPath, runCli, testEnv } from './fixtures.ts'
 
 /**
  * infra/docker-compose.yml, checked without a Docker engine: what it mounts exists, what it
@@ -235,9 +237,37 @@ describe('infra/docker-compose.yml', () => {
       expect(env.OTEL_EXPORTER_OTLP_ENDPOINT, name).toBe('http://jaeger:4318')
       expect(env.OTEL_SERVICE_NAME, name).toMatch(/^fleetstream-/)
     }
+    // Jaeger v2 receives OTLP (4317 gRPC, 4318 HTTP) out of the box; v1's switch is gone.
     const jaeger = services.jaeger!
-    expect(envOf(jaeger).COLLECTOR_OTLP_ENABLED).toBe('true')
+    expect(jaeger.environment?.COLLECTOR_OTLP_ENABLED).toBeUndefined()
     expect(jaeger.ports).toEqual(expect.arrayContaining(['16686:16686', '4318:4318']))
+  })
+
+  it('runs current images, the ones the README names', () => {
+    const readme = readFileSync(join(repoRoot, 'README.md'), 'utf8')
+    const section = readme.slice(readme.indexOf('## docker compose'))
+    const composeSection = section.slice(0, section.indexOf('\n## ', 3))
+    const images = Object.values(services)
+      .map((s) => s.image)
+      .filter((i): i is string => i !== undefined && i !== 'fleetstream:local')
+    for (const image of new Set(images))
+      expect(composeSection, `README's docker compose section names ${image}`).toContain(image)
+    // Jaeger v2 (v1 is end of life) and a nats-server the NATS project still supports.
+    expect(services.jaeger!.image).toMatch(/(^|\/)jaegertracing\/jaeger:2\.\d+\.\d+$/)
+    for (const node of NATS_NODES) {
+      const minor = Number(/^nats:2\.(\d+)/.exec(services[node]!.image ?? '')?.[1] ?? 0)
+      expect(minor, `${node}: ${services[node]!.image ?? ''}`).toBeGreaterThanOrEqual(12)
+    }
+    // The Dockerfile runs on a Node LTS line that is not end of life (even major, 22 or later),
+    // and the README says which.
+    const dockerfile = readFileSync(join(repoRoot, 'Dockerfile'), 'utf8')
+    const bases = [...dockerfile.matchAll(/^FROM\s+(node:(\d+)\S*)/gm)]
+    expect(bases.length).toBeGreaterThan(0)
+    for (const [, image, major] of bases) {
+      expect(Number(major) % 2, image).toBe(0)
+      expect(Number(major), image).toBeGreaterThanOrEqual(22)
+      expect(composeSection, `README's docker compose section names ${image!}`).toContain(image)
+    }
   })
 
   it('serves metrics and health where the health check and a scraper can reach them', () => {
@@ -248,7 +278,10 @@ describe('infra/docker-compose.yml', () => {
       const { metrics } = loadConfig(envOf(s))
       expect(metrics.host, name).not.toMatch(/^(127\.|::1$|localhost$)/)
       expect(metrics.port, name).not.toBeNull()
-      expect(s.healthcheck?.test.join(' '), name).toContain(`:${metrics.port}/readyz`)
+      // Liveness, not readiness: a scaled standby is alive and not ready, and must not be
+      // unhealthy for it (restarting it would not make it ready either).
+      expect(s.healthcheck?.test.join(' '), name).toContain(`:${metrics.port}/healthz`)
+      expect(s.healthcheck?.test.join(' '), name).not.toContain('/readyz')
       // Not published on the host: it has no authentication.
       expect(s.ports, name).toBeUndefined()
     }
@@ -289,6 +322,26 @@ describe('infra/docker-compose.yml', () => {
         deps(p).filter(([, c]) => c.condition !== 'service_started'),
         p,
       ).toEqual([])
+    }
+  })
+
+  it('starts its simulator as the gateway without an error in its log', async () => {
+    const ns = await startRoleNatsServer()
+    try {
+      const env = testEnv(ns.url, await freshDatabase())
+      const setup = await runCli(['setup'], { ...env, ...ns.env('admin') })
+      expect(setup.code, setup.output).toBe(0)
+      // The compose service's command, for a second.
+      const command = [...services.simulator!.command!]
+      command[command.indexOf('--duration') + 1] = '1'
+      const sim = await runCli(command, { ...env, ...ns.env('gateway'), LOG_LEVEL: 'debug' })
+      expect(sim.code, sim.output).toBe(0)
+      expect(sim.output).toMatch(/^sent \d/m)
+      // pino's error (50) and fatal (60) levels: nothing went wrong, so nothing says so.
+      const errors = sim.output.split('\n').filter((l) => /"level":(50|60)\b/.test(l))
+      expect(errors, sim.output).toEqual([])
+    } finally {
+      await ns.cleanup()
     }
   })
 })
