@@ -7,10 +7,23 @@ import {
   type Context,
   type Span,
   type Tracer,
+  type TracerProvider,
 } from '@opentelemetry/api'
+import { readFileSync } from 'node:fs'
+import { hostname } from 'node:os'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import type { MsgHdrs } from '@nats-io/transport-node'
 import { PgInstrumentation } from '@opentelemetry/instrumentation-pg'
-import { NodeSDK, type tracing } from '@opentelemetry/sdk-node'
+import { NodeSDK, resources, tracing } from '@opentelemetry/sdk-node'
+// The SDK's own readers of the OTEL_* variables (exporter, protocol, sampler, limits), so that the
+// processors' tracer providers export exactly as the process's does. Not re-exported by the
+// package's index; the version is pinned and the OTLP test fails if they move.
+import {
+  createSamplerFromEnv,
+  createSpanLimitsFromEnv,
+} from '@opentelemetry/sdk-node/build/src/create-from-env.js'
+import { getSpanProcessorsFromEnv } from '@opentelemetry/sdk-node/build/src/utils.js'
 
 /**
  * OpenTelemetry for one fleetstream process: W3C trace context through NATS headers, spans for
@@ -21,6 +34,15 @@ import { NodeSDK, type tracing } from '@opentelemetry/sdk-node'
  * is set (`console` prints spans, `otlp` posts them, `none` turns tracing off), and off when none
  * is: no exporter is started, nothing is sent and no error is ever raised for a missing
  * collector. `OTEL_SDK_DISABLED=true` turns it off too.
+ *
+ * Services: in OpenTelemetry the resource (`service.name`) belongs to a tracer provider, and one
+ * process may run all three processors (`run`, `start`). So each processor gets a provider of its
+ * own, `service.name` `fleetstream-<processor>` (with `fleetstream.processor` on the resource), and
+ * the rest of the process (publisher, simulator, clock) is `fleetstream-<command>`; all of them
+ * feed the same span processors, so one exporter. `OTEL_SERVICE_NAME`, when set, is every
+ * provider's `service.name` (the processors keep `fleetstream.processor`). Every provider carries
+ * `service.version` (package.json) and `service.instance.id` (`<host>-<pid>`). A pg span belongs
+ * to the service of the span it runs under.
  *
  * Start it before anything imports `pg` (the instrumentation hooks the module as it loads):
  *
@@ -44,6 +66,7 @@ export interface Telemetry {
 export const OTEL_VARIABLES: readonly string[] = Object.freeze([
   'OTEL_SDK_DISABLED',
   'OTEL_SERVICE_NAME',
+  'OTEL_RESOURCE_ATTRIBUTES',
   'OTEL_TRACES_EXPORTER',
   'OTEL_EXPORTER_OTLP_ENDPOINT',
   'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT',
@@ -62,6 +85,8 @@ export interface TelemetryOptions {
 }
 
 let active = false
+/** The tracer provider of each processor, while telemetry is started. */
+let services: ServiceProviders | undefined
 
 /** Whether spans are recorded in this process: hot paths skip building them when not. */
 export function tracingActive(): boolean {
@@ -87,30 +112,156 @@ export function startTelemetry(opts: TelemetryOptions): Telemetry {
     },
     DiagLogLevel.WARN,
   )
+  const serviceName = env.OTEL_SERVICE_NAME ?? opts.serviceName
+  // Host, process and OTEL_RESOURCE_ATTRIBUTES, as the SDK would detect them, shared by every
+  // provider of the process.
+  const resource = resources
+    .defaultResource()
+    .merge(
+      resources.resourceFromAttributes({
+        'service.version': packageVersion(),
+        'service.instance.id': `${hostname()}-${String(process.pid)}`,
+      }),
+    )
+    .merge(
+      resources.detectResources({
+        detectors: [resources.envDetector, resources.processDetector, resources.hostDetector],
+      }),
+    )
+  // One set of span processors (the exporter the environment names) for every provider.
+  const spanProcessors = opts.spanProcessors ?? getSpanProcessorsFromEnv(undefined)
+  // A batch span links to every event of the batch (up to PROCESSOR_BATCH_SIZE); the SDK's
+  // default keeps 128 links.
+  const spanLimits = {
+    ...createSpanLimitsFromEnv(),
+    ...(env.OTEL_SPAN_LINK_COUNT_LIMIT ? {} : { linkCountLimit: 10_000 }),
+  }
+  const sampler = createSamplerFromEnv()
+  // Database spans only beneath a fleetstream span, not for every pool health check.
+  const pg = new PgInstrumentation({ requireParentSpan: true })
   const sdk = new NodeSDK({
-    serviceName: env.OTEL_SERVICE_NAME ?? opts.serviceName,
-    ...(opts.spanProcessors ? { spanProcessors: opts.spanProcessors } : {}),
+    serviceName,
+    resource,
+    autoDetectResources: false,
+    spanProcessors,
+    spanLimits,
+    ...(sampler ? { sampler } : {}),
     // Traces only: metrics are served in Prometheus format, logs go to stderr as JSON.
     metricReaders: [],
     logRecordProcessors: [],
-    // A batch span links to every event of the batch (up to PROCESSOR_BATCH_SIZE); the SDK's
-    // default keeps 128 links.
-    ...(env.OTEL_SPAN_LINK_COUNT_LIMIT ? {} : { spanLimits: { linkCountLimit: 10_000 } }),
-    // Database spans only beneath a fleetstream span, not for every pool health check.
-    instrumentations: [new PgInstrumentation({ requireParentSpan: true })],
+    instrumentations: [pg],
   })
   sdk.start()
+  services = new ServiceProviders(
+    resource,
+    env.OTEL_SERVICE_NAME,
+    spanProcessors,
+    spanLimits,
+    sampler,
+  )
+  pg.setTracerProvider(services.routing)
   active = true
   let stopped: Promise<void> | undefined
   return {
     enabled: true,
+    // The processors' providers share the SDK's span processors: its shutdown flushes them all.
     shutdown: () =>
       (stopped ??= sdk
         .shutdown()
-        .finally(() => (active = false))
+        .finally(() => {
+          active = false
+          services = undefined
+        })
         .catch((err: unknown) => {
           complain(`shutdown: ${err instanceof Error ? err.message : String(err)}`)
         })),
+  }
+}
+
+/**
+ * A tracer provider per processor, and a provider for instrumentations that puts a span in the
+ * provider (so the service) of the span it starts under.
+ */
+class ServiceProviders {
+  readonly #providers = new Map<string, tracing.BasicTracerProvider>()
+  /** The provider each span of a processor was started by. */
+  readonly #owners = new WeakMap<Span, TracerProvider>()
+
+  constructor(
+    readonly resource: resources.Resource,
+    readonly serviceName: string | undefined,
+    readonly spanProcessors: tracing.SpanProcessor[],
+    readonly spanLimits: tracing.SpanLimits,
+    readonly sampler: tracing.Sampler | undefined,
+  ) {}
+
+  tracer(processor: string): Tracer {
+    let provider = this.#providers.get(processor)
+    if (!provider) {
+      const owners = this.#owners
+      const owner: tracing.SpanProcessor = {
+        onStart: (span) => {
+          owners.set(span, created)
+        },
+        onEnd: () => undefined,
+        forceFlush: () => Promise.resolve(),
+        shutdown: () => Promise.resolve(),
+      }
+      const created: tracing.BasicTracerProvider = new tracing.BasicTracerProvider({
+        resource: this.resource.merge(
+          resources.resourceFromAttributes({
+            'service.name': this.serviceName ?? `fleetstream-${processor}`,
+            [Attr.Processor]: processor,
+          }),
+        ),
+        spanLimits: this.spanLimits,
+        ...(this.sampler ? { sampler: this.sampler } : {}),
+        spanProcessors: [owner, ...this.spanProcessors],
+      })
+      provider = created
+      this.#providers.set(processor, provider)
+    }
+    return provider.getTracer('fleetstream')
+  }
+
+  readonly routing: TracerProvider = {
+    getTracer: (name, version, options) => {
+      const pick = (ctx: Context): Tracer => {
+        const parent = trace.getSpan(ctx)
+        const provider = (parent && this.#owners.get(parent)) ?? trace.getTracerProvider()
+        return provider.getTracer(name, version, options)
+      }
+      const startActiveSpan = (spanName: string, ...rest: unknown[]): unknown => {
+        // (name, fn), (name, options, fn) or (name, options, context, fn)
+        const ctx = rest.length >= 3 ? (rest[1] as Context) : context.active()
+        const t = pick(ctx) as unknown as { startActiveSpan(...a: unknown[]): unknown }
+        return t.startActiveSpan(spanName, ...rest)
+      }
+      return {
+        startSpan: (spanName, spanOptions, ctx) =>
+          pick(ctx ?? context.active()).startSpan(spanName, spanOptions, ctx),
+        startActiveSpan,
+      }
+    },
+  }
+}
+
+/** `version` of fleetstream's package.json (above this file, in the sources and in dist/). */
+function packageVersion(): string {
+  let dir = dirname(fileURLToPath(import.meta.url))
+  for (;;) {
+    try {
+      const pkg = JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')) as {
+        name?: unknown
+        version?: unknown
+      }
+      if (pkg.name === 'fleetstream' && typeof pkg.version === 'string') return pkg.version
+    } catch {
+      // no package.json here
+    }
+    const parent = dirname(dir)
+    if (parent === dir) return 'unknown'
+    dir = parent
   }
 }
 
@@ -128,8 +279,12 @@ function tracingRequested(env: NodeJS.ProcessEnv): boolean {
   )
 }
 
-/** The tracer of every fleetstream span (a no-op until telemetry is started). */
-export function tracer(): Tracer {
+/**
+ * The tracer of fleetstream spans (a no-op until telemetry is started): the processor's own
+ * (its own service) when a processor is named, the process's otherwise.
+ */
+export function tracer(processor?: string): Tracer {
+  if (processor !== undefined && services) return services.tracer(processor)
   return trace.getTracer('fleetstream')
 }
 

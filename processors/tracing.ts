@@ -39,7 +39,7 @@ export class BatchSpans {
         links.push({ context: sc, attributes: messageAttributes(m) })
       }
     }
-    this.batch = tracer().startSpan(`process ${filterSubject}`, {
+    this.batch = tracer(processor).startSpan(`process ${filterSubject}`, {
       kind: SpanKind.CONSUMER,
       links,
       attributes: {
@@ -63,7 +63,7 @@ export class BatchSpans {
   /** Starts the span of one event this processor works on. */
   event(msg: JsMsg, fields?: { correlationId?: string; hlc?: string }): Span {
     if (!this.#on) return this.batch
-    const span = tracer().startSpan(
+    const span = tracer(this.#processor).startSpan(
       `process ${parseEventSubject(msg.subject)?.kind ?? msg.subject}`,
       {
         kind: SpanKind.CONSUMER,

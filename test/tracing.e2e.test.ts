@@ -1,3 +1,4 @@
+import { readFile } from 'node:fs/promises'
 import { createServer, type Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { headers } from '@nats-io/transport-node'
@@ -112,6 +113,8 @@ interface Receiver {
 
 interface OtlpSpan {
   service: string
+  /** The attributes of the span's resource (`service.*`, host, process). */
+  resource: Record<string, unknown>
   traceId: string
   spanId: string
   parentSpanId: string
@@ -177,10 +180,12 @@ function flatten(req: OtlpRequest): OtlpSpan[] {
   const attrs = (a: { key: string; value: OtlpValue }[] = []) =>
     Object.fromEntries(a.map((x) => [x.key, value(x.value)]))
   return req.resourceSpans.flatMap((rs) => {
-    const service = String(attrs(rs.resource.attributes)['service.name'])
+    const resource = attrs(rs.resource.attributes)
+    const service = String(resource['service.name'])
     return rs.scopeSpans.flatMap((ss) =>
       ss.spans.map((s) => ({
         service,
+        resource,
         traceId: s.traceId,
         spanId: s.spanId,
         parentSpanId: s.parentSpanId ?? '',
@@ -263,13 +268,33 @@ describe('traces from real processes, exported over OTLP', () => {
     )
     run.child.kill('SIGTERM')
     expect(await run.exited).toBe(0)
+    expect(run.output()).not.toContain('otel:')
 
     const spans = receiver.spans()
     const producer = reading()!
     expect(producer.attributes['messaging.message.id']).toEqual(expect.any(String))
     const consumers = spans.filter((s) => s.parentSpanId === producer.spanId)
-    expect(consumers.every((s) => s.service === 'fleetstream-run')).toBe(true)
     expect(consumers.every((s) => s.traceId === producer.traceId)).toBe(true)
+    // Without OTEL_SERVICE_NAME each processor is a service of its own in Jaeger, though all three
+    // run in one process: the same service.instance.id, the version of the package.
+    const version = (
+      JSON.parse(await readFile(new URL('../package.json', import.meta.url), 'utf8')) as {
+        version: string
+      }
+    ).version
+    for (const c of consumers) {
+      expect(c.service).toBe(`fleetstream-${String(c.attributes['fleetstream.processor'])}`)
+      expect(c.resource).toMatchObject({
+        'service.version': version,
+        'fleetstream.processor': c.attributes['fleetstream.processor'],
+      })
+    }
+    expect(new Set(consumers.map((s) => s.service)).size).toBe(PROCESSOR_NAMES.length)
+    const instances = new Set(consumers.map((s) => s.resource['service.instance.id']))
+    expect(instances.size).toBe(1)
+    expect([...instances][0]).toEqual(expect.stringMatching(/^.+-\d+$/))
+    expect(producer.resource).toMatchObject({ 'service.version': version })
+    expect(producer.resource['service.instance.id']).toEqual(expect.any(String))
     expect(consumers.map((s) => s.attributes['fleetstream.processor']).sort()).toEqual(
       [...PROCESSOR_NAMES].sort(),
     )
@@ -282,6 +307,9 @@ describe('traces from real processes, exported over OTLP', () => {
       expect(db.map((s) => s.name)).toEqual(
         expect.arrayContaining([expect.stringMatching(/^pg\.query/)]),
       )
+      // ...and in the processor's service, not in the process's.
+      expect(batch!.service).toBe(c.service)
+      expect(db.every((s) => s.service === c.service)).toBe(true)
     }
 
     const parked = run
@@ -291,6 +319,39 @@ describe('traces from real processes, exported over OTLP', () => {
       .map((l) => JSON.parse(l) as Record<string, unknown>)
     expect(parked[0]).toMatchObject({ traceId, correlationId: 'corr-poison-1' })
     expect(parked[0]?.spanId).toMatch(/^[0-9a-f]{16}$/)
+  })
+
+  it('OTEL_SERVICE_NAME, when set, is the service of every processor, told apart by its resource', async () => {
+    const run = spawnCli(['run'], { ...env, ...otel, OTEL_SERVICE_NAME: 'fleet-east' })
+    const sim = await runCli(
+      ['simulate', '--devices', '1', '--rate', '10', '--duration', '1', '--duplicates', '0'],
+      { ...env, ...otel, OTEL_SERVICE_NAME: 'fleet-east-sim' },
+    )
+    expect(sim.code, sim.output).toBe(0)
+    const consumersOf = (producer: OtlpSpan) =>
+      receiver
+        .spans()
+        .filter((s) => s.parentSpanId === producer.spanId && s.kind === SPAN_KIND_CONSUMER)
+    const reading = () =>
+      receiver
+        .spans()
+        .find(
+          (s) =>
+            s.service === 'fleet-east-sim' &&
+            s.kind === SPAN_KIND_PRODUCER &&
+            s.attributes['fleetstream.event.type'] === 'reading.recorded' &&
+            consumersOf(s).length === 3,
+        )
+    await waitFor('every processor to report a span for a published reading', () =>
+      Boolean(reading()),
+    )
+    run.child.kill('SIGTERM')
+    expect(await run.exited).toBe(0)
+    const consumers = consumersOf(reading()!)
+    expect(consumers.map((s) => s.service)).toEqual(['fleet-east', 'fleet-east', 'fleet-east'])
+    expect(consumers.map((s) => s.resource['fleetstream.processor']).sort()).toEqual(
+      [...PROCESSOR_NAMES].sort(),
+    )
   })
 
   it('without an endpoint nothing is exported and nothing complains; a dead endpoint is not an error', async () => {
