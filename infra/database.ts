@@ -178,12 +178,12 @@ function isMissingDatabase(err: unknown): boolean {
 }
 
 /** SQLSTATE class 28, invalid authorization: 28P01 wrong password, 28000 no such role or no pg_hba entry. */
-function isLoginRefused(err: unknown): boolean {
+export function isLoginRefused(err: unknown): boolean {
   const code = (err as { code?: unknown } | undefined)?.code
   return typeof code === 'string' && code.startsWith('28')
 }
 
-function loginRefused(url: string, err: unknown): ConfigError {
+export function loginRefused(url: string, err: unknown): ConfigError {
   const user = decodeURIComponent(new URL(url).username) || '(the default user)'
   const message = err instanceof Error ? err.message : String(err)
   const code = (err as { code?: unknown }).code

@@ -86,6 +86,15 @@ describe('one-shot commands: only what they use, bounded, honest exit codes', ()
     expect(Date.now() - started).toBeLessThan(15_000)
   })
 
+  it('status with a PostgreSQL role that does not exist exits 2 too, as for a refused NATS login', async () => {
+    const url = withDatabase(env.DATABASE_URL ?? '', (u) => {
+      u.username = 'no_such_role'
+    })
+    const r = await runCli(['status', '--timeout', '5'], { ...env, DATABASE_URL: url }, 30_000)
+    expect(r.code, r.output).toBe(2)
+    expect(r.output).toMatch(/'DATABASE_URL' user 'no_such_role' was refused by PostgreSQL/)
+  })
+
   it('alerts list against a mistyped database says so and does not create it', async () => {
     const name = `${new URL(env.DATABASE_URL ?? '').pathname.slice(1)}_typo`
     const url = withDatabase(env.DATABASE_URL ?? '', (u) => {
