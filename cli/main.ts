@@ -44,8 +44,9 @@ import { openRuntime, setUp, type Runtime } from './runtime.ts'
 import { EXIT_THRESHOLD, fleetStatus, formatStatus, UnreachableError } from './status.ts'
 
 /**
- * Exit codes: 0 done, 1 failed (or NATS/PostgreSQL unreachable for `status`), 2 bad usage or
- * configuration, 3 a `status` threshold crossed, 130 interrupted (a one-shot command stopped by
+ * Exit codes: 0 done, 1 failed (or NATS/PostgreSQL not reached within a one-shot command's
+ * `--timeout`, or no database: only setup and the services create it), 2 bad usage or
+ * configuration (a refused login too), 3 a `status` threshold crossed, 130 interrupted (a one-shot command stopped by
  * SIGINT/SIGTERM before it finished; any command on a second signal).
  */
 const EXIT_FAILED = 1

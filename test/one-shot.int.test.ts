@@ -58,6 +58,16 @@ describe('one-shot commands: only what they use, bounded, honest exit codes', ()
     expect(r.output).toMatch(/FLEET_DLQ: 0 parked/)
   })
 
+  it('simulate works with PostgreSQL down: it publishes into NATS only', async () => {
+    const r = await runCli(
+      ['simulate', '--devices', '2', '--rate', '20', '--duration', '1', '--seed', '1'],
+      { ...env, DATABASE_URL: deadPostgres },
+      30_000,
+    )
+    expect(r.code, r.output).toBe(0)
+    expect(r.output).toMatch(/^sent \d+ events/m)
+  })
+
   it('alerts list gives up on an unreachable PostgreSQL after --timeout, exit 1, with the reason', async () => {
     const started = Date.now()
     const r = await runCli(
