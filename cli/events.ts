@@ -75,9 +75,14 @@ export const EVENT_KIND_NAMES: readonly EventKind[] = [...new Set(Object.values(
 export async function openEventsSource(
   config: Config,
   log: Logger,
-  opts: { name: string; signal?: AbortSignal },
+  opts: { name: string; signal?: AbortSignal; deadline?: number },
 ): Promise<EventsSource & { readonly nc: NatsConnection; close(): Promise<void> }> {
-  const nc = await connectNats(config, { name: opts.name, log, signal: opts.signal })
+  const nc = await connectNats(config, {
+    name: opts.name,
+    log,
+    signal: opts.signal,
+    deadline: opts.deadline,
+  })
   return {
     nc,
     js: jetstream(nc),

@@ -6,7 +6,9 @@ import { redact, secretsInUrls } from '../infra/redact.ts'
 import { runClock } from '../infra/clock-service.ts'
 import { createPublisher } from '../infra/publisher.ts'
 import { isPermissionViolation } from '../infra/failures.ts'
-import { errorSummary } from '../infra/retry.ts'
+import { errorSummary, withBackoff } from '../infra/retry.ts'
+import { isTransient } from '../infra/failures.ts'
+import { DatabaseMissingError } from '../infra/database.ts'
 import { loadProcessors, PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import type { EventKind } from '../schemas/events.ts'
@@ -16,7 +18,7 @@ import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet, type SimulationOptions } from '../simulator/fleet.ts'
 import { DlqCommandError, dlqDepth, listDlq, redriveDlq, showDlq } from './dlq.ts'
 import { devicesCommand, DevicesCommandError } from './devices.ts'
-import { ensureMqttMessagesStream, MQTT_MESSAGES_STREAM } from '../infra/streams.ts'
+import { ensureMqttMessagesStream, ensureStreams, MQTT_MESSAGES_STREAM } from '../infra/streams.ts'
 import {
   EVENT_KIND_NAMES,
   EventsCommandError,
@@ -39,11 +41,12 @@ import { NO_OBSERVABILITY, startObservability, type Observability } from './obse
 import { fmt, startProgress } from './progress.ts'
 import { parseSince, rebuildCommand, replayCommand } from './rebuild.ts'
 import { openRuntime, setUp, type Runtime } from './runtime.ts'
-import { EXIT_THRESHOLD, fleetStatus, formatStatus } from './status.ts'
+import { EXIT_THRESHOLD, fleetStatus, formatStatus, UnreachableError } from './status.ts'
 
 /**
- * Exit codes: 0 done, 1 failed (or NATS/PostgreSQL unreachable for `status`), 2 bad usage or
- * configuration, 3 a `status` threshold crossed, 130 interrupted (a one-shot command stopped by
+ * Exit codes: 0 done, 1 failed (or NATS/PostgreSQL not reached within a one-shot command's
+ * `--timeout`, or no database: only setup and the services create it), 2 bad usage or
+ * configuration (a refused login too), 3 a `status` threshold crossed, 130 interrupted (a one-shot command stopped by
  * SIGINT/SIGTERM before it finished; any command on a second signal).
  */
 const EXIT_FAILED = 1
@@ -117,8 +120,9 @@ program
     'create the database schema, the FLEET_EVENTS and FLEET_DLQ streams and the consumers (idempotent)',
   )
   .option('--json', 'print the report as JSON')
-  .action(async (opts: { json?: boolean }) => {
-    await withRuntime('fleetstream-setup', async (rt, signal) => {
+  .addOption(timeoutOption())
+  .action(async (opts: { json?: boolean; timeout: number }) => {
+    await oneShot('fleetstream-setup', { ...opts, createDatabase: true }, async (rt, signal) => {
       const report = await setUp(rt, signal)
       const mqtt = await ensureMqttMessagesStream(rt.nc, rt.config.streams)
       if (opts.json) console.log(JSON.stringify(report))
@@ -263,6 +267,7 @@ program
     'drop the replaced tables after the swap instead of keeping them in a retired_* schema',
   )
   .option('--json', 'print the result as JSON (the progress bar goes to stderr)')
+  .addOption(timeoutOption())
   .addHelpText(
     'after',
     `
@@ -273,9 +278,9 @@ the next rebuild). Exit codes: 0 swapped in, 1 failed, 2 bad usage.`,
   .action(
     async (
       name: ProcessorName,
-      opts: { batchSize: number; dropRetired?: boolean; json?: boolean },
+      opts: { batchSize: number; dropRetired?: boolean; json?: boolean; timeout: number },
     ) => {
-      await withRuntime('fleetstream-rebuild', async (rt, signal) => {
+      await oneShot('fleetstream-rebuild', opts, async (rt, signal) => {
         await setUp(rt, signal)
         await rebuildCommand(rt, name, opts, signal)
       })
@@ -301,6 +306,7 @@ program
   )
   .option('--no-wait', 'move the checkpoint back and exit without watching the processor catch up')
   .option('--json', 'print the result as JSON (the progress bar goes to stderr)')
+  .addOption(timeoutOption())
   .addHelpText(
     'after',
     `
@@ -316,12 +322,13 @@ once and re-anchors its consumer; a stopped one replays when it starts.`,
         since?: ReturnType<typeof parseSince>
         wait: boolean
         json?: boolean
+        timeout: number
       },
     ) => {
       if ((opts.fromSeq === undefined) === (opts.since === undefined)) {
         throw new InvalidArgumentError(`give exactly one of '--from-seq <n>' and '--since <time>'`)
       }
-      await withRuntime('fleetstream-replay', async (rt, signal) => {
+      await oneShot('fleetstream-replay', opts, async (rt, signal) => {
         await setUp(rt, signal)
         await replayCommand(rt, name, opts, signal)
       })
@@ -339,8 +346,9 @@ dlq
     ]),
   )
   .option('--json', 'one JSON array of entries')
-  .action(async (opts: { processor?: ProcessorName; json?: boolean }) => {
-    await withRuntime('fleetstream-dlq', async (rt) => {
+  .addOption(timeoutOption('NATS'))
+  .action(async (opts: { processor?: ProcessorName; json?: boolean; timeout: number }) => {
+    await oneShot('fleetstream-dlq', { ...opts, postgres: false }, async (rt) => {
       const entries = await listDlq(rt, opts.processor)
       if (opts.json) {
         console.log(JSON.stringify(entries))
@@ -365,8 +373,9 @@ dlq
   .description('one parked event: why, where from, its headers and body')
   .argument('<seq>', 'its sequence in FLEET_DLQ (see dlq list)', positiveInteger)
   .option('--json', 'as JSON')
-  .action(async (seq: number, opts: { json?: boolean }) => {
-    await withRuntime('fleetstream-dlq', async (rt) => {
+  .addOption(timeoutOption('NATS'))
+  .action(async (seq: number, opts: { json?: boolean; timeout: number }) => {
+    await oneShot('fleetstream-dlq', { ...opts, postgres: false }, async (rt) => {
       const e = await showDlq(rt, seq)
       if (opts.json) {
         console.log(JSON.stringify(e))
@@ -413,6 +422,7 @@ dlq
     new Option('--rate <events/s>', 'at most this many per second').argParser(positive).default(50),
   )
   .option('--json', 'print what was redriven as JSON')
+  .addOption(timeoutOption('NATS'))
   .action(
     async (opts: {
       seq?: number[]
@@ -420,11 +430,12 @@ dlq
       processor?: ProcessorName
       rate: number
       json?: boolean
+      timeout: number
     }) => {
       if ((opts.seq === undefined) === (opts.all !== true)) {
         throw new InvalidArgumentError(`give exactly one of '--seq <n...>' and '--all'`)
       }
-      await withRuntime('fleetstream-dlq', async (rt, signal) => {
+      await oneShot('fleetstream-dlq', { ...opts, postgres: false }, async (rt, signal) => {
         const { done, failed } = await redriveDlq(rt, {
           ...(opts.seq ? { seqs: opts.seq } : {}),
           ...(opts.processor ? { processor: opts.processor } : {}),
@@ -485,8 +496,9 @@ events
   )
   .addOption(new Option('--limit <n>', 'stop after n events').argParser(positiveInteger))
   .option('--json', 'one JSON object per line')
+  .addOption(timeoutOption('NATS'))
   .action(async (opts: TailFlags) => {
-    await withNats('fleetstream-events', async (src, signal) => {
+    await withNats('fleetstream-events', opts.timeout, async (src, signal) => {
       const tail = tailEvents(
         src,
         {
@@ -523,8 +535,9 @@ events
   .description('one event by stream sequence: decoded envelope, HLC as a time, headers')
   .argument('<seq>', 'its sequence in FLEET_EVENTS', positiveInteger)
   .option('--json', 'as JSON')
-  .action(async (seq: number, opts: { json?: boolean }) => {
-    await withNats('fleetstream-events', async (src) => {
+  .addOption(timeoutOption('NATS'))
+  .action(async (seq: number, opts: { json?: boolean; timeout: number }) => {
+    await withNats('fleetstream-events', opts.timeout, async (src) => {
       const e = await showEvent(src, seq)
       console.log(opts.json ? JSON.stringify(e) : formatEvent(e))
     })
@@ -550,8 +563,9 @@ alerts
   .option('--device <id>', 'only this sensor')
   .addOption(new Option('--limit <n>', 'at most this many').argParser(positive).default(100))
   .option('--json', 'one JSON object per alert')
-  .action(async (opts: ListOptions & { json?: boolean }) => {
-    await withRuntime('fleetstream-alerts', async (rt) => {
+  .addOption(timeoutOption('PostgreSQL'))
+  .action(async (opts: ListOptions & { json?: boolean; timeout: number }) => {
+    await oneShot('fleetstream-alerts', { ...opts, nats: false }, async (rt) => {
       const rows = await listAlerts(rt, opts)
       if (opts.json) console.log(JSON.stringify(rows))
       else if (rows.length === 0) console.log('no alerts')
@@ -566,16 +580,28 @@ alerts
   .requiredOption('--by <name>', 'who acknowledges it')
   .option('--note <text>', 'why, for the record')
   .option('--json', 'print the result as JSON')
-  .action(async (alertId: string, opts: { by: string; note?: string; json?: boolean }) => {
-    await withRuntime('fleetstream-alerts', async (rt) => {
-      const r = await acknowledgeAlert(rt, clockFor(rt.config, 'cli'), alertId, opts.by, opts.note)
-      if (opts.json) console.log(JSON.stringify({ alertId, eventId: r.eventId, seq: r.seq }))
-      else
-        console.log(
-          `acknowledged ${alertId} (${r.alert.device_id}, ${r.alert.rule_id}): event ${r.eventId} at stream sequence ${r.seq}`,
+  .addOption(timeoutOption())
+  .action(
+    async (
+      alertId: string,
+      opts: { by: string; note?: string; json?: boolean; timeout: number },
+    ) => {
+      await oneShot('fleetstream-alerts', opts, async (rt) => {
+        const r = await acknowledgeAlert(
+          rt,
+          clockFor(rt.config, 'cli'),
+          alertId,
+          opts.by,
+          opts.note,
         )
-    })
-  })
+        if (opts.json) console.log(JSON.stringify({ alertId, eventId: r.eventId, seq: r.seq }))
+        else
+          console.log(
+            `acknowledged ${alertId} (${r.alert.device_id}, ${r.alert.rule_id}): event ${r.eventId} at stream sequence ${r.seq}`,
+          )
+      })
+    },
+  )
 
 withSimulationOptions(
   program
@@ -586,12 +612,14 @@ withSimulationOptions(
   { help: 'seconds to run; 0 runs until Ctrl-C', default: 10 },
 )
   .option('--json', 'print the summary as JSON')
-  .action(async (opts: SimulateFlags & { json?: boolean }) => {
-    await withRuntime('fleetstream-simulate', async (rt, signal) => {
-      // The gateway role may not touch the JetStream API at all: it never sets up (asking would
-      // only be refused, and the refusal logged as a NATS connection error on every start).
+  .addOption(timeoutOption('NATS'))
+  .action(async (opts: SimulateFlags & { json?: boolean; timeout: number }) => {
+    await oneShot('fleetstream-simulate', { ...opts, postgres: false }, async (rt, signal) => {
+      // The streams only: the simulator publishes, it has no use for the database. The gateway
+      // role may not touch the JetStream API at all: it never sets up (asking would only be
+      // refused, and the refusal logged as a NATS connection error on every start).
       const mayNotSetUp = rt.config.natsAuth?.user === 'gateway'
-      await (mayNotSetUp ? Promise.resolve() : setUp(rt, signal)).catch((err: unknown) => {
+      await (mayNotSetUp ? Promise.resolve() : setUpStreams(rt, signal)).catch((err: unknown) => {
         // Devices publish; they do not set up (README.md, "NATS roles").
         if (!isPermissionViolation(err)) throw err
         rt.log.info(
@@ -675,6 +703,7 @@ interface TailFlags {
   last: number
   limit?: number
   json?: boolean
+  timeout: number
 }
 
 interface SimulateFlags {
@@ -796,7 +825,7 @@ function fromEnvironmentIfSecret(variable: string, url: string): string {
 async function withRuntime(
   name: string,
   body: (rt: Runtime, signal: AbortSignal, obs: Observability) => Promise<void>,
-  opts: { logLevel?: string; serve?: boolean } = {},
+  opts: RuntimeOptions = {},
 ): Promise<void> {
   const config = loadConfig()
   const log = createLogger({ level: opts.logLevel ?? config.logLevel, name })
@@ -816,11 +845,24 @@ async function withRuntime(
   process.on('SIGTERM', onSignal)
   let rt: Runtime | undefined
   try {
-    rt = await openRuntime(config, log, { name, signal: stop.signal })
+    rt = await openRuntime(config, log, {
+      name,
+      signal: stop.signal,
+      // Services (run, clock, start) create a missing database; one-shot commands but setup do not.
+      createDatabase: opts.createDatabase ?? opts.timeoutSeconds === undefined,
+      ...(opts.timeoutSeconds !== undefined ? { timeoutMs: opts.timeoutSeconds * 1000 } : {}),
+      ...(opts.nats !== undefined ? { nats: opts.nats } : {}),
+      ...(opts.postgres !== undefined ? { postgres: opts.postgres } : {}),
+    })
     await obs.attach(rt)
     await body(rt, stop.signal, obs)
   } catch (err) {
-    if (stop.signal.aborted && rt === undefined) return // interrupted while waiting for a dependency
+    if (stop.signal.aborted && rt === undefined) {
+      // A service told to stop before it started has done what it was told; a one-shot command
+      // has not: it exits 130.
+      if (opts.timeoutSeconds === undefined) return
+      throw new Error('interrupted while waiting for NATS or PostgreSQL', { cause: err })
+    }
     throw err
   } finally {
     await obs.close()
@@ -829,12 +871,50 @@ async function withRuntime(
   }
 }
 
+interface RuntimeOptions {
+  logLevel?: string
+  serve?: boolean
+  /** A one-shot command: give up waiting for NATS or PostgreSQL after this long. */
+  timeoutSeconds?: number
+  /** Connect to NATS (default true). */
+  nats?: boolean
+  /** Connect to PostgreSQL (default true). */
+  postgres?: boolean
+  /** Create a missing database (default: the services do, one-shot commands do not). */
+  createDatabase?: boolean
+}
+
+/**
+ * {@link withRuntime} for a one-shot command: it connects to what it uses only, gives up after
+ * `--timeout` seconds waiting for it, and exits 130 when interrupted while waiting.
+ */
+async function oneShot(
+  name: string,
+  opts: { timeout: number } & Pick<RuntimeOptions, 'nats' | 'postgres' | 'createDatabase'>,
+  body: (rt: Runtime, signal: AbortSignal) => Promise<void>,
+): Promise<void> {
+  await withRuntime(name, body, {
+    timeoutSeconds: opts.timeout,
+    ...(opts.nats !== undefined ? { nats: opts.nats } : {}),
+    ...(opts.postgres !== undefined ? { postgres: opts.postgres } : {}),
+    ...(opts.createDatabase !== undefined ? { createDatabase: opts.createDatabase } : {}),
+  })
+}
+
+/** The streams of setUp only, waited for the same way (for `simulate`, which has no database). */
+async function setUpStreams(rt: Runtime, signal: AbortSignal): Promise<void> {
+  await withBackoff(rt.log, 'set up streams', {
+    isPermanent: (err) => !isTransient(err),
+  }).execute(() => ensureStreams(rt.jsm, rt.config.streams), signal)
+}
+
 /**
  * Like {@link withRuntime} for commands that read NATS only (the `events` commands): they need no
  * database, so they still work while Postgres is down.
  */
 async function withNats(
   name: string,
+  timeoutSeconds: number,
   body: (src: EventsSource, signal: AbortSignal) => Promise<void>,
 ): Promise<void> {
   const config = loadConfig()
@@ -850,15 +930,33 @@ async function withNats(
   process.on('SIGTERM', onSignal)
   let src: Awaited<ReturnType<typeof openEventsSource>> | undefined
   try {
-    src = await openEventsSource(config, log, { name, signal: stop.signal })
+    const deadline = Date.now() + timeoutSeconds * 1000
+    src = await openEventsSource(config, log, { name, signal: stop.signal, deadline }).catch(
+      (err: unknown) => {
+        if (Date.now() < deadline || stop.signal.aborted || err instanceof ConfigError) throw err
+        throw new UnreachableError(
+          `cannot reach NATS at ${redact(config.natsUrl)} within ${timeoutSeconds} s: ${errorSummary(err)}`,
+          { cause: err },
+        )
+      },
+    )
     await body(src, stop.signal)
   } catch (err) {
-    if (stop.signal.aborted && src === undefined) return // interrupted while waiting for NATS
+    if (stop.signal.aborted && src === undefined) {
+      throw new Error('interrupted while waiting for NATS', { cause: err })
+    }
     throw err
   } finally {
     await src?.close()
     log.flush()
   }
+}
+
+/** `--timeout` of a one-shot command. */
+function timeoutOption(what = 'NATS and PostgreSQL'): Option {
+  return new Option('--timeout <seconds>', `give up waiting for ${what} after this long`)
+    .argParser(positive)
+    .default(10)
 }
 
 async function waitForAbort(signal: AbortSignal): Promise<void> {
@@ -927,7 +1025,11 @@ try {
   } else if (err instanceof CommanderError) {
     // commander has printed it; help and --version end here too, with 0
     process.exitCode = err.exitCode === 0 ? 0 : EXIT_USAGE
-  } else if (err instanceof EventsCommandError) {
+  } else if (
+    err instanceof EventsCommandError ||
+    err instanceof DatabaseMissingError ||
+    err instanceof UnreachableError
+  ) {
     console.error(`fleetstream: ${redact(err.message)}`)
     process.exitCode = EXIT_FAILED
   } else {

@@ -8,10 +8,18 @@ import type { NatsConnection } from '@nats-io/transport-node'
 import type { Kysely } from 'kysely'
 import type pg from 'pg'
 import type { Config } from '../infra/config.ts'
-import { createKysely, createPool, ensureDatabase, waitForPostgres } from '../infra/database.ts'
+import {
+  createKysely,
+  createPool,
+  DatabaseMissingError,
+  ensureDatabase,
+  waitForPostgres,
+} from '../infra/database.ts'
+import { ConfigError } from '../infra/config.ts'
+import { redact } from '../infra/redact.ts'
 import type { Logger } from '../infra/logger.ts'
 import { connectNats, keepJetStreamReachable } from '../infra/nats.ts'
-import { withBackoff } from '../infra/retry.ts'
+import { errorSummary, withBackoff } from '../infra/retry.ts'
 import { within } from '../infra/sleep.ts'
 import { isTransient } from '../infra/failures.ts'
 import { ensureStreams, type EnsureResult } from '../infra/streams.ts'
@@ -22,6 +30,7 @@ import { loadProcessors, PROCESSOR_NAMES, type ProcessorName } from '../processo
 import { readCheckpoint } from '../projections/checkpoints.ts'
 import { migrateToLatest } from '../projections/migrate.ts'
 import type { Database } from '../projections/tables.ts'
+import { UnreachableError } from './status.ts'
 
 /** Open connections of one fleetstream process. */
 export interface Runtime {
@@ -37,54 +46,147 @@ export interface Runtime {
   close(): Promise<void>
 }
 
+/** What a command connects to, and how long it waits for it. */
+export interface OpenOptions {
+  readonly name: string
+  readonly signal?: AbortSignal
+  readonly poolSize?: number
+  /** Connect to NATS (default true); without it, `nc`, `js` and `jsm` throw when used. */
+  readonly nats?: boolean
+  /** Connect to Postgres (default true); without it, `pool` and `db` throw when used. */
+  readonly postgres?: boolean
+  /**
+   * Create the database if it is missing (default true: `setup`, `run`, `clock`, `start`);
+   * otherwise a missing database is a {@link DatabaseMissingError}.
+   */
+  readonly createDatabase?: boolean
+  /**
+   * Give up after this long waiting for a dependency (one-shot commands), with an
+   * {@link UnreachableError} naming it and its last error; default: wait until the signal aborts.
+   */
+  readonly timeoutMs?: number
+}
+
 /**
- * Connects to NATS and Postgres, waiting with backoff for each (start-up never assumes they are
- * up), creating the database if it is missing.
+ * Connects to NATS and Postgres (those the command uses), waiting with backoff for each
+ * (start-up never assumes they are up; one-shot commands give up after `timeoutMs`), creating the
+ * database if it is missing and `createDatabase` allows. Refused credentials stop at once with a
+ * ConfigError.
  */
 export async function openRuntime(
   config: Config,
   log: Logger,
-  opts: { name: string; signal?: AbortSignal; poolSize?: number },
+  opts: OpenOptions,
 ): Promise<Runtime> {
   const processors = await loadProcessors(config)
-  await ensureDatabase(config.databaseUrl, log, opts.signal)
-  const pool = createPool(config.databaseUrl, {
-    // Each processor holds one connection for its locks and uses one for the transactions of
-    // each slot it may own (one, or one per partition); the outbox relay and set-up need one each.
-    max: opts.poolSize ?? PROCESSOR_NAMES.length * (1 + Math.max(1, config.partitions)) + 2,
-    applicationName: opts.name,
-    log,
-  })
+  const usesNats = opts.nats ?? true
+  const usesPostgres = opts.postgres ?? true
+  const deadline = opts.timeoutMs !== undefined ? Date.now() + opts.timeoutMs : undefined
+  const seconds = (opts.timeoutMs ?? 0) / 1000
+  /** Past the deadline, the last error of a dependency becomes "cannot reach it within N s". */
+  const bounded = <T>(what: string, at: string, attempt: Promise<T>): Promise<T> =>
+    attempt.catch((err: unknown) => {
+      if (
+        deadline !== undefined &&
+        Date.now() >= deadline &&
+        !opts.signal?.aborted &&
+        !(err instanceof ConfigError) &&
+        !(err instanceof DatabaseMissingError)
+      ) {
+        throw new UnreachableError(
+          `cannot reach ${what} at ${redact(at)} within ${seconds} s: ${errorSummary(err)}`,
+          { cause: err },
+        )
+      }
+      throw err
+    })
+  const connectTimeout =
+    deadline === undefined
+      ? {}
+      : { connectionTimeoutMs: Math.min(5000, Math.max(500, opts.timeoutMs ?? 0)) }
+  let pool: pg.Pool | undefined
+  if (usesPostgres) {
+    await bounded(
+      'PostgreSQL',
+      config.databaseUrl,
+      ensureDatabase(config.databaseUrl, log, opts.signal, {
+        create: opts.createDatabase ?? true,
+        ...(deadline !== undefined ? { deadline } : {}),
+        ...connectTimeout,
+      }),
+    )
+    pool = createPool(config.databaseUrl, {
+      // Each processor holds one connection for its locks and uses one for the transactions of
+      // each slot it may own (one, or one per partition); the outbox relay and set-up need one each.
+      max: opts.poolSize ?? PROCESSOR_NAMES.length * (1 + Math.max(1, config.partitions)) + 2,
+      applicationName: opts.name,
+      log,
+      ...connectTimeout,
+    })
+  }
   try {
-    await waitForPostgres(pool, log, opts.signal)
-    const nc = await connectNats(config, { name: opts.name, log, signal: opts.signal })
-    const db = createKysely<Database>(pool)
+    if (pool) {
+      await bounded(
+        'PostgreSQL',
+        config.databaseUrl,
+        waitForPostgres(pool, log, opts.signal, {
+          url: config.databaseUrl,
+          ...(deadline !== undefined ? { deadline } : {}),
+        }),
+      )
+    }
+    const nc = usesNats
+      ? await bounded(
+          'NATS',
+          config.natsUrl,
+          connectNats(config, { name: opts.name, log, signal: opts.signal, deadline }),
+        )
+      : undefined
+    const db = pool ? createKysely<Database>(pool) : undefined
     const closing = new AbortController()
-    const watchdog = keepJetStreamReachable(nc, { log, signal: closing.signal })
+    const watchdog = nc ? keepJetStreamReachable(nc, { log, signal: closing.signal }) : undefined
+    const js = nc ? jetstream(nc) : undefined
+    // No API check here: the first real call is inside set-up's retries.
+    const jsm = nc ? await jetstreamManager(nc, { checkAPI: false }) : undefined
+    const unused = (what: string): never => {
+      throw new Error(`${opts.name} does not connect to ${what}`)
+    }
     return {
       config,
       log,
-      nc,
-      js: jetstream(nc),
-      // No API check here: the first real call is inside set-up's retries.
-      jsm: await jetstreamManager(nc, { checkAPI: false }),
-      pool,
-      db,
+      get nc() {
+        return nc ?? unused('NATS')
+      },
+      get js() {
+        return js ?? unused('NATS')
+      },
+      get jsm() {
+        return jsm ?? unused('NATS')
+      },
+      get pool() {
+        return pool ?? unused('PostgreSQL')
+      },
+      get db() {
+        return db ?? unused('PostgreSQL')
+      },
       processors,
       async close() {
         closing.abort()
         await watchdog
-        // Drain flushes what is in flight. With the server unreachable it fails at once or waits
-        // for a reconnect forever: give it a few seconds, then close (which stops reconnecting).
-        await within(nc.drain(), 5000, 'NATS drain').catch(() => undefined)
-        if (!nc.isClosed()) await nc.close().catch(() => undefined)
-        await db.destroy()
+        if (nc) {
+          // Drain flushes what is in flight. With the server unreachable it fails at once or
+          // waits for a reconnect forever: give it a few seconds, then close (which stops
+          // reconnecting).
+          await within(nc.drain(), 5000, 'NATS drain').catch(() => undefined)
+          if (!nc.isClosed()) await nc.close().catch(() => undefined)
+        }
+        await db?.destroy()
         // Kysely ends the pool only if it ever ran a query; the pool is ours to end either way.
-        if (!pool.ended) await pool.end()
+        if (pool && !pool.ended) await pool.end()
       },
     }
   } catch (err) {
-    await pool.end().catch(() => undefined)
+    await pool?.end().catch(() => undefined)
     throw err
   }
 }

@@ -2,7 +2,7 @@ import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
 import { AuthorizationError, connect, type NatsConnection } from '@nats-io/transport-node'
 import type { Kysely } from 'kysely'
 import type { Config } from '../infra/config.ts'
-import { createKysely, createPool } from '../infra/database.ts'
+import { createKysely, createPool, isLoginRefused, loginRefused } from '../infra/database.ts'
 import type { Logger } from '../infra/logger.ts'
 import { credentialsRefused, natsConnectOptions } from '../infra/nats.ts'
 import { redact } from '../infra/redact.ts'
@@ -355,6 +355,11 @@ async function connectBounded(
   if (nats.status === 'rejected' && nats.reason instanceof AuthorizationError) {
     await pool.end()
     throw credentialsRefused(config, nats.reason)
+  }
+  if (postgres.status === 'rejected' && isLoginRefused(postgres.reason)) {
+    if (nats.status === 'fulfilled') await nats.value.close()
+    await pool.end()
+    throw loginRefused(config.databaseUrl, postgres.reason)
   }
   const problems: string[] = []
   if (nats.status === 'rejected') {

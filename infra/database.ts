@@ -1,7 +1,8 @@
 import { Kysely, PostgresDialect } from 'kysely'
 import pg from 'pg'
+import { ConfigError } from './config.ts'
 import type { Logger } from './logger.ts'
-import { redact } from './nats.ts'
+import { redact } from './redact.ts'
 import { withBackoff } from './retry.ts'
 
 /**
@@ -87,24 +88,49 @@ export function createKysely<DB>(pool: pg.Pool): Kysely<DB> {
   return new Kysely<DB>({ dialect: new PostgresDialect({ pool }) })
 }
 
-/** Waits with backoff until the server answers a query. */
+/**
+ * The database named in DATABASE_URL does not exist and this command does not create it (only
+ * `setup`, `run`, `clock` and `start` do): a mistyped name is not silently created.
+ */
+export class DatabaseMissingError extends Error {
+  override readonly name = 'DatabaseMissingError'
+}
+
+/**
+ * Waits with backoff until the server answers a query; until `deadline` (epoch ms) if given, then
+ * the last error is thrown. A refused login is a {@link ConfigError} at once.
+ */
 export async function waitForPostgres(
   pool: pg.Pool,
   log: Logger,
   signal?: AbortSignal,
+  opts: { url?: string; deadline?: number } = {},
 ): Promise<void> {
-  await withBackoff(log, 'connect to PostgreSQL').execute(() => pool.query('select 1'), signal)
+  await withBackoff(log, 'connect to PostgreSQL', {
+    isPermanent: (err) => isLoginRefused(err) || isMissingDatabase(err),
+    ...(opts.deadline !== undefined ? { deadline: opts.deadline } : {}),
+  })
+    .execute(() => pool.query('select 1'), signal)
+    .catch((err: unknown) => {
+      if (opts.url !== undefined && isLoginRefused(err)) throw loginRefused(opts.url, err)
+      throw err
+    })
 }
 
 /**
- * Waits for the server, then creates the database named in `url` if it does not exist yet. Only
- * then does it connect to the server's `postgres` database, so a user without access to it is
- * fine wherever the database already exists. Safe to run from several processes at once.
+ * Waits for the server, then creates the database named in `url` if it does not exist yet (with
+ * `create: false`, throws {@link DatabaseMissingError} instead). Only then does it connect to the
+ * server's `postgres` database, so a user without access to it is fine wherever the database
+ * already exists. Safe to run from several processes at once. A login the server refuses (SQLSTATE
+ * class 28: no such role, wrong password, no pg_hba entry) is a {@link ConfigError} at once:
+ * waiting cannot fix it. With a `deadline` (epoch ms), an unreachable server's last error is
+ * thrown then.
  */
 export async function ensureDatabase(
   url: string,
   log: Logger,
   signal?: AbortSignal,
+  opts: { create?: boolean; deadline?: number; connectionTimeoutMs?: number } = {},
 ): Promise<void> {
   const name = decodeURIComponent(new URL(url).pathname.replace(/^\//, ''))
   if (!/^[A-Za-z0-9_-]{1,63}$/.test(name)) {
@@ -112,17 +138,26 @@ export async function ensureDatabase(
       `'DATABASE_URL' database name must match /^[A-Za-z0-9_-]{1,63}$/, got '${name}'`,
     )
   }
-  const probe = createPool(url, { max: 1, log })
+  const probe = createPool(url, {
+    max: 1,
+    log,
+    ...(opts.connectionTimeoutMs !== undefined
+      ? { connectionTimeoutMs: opts.connectionTimeoutMs }
+      : {}),
+  })
   try {
-    await withBackoff(log, 'connect to PostgreSQL', { isPermanent: isMissingDatabase }).execute(
-      () => probe.query('select 1'),
-      signal,
-    )
+    await waitForPostgres(probe, log, signal, {
+      url,
+      ...(opts.deadline !== undefined ? { deadline: opts.deadline } : {}),
+    })
     return
   } catch (err) {
     if (!isMissingDatabase(err)) throw err
   } finally {
     await probe.end()
+  }
+  if (opts.create === false) {
+    throw new DatabaseMissingError(`no database '${name}' at ${redact(url)} (run setup first)`)
   }
   const admin = new URL(url)
   admin.pathname = '/postgres'
@@ -140,4 +175,23 @@ export async function ensureDatabase(
 /** 3D000: the database named in the connection does not exist. */
 function isMissingDatabase(err: unknown): boolean {
   return (err as { code?: string } | undefined)?.code === '3D000'
+}
+
+/** SQLSTATE class 28, invalid authorization: 28P01 wrong password, 28000 no such role or no pg_hba entry. */
+export function isLoginRefused(err: unknown): boolean {
+  const code = (err as { code?: unknown } | undefined)?.code
+  return typeof code === 'string' && code.startsWith('28')
+}
+
+export function loginRefused(url: string, err: unknown): ConfigError {
+  const user = decodeURIComponent(new URL(url).username) || '(the default user)'
+  const message = err instanceof Error ? err.message : String(err)
+  const code = (err as { code?: unknown }).code
+  return new ConfigError(
+    [
+      `'DATABASE_URL' user '${user}' was refused by PostgreSQL at ${redact(url)}: ${message} (${String(code)})`,
+    ],
+    'configuration',
+    { cause: err },
+  )
 }

@@ -70,11 +70,19 @@ export function credentialsRefused(settings: NatsSettings, err: AuthorizationErr
  */
 export async function connectNats(
   settings: NatsSettings,
-  opts: { name: string; log: Logger; signal?: AbortSignal | undefined },
+  opts: {
+    name: string
+    log: Logger
+    signal?: AbortSignal | undefined
+    /** Give up at this time (epoch ms), throwing the last error; default: wait for ever. */
+    deadline?: number | undefined
+  },
 ): Promise<NatsConnection> {
   const who = settings.natsAuth ? ` as '${settings.natsAuth.user}'` : ''
+  const { deadline } = opts
   const nc = await withBackoff(opts.log, `connect to NATS at ${redact(settings.natsUrl)}${who}`, {
     isPermanent: (err) => err instanceof AuthorizationError,
+    ...(deadline !== undefined ? { deadline } : {}),
   })
     .execute(
       () =>
@@ -83,7 +91,8 @@ export async function connectNats(
           maxReconnectAttempts: -1,
           reconnectTimeWait: 1000,
           reconnectJitter: 500,
-          timeout: 5000,
+          timeout:
+            deadline === undefined ? 5000 : Math.max(500, Math.min(5000, deadline - Date.now())),
         }),
       opts.signal,
     )

@@ -9,6 +9,11 @@ export interface BackoffOptions {
   readonly maxAttempts?: number
   /** Errors for which a retry cannot help; they are rethrown at once. */
   readonly isPermanent?: (err: unknown) => boolean
+  /**
+   * Stop retrying at this time (epoch ms): the last error is rethrown (delays are kept short
+   * enough not to overshoot it by much). Defaults to no limit.
+   */
+  readonly deadline?: number
 }
 
 /**
@@ -21,13 +26,18 @@ export interface BackoffOptions {
  */
 export function withBackoff(log: Logger, what: string, opts: BackoffOptions = {}): RetryPolicy {
   const isPermanent = opts.isPermanent ?? (() => false)
+  const { deadline } = opts
+  const maxDelay = opts.maxDelayMs ?? 10_000
   const policy = retry(
-    handleWhen((err) => !isPermanent(err)),
+    handleWhen((err) => !isPermanent(err) && (deadline === undefined || Date.now() < deadline)),
     {
       maxAttempts: opts.maxAttempts ?? Number.POSITIVE_INFINITY,
       backoff: new ExponentialBackoff({
         initialDelay: opts.initialDelayMs ?? 200,
-        maxDelay: opts.maxDelayMs ?? 10_000,
+        maxDelay:
+          deadline === undefined
+            ? maxDelay
+            : Math.max(100, Math.min(maxDelay, (deadline - Date.now()) / 4)),
       }),
     },
   )
