@@ -476,11 +476,20 @@ class SlotSession {
       })
 
       void this.#watchStream(seen, watching.signal)
+      // Two stages overlap: while batch k commits, batch k+1 is taken and decided. Commits run
+      // one at a time in stream order, and each acks its batch only once committed, so the
+      // checkpoint is a low-watermark: no sequence is recorded while a lower one is uncommitted.
+      // A failed commit ends the session before the batch prepared behind it is committed or
+      // acked; the next session starts again from the checkpoint in Postgres.
+      let committing: Promise<void> | undefined
+      /** The checkpoint the batch in flight will leave: what the next batch is prepared against. */
+      let preparedTo = this.#position.lastSeq
+      const { batchSize, batchLingerMs } = this.#ctx.deps.config.processor
       while (!isAborted(signal)) {
-        const { batchSize, batchLingerMs } = this.#ctx.deps.config.processor
         const batch = await buffer.take(batchSize, batchLingerMs, signal)
         if (this.#diverged !== undefined) throw this.#diverged
         if (batch.length === 0) {
+          await committing // what came before is committed (or its failure ends the session)
           if (gap.skipped !== undefined) {
             throw new Error(
               `deliveries went missing in flight (consumer sequence jumped from ${gap.skipped}): ` +
@@ -493,12 +502,20 @@ class SlotSession {
           }
           continue
         }
-        this.#position = await this.#exclusive(() => {
+        const prepared = this.#prepare(batch, preparedTo)
+        preparedTo = Math.max(preparedTo, prepared.lastSeq)
+        await committing
+        const commit = this.#exclusive(async () => {
           // A check that ran while this batch waited moved the checkpoint back past it.
           if (this.#diverged !== undefined) throw this.#diverged
-          return this.#processBatch(batch, this.#position, signal)
+          this.#position = await this.#processBatch(prepared, this.#position, signal)
         })
+        // Its failure is thrown where it is awaited: before the next commit, or at once when the
+        // loop is waiting for messages (the buffer closes and the wait ends).
+        commit.catch(() => buffer.close())
+        committing = commit
       }
+      await committing
     } finally {
       watching.abort()
       this.#stopping.removeEventListener('abort', stop)
@@ -642,22 +659,72 @@ class SlotSession {
   }
 
   /**
-   * Decode; park what is refused; apply the rest with the checkpoint, splitting the batch to
-   * isolate an event the projection fails on every time; terminate what was parked; ack the batch.
-   * Returns the new checkpoint. A transient failure (or too much poison at once) ends the session
-   * with nothing of the uncommitted part applied or acked; the next session resumes at the checkpoint.
+   * The first stage, while the batch before it commits: drops what is at or below `from` (the
+   * checkpoint the batch in flight leaves) or repeated, and decides the rest in stream order.
+   * Pure CPU: nothing is parked, written or acked here.
+   */
+  #prepare(batch: JsMsg[], from: number): Prepared {
+    const stats = this.#ctx.stats
+    const metrics = this.#ctx.metrics
+    stats.received += batch.length
+    const spans = new BatchSpans(this.#slot.processor, this.#slot.filterSubject, batch)
+    const fresh: JsMsg[] = []
+    const seen = new Set<number>()
+    let newest: JsMsg | undefined
+    for (const m of batch) {
+      const seq = m.info.streamSequence
+      if (newest === undefined || seq > newest.info.streamSequence) newest = m
+      if (seq <= from || seen.has(seq)) {
+        stats.skipped++
+        metrics?.skipped()
+        continue
+      }
+      seen.add(seq)
+      fresh.push(m)
+    }
+    fresh.sort((a, b) => a.info.streamSequence - b.info.streamSequence)
+    const accepted: Accepted[] = []
+    const refused: Refused[] = []
+    for (const msg of fresh) {
+      const d = decide(msg, this.#ctx.spec, this.#ctx.deps.config)
+      if (d.kind === 'skip') {
+        // Put back from the DLQ for another processor (this one applied the original), or of a
+        // kind this processor does not read.
+        stats.skipped++
+        metrics?.skipped()
+        continue
+      }
+      spans.event(
+        msg,
+        d.kind === 'apply'
+          ? { correlationId: d.event.event.correlationId, hlc: d.event.event.hlc }
+          : undefined,
+      )
+      if (d.kind === 'refuse') refused.push({ msg, reason: d.reason, detail: d.detail })
+      else accepted.push({ msg, event: d.event })
+    }
+    const lastSeq = fresh[fresh.length - 1]?.info.streamSequence ?? from
+    return { size: batch.length, newest, fresh, accepted, refused, spans, lastSeq }
+  }
+
+  /**
+   * The second stage, one batch at a time in stream order: parks what was refused; applies the
+   * rest with the checkpoint, splitting the batch to isolate an event the projection fails on
+   * every time; terminates what was parked; acks the batch. Returns the new checkpoint. A
+   * transient failure (or too much poison at once) ends the session with nothing of the
+   * uncommitted part applied or acked; the next session resumes at the checkpoint.
    */
   async #processBatch(
-    batch: JsMsg[],
+    prepared: Prepared,
     from: CheckpointPosition,
     signal: AbortSignal,
   ): Promise<CheckpointPosition> {
-    const spans = new BatchSpans(this.#slot.processor, this.#slot.filterSubject, batch)
+    const spans = prepared.spans
     this.#spans = spans
     try {
       // The transaction runs inside the batch span: its database spans land beneath it.
       const pos = await context.with(trace.setSpan(context.active(), spans.batch), () =>
-        this.#applyBatch(batch, from, signal),
+        this.#applyBatch(prepared, from, signal),
       )
       spans.committed(pos.lastSeq)
       return pos
@@ -670,58 +737,23 @@ class SlotSession {
   }
 
   async #applyBatch(
-    batch: JsMsg[],
+    prepared: Prepared,
     from: CheckpointPosition,
     signal: AbortSignal,
   ): Promise<CheckpointPosition> {
     const started = performance.now()
-    this.#ctx.stats.received += batch.length
-    const fresh: JsMsg[] = []
-    const seen = new Set<number>()
-    let newest: JsMsg | undefined
-    for (const m of batch) {
-      const seq = m.info.streamSequence
-      if (newest === undefined || seq > newest.info.streamSequence) newest = m
-      if (seq <= from.lastSeq || seen.has(seq)) {
-        this.#ctx.stats.skipped++
-        this.#ctx.metrics?.skipped()
-        continue
-      }
-      seen.add(seq)
-      fresh.push(m)
-    }
+    const { newest, fresh, accepted } = prepared
     if (newest === undefined) return from
     if (fresh.length === 0) {
       newest.ack()
       return from
     }
-    fresh.sort((a, b) => a.info.streamSequence - b.info.streamSequence)
     this.#inHand = fresh
-
-    const accepted: Accepted[] = []
     const parked: JsMsg[] = []
-    for (const msg of fresh) {
-      const d = decide(msg, this.#ctx.spec, this.#ctx.deps.config)
-      if (d.kind === 'skip') {
-        // Put back from the DLQ for another processor (this one applied the original), or of a
-        // kind this processor does not read.
-        this.#ctx.stats.skipped++
-        this.#ctx.metrics?.skipped()
-        continue
-      }
-      this.#spans?.event(
-        msg,
-        d.kind === 'apply'
-          ? { correlationId: d.event.event.correlationId, hlc: d.event.event.hlc }
-          : undefined,
-      )
-      if (d.kind === 'refuse') {
-        // Refused as it is: no attempt can change that. Parked before any commit passes it.
-        await this.#park({ msg, reason: d.reason, detail: d.detail, attempts: 1 })
-        parked.push(msg)
-      } else {
-        accepted.push({ msg, event: d.event })
-      }
+    for (const r of prepared.refused) {
+      // Refused as it is: no attempt can change that. Parked before any commit passes it.
+      await this.#park({ ...r, attempts: 1 })
+      parked.push(r.msg)
     }
 
     let pos = await this.#applyIsolating(accepted, from, parked, signal)
@@ -732,7 +764,7 @@ class SlotSession {
     newest.ack()
     this.#ctx.stats.batches++
     this.#checkpointAt(pos.lastSeq)
-    this.#ctx.metrics?.batch(batch.length, (performance.now() - started) / 1000)
+    this.#ctx.metrics?.batch(prepared.size, (performance.now() - started) / 1000)
     return pos
   }
 
@@ -1029,6 +1061,27 @@ class DeliverySequence {
 interface Accepted {
   readonly msg: JsMsg
   readonly event: ProjectedEvent
+}
+
+interface Refused {
+  readonly msg: JsMsg
+  readonly reason: RejectReason
+  readonly detail: string
+}
+
+/** A batch taken and decided, waiting for the batch before it to commit. */
+interface Prepared {
+  /** Messages taken, redeliveries included. */
+  readonly size: number
+  /** The newest delivery: its ack covers the batch (AckPolicy.All). */
+  readonly newest: JsMsg | undefined
+  /** Messages past the checkpoint, each once, in stream order. */
+  readonly fresh: readonly JsMsg[]
+  readonly accepted: readonly Accepted[]
+  readonly refused: readonly Refused[]
+  readonly spans: BatchSpans
+  /** The checkpoint once this batch commits. */
+  readonly lastSeq: number
 }
 
 /** Postgres refused the values of these events (by stream sequence); the rest applied cleanly. */
