@@ -6,7 +6,7 @@
 import { startTelemetry } from '../infra/telemetry.ts'
 
 const command = process.argv.slice(2).find((a) => !a.startsWith('-')) ?? 'cli'
-const telemetry = startTelemetry({ serviceName: `fleetstream-${command}` })
+const telemetry = await startTelemetry({ serviceName: `fleetstream-${command}` })
 try {
   await import('./main.ts')
 } finally {

@@ -8,7 +8,8 @@ import { encodeHlc, decodeHlc, type HybridLogicalClock } from '../schemas/hlc.ts
 import { eventSubject, Headers } from '../schemas/subjects.ts'
 import { parseOrThrow } from '../schemas/validation.ts'
 import { isTransient } from './failures.ts'
-import { Attr, injectTraceContext, tracer, tracingActive } from './telemetry.ts'
+import { Attr } from './span-attributes.ts'
+import { injectTraceContext, tracer, tracingActive } from './telemetry.ts'
 
 /** What a caller supplies; the publisher fills in ids, HLC and (by default) occurredAt. */
 export interface EventDraft<T extends EventType = EventType> {

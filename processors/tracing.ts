@@ -7,7 +7,8 @@ import {
   type Link,
   type Span,
 } from '@opentelemetry/api'
-import { Attr, extractTraceContext, tracer, tracingActive } from '../infra/telemetry.ts'
+import { Attr } from '../infra/span-attributes.ts'
+import { extractTraceContext, tracer, tracingActive } from '../infra/telemetry.ts'
 import { parseEventSubject, Headers } from '../schemas/subjects.ts'
 
 /**

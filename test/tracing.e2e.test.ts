@@ -27,7 +27,7 @@ describe('traces, in this process with an in-memory exporter', () => {
   let telemetry: Telemetry
   let p: Pipeline
   beforeAll(async () => {
-    telemetry = startTelemetry({
+    telemetry = await startTelemetry({
       serviceName: 'fleetstream-test',
       spanProcessors: [new tracing.SimpleSpanProcessor(exporter)],
     })
