@@ -1,6 +1,6 @@
 import { EVENT_KINDS, FleetEvent } from './events.ts'
 import { parseEventSubject } from './subjects.ts'
-import { describeIssues, formatValue } from './validation.ts'
+import { describeIssues, formatValue, issuesOf } from './validation.ts'
 
 /** Why an event was refused: a short code for dashboards and a detail line for people. */
 export type RejectReason =
@@ -53,12 +53,12 @@ export function decodeEvent(raw: RawEvent): Decoded {
       detail: `body is not JSON: ${(err as Error).message}`,
     }
   }
-  const parsed = FleetEvent.safeParse(json, { reportInput: true })
+  const parsed = FleetEvent.safeParse(json)
   if (!parsed.success) {
     return {
       ok: false,
       reason: 'invalid-event',
-      detail: describeIssues(parsed.error.issues).join('; '),
+      detail: describeIssues(issuesOf(FleetEvent, json)).join('; '),
     }
   }
   const event = parsed.data

@@ -24,9 +24,18 @@ export function parseOrThrow<S extends z.ZodType>(
   value: unknown,
   what: string,
 ): z.output<S> {
-  const result = schema.safeParse(value, { reportInput: true })
-  if (!result.success) throw new ValidationError(describeIssues(result.error.issues), what)
+  const result = schema.safeParse(value)
+  if (!result.success) throw new ValidationError(describeIssues(issuesOf(schema, value)), what)
   return result.data
+}
+
+/**
+ * The issues of a value a schema refused, each with the input it refused (for "got ..."). Parsed
+ * a second time on this rare path: `reportInput` makes every successful parse a third slower.
+ */
+export function issuesOf(schema: z.ZodType, value: unknown): z.core.$ZodIssue[] {
+  const again = schema.safeParse(value, { reportInput: true })
+  return again.success ? [] : again.error.issues
 }
 
 /** Turns zod issues into "'field' rule, got value" lines. */
