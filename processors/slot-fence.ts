@@ -57,25 +57,42 @@ export function fencedDatabase(pool: pg.Pool, lease: Lease, slotKey: string): Ky
   })
 }
 
+/** Raised by the commit's lock check (a user-defined SQLSTATE: class F, not one Postgres uses). */
+const SLOT_LOST_SQLSTATE = 'FSL01'
+
+/** A string as an SQL literal. */
+function quote(s: string): string {
+  return `'${s.replaceAll("'", "''")}'`
+}
+
 /** Ends a transaction of a slot that sits idle longer than this (set per transaction). */
 const IDLE_IN_TRANSACTION = `set local idle_in_transaction_session_timeout = ${LEASE_TIMEOUT_MS / 2}`
 
 class FencedDriver extends PostgresDriver {
   readonly #lease: Lease
   readonly #slotKey: string
-  readonly #check: CompiledQuery
+  /** The check and the commit, in one round trip: the commit runs only if the check passes. */
+  readonly #checkAndCommit: CompiledQuery
 
   constructor(pool: pg.Pool, lease: Lease, slotKey: string) {
     super({ pool })
     this.#lease = lease
     this.#slotKey = slotKey
-    this.#check = CompiledQuery.raw(
-      `select exists (
+    // The simple query protocol (no parameters) runs both statements in one round trip and stops
+    // at the first error, so a failed check leaves the transaction aborted, never committed.
+    // Values are literals: an integer and two quoted names.
+    const held = `exists (
          select from pg_locks
-          where locktype = 'advisory' and granted and objsubid = 2 and pid = $1
+          where locktype = 'advisory' and granted and objsubid = 2 and pid = ${String(lease.pid)}
             and database = (select oid from pg_database where datname = current_database())
-            and classid = hashtext($2)::oid and objid = hashtext($3)::oid) as held`,
-      [lease.pid, SLOT_LOCK_CLASS, slotKey],
+            and classid = hashtext(${quote(SLOT_LOCK_CLASS)})::oid
+            and objid = hashtext(${quote(slotKey)})::oid)`
+    this.#checkAndCommit = CompiledQuery.raw(
+      `do $$ begin
+         if not ${held} then
+           raise exception 'slot lock lost' using errcode = '${SLOT_LOST_SQLSTATE}';
+         end if;
+       end $$; commit`,
     )
   }
 
@@ -93,9 +110,14 @@ class FencedDriver extends PostgresDriver {
   }
 
   override async commitTransaction(connection: DatabaseConnection): Promise<void> {
-    const r = await connection.executeQuery<{ held: boolean }>(this.#check)
-    if (r.rows[0]?.held !== true) throw new SlotLostError(this.#slotKey, this.#lease.pid)
-    await super.commitTransaction(connection)
+    try {
+      await connection.executeQuery(this.#checkAndCommit)
+    } catch (err) {
+      if ((err as { code?: unknown }).code === SLOT_LOST_SQLSTATE) {
+        throw new SlotLostError(this.#slotKey, this.#lease.pid)
+      }
+      throw err
+    }
   }
 
   /** The pool is shared with the rest of the process: never ended from here. */
