@@ -247,13 +247,23 @@ class RebuildRun {
 
   /** Applies the stream up to the live checkpoints, following them, until the swap succeeds. */
   async #follow(db: Kysely<Database>): Promise<RebuildResult> {
+    // While a batch commits, the next is read: commits stay one at a time, in order.
+    let committing: Promise<void> | undefined
     for (;;) {
       this.#throwIfAborted()
       this.#live = await this.#readLive()
       const batch = await this.#take(this.#opts.batchSize)
-      if (batch.length > 0) await this.#commitIsolating(db, batch)
+      await committing
+      committing = undefined
+      if (batch.length > 0) {
+        const commit = this.#commitIsolating(db, batch)
+        commit.catch(() => undefined) // awaited before the next batch or the swap
+        committing = commit
+      }
       this.#report('rebuilding')
       if (batch.length === this.#opts.batchSize) continue
+      await committing
+      committing = undefined
       // Read up to every live checkpoint, or nothing is left to read.
       const reader = this.#reader as StreamReader
       const atLive =
