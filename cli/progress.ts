@@ -172,9 +172,9 @@ export function progressBar(
         ? `  ETA ${duration((total - done) / rate)}`
         : ''
     const percent = share === undefined ? '' : `${String(Math.floor(share * 100)).padStart(3)}%  `
-    // The bar keeps its width from frame to frame (narrower on a narrow terminal, gone below 85
+    // The bar keeps its width from frame to frame (narrower on a narrow terminal, gone below 84
     // columns); what does not fit is cut from the end: the note first, then the ETA and rate.
-    const barWidth = width === undefined ? 20 : Math.min(20, width - 80)
+    const barWidth = width === undefined ? 20 : Math.min(20, width - 79)
     const bar =
       share === undefined || barWidth < 5
         ? ''
