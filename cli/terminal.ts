@@ -111,6 +111,11 @@ export function liveRegion(out: NodeJS.WriteStream, lines: () => string[]): Live
     },
   }
   active = region
+  // A second Ctrl-C exits at once (process.exit): the terminal gets its cursor back all the same.
+  const showCursor = () => {
+    if (active === region) out.write('\x1b[?25h\n')
+  }
+  process.once('exit', showCursor)
   return region
 }
 
