@@ -89,6 +89,13 @@ export interface RedriveOptions {
   /** At most this many events per second, so a redrive never floods a processor. */
   readonly ratePerSecond: number
   readonly signal?: AbortSignal
+  /** Called once the entries are selected and after each one, with how far it got. */
+  readonly onProgress?: (p: {
+    handled: number
+    done: number
+    failed: number
+    total: number
+  }) => void
 }
 
 /** What a redrive did: the entries put back, and those that could not be, with why. */
@@ -118,6 +125,15 @@ export async function redriveDlq(rt: Runtime, o: RedriveOptions): Promise<Redriv
   const gap = 1000 / o.ratePerSecond
   const result: RedriveResult = { done: [], failed: [] }
   let next = Date.now()
+  let handled = 0
+  const report = () =>
+    o.onProgress?.({
+      handled,
+      done: result.done.length,
+      failed: result.failed.length,
+      total: selected.length,
+    })
+  report()
   for (const e of selected) {
     if (o.signal?.aborted) break
     await sleep(next - Date.now(), o.signal ?? new AbortController().signal)
@@ -127,6 +143,8 @@ export async function redriveDlq(rt: Runtime, o: RedriveOptions): Promise<Redriv
     } catch (err) {
       result.failed.push({ entry: e, error: errorSummary(err) })
     }
+    handled++
+    report()
   }
   return result
 }

@@ -38,7 +38,11 @@ import {
   type ListOptions,
 } from './alerts.ts'
 import { NO_OBSERVABILITY, startObservability, type Observability } from './observability.ts'
-import { fmt, startProgress } from './progress.ts'
+import { fmt, progressBar, startProgress } from './progress.ts'
+import { formatDlqTable } from './dlq-table.ts'
+import { formatEventLine } from './event-line.ts'
+import { columnsOf, terminalLogs } from './terminal.ts'
+import { packageVersion, usageHint, withUsageHints } from './usage.ts'
 import { parseSince, rebuildCommand, replayCommand } from './rebuild.ts'
 import { openRuntime, setUp, type Runtime } from './runtime.ts'
 import { EXIT_THRESHOLD, fleetStatus, formatStatus, UnreachableError } from './status.ts'
@@ -103,10 +107,7 @@ const program = new Command()
   .description(
     'Event-sourced stream processor for IoT sensor fleets (NATS JetStream -> PostgreSQL).',
   )
-  .showHelpAfterError()
-  // Usage errors are thrown rather than exiting with commander's 1, so they exit 2 (see the end).
-  // Set before the subcommands are added: they inherit it.
-  .exitOverride()
+  .version(packageVersion())
   .addHelpText(
     'after',
     `
@@ -226,7 +227,11 @@ program
       },
     ) => {
       const config = loadConfig()
-      const log = createLogger({ level: config.logLevel, name: 'fleetstream-status' })
+      const log = createLogger({
+        level: config.logLevel,
+        name: 'fleetstream-status',
+        destination: terminalLogs(),
+      })
       const specs = await loadProcessors(config)
       const report = await fleetStatus(config, log, {
         processors: selectProcessors(names).map((n) => specs[n]),
@@ -359,12 +364,8 @@ dlq
       console.log(
         `${rt.config.streams.dlq}: ${fmt(depth.total)} parked${per.length ? ` (${per.join(', ')})` : ''}`,
       )
-      for (const e of entries) {
-        const detail = e.detail.length > 100 ? `${e.detail.slice(0, 100)}…` : e.detail
-        console.log(
-          `${String(e.seq).padStart(6)}  ${e.parkedAt.slice(0, 19).replace('T', ' ')}  ${e.processor}  ${e.reason}  ${e.subject} #${e.streamSeq}  ${detail}`,
-        )
-      }
+      if (entries.length > 0)
+        console.log(formatDlqTable(entries, columnsOf(process.stdout)).join('\n'))
     })
   })
 
@@ -436,11 +437,21 @@ dlq
         throw new InvalidArgumentError(`give exactly one of '--seq <n...>' and '--all'`)
       }
       await oneShot('fleetstream-dlq', { ...opts, postgres: false }, async (rt, signal) => {
+        // A bar on a terminal only: elsewhere the final count says it.
+        const bar =
+          opts.all && columnsOf(process.stderr)
+            ? progressBar('redrive', { unit: 'events' })
+            : undefined
         const { done, failed } = await redriveDlq(rt, {
           ...(opts.seq ? { seqs: opts.seq } : {}),
           ...(opts.processor ? { processor: opts.processor } : {}),
           ratePerSecond: opts.rate,
           signal,
+          onProgress: (p) => {
+            bar?.update(p.handled, p.total, p.failed > 0 ? `${fmt(p.failed)} failed` : '')
+          },
+        }).finally(() => {
+          bar?.finish()
         })
         for (const f of failed) {
           console.error(
@@ -456,8 +467,10 @@ dlq
           )
           return
         }
-        for (const e of done)
-          console.log(`redriven ${e.seq}: ${e.subject} #${e.streamSeq} for ${e.processor}`)
+        if (!opts.all) {
+          for (const e of done)
+            console.log(`redriven ${e.seq}: ${e.subject} #${e.streamSeq} for ${e.processor}`)
+        }
         const left = (await dlqDepth(rt)).total
         console.log(
           `redriven ${fmt(done.length)} event${done.length === 1 ? '' : 's'}; ${failed.length > 0 ? `${fmt(failed.length)} failed (left in the DLQ); ` : ''}${fmt(left)} left in ${rt.config.streams.dlq}`,
@@ -496,6 +509,7 @@ events
   )
   .addOption(new Option('--limit <n>', 'stop after n events').argParser(positiveInteger))
   .option('--json', 'one JSON object per line')
+  .option('--verbose', 'each event in full (as events show prints it) instead of one line')
   .addOption(timeoutOption('NATS'))
   .action(async (opts: TailFlags) => {
     await withNats('fleetstream-events', opts.timeout, async (src, signal) => {
@@ -524,7 +538,8 @@ events
       let first = true
       for await (const e of tail) {
         if (opts.json) console.log(JSON.stringify(e))
-        else console.log(`${first ? '' : '\n'}${formatEvent(e)}`)
+        else if (opts.verbose) console.log(`${first ? '' : '\n'}${formatEvent(e)}`)
+        else console.log(formatEventLine(e, columnsOf(process.stdout)))
         first = false
       }
     })
@@ -661,12 +676,13 @@ withSimulationOptions(
     async (rt, signal, obs) => {
       const report = await setUp(rt, signal)
       await ensureMqttMessagesStream(rt.nc, rt.config.streams)
+      // A line each, so that a 100-column terminal does not wrap them.
       console.log(
-        `fleetstream: NATS ${redact(rt.config.natsUrl)}, PostgreSQL ${redact(rt.config.databaseUrl)}; ` +
-          `streams ${Object.entries(report.streams)
+        `fleetstream: NATS ${redact(rt.config.natsUrl)}, PostgreSQL ${redact(rt.config.databaseUrl)}\n` +
+          `streams: ${Object.entries(report.streams)
             .map(([n, r]) => `${n} (${r})`)
             .join(', ')}` +
-          (obs.url ? `; metrics ${obs.url}/metrics` : ''),
+          (obs.url ? `\nmetrics: ${obs.url}/metrics` : ''),
       )
       const running = Object.values(rt.processors).map((spec) =>
         startProcessor(spec, { ...rt, metrics: obs.metrics }),
@@ -679,8 +695,8 @@ withSimulationOptions(
       try {
         await simulateFleet(publisher, simulation(opts), signal)
         if (!signal.aborted) {
-          console.log(
-            '\nsimulator finished; waiting for the processors to catch up (Ctrl-C to stop now)',
+          progress.note(
+            'simulator finished; waiting for the processors to catch up (Ctrl-C to stop now)',
           )
           await progress.caughtUp(signal)
         }
@@ -703,6 +719,7 @@ interface TailFlags {
   last: number
   limit?: number
   json?: boolean
+  verbose?: boolean
   timeout: number
 }
 
@@ -828,7 +845,11 @@ async function withRuntime(
   opts: RuntimeOptions = {},
 ): Promise<void> {
   const config = loadConfig()
-  const log = createLogger({ level: opts.logLevel ?? config.logLevel, name })
+  const log = createLogger({
+    level: opts.logLevel ?? config.logLevel,
+    name,
+    destination: terminalLogs(),
+  })
   const obs = opts.serve ? await startObservability(config, log, name) : NO_OBSERVABILITY
   const stop = new AbortController()
   const onSignal = (sig: NodeJS.Signals) => {
@@ -918,7 +939,7 @@ async function withNats(
   body: (src: EventsSource, signal: AbortSignal) => Promise<void>,
 ): Promise<void> {
   const config = loadConfig()
-  const log = createLogger({ level: config.logLevel, name })
+  const log = createLogger({ level: config.logLevel, name, destination: terminalLogs() })
   const stop = new AbortController()
   const onSignal = (sig: NodeJS.Signals) => {
     if (stop.signal.aborted) process.exit(130)
@@ -1006,7 +1027,7 @@ function ratio(v: string): number {
 }
 
 try {
-  await program.parseAsync()
+  await withUsageHints(program).parseAsync()
 } catch (err) {
   if (
     err instanceof ConfigError ||
@@ -1018,6 +1039,7 @@ try {
     err instanceof DevicesCommandError
   ) {
     console.error(`fleetstream: ${redact(err.message)}`)
+    if (err instanceof InvalidArgumentError && usageHint()) console.error(usageHint())
     process.exitCode = EXIT_USAGE
   } else if (signals.interrupted) {
     console.error(`fleetstream: ${redact(errorSummary(err))}`)

@@ -2,23 +2,44 @@ import type { Publisher } from '../infra/publisher.ts'
 import { consumerInfo } from '../processors/consumer.ts'
 import type { RunningProcessor } from '../processors/processor.ts'
 import type { Runtime } from './runtime.ts'
+import { columnsOf, fit, liveRegion, type LiveRegion } from './terminal.ts'
+
+/**
+ * What long commands show while they work: `start`'s status and the bars of `rebuild`, `replay`
+ * and `dlq redrive`. On a terminal they redraw in place through a {@link liveRegion}
+ * (cli-progress draws it; every line is cut to the terminal's width, logs go above); elsewhere
+ * (a pipe, a log file, CI) they print a plain line every 5 s and the last state at the end.
+ */
+
+/** Plain lines this far apart when the output is not a terminal. */
+const PLAIN_EVERY_MS = 5000
 
 export interface Progress {
   /** Resolves once every processor's consumer has nothing pending (or the signal aborts). */
   caughtUp(signal: AbortSignal): Promise<void>
+  /** Prints whole lines above the status (on a terminal) or between its lines. */
+  note(text: string): void
   stop(): Promise<void>
 }
 
 /**
- * A live line for `fleetstream start`: events published, applied, refused and consumer lag.
- * Redrawn in place on a terminal, printed every 5 s otherwise (logs, CI).
+ * The live status of `fleetstream start` on stderr, so that stdout holds only what the command
+ * reports. On a terminal, a line for the publisher and one per processor:
+ *
+ * ```txt
+ * published 12,345 events, 617 duplicates refused, 199/s
+ *   sensor-status  applied 12,300  refused 0  lag 0
+ *   readings       applied 12,290  refused 0  lag 12
+ * ```
+ *
+ * Elsewhere the same on one line every 5 s.
  */
 export function startProgress(
   rt: Runtime,
   running: readonly RunningProcessor[],
   publisher: Publisher,
+  out: NodeJS.WriteStream = process.stderr,
 ): Progress {
-  const tty = process.stdout.isTTY
   const lags = new Map<string, number | undefined>()
   let last = { at: Date.now(), published: 0 }
   let rate = 0
@@ -38,23 +59,41 @@ export function startProgress(
     last = { at: now, published }
   }
 
-  const line = () => {
-    const s = publisher.stats
-    const procs = running
-      .map((p) => {
-        const lag = lags.get(p.name)
-        return `${p.name}: applied ${fmt(p.stats.applied)}, refused ${fmt(p.stats.rejected)}, lag ${lag === undefined ? '?' : fmt(lag)}${p.stats.state === 'running' ? '' : ` (${p.stats.state})`}`
-      })
-      .join(' | ')
-    return `published ${fmt(s.published)} (dup ${fmt(s.duplicates)}, ${fmt(Math.round(rate))}/s) | ${procs}`
+  const lagOf = (p: RunningProcessor) => {
+    const lag = lags.get(p.name)
+    return lag === undefined ? '?' : fmt(lag)
   }
+  const stateOf = (p: RunningProcessor) =>
+    p.stats.state === 'running' ? '' : ` (${p.stats.state})`
+  const head = () => {
+    const s = publisher.stats
+    return `published ${fmt(s.published)} events, ${fmt(s.duplicates)} duplicates refused, ${fmt(Math.round(rate))}/s`
+  }
+  const nameWidth = Math.max(...running.map((p) => p.name.length))
+  const lines = () => [
+    head(),
+    ...running.map(
+      (p) =>
+        `  ${p.name.padEnd(nameWidth)}  applied ${fmt(p.stats.applied)}  refused ${fmt(p.stats.rejected)}  lag ${lagOf(p)}${stateOf(p)}`,
+    ),
+  ]
+  const oneLine = () =>
+    [
+      head(),
+      ...running.map(
+        (p) =>
+          `${p.name}: applied ${fmt(p.stats.applied)}, refused ${fmt(p.stats.rejected)}, lag ${lagOf(p)}${stateOf(p)}`,
+      ),
+    ].join(' | ')
 
+  const region: LiveRegion | undefined =
+    columnsOf(out) !== undefined ? liveRegion(out, lines) : undefined
   const tick = async () => {
     await poll()
     if (stopped) return
-    if (tty) process.stdout.write(`\r\x1b[K${line()}`)
-    else if (Date.now() - lastPrint >= 5000) {
-      console.log(line())
+    if (region) region.refresh()
+    else if (Date.now() - lastPrint >= PLAIN_EVERY_MS) {
+      out.write(`${oneLine()}\n`)
       lastPrint = Date.now()
     }
   }
@@ -72,13 +111,17 @@ export function startProgress(
         await new Promise((r) => setTimeout(r, 250))
       }
     },
+    note(text) {
+      if (region) region.log(text)
+      else out.write(text.endsWith('\n') ? text : `${text}\n`)
+    },
     async stop() {
       clearInterval(timer)
       await pending
       await poll()
       stopped = true
-      if (tty) process.stdout.write(`\r\x1b[K${line()}\n`)
-      else console.log(line())
+      if (region) region.stop()
+      else out.write(`${oneLine()}\n`)
     },
   }
 }
@@ -91,6 +134,8 @@ export function fmt(n: number): string {
 export interface ProgressBar {
   /** `done` of `total` (undefined while unknown); `note` says what is happening. */
   update(done: number, total: number | undefined, note?: string): void
+  /** Prints whole lines above the bar (on a terminal) or between its lines. */
+  log(text: string): void
   /** Draws the last state and ends the line. */
   finish(note?: string): void
 }
@@ -99,49 +144,54 @@ export interface ProgressBar {
  * A progress bar on stderr (so that `--json` output on stdout stays clean), with the rate over the
  * last seconds and the time left at that rate:
  *
- * ```
+ * ```txt
  * rebuild readings [##########..........]  52%  12,345/23,456 events  8,123/s  ETA 0:03  rebuilding
  * ```
  *
- * Redrawn in place on a terminal (at most 10 times a second); one line every 5 s otherwise.
+ * On a terminal it is cut to the width and redrawn in place, at most 10 times a second;
+ * elsewhere one line every 5 s.
  */
 export function progressBar(
   label: string,
   opts: { unit: string; out?: NodeJS.WriteStream } = { unit: 'events' },
 ): ProgressBar {
   const out = opts.out ?? process.stderr
-  const tty = out.isTTY
   const started = Date.now()
   let sample = { at: started, done: 0 }
   let rate: number | undefined
   let state = { done: 0, total: undefined as number | undefined, note: '' }
-  let drawn = 0
+  let printed = 0
 
-  const line = () => {
+  const line = (width: number | undefined) => {
     const { done, total, note } = state
     const share = total !== undefined && total > 0 ? Math.min(1, done / total) : undefined
-    const width = 24
-    const bar =
-      share === undefined
-        ? ''
-        : `[${'#'.repeat(Math.round(share * width)).padEnd(width, '.')}] ${String(Math.floor(share * 100)).padStart(3)}%  `
     const count = `${fmt(done)}${total !== undefined ? `/${fmt(total)}` : ''} ${opts.unit}`
     const speed = rate === undefined ? '' : `  ${fmt(Math.round(rate))}/s`
     const left =
       rate !== undefined && rate > 0 && total !== undefined && total > done
         ? `  ETA ${duration((total - done) / rate)}`
         : ''
-    return `${label} ${bar}${count}${speed}${left}${note ? `  ${note}` : ''}`
+    const percent = share === undefined ? '' : `${String(Math.floor(share * 100)).padStart(3)}%  `
+    // The bar keeps its width from frame to frame (narrower on a narrow terminal, gone below 84
+    // columns); what does not fit is cut from the end: the note first, then the ETA and rate.
+    const barWidth = width === undefined ? 20 : Math.min(20, width - 79)
+    const bar =
+      share === undefined || barWidth < 5
+        ? ''
+        : `[${'#'.repeat(Math.round(share * barWidth)).padEnd(barWidth, '.')}] `
+    return fit(`${label} ${bar}${percent}${count}${speed}${left}${note ? `  ${note}` : ''}`, width)
   }
 
-  const draw = (force: boolean) => {
-    const now = Date.now()
-    if (tty && (force || now - drawn >= 100)) {
-      out.write(`\r\x1b[K${line()}`)
-      drawn = now
-    } else if (!tty && (force || now - drawn >= 5000)) {
-      out.write(`${line()}\n`)
-      drawn = now
+  const region =
+    columnsOf(out) !== undefined
+      ? liveRegion(out, () => [line((columnsOf(out) ?? 80) - 1)])
+      : undefined
+
+  const print = (force: boolean) => {
+    if (region) region.refresh()
+    else if (force || Date.now() - printed >= PLAIN_EVERY_MS) {
+      out.write(`${line(undefined)}\n`)
+      printed = Date.now()
     }
   }
 
@@ -156,12 +206,16 @@ export function progressBar(
         rate = (done * 1000) / (now - started)
       }
       state = { done, total, note }
-      draw(false)
+      print(false)
+    },
+    log(text) {
+      if (region) region.log(text)
+      else out.write(text.endsWith('\n') ? text : `${text}\n`)
     },
     finish(note) {
       if (note !== undefined) state = { ...state, note }
-      draw(true)
-      if (tty) out.write('\n')
+      if (region) region.stop()
+      else print(true)
     },
   }
 }

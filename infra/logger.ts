@@ -1,19 +1,24 @@
 import { trace } from '@opentelemetry/api'
-import { pino, type Logger } from 'pino'
+import { pino, type DestinationStream, type Logger } from 'pino'
 import { redact } from './redact.ts'
 
 export type { Logger }
 
 /**
  * Structured JSON logs on stderr (stdout stays free for command output), with the trace and span
- * id of the active span when tracing is on.
+ * id of the active span when tracing is on. A `destination` takes the lines instead (the CLI
+ * prettifies them on a terminal: cli/terminal.ts).
  *
  * ```ts
  * const log = createLogger({ level: config.logLevel, name: 'readings' })
  * log.warn({ eventId, reason }, 'event parked in the DLQ')
  * ```
  */
-export function createLogger(opts: { level: string; name?: string }): Logger {
+export function createLogger(opts: {
+  level: string
+  name?: string
+  destination?: DestinationStream | undefined
+}): Logger {
   return pino(
     {
       level: opts.level,
@@ -28,6 +33,6 @@ export function createLogger(opts: { level: string; name?: string }): Logger {
         return sc && trace.isSpanContextValid(sc) ? { traceId: sc.traceId, spanId: sc.spanId } : {}
       },
     },
-    pino.destination({ dest: 2, sync: true }),
+    opts.destination ?? pino.destination({ dest: 2, sync: true }),
   )
 }

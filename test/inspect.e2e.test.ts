@@ -263,7 +263,29 @@ describe('inspecting the stream: fleetstream events, and the README nats CLI sec
       expect(r.output).toContain(
         `FLEET_EVENTS fleet.events.> from sequence ${garbageSeq}, 2 events`,
       )
-      const blocks = r.output.split('\n\n')
+      // One line per event by default
+      const lines = r.output.split('\n').filter((l) => /^ +\d+ {2}\d{4}-/.test(l))
+      expect(lines).toHaveLength(2)
+      expect(lines[0]).toMatch(
+        new RegExp(
+          `^ +${garbageSeq} .* {2}fleet\\.events\\.dev-b\\.reading {2}undecodable invalid-json: `,
+        ),
+      )
+      expect(lines[1]).toContain(
+        "undecodable invalid-event: 'data.value' must be a number, got 'hot'",
+      )
+
+      // and each in full with --verbose.
+      const verbose = await cli(
+        'tail',
+        '--from-seq',
+        String(garbageSeq),
+        '--limit',
+        '2',
+        '--verbose',
+      )
+      expect(verbose.code, verbose.output).toBe(0)
+      const blocks = verbose.output.split('\n\n')
       expect(blocks).toHaveLength(2)
       expect(blocks[0]).toContain(`seq:         ${garbageSeq} (stored`)
       expect(blocks[0]).toContain('undecodable: invalid-json')
@@ -282,7 +304,10 @@ describe('inspecting the stream: fleetstream events, and the README nats CLI sec
     })
 
     it('follows new events live until Ctrl-C, exits 0 and leaves no consumer behind', async () => {
-      const tail = spawnCli(['events', 'tail', '--device', 'dev-live', '--last', '0'], env)
+      const tail = spawnCli(
+        ['events', 'tail', '--device', 'dev-live', '--last', '0', '--verbose'],
+        env,
+      )
       await waitFor('the tail to start', () => tail.output().includes('(Ctrl-C to stop)'))
       const published = await testPublisher(rt).publish(readingDraft('dev-live', 7))
       await waitFor('the live event', () =>
