@@ -50,8 +50,7 @@ describe('commands printed for copy-paste run as printed and show no secret', ()
 
   /** Variables README.md tells the user to export for the printed commands. */
   function documented(): string[] {
-    const section = readme.split('\n## Inspect with the nats CLI\n')[1]?.split('\n## ')[0] ?? ''
-    return [...section.matchAll(/^export ([A-Z_]+)=/gm)].map((m) => m[1] ?? '')
+    return [...readme.matchAll(/^export ([A-Z_]+)=/gm)].map((m) => m[1] ?? '')
   }
 
   it("start's summary: psql lines run, nats lines use the saved context, no password shown", async () => {
