@@ -666,7 +666,7 @@ withSimulationOptions(
     .description(
       'the main job: set up, run every processor and a simulated fleet, show live progress until Ctrl-C',
     )
-    .option('--json', JSON_HELP.lines('second of progress (then one at the end)')),
+    .option('--json', JSON_HELP.lines('step of the run (started, progress each second, finished)')),
   {
     help: 'stop the simulator after this many seconds, let processors catch up, and exit; 0 runs until Ctrl-C',
     default: 0,
