@@ -18,6 +18,7 @@ import { Command, Option } from 'commander'
 import { z } from 'zod'
 import { DEVICE_ID_PATTERN } from '../schemas/envelope.ts'
 import { EVENTS_SUBJECT_PREFIX } from '../schemas/subjects.ts'
+import { JSON_HELP } from './json-output.ts'
 
 /** The kinds of event a device publishes about itself (never `alert` or `tick`). */
 export const DEVICE_EVENT_KINDS = ['registered', 'reading', 'heartbeat', 'status'] as const
@@ -237,7 +238,7 @@ export function devicesCommand(): Command {
     .description('add a device and print its credential (shown once: the server keeps a hash)')
     .argument('<deviceId>', 'the device id it may publish for')
     .addOption(new Option('--mqtt', 'an MQTT device (default: a NATS device)'))
-    .option('--json', 'print the credential as JSON')
+    .option('--json', JSON_HELP.document('the credential'))
     .action(async (deviceId: string, opts: { mqtt?: boolean; json?: boolean }) => {
       const { credential: c, reloaded } = await addDevice(
         devicesEnv(),
@@ -263,14 +264,16 @@ export function devicesCommand(): Command {
     .command('revoke')
     .description("remove a device's credential; the server closes its connections on reload")
     .argument('<deviceId>')
-    .action(async (deviceId: string) => {
+    .option('--json', JSON_HELP.document('the result'))
+    .action(async (deviceId: string, opts: { json?: boolean }) => {
       const reloaded = await revokeDevice(devicesEnv(), deviceId)
-      console.log(`device ${deviceId} revoked; ${reloaded}.`)
+      if (opts.json) console.log(JSON.stringify({ deviceId, revoked: true, reloaded }))
+      else console.log(`device ${deviceId} revoked; ${reloaded}.`)
     })
   devices
     .command('list')
     .description('the devices that have a credential')
-    .option('--json', 'one JSON array')
+    .option('--json', JSON_HELP.array('devices'))
     .action(async (opts: { json?: boolean }) => {
       const list = await listDevices(devicesEnv())
       if (opts.json) console.log(JSON.stringify(list))

@@ -65,7 +65,15 @@ export type ShownEvent = {
 
 /** An operator-facing failure of an `events` command: no such event, no such stream. */
 export class EventsCommandError extends Error {
-  override readonly name = 'EventsCommandError'
+  override readonly name: string = 'EventsCommandError'
+}
+
+/**
+ * No event at the sequence asked for: the argument names nothing, so it is bad usage (exit 2), as
+ * for `dlq show`, `alerts ack` and `devices revoke` of something that does not exist.
+ */
+export class EventNotFoundError extends EventsCommandError {
+  override readonly name = 'EventNotFoundError'
 }
 
 /** The event kinds a `--kind` filter accepts (the last subject token). */
@@ -111,7 +119,7 @@ export async function showEvent(src: EventsSource, seq: number): Promise<ShownEv
   }
   if (m === null) {
     const state = await streamState(src)
-    throw new EventsCommandError(
+    throw new EventNotFoundError(
       `no event at sequence ${seq} in ${src.stream}: it holds ${
         state.messages === 0 ? 'no events yet' : `sequences ${state.first_seq} to ${state.last_seq}`
       }`,

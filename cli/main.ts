@@ -2,7 +2,7 @@ import { once } from 'node:events'
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander'
 import { loadConfig, ConfigError, type Config } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
-import { redact, secretsInUrls } from '../infra/redact.ts'
+import { redact } from '../infra/redact.ts'
 import { runClock } from '../infra/clock-service.ts'
 import { createPublisher } from '../infra/publisher.ts'
 import { isPermissionViolation } from '../infra/failures.ts'
@@ -10,7 +10,7 @@ import { errorSummary, withBackoff } from '../infra/retry.ts'
 import { isTransient } from '../infra/failures.ts'
 import { DatabaseMissingError } from '../infra/database.ts'
 import { loadProcessors, PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
-import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
+import { startProcessor } from '../processors/processor.ts'
 import type { EventKind } from '../schemas/events.ts'
 import { ReplayUsageError } from '../processors/replay.ts'
 import { RebuildRefusedError } from '../projections/blue-green.ts'
@@ -18,9 +18,15 @@ import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet, type SimulationOptions } from '../simulator/fleet.ts'
 import { DlqCommandError, dlqDepth, listDlq, redriveDlq, showDlq } from './dlq.ts'
 import { devicesCommand, DevicesCommandError } from './devices.ts'
-import { ensureMqttMessagesStream, ensureStreams, MQTT_MESSAGES_STREAM } from '../infra/streams.ts'
+import {
+  ensureMqttMessagesStream,
+  ensureStreams,
+  MQTT_MESSAGES_STREAM,
+  StreamConflictError,
+} from '../infra/streams.ts'
 import {
   EVENT_KIND_NAMES,
+  EventNotFoundError,
   EventsCommandError,
   formatEvent,
   openEventsSource,
@@ -37,6 +43,7 @@ import {
   listAlerts,
   type ListOptions,
 } from './alerts.ts'
+import { JSON_HELP, JSON_RULE } from './json-output.ts'
 import { NO_OBSERVABILITY, startObservability, type Observability } from './observability.ts'
 import { fmt, progressBar, startProgress } from './progress.ts'
 import { formatDlqTable } from './dlq-table.ts'
@@ -44,6 +51,8 @@ import { formatEventLine } from './event-line.ts'
 import { columnsOf, terminalLogs } from './terminal.ts'
 import { packageVersion, usageHint, withUsageHints } from './usage.ts'
 import { parseSince, rebuildCommand, replayCommand } from './rebuild.ts'
+import { printJsonLine, printSummary, startedLine, startJsonProgress } from './start-output.ts'
+import { SET_UP_WAITS, setUpWithin } from './bounded-setup.ts'
 import { openRuntime, setUp, type Runtime } from './runtime.ts'
 import { EXIT_THRESHOLD, fleetStatus, formatStatus, UnreachableError } from './status.ts'
 
@@ -62,7 +71,9 @@ const signals = { interrupted: false }
 /** The fleet options `simulate` and `start` share; only what --duration means differs. */
 function withSimulationOptions(cmd: Command, duration: { help: string; default: number }): Command {
   return cmd
-    .addOption(new Option('--devices <n>', 'simulated sensors').argParser(positive).default(100))
+    .addOption(
+      new Option('--devices <n>', 'simulated sensors').argParser(positiveInteger).default(100),
+    )
     .addOption(
       new Option('--rate <events/s>', 'events per second across the fleet')
         .argParser(positive)
@@ -78,7 +89,9 @@ function withSimulationOptions(cmd: Command, duration: { help: string; default: 
         .argParser(ratio)
         .default(0.05),
     )
-    .addOption(new Option('--seed <n>', 'seed for a repeatable fleet').argParser(nonNegative))
+    .addOption(
+      new Option('--seed <n>', 'seed for a repeatable fleet').argParser(nonNegativeInteger),
+    )
     .addOption(
       new Option('--outage-share <ratio>', 'share of devices that lose the network at once (0..1)')
         .argParser(ratio)
@@ -112,19 +125,21 @@ const program = new Command()
     'after',
     `
 Environment: NATS_URL (default nats://127.0.0.1:4222), DATABASE_URL (default
-postgres://postgres@127.0.0.1:5432/fleetstream), LOG_LEVEL, and the tuning variables in README.md.`,
+postgres://postgres@127.0.0.1:5432/fleetstream), LOG_LEVEL, and the tuning variables in README.md.
+
+${JSON_RULE}`,
   )
 
 program
   .command('setup')
   .description(
-    'create the database schema, the FLEET_EVENTS and FLEET_DLQ streams and the consumers (idempotent)',
+    'create the database schema, the FLEET_EVENTS, FLEET_DLQ and FLEET_NOTIFICATIONS streams and the consumers (idempotent)',
   )
-  .option('--json', 'print the report as JSON')
-  .addOption(timeoutOption())
+  .option('--json', JSON_HELP.document('the report'))
+  .addOption(timeoutOption(SET_UP_WAITS))
   .action(async (opts: { json?: boolean; timeout: number }) => {
     await oneShot('fleetstream-setup', { ...opts, createDatabase: true }, async (rt, signal) => {
-      const report = await setUp(rt, signal)
+      const report = await setUpWithin(rt, opts.timeout, signal)
       const mqtt = await ensureMqttMessagesStream(rt.nc, rt.config.streams)
       if (opts.json) console.log(JSON.stringify(report))
       else {
@@ -179,7 +194,7 @@ program
     `stream size and ingest rate, each processor's checkpoint, lag and staleness, DLQ depth and open alerts; exits ${EXIT_THRESHOLD} when a threshold is crossed, 1 when NATS or PostgreSQL cannot be reached`,
   )
   .argument('[processor...]', `processors to report: ${PROCESSOR_NAMES.join(', ')} (all when none)`)
-  .option('--json', 'print the report as JSON')
+  .option('--json', JSON_HELP.document('the report'))
   .addOption(
     new Option(
       '--max-lag <events>',
@@ -271,8 +286,8 @@ program
     '--drop-retired',
     'drop the replaced tables after the swap instead of keeping them in a retired_* schema',
   )
-  .option('--json', 'print the result as JSON (the progress bar goes to stderr)')
-  .addOption(timeoutOption())
+  .option('--json', JSON_HELP.document('the result'))
+  .addOption(timeoutOption(SET_UP_WAITS))
   .addHelpText(
     'after',
     `
@@ -286,7 +301,7 @@ the next rebuild). Exit codes: 0 swapped in, 1 failed, 2 bad usage.`,
       opts: { batchSize: number; dropRetired?: boolean; json?: boolean; timeout: number },
     ) => {
       await oneShot('fleetstream-rebuild', opts, async (rt, signal) => {
-        await setUp(rt, signal)
+        await setUpWithin(rt, opts.timeout, signal)
         await rebuildCommand(rt, name, opts, signal)
       })
     },
@@ -310,8 +325,8 @@ program
     ).argParser((v) => parseSince(v)),
   )
   .option('--no-wait', 'move the checkpoint back and exit without watching the processor catch up')
-  .option('--json', 'print the result as JSON (the progress bar goes to stderr)')
-  .addOption(timeoutOption())
+  .option('--json', JSON_HELP.document('the result'))
+  .addOption(timeoutOption(SET_UP_WAITS))
   .addHelpText(
     'after',
     `
@@ -334,7 +349,7 @@ once and re-anchors its consumer; a stopped one replays when it starts.`,
         throw new InvalidArgumentError(`give exactly one of '--from-seq <n>' and '--since <time>'`)
       }
       await oneShot('fleetstream-replay', opts, async (rt, signal) => {
-        await setUp(rt, signal)
+        await setUpWithin(rt, opts.timeout, signal)
         await replayCommand(rt, name, opts, signal)
       })
     },
@@ -350,7 +365,7 @@ dlq
       ...PROCESSOR_NAMES,
     ]),
   )
-  .option('--json', 'one JSON array of entries')
+  .option('--json', JSON_HELP.array('entries'))
   .addOption(timeoutOption('NATS'))
   .action(async (opts: { processor?: ProcessorName; json?: boolean; timeout: number }) => {
     await oneShot('fleetstream-dlq', { ...opts, postgres: false }, async (rt) => {
@@ -373,7 +388,7 @@ dlq
   .command('show')
   .description('one parked event: why, where from, its headers and body')
   .argument('<seq>', 'its sequence in FLEET_DLQ (see dlq list)', positiveInteger)
-  .option('--json', 'as JSON')
+  .option('--json', JSON_HELP.document('it'))
   .addOption(timeoutOption('NATS'))
   .action(async (seq: number, opts: { json?: boolean; timeout: number }) => {
     await oneShot('fleetstream-dlq', { ...opts, postgres: false }, async (rt) => {
@@ -422,7 +437,7 @@ dlq
   .addOption(
     new Option('--rate <events/s>', 'at most this many per second').argParser(positive).default(50),
   )
-  .option('--json', 'print what was redriven as JSON')
+  .option('--json', JSON_HELP.array('entries redriven'))
   .addOption(timeoutOption('NATS'))
   .action(
     async (opts: {
@@ -508,7 +523,7 @@ events
       .conflicts(['fromSeq', 'since']),
   )
   .addOption(new Option('--limit <n>', 'stop after n events').argParser(positiveInteger))
-  .option('--json', 'one JSON object per line')
+  .option('--json', JSON_HELP.lines('event'))
   .option('--verbose', 'each event in full (as events show prints it) instead of one line')
   .addOption(timeoutOption('NATS'))
   .action(async (opts: TailFlags) => {
@@ -549,7 +564,7 @@ events
   .command('show')
   .description('one event by stream sequence: decoded envelope, HLC as a time, headers')
   .argument('<seq>', 'its sequence in FLEET_EVENTS', positiveInteger)
-  .option('--json', 'as JSON')
+  .option('--json', JSON_HELP.document('it'))
   .addOption(timeoutOption('NATS'))
   .action(async (seq: number, opts: { json?: boolean; timeout: number }) => {
     await withNats('fleetstream-events', opts.timeout, async (src) => {
@@ -576,8 +591,8 @@ alerts
     ]),
   )
   .option('--device <id>', 'only this sensor')
-  .addOption(new Option('--limit <n>', 'at most this many').argParser(positive).default(100))
-  .option('--json', 'one JSON object per alert')
+  .addOption(new Option('--limit <n>', 'at most this many').argParser(positiveInteger).default(100))
+  .option('--json', JSON_HELP.array('alerts'))
   .addOption(timeoutOption('PostgreSQL'))
   .action(async (opts: ListOptions & { json?: boolean; timeout: number }) => {
     await oneShot('fleetstream-alerts', { ...opts, nats: false }, async (rt) => {
@@ -594,7 +609,7 @@ alerts
   .argument('<alert-id>', 'the alert to acknowledge (see alerts list)')
   .requiredOption('--by <name>', 'who acknowledges it')
   .option('--note <text>', 'why, for the record')
-  .option('--json', 'print the result as JSON')
+  .option('--json', JSON_HELP.document('the result'))
   .addOption(timeoutOption())
   .action(
     async (
@@ -626,7 +641,7 @@ withSimulationOptions(
     ),
   { help: 'seconds to run; 0 runs until Ctrl-C', default: 10 },
 )
-  .option('--json', 'print the summary as JSON')
+  .option('--json', JSON_HELP.document('the summary'))
   .addOption(timeoutOption('NATS'))
   .action(async (opts: SimulateFlags & { json?: boolean; timeout: number }) => {
     await oneShot('fleetstream-simulate', { ...opts, postgres: false }, async (rt, signal) => {
@@ -665,25 +680,28 @@ withSimulationOptions(
     .command('start')
     .description(
       'the main job: set up, run every processor and a simulated fleet, show live progress until Ctrl-C',
-    ),
+    )
+    .option('--json', JSON_HELP.lines('step of the run (started, progress each second, finished)')),
   {
     help: 'stop the simulator after this many seconds, let processors catch up, and exit; 0 runs until Ctrl-C',
     default: 0,
   },
-).action(async (opts: SimulateFlags) => {
+).action(async (opts: SimulateFlags & { json?: boolean }) => {
   await withRuntime(
     'fleetstream-start',
     async (rt, signal, obs) => {
       const report = await setUp(rt, signal)
       await ensureMqttMessagesStream(rt.nc, rt.config.streams)
-      // A line each, so that a 100-column terminal does not wrap them.
-      console.log(
-        `fleetstream: NATS ${redact(rt.config.natsUrl)}, PostgreSQL ${redact(rt.config.databaseUrl)}\n` +
-          `streams: ${Object.entries(report.streams)
-            .map(([n, r]) => `${n} (${r})`)
-            .join(', ')}` +
-          (obs.url ? `\nmetrics: ${obs.url}/metrics` : ''),
-      )
+      if (opts.json) printJsonLine(startedLine(rt.config, report.streams, obs.url))
+      else
+        // A line each, so that a 100-column terminal does not wrap them.
+        console.log(
+          `fleetstream: NATS ${redact(rt.config.natsUrl)}, PostgreSQL ${redact(rt.config.databaseUrl)}\n` +
+            `streams: ${Object.entries(report.streams)
+              .map(([n, r]) => `${n} (${r})`)
+              .join(', ')}` +
+            (obs.url ? `\nmetrics: ${obs.url}/metrics` : ''),
+        )
       const running = Object.values(rt.processors).map((spec) =>
         startProcessor(spec, { ...rt, metrics: obs.metrics }),
       )
@@ -691,7 +709,7 @@ withSimulationOptions(
       const finished = new AbortController()
       const clock = startClock(rt, AbortSignal.any([signal, finished.signal]))
       const publisher = createPublisher(rt.js, { clock: clockFor(rt.config, 'sim') })
-      const progress = startProgress(rt, running, publisher)
+      const progress = (opts.json ? startJsonProgress : startProgress)(rt, running, publisher)
       try {
         await simulateFleet(publisher, simulation(opts), signal)
         if (!signal.aborted) {
@@ -705,7 +723,7 @@ withSimulationOptions(
         await Promise.all([...running.map((p) => p.stop()), clock])
         await progress.stop()
       }
-      printSummary(rt, running, publisher.stats)
+      if (!opts.json) printSummary(rt, running, publisher.stats)
     },
     { serve: true, ...(process.env.LOG_LEVEL ? {} : { logLevel: 'warn' }) },
   )
@@ -792,45 +810,6 @@ function startClock(rt: Runtime, signal: AbortSignal): Promise<void> {
     },
     signal,
   )
-}
-
-function printSummary(
-  rt: Runtime,
-  running: readonly RunningProcessor[],
-  published: { published: number; duplicates: number },
-) {
-  const { config } = rt
-  // Passwords stay in the environment, never on the screen.
-  const natsFlags = [
-    `--server ${fromEnvironmentIfSecret('NATS_URL', config.natsUrl)}`,
-    ...(config.natsAuth ? [`--user ${config.natsAuth.user} --password "$NATS_PASSWORD"`] : []),
-    ...(config.natsInboxPrefix !== '_INBOX' ? [`--inbox-prefix ${config.natsInboxPrefix}`] : []),
-  ].join(' ')
-  const psqlUrl = fromEnvironmentIfSecret('DATABASE_URL', config.databaseUrl)
-  const lines = [
-    '',
-    `published ${fmt(published.published)} events (${fmt(published.duplicates)} re-sends refused as duplicates by the stream)`,
-    ...running.map(
-      (p) =>
-        `processor ${p.name}: applied ${fmt(p.stats.applied)}, refused ${fmt(p.stats.rejected)}, checkpoint at stream sequence ${fmt(p.stats.checkpoint)}`,
-    ),
-    '',
-    'Query what it wrote:',
-    `  psql ${psqlUrl} -c "select status, count(*) from sensor_status group by status"`,
-    `  psql ${psqlUrl} -c "select device_id, metric, value, unit, occurred_at from latest_readings order by device_id, metric limit 20"`,
-    `  psql ${psqlUrl} -c "select severity, state, count(*) from alerts group by 1, 2 order by 1, 2"`,
-    '  npm run fleetstream -- alerts list --state open',
-    'Inspect the stream (nats CLI):',
-    `  nats ${natsFlags} stream info ${config.streams.events}`,
-    `  nats ${natsFlags} stream view ${config.streams.events} --subject 'fleet.events.*.reading'`,
-    `  nats ${natsFlags} consumer report ${config.streams.events}`,
-  ]
-  console.log(lines.join('\n'))
-}
-
-/** A URL for a command line to copy: the variable holding it when it holds a secret. */
-function fromEnvironmentIfSecret(variable: string, url: string): string {
-  return secretsInUrls(url).length > 0 ? `"$${variable}"` : `'${url}'`
 }
 
 /**
@@ -1036,7 +1015,10 @@ try {
     err instanceof InvalidArgumentError ||
     err instanceof AlertCommandError ||
     err instanceof DlqCommandError ||
-    err instanceof DevicesCommandError
+    err instanceof DevicesCommandError ||
+    // Not found, and a stream set up with other settings, are answers too (README, exit codes).
+    err instanceof EventNotFoundError ||
+    err instanceof StreamConflictError
   ) {
     console.error(`fleetstream: ${redact(err.message)}`)
     if (err instanceof InvalidArgumentError && usageHint()) console.error(usageHint())

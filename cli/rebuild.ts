@@ -1,4 +1,3 @@
-import { redact } from '../infra/nats.ts'
 import { sleep } from '../infra/sleep.ts'
 import type { ProcessorName } from '../processors/index.ts'
 import { rebuildProjection, type RebuildResult } from '../processors/rebuild.ts'
@@ -10,6 +9,7 @@ import {
   type ReplayFrom,
   type ReplayMove,
 } from '../processors/replay.ts'
+import { shellUrl } from './copy-paste.ts'
 import { parseSinceOption } from './events.ts'
 import { duration, fmt, progressBar } from './progress.ts'
 import type { Runtime } from './runtime.ts'
@@ -57,7 +57,7 @@ export async function rebuildCommand(
   if (result.retired !== null) {
     console.log(
       `the replaced tables are in schema ${result.retired}; when no longer needed:\n` +
-        `  psql '${redact(rt.config.databaseUrl)}' -c 'drop schema ${result.retired} cascade'`,
+        `  psql ${shellUrl('DATABASE_URL', rt.config.databaseUrl)} -c 'drop schema ${result.retired} cascade'`,
     )
   }
   return result

@@ -203,9 +203,14 @@ export interface SetupReport {
  * migrations, and a durable consumer per processor. A NATS server that is still starting is
  * waited for, and so is a missing stream when this user may not create it (the processor role
  * waits for the admin's `fleetstream setup`). A user that may not look at the streams at all
- * (the device role) gets the permission error.
+ * (the device role) gets the permission error. With a `deadline` (epoch ms), the waiting ends
+ * then and the last error is thrown (a one-shot command's `--timeout`).
  */
-export async function setUp(rt: Runtime, signal?: AbortSignal): Promise<SetupReport> {
+export async function setUp(
+  rt: Runtime,
+  signal?: AbortSignal,
+  opts: { deadline?: number } = {},
+): Promise<SetupReport> {
   // Every step is idempotent, so a dependency that fails for a moment (a NATS leader being
   // elected, Postgres restarting) is waited out; a conflict or a refusal is an answer: it stops.
   const setUpOnce = async (): Promise<SetupReport> => {
@@ -236,8 +241,8 @@ export async function setUp(rt: Runtime, signal?: AbortSignal): Promise<SetupRep
       consumers,
     }
   }
-  return withBackoff(rt.log, 'set up', { isPermanent: (err) => !isTransient(err) }).execute(
-    setUpOnce,
-    signal,
-  )
+  return withBackoff(rt.log, 'set up', {
+    isPermanent: (err) => !isTransient(err),
+    ...(opts.deadline !== undefined ? { deadline: opts.deadline } : {}),
+  }).execute(setUpOnce, signal)
 }

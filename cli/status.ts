@@ -2,7 +2,14 @@ import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
 import { AuthorizationError, connect, type NatsConnection } from '@nats-io/transport-node'
 import type { Kysely } from 'kysely'
 import type { Config } from '../infra/config.ts'
-import { createKysely, createPool, isLoginRefused, loginRefused } from '../infra/database.ts'
+import {
+  createKysely,
+  createPool,
+  databaseMissing,
+  isLoginRefused,
+  isMissingDatabase,
+  loginRefused,
+} from '../infra/database.ts'
 import type { Logger } from '../infra/logger.ts'
 import { credentialsRefused, natsConnectOptions } from '../infra/nats.ts'
 import { redact } from '../infra/redact.ts'
@@ -360,6 +367,12 @@ async function connectBounded(
     if (nats.status === 'fulfilled') await nats.value.close()
     await pool.end()
     throw loginRefused(config.databaseUrl, postgres.reason)
+  }
+  if (postgres.status === 'rejected' && isMissingDatabase(postgres.reason)) {
+    // Not unreachable: the server answered. Like every command but setup (README, "The CLI").
+    if (nats.status === 'fulfilled') await nats.value.close()
+    await pool.end()
+    throw databaseMissing(config.databaseUrl)
   }
   const problems: string[] = []
   if (nats.status === 'rejected') {

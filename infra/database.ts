@@ -157,7 +157,7 @@ export async function ensureDatabase(
     await probe.end()
   }
   if (opts.create === false) {
-    throw new DatabaseMissingError(`no database '${name}' at ${redact(url)} (run setup first)`)
+    throw databaseMissing(url)
   }
   const admin = new URL(url)
   admin.pathname = '/postgres'
@@ -173,7 +173,14 @@ export async function ensureDatabase(
 }
 
 /** 3D000: the database named in the connection does not exist. */
-function isMissingDatabase(err: unknown): boolean {
+/** What every command but setup and the services says of a database that does not exist. */
+export function databaseMissing(url: string): DatabaseMissingError {
+  const name = decodeURIComponent(new URL(url).pathname.replace(/^\//, ''))
+  return new DatabaseMissingError(`no database '${name}' at ${redact(url)} (run setup first)`)
+}
+
+/** SQLSTATE 3D000: the server answers, the database is not there. */
+export function isMissingDatabase(err: unknown): boolean {
   return (err as { code?: string } | undefined)?.code === '3D000'
 }
 

@@ -166,7 +166,11 @@ const UPDATABLE: ReadonlySet<keyof StreamSpec> = new Set(['duplicate_window'])
  * throws {@link StreamConflictError} listing each difference instead of silently changing it.
  * Running it twice is a no-op.
  */
-export async function ensureStream(jsm: JetStreamManager, spec: StreamSpec): Promise<EnsureResult> {
+export async function ensureStream(
+  jsm: JetStreamManager,
+  spec: StreamSpec,
+  sources: SettingSources = {},
+): Promise<EnsureResult> {
   const existing = await streamInfo(jsm, spec.name)
   if (existing === undefined) {
     try {
@@ -179,7 +183,7 @@ export async function ensureStream(jsm: JetStreamManager, spec: StreamSpec): Pro
     }
   }
   const info = existing ?? (await jsm.streams.info(spec.name))
-  const differences = streamDifferences(spec, info.config)
+  const differences = streamDifferences(spec, info.config, sources)
   if (differences.length > 0) throw new StreamConflictError(spec.name, differences)
   const updates = (Object.keys(spec) as (keyof StreamSpec)[]).filter(
     (key) => UPDATABLE.has(key) && spec[key] !== info.config[key],
@@ -195,14 +199,60 @@ export async function ensureStreams(
   c: Config['streams'],
 ): Promise<Record<string, EnsureResult>> {
   const out: Record<string, EnsureResult> = {}
+  const sources = settingSources(c)
   for (const spec of [eventsStreamSpec(c), dlqStreamSpec(c), notificationsStreamSpec(c)]) {
-    out[spec.name] = await ensureStream(jsm, spec)
+    out[spec.name] = await ensureStream(jsm, spec, sources[spec.name])
   }
   return out
 }
 
-/** The settings of `actual` that differ from `spec` and that `setup` does not change itself. */
-export function streamDifferences(spec: StreamSpec, actual: StreamConfig): string[] {
+/** Which variable (and its value) sets a stream setting, for an operator who must align them. */
+export type SettingSources = Partial<Record<keyof StreamSpec, string>>
+
+/** The variables behind the settings of each stream (README.md, "Configuration"). */
+export function settingSources(c: Config['streams']): Record<string, SettingSources> {
+  const replicas = `FLEET_STREAM_REPLICAS=${c.replicas}`
+  return {
+    [c.events]: {
+      max_bytes: `FLEET_STREAM_MAX_BYTES=${c.maxBytes}`,
+      max_msg_size: `FLEET_MAX_MSG_BYTES=${c.maxMsgBytes}`,
+      duplicate_window: `FLEET_DUPLICATE_WINDOW_SECONDS=${c.duplicateWindowSeconds}`,
+      num_replicas: replicas,
+    },
+    [c.dlq]: {
+      max_age: `DLQ_MAX_AGE_DAYS=${c.dlqMaxAgeDays}`,
+      max_msg_size: `FLEET_MAX_MSG_BYTES=${c.maxMsgBytes}, plus 8 KiB for the DLQ headers`,
+      duplicate_window: `DLQ_MAX_AGE_DAYS=${c.dlqMaxAgeDays}, at most a day`,
+      num_replicas: replicas,
+    },
+    [c.notifications]: { num_replicas: replicas },
+  }
+}
+
+/** A setting as people read it: durations (nanoseconds on the wire) in s, h or days; -1 unlimited. */
+function settingText(key: keyof StreamSpec, v: unknown): string {
+  if ((key === 'max_age' || key === 'duplicate_window') && typeof v === 'number') {
+    if (v === 0) return 'unlimited'
+    const seconds = v / 1e9
+    if (seconds % 86_400 === 0) return `${seconds / 86_400} days`
+    if (seconds % 3600 === 0) return `${seconds / 3600} h`
+    return `${seconds} s`
+  }
+  if ((key === 'max_bytes' || key === 'max_msg_size') && v === -1) return 'unlimited'
+  if ((key === 'max_bytes' || key === 'max_msg_size') && typeof v === 'number') return `${v} bytes`
+  return JSON.stringify(v)
+}
+
+/**
+ * The settings of `actual` that differ from `spec` and that `setup` does not change itself, each
+ * naming the variable that sets it when one does:
+ * `max_age is 7 days, fleetstream expects 30 days (DLQ_MAX_AGE_DAYS=30)`.
+ */
+export function streamDifferences(
+  spec: StreamSpec,
+  actual: StreamConfig,
+  sources: SettingSources = {},
+): string[] {
   const out: string[] = []
   for (const key of Object.keys(spec) as (keyof StreamSpec)[]) {
     if (key === 'description' || UPDATABLE.has(key)) continue
@@ -212,8 +262,12 @@ export function streamDifferences(spec: StreamSpec, actual: StreamConfig): strin
       key === 'subjects'
         ? [...(want as string[])].sort().join(',') === [...(have as string[])].sort().join(',')
         : want === have
-    if (!same)
-      out.push(`${key} is ${JSON.stringify(have)}, fleetstream expects ${JSON.stringify(want)}`)
+    if (!same) {
+      const source = sources[key]
+      out.push(
+        `${key} is ${settingText(key, have)}, fleetstream expects ${settingText(key, want)}${source ? ` (${source})` : ''}`,
+      )
+    }
   }
   return out
 }

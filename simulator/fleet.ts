@@ -72,8 +72,9 @@ interface Device {
 }
 
 /**
- * A fleet of sensors: registers each device, then publishes readings and heartbeats at a steady
- * rate, re-sending a share of earlier events under the same eventId as QoS-1 devices do.
+ * A fleet of sensors: registers each device (which then reports itself active), then publishes
+ * readings and heartbeats at a steady rate, re-sending a share of earlier events under the same
+ * eventId as QoS-1 devices do.
  *
  * ```ts
  * const stats = await simulateFleet(publisher, { devices: 100, rate: 500, durationSeconds: 10, duplicateRatio: 0.05 })
@@ -134,6 +135,14 @@ export async function simulateFleet(
       deviceId: d.id,
       occurredAt: deviceTime(d),
       data: { site: d.site, model: 'fs-th-200', firmware: '1.4.2' },
+    })
+    // A device reports itself online once it is registered, as a real one does after booting:
+    // `nats sub 'fleet.events.*.status' --last` has something to show on a simulated fleet.
+    await send({
+      type: 'status.changed',
+      deviceId: d.id,
+      occurredAt: deviceTime(d),
+      data: { status: 'active', reason: 'online after boot' },
     })
   }
 

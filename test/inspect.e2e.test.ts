@@ -210,10 +210,10 @@ describe('inspecting the stream: fleetstream events, and the README nats CLI sec
       expect(shown.ok ? '' : shown.body).toContain('"value":"hot"')
     })
 
-    it('a missing sequence fails (exit 1); a bad one is bad usage (exit 2)', async () => {
+    it('a missing sequence and a bad one are bad usage (exit 2), as for dlq show', async () => {
       const last = (await rt.jsm.streams.info(EVENTS)).state.last_seq
       const missing = await cli('show', '99999')
-      expect(missing.code).toBe(1)
+      expect(missing.code).toBe(2)
       expect(missing.output).toContain(
         `fleetstream: no event at sequence 99999 in FLEET_EVENTS: it holds sequences 1 to ${last}`,
       )

@@ -75,16 +75,40 @@ describe('fleetstream setup against a conflicting stream', () => {
     const before = await jsm.streams.info('FLEET_EVENTS')
 
     const r = await runCli(['setup'], testEnv(nats.url, await freshDatabase()))
-    expect(r.code).toBe(1)
+    // A configuration error: exit 2, each setting named with the variable that sets it.
+    expect(r.code, r.output).toBe(2)
     expect(r.output).toContain(
       'stream FLEET_EVENTS exists with a conflicting configuration (left unchanged)',
     )
     expect(r.output).toContain('storage is "memory", fleetstream expects "file"')
-    expect(r.output).toContain('max_msg_size is 1024, fleetstream expects 16384')
+    expect(r.output).toContain(
+      'max_msg_size is 1024 bytes, fleetstream expects 16384 bytes (FLEET_MAX_MSG_BYTES=16384)',
+    )
     expect(r.output).toContain('deny_delete is false, fleetstream expects true')
 
     expect((await jsm.streams.info('FLEET_EVENTS')).config).toEqual(before.config)
     await nc.close()
+  })
+})
+
+describe('fleetstream setup with a setting changed since the streams were made', () => {
+  let nats: NatsServer
+  beforeAll(async () => {
+    nats = await startNatsServer()
+  })
+  afterAll(async () => nats.cleanup())
+
+  it('names the variable and the value in days, not nanoseconds, and exits 2', async () => {
+    const env = testEnv(nats.url, await freshDatabase())
+    expect((await runCli(['setup'], env)).code).toBe(0)
+
+    const r = await runCli(['setup'], { ...env, DLQ_MAX_AGE_DAYS: '7' })
+    expect(r.code, r.output).toBe(2)
+    expect(r.output).toContain('stream FLEET_DLQ exists with a conflicting configuration')
+    expect(r.output).toContain(
+      'max_age is 30 days, fleetstream expects 7 days (DLQ_MAX_AGE_DAYS=7)',
+    )
+    expect(r.output).not.toMatch(/\d{13,}/)
   })
 })
 
