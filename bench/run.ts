@@ -11,6 +11,7 @@
 import { availableParallelism, cpus } from 'node:os'
 import { parseArgs } from 'node:util'
 import { connect } from '@nats-io/transport-node'
+import type pg from 'pg'
 import { openRuntime, setUp, type Runtime } from '../cli/runtime.ts'
 import { loadConfig } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
@@ -21,7 +22,22 @@ import { partitionMapping } from '../schemas/subjects.ts'
 import { startNatsServer, type NatsServer } from '../test/harness/nats-server.ts'
 import { startPostgres, type PgCluster } from '../test/harness/postgres.ts'
 import { HarnessError } from '../test/harness/processes.ts'
-import { type BenchEvent, BenchError, type Child, note, stampReading } from './common.ts'
+import { createKysely, createPool } from '../infra/database.ts'
+import { defaultAlertRulesPath, loadAlertRules } from '../infra/alert-rules-file.ts'
+import type { ThresholdRule } from '../projections/alert-rules.ts'
+import { migrateToLatest } from '../projections/migrate.ts'
+import {
+  type BenchEvent,
+  BenchError,
+  type Child,
+  cpuSeconds,
+  note,
+  parentPid,
+  peakRssMb,
+  stampReading,
+  treeCpuSeconds,
+} from './common.ts'
+import { jobWrite, tableRows } from './job-limit.ts'
 import {
   endToEnd,
   ingest,
@@ -124,6 +140,8 @@ async function main(opts: Options): Promise<Figures> {
   let pgc: PgCluster | undefined
   let rt: Runtime | undefined
   let processors: readonly Child[] = []
+  let jobPool: pg.Pool | undefined
+  const benchStart = performance.now()
   try {
     note('starting a throwaway nats-server and Postgres')
     // Both at once; whichever started is cleaned up below if the other did not.
@@ -146,6 +164,17 @@ async function main(opts: Options): Promise<Figures> {
       name: 'fleetstream-bench',
     })
     await setUp(rt)
+    const backendPid = (await rt.pool.query<{ pid: number }>('select pg_backend_pid() as pid'))
+      .rows[0]?.pid
+    if (backendPid === undefined) throw new BenchError('no pg_backend_pid()')
+    const postmaster = parentPid(backendPid)
+    // (d)'s scratch database, migrated with fleetstream's own migrations.
+    const jobUrl = await pgc.createDatabase('bench_job')
+    jobPool = createPool(jobUrl, { log: createLogger({ level: 'silent', name: 'bench' }), max: 2 })
+    await migrateToLatest(createKysely(jobPool))
+    const thresholdRules = (
+      await loadAlertRules(config.alertRulesFile ?? defaultAlertRulesPath())
+    ).rules.filter((r): r is ThresholdRule => r.kind === 'threshold')
     const postgresVersion = (
       await rt.pool.query<{ v: string }>("select current_setting('server_version') as v")
     ).rows[0]?.v
@@ -179,10 +208,25 @@ async function main(opts: Options): Promise<Figures> {
       note('(c) raw set-based Postgres write')
       await createScratchTables(rt.pool)
       const c = await rawWrite(rt.pool, events)
+      note("(d) the job's write limit: the three read models' rows by hand, 3 connections at once")
+      const pgCpu0 = treeCpuSeconds(postmaster)
+      const benchCpu0 = cpuSeconds(process.pid)
+      const d = await jobWrite(jobUrl, events, thresholdRules)
+      const pgCpuD = treeCpuSeconds(postmaster) - pgCpu0
+      const benchCpuD = cpuSeconds(process.pid) - benchCpu0
       limits = {
         corePublish: { events: a.stored, seconds: a.seconds, rate: a.stored / a.seconds },
         rawConsume: { events: a.stored, seconds: b.seconds, rate: a.stored / b.seconds },
         rawWrite: { events: events.length, seconds: c.seconds, rate: events.length / c.seconds },
+        jobWrite: {
+          events: events.length,
+          seconds: d.seconds,
+          rate: events.length / d.seconds,
+          batch: d.batch,
+          perModel: d.perModel,
+          postgresCpuUsPerEvent: (pgCpuD * 1e6) / events.length,
+          benchCpuUsPerEvent: (benchCpuD * 1e6) / events.length,
+        },
       }
       note(`naive consumer on ${opts.naiveEvents} events`)
       const n = await naive(raw, rt.jsm, rt.pool, opts.naiveEvents)
@@ -207,8 +251,25 @@ async function main(opts: Options): Promise<Figures> {
     }
     note('end to end: three processor processes on the backlog')
     const processorsStarted = performance.now() / 1000
+    const natsCpu0 = cpuSeconds(nats.pid)
+    const pgCpu0 = treeCpuSeconds(postmaster)
     const e2e = await endToEnd(rt, env, 30 * 60_000)
     processors = e2e.children
+    const natsCpu = cpuSeconds(nats.pid) - natsCpu0
+    const pgCpu = treeCpuSeconds(postmaster) - pgCpu0
+    const perEvent = (cpu: number): number => (cpu * 1e6) / opts.events
+    const cpuUsPerEvent: Record<string, number> = {
+      ...Object.fromEntries(Object.entries(e2e.cpuSeconds).map(([k, v]) => [k, perEvent(v)])),
+      'nats-server': perEvent(natsCpu),
+      postgres: perEvent(pgCpu),
+    }
+    // Same workload, same rows: (d) is a limit for this job only if it wrote what the processors did.
+    const [byProcessors, byJob] = await Promise.all([tableRows(rt.pool), tableRows(jobPool)])
+    const rows = Object.fromEntries(
+      Object.entries(byProcessors).map(([t, n]) => [t, { processors: n, job: byJob[t] ?? 0 }]),
+    )
+    await jobPool.end()
+    jobPool = undefined
     note(
       `latency: ${opts.latencyRate} events/s from ${opts.devices} sensors for ${opts.latencySeconds} s`,
     )
@@ -238,6 +299,7 @@ async function main(opts: Options): Promise<Figures> {
     return {
       machine,
       events: opts.events,
+      devices: opts.devices,
       payloadBytes: Math.round(bytes / events.length),
       limits,
       naive: naiveResult,
@@ -249,6 +311,8 @@ async function main(opts: Options): Promise<Figures> {
           seconds: e2e.seconds,
           rate: opts.events / e2e.seconds,
           startupSeconds: e2e.startupSeconds,
+          caughtUpSeconds: e2e.caughtUpSeconds,
+          cpuUsPerEvent,
         },
         latency: lat,
         rebuild: rebuilds,
@@ -256,10 +320,16 @@ async function main(opts: Options): Promise<Figures> {
         cpuSeconds: usage.cpuSeconds,
         wallSeconds: processorsRan,
       },
+      rows,
       scaleOut: scale,
+      bench: {
+        seconds: (performance.now() - benchStart) / 1000,
+        peakRssMb: peakRssMb(process.pid),
+      },
     }
   } finally {
     await Promise.all(processors.map((c) => c.stop(2000)))
+    await jobPool?.end().catch(() => undefined)
     await rt?.close().catch(() => undefined)
     await Promise.all([
       nats?.cleanup().catch(() => undefined),
@@ -319,6 +389,7 @@ async function scaleOut(
         seconds: e2e.seconds,
         rate: events.length / e2e.seconds,
         startupSeconds: e2e.startupSeconds,
+        caughtUpSeconds: e2e.caughtUpSeconds,
         peakRssMb: Math.max(...Object.values(usage.rssMb)),
       })
       await rt.close()
