@@ -59,6 +59,14 @@ import {
 } from './limits.ts'
 import { type Figures, printReport, type ScaleRun } from './report.ts'
 
+/**
+ * How long a processor phase may take before the bench gives up: at least 30 minutes, and 250
+ * events/s at worst (a 1M run on a machine whose two cores other work shares too).
+ */
+function phaseTimeoutMs(events: number): number {
+  return Math.max(30 * 60_000, events * 4)
+}
+
 /** From this many events on, the defaults are those of a full run. */
 const FULL_RUN_EVENTS = 200_000
 
@@ -130,6 +138,9 @@ function parseOptions(argv: readonly string[]): Options {
     json: values.json,
   }
 }
+
+const rate = (events: number, seconds: number): string =>
+  `${Math.round(events / seconds).toLocaleString('en-US')} ev/s`
 
 class UsageError extends Error {
   override readonly name = 'UsageError'
@@ -214,6 +225,10 @@ async function main(opts: Options): Promise<Figures> {
       const d = await jobWrite(jobUrl, events, thresholdRules)
       const pgCpuD = treeCpuSeconds(postmaster) - pgCpu0
       const benchCpuD = cpuSeconds(process.pid) - benchCpu0
+      note(
+        `(a) ${rate(a.stored, a.seconds)}, (b) ${rate(a.stored, b.seconds)}, ` +
+          `(c) ${rate(events.length, c.seconds)}, (d) ${rate(events.length, d.seconds)}`,
+      )
       limits = {
         corePublish: { events: a.stored, seconds: a.seconds, rate: a.stored / a.seconds },
         rawConsume: { events: a.stored, seconds: b.seconds, rate: a.stored / b.seconds },
@@ -246,6 +261,7 @@ async function main(opts: Options): Promise<Figures> {
 
     note('fleetstream ingest (PublishPipeline, every PubAck checked)')
     const ing = await ingest(publisher, events)
+    note(`ingest: ${rate(ing.stored, ing.seconds)}`)
     if (ing.stored !== events.length) {
       throw new BenchError(`ingest stored ${ing.stored} of ${events.length} events`)
     }
@@ -253,10 +269,16 @@ async function main(opts: Options): Promise<Figures> {
     const processorsStarted = performance.now() / 1000
     const natsCpu0 = cpuSeconds(nats.pid)
     const pgCpu0 = treeCpuSeconds(postmaster)
-    const e2e = await endToEnd(rt, env, 30 * 60_000)
+    const e2e = await endToEnd(rt, env, phaseTimeoutMs(opts.events))
     processors = e2e.children
     const natsCpu = cpuSeconds(nats.pid) - natsCpu0
     const pgCpu = treeCpuSeconds(postmaster) - pgCpu0
+    note(
+      `end to end: ${rate(opts.events, e2e.seconds)}; first batch at ` +
+        Object.entries(e2e.startupSeconds)
+          .map(([p, t]) => `${p} ${t.toFixed(2)} s`)
+          .join(', '),
+    )
     const perEvent = (cpu: number): number => (cpu * 1e6) / opts.events
     const cpuUsPerEvent: Record<string, number> = {
       ...Object.fromEntries(Object.entries(e2e.cpuSeconds).map(([k, v]) => [k, perEvent(v)])),
@@ -279,6 +301,7 @@ async function main(opts: Options): Promise<Figures> {
       seconds: opts.latencySeconds,
       firstIndex: opts.events,
     })
+    note(`latency: p99 ${lat.p99Ms.toFixed(0)} ms, reached ${Math.round(lat.rate)} ev/s`)
     const processorsRan = performance.now() / 1000 - processorsStarted
     const usage = await stopProcessors(processors)
     processors = []
@@ -287,7 +310,7 @@ async function main(opts: Options): Promise<Figures> {
     note(`rebuilds on the backlog of ${backlog} events`)
     const rebuilds: Record<string, Rebuild & { rate: number }> = {}
     for (const name of PROCESSOR_NAMES) {
-      const r = await rebuild(name, env, 30 * 60_000)
+      const r = await rebuild(name, env, phaseTimeoutMs(opts.events))
       rebuilds[name] = { ...r, rate: r.applied / r.seconds }
     }
 
@@ -379,7 +402,7 @@ async function scaleOut(
         }
       }
       note(`scale-out: ${instances} instance(s) of each processor`)
-      const e2e = await endToEnd(rt, env, 30 * 60_000, instances)
+      const e2e = await endToEnd(rt, env, phaseTimeoutMs(events.length), instances)
       children = e2e.children
       const usage = await stopProcessors(children)
       children = []
