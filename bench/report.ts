@@ -15,6 +15,8 @@ export interface Figures {
     readonly node: string
     readonly natsServer: string
     readonly postgres: string
+    /** 1-minute load average when the bench started: above the cores, others shared them. */
+    readonly loadAtStart: number
   }
   readonly events: number
   /** Sensors the events are spread across (the latency phase's too). */
@@ -63,7 +65,12 @@ export interface Figures {
     readonly runs: readonly ScaleRun[]
   }
   /** The bench process itself: a 1M run holds every event in memory. */
-  readonly bench: { readonly seconds: number; readonly peakRssMb: number }
+  readonly bench: {
+    readonly seconds: number
+    readonly peakRssMb: number
+    /** 1-minute load average when the bench ended. */
+    readonly loadAtEnd: number
+  }
 }
 
 /** One end-to-end run of the scale-out phase. */
@@ -374,6 +381,11 @@ export function printReport(f: Figures, json: boolean): void {
   const m = f.machine
   out(
     `machine: ${m.cores} cores (${m.cpu}), node ${m.node}, nats-server ${m.natsServer}, postgres ${m.postgres}`,
+  )
+  const busy = Math.max(m.loadAtStart, f.bench.loadAtEnd) > m.cores
+  out(
+    `load average: ${m.loadAtStart.toFixed(1)} at the start, ${f.bench.loadAtEnd.toFixed(1)} at the end` +
+      (busy ? ` (BUSY: more than ${m.cores}; the figures do not compare with an idle run)` : ''),
   )
   out(`payload: ${num(f.events)} reading events, ${f.payloadBytes} bytes of JSON each on average`)
   out()

@@ -8,7 +8,7 @@
  * npm run bench -- --json            # the figures as JSON on stdout
  * ```
  */
-import { availableParallelism, cpus } from 'node:os'
+import { availableParallelism, cpus, loadavg } from 'node:os'
 import { parseArgs } from 'node:util'
 import { connect } from '@nats-io/transport-node'
 import type pg from 'pg'
@@ -154,6 +154,13 @@ async function main(opts: Options): Promise<Figures> {
   let jobPool: pg.Pool | undefined
   const benchStart = performance.now()
   try {
+    const loadAtStart = loadavg()[0] ?? Number.NaN
+    if (loadAtStart > availableParallelism()) {
+      note(
+        `the machine is busy (load average ${loadAtStart.toFixed(1)} on ${availableParallelism()} cores): ` +
+          'figures will not compare with an idle run',
+      )
+    }
     note('starting a throwaway nats-server and Postgres')
     // Both at once; whichever started is cleaned up below if the other did not.
     const [n, p] = await Promise.allSettled([startNatsServer(), startPostgres()])
@@ -195,6 +202,7 @@ async function main(opts: Options): Promise<Figures> {
       node: process.version,
       natsServer: rt.nc.info?.version ?? 'unknown',
       postgres: postgresVersion ?? 'unknown',
+      loadAtStart,
     }
 
     const publisher = createPublisher(rt.js, {
@@ -348,6 +356,7 @@ async function main(opts: Options): Promise<Figures> {
       bench: {
         seconds: (performance.now() - benchStart) / 1000,
         peakRssMb: peakRssMb(process.pid),
+        loadAtEnd: loadavg()[0] ?? Number.NaN,
       },
     }
   } finally {
