@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process'
-import { readFileSync } from 'node:fs'
+import { readdirSync, readFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import type { EventDraft, Publisher } from '../infra/publisher.ts'
 import type { ReadingRecorded } from '../schemas/events.ts'
@@ -143,12 +143,48 @@ export function peakRssMb(pid: number): number {
   return Number(kb) / 1024
 }
 
+/** Fields of /proc/<pid>/stat after the command name (field 3 on), or undefined if it is gone. */
+function statFields(pid: number): string[] | undefined {
+  let stat: string
+  try {
+    stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+  } catch {
+    return undefined
+  }
+  // The command name may itself hold spaces and parentheses.
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+}
+
 /** CPU seconds (user + system) a live process has used, from /proc (USER_HZ is 100 on Linux). */
 export function cpuSeconds(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
-  // Fields after the command name, which may itself hold spaces and parentheses.
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+  const fields = statFields(pid)
+  if (fields === undefined) throw new BenchError(`no /proc/${pid}/stat`)
   return (Number(fields[11]) + Number(fields[12])) / 100
+}
+
+/**
+ * CPU seconds of a process and all its children, the live ones and the exited ones it has reaped
+ * (cutime + cstime): for a Postgres cluster, the postmaster and every backend, including those of
+ * connections closed in the meantime.
+ */
+export function treeCpuSeconds(pid: number): number {
+  const own = statFields(pid)
+  if (own === undefined) throw new BenchError(`no /proc/${pid}/stat`)
+  let ticks = Number(own[11]) + Number(own[12]) + Number(own[13]) + Number(own[14])
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue
+    const f = statFields(Number(entry))
+    // ppid is field 4, index 1 here.
+    if (f !== undefined && Number(f[1]) === pid) ticks += Number(f[11]) + Number(f[12])
+  }
+  return ticks / 100
+}
+
+/** The parent process of `pid` (for a Postgres backend: the postmaster). */
+export function parentPid(pid: number): number {
+  const f = statFields(pid)
+  if (f === undefined) throw new BenchError(`no /proc/${pid}/stat`)
+  return Number(f[1])
 }
 
 export function percentile(sorted: readonly number[], p: number): number {

@@ -59,8 +59,15 @@ async function targets(rt: Runtime): Promise<Map<string, number>> {
 export interface Processors {
   readonly children: readonly Child[]
   readonly seconds: number
-  /** Seconds from spawning until the first checkpoint moved (process start-up, connecting). */
-  readonly startupSeconds: number
+  /**
+   * Per processor: seconds from spawning until its first checkpoint moved (process start-up,
+   * connecting, its first applied batch); with several slots, the first of its slots.
+   */
+  readonly startupSeconds: Readonly<Record<string, number>>
+  /** Per processor: seconds from spawning until every checkpoint of it reached its target. */
+  readonly caughtUpSeconds: Readonly<Record<string, number>>
+  /** CPU seconds each process had used when all were caught up (they start with the phase). */
+  readonly cpuSeconds: Readonly<Record<string, number>>
 }
 
 /**
@@ -75,6 +82,10 @@ export async function endToEnd(
   instances = 1,
 ): Promise<Processors> {
   const want = await targets(rt)
+  const owner = new Map<string, string>()
+  for (const name of PROCESSOR_NAMES) {
+    for (const slot of slotsOf(rt.processors[name], rt.config)) owner.set(slot.key, name)
+  }
   const start = performance.now()
   const children = PROCESSOR_NAMES.flatMap((name) =>
     Array.from({ length: instances }, (_, i) =>
@@ -83,7 +94,8 @@ export async function endToEnd(
       }),
     ),
   )
-  let startup = Number.NaN
+  const startup: Record<string, number> = {}
+  const caughtUp: Record<string, number> = {}
   let seen = new Map<string, number>()
   const behind = () => [...want].filter(([k, seq]) => (seen.get(k) ?? 0) < seq)
   await waitUntil(
@@ -94,10 +106,16 @@ export async function endToEnd(
         throw new BenchError(`processor ${dead.name} exited early:\n${dead.output()}`)
       }
       seen = await checkpoints(rt)
-      if (Number.isNaN(startup) && [...seen.values()].some((s) => s > 0)) {
-        startup = (performance.now() - start) / 1000
+      const now = (performance.now() - start) / 1000
+      for (const [key, seq] of seen) {
+        const name = owner.get(key)
+        if (name !== undefined && seq > 0 && startup[name] === undefined) startup[name] = now
       }
-      return behind().length === 0
+      const late = new Set(behind().map(([k]) => owner.get(k)))
+      for (const name of PROCESSOR_NAMES) {
+        if (!late.has(name) && caughtUp[name] === undefined) caughtUp[name] = now
+      }
+      return late.size === 0
     },
     timeoutMs,
     20,
@@ -110,7 +128,15 @@ export async function endToEnd(
     }
     throw err
   })
-  return { children, seconds: (performance.now() - start) / 1000, startupSeconds: startup }
+  const seconds = (performance.now() - start) / 1000
+  const cpu = Object.fromEntries(children.map((c) => [c.name, cpuSeconds(c.pid)]))
+  return {
+    children,
+    seconds,
+    startupSeconds: startup,
+    caughtUpSeconds: caughtUp,
+    cpuSeconds: cpu,
+  }
 }
 
 export interface Latency {

@@ -8,9 +8,10 @@
  * npm run bench -- --json            # the figures as JSON on stdout
  * ```
  */
-import { availableParallelism, cpus } from 'node:os'
+import { availableParallelism, cpus, loadavg } from 'node:os'
 import { parseArgs } from 'node:util'
 import { connect } from '@nats-io/transport-node'
+import type pg from 'pg'
 import { openRuntime, setUp, type Runtime } from '../cli/runtime.ts'
 import { loadConfig } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
@@ -21,7 +22,22 @@ import { partitionMapping } from '../schemas/subjects.ts'
 import { startNatsServer, type NatsServer } from '../test/harness/nats-server.ts'
 import { startPostgres, type PgCluster } from '../test/harness/postgres.ts'
 import { HarnessError } from '../test/harness/processes.ts'
-import { type BenchEvent, BenchError, type Child, note, stampReading } from './common.ts'
+import { createKysely, createPool } from '../infra/database.ts'
+import { defaultAlertRulesPath, loadAlertRules } from '../infra/alert-rules-file.ts'
+import type { ThresholdRule } from '../projections/alert-rules.ts'
+import { migrateToLatest } from '../projections/migrate.ts'
+import {
+  type BenchEvent,
+  BenchError,
+  type Child,
+  cpuSeconds,
+  note,
+  parentPid,
+  peakRssMb,
+  stampReading,
+  treeCpuSeconds,
+} from './common.ts'
+import { jobWrite, tableRows } from './job-limit.ts'
 import {
   endToEnd,
   ingest,
@@ -42,6 +58,14 @@ import {
   rawWrite,
 } from './limits.ts'
 import { type Figures, printReport, type ScaleRun } from './report.ts'
+
+/**
+ * How long a processor phase may take before the bench gives up: at least 30 minutes, and 250
+ * events/s at worst (a 1M run on a machine whose two cores other work shares too).
+ */
+function phaseTimeoutMs(events: number): number {
+  return Math.max(30 * 60_000, events * 4)
+}
 
 /** From this many events on, the defaults are those of a full run. */
 const FULL_RUN_EVENTS = 200_000
@@ -115,6 +139,9 @@ function parseOptions(argv: readonly string[]): Options {
   }
 }
 
+const rate = (events: number, seconds: number): string =>
+  `${Math.round(events / seconds).toLocaleString('en-US')} ev/s`
+
 class UsageError extends Error {
   override readonly name = 'UsageError'
 }
@@ -124,7 +151,16 @@ async function main(opts: Options): Promise<Figures> {
   let pgc: PgCluster | undefined
   let rt: Runtime | undefined
   let processors: readonly Child[] = []
+  let jobPool: pg.Pool | undefined
+  const benchStart = performance.now()
   try {
+    const loadAtStart = loadavg()[0] ?? Number.NaN
+    if (loadAtStart > availableParallelism()) {
+      note(
+        `the machine is busy (load average ${loadAtStart.toFixed(1)} on ${availableParallelism()} cores): ` +
+          'figures will not compare with an idle run',
+      )
+    }
     note('starting a throwaway nats-server and Postgres')
     // Both at once; whichever started is cleaned up below if the other did not.
     const [n, p] = await Promise.allSettled([startNatsServer(), startPostgres()])
@@ -146,6 +182,17 @@ async function main(opts: Options): Promise<Figures> {
       name: 'fleetstream-bench',
     })
     await setUp(rt)
+    const backendPid = (await rt.pool.query<{ pid: number }>('select pg_backend_pid() as pid'))
+      .rows[0]?.pid
+    if (backendPid === undefined) throw new BenchError('no pg_backend_pid()')
+    const postmaster = parentPid(backendPid)
+    // (d)'s scratch database, migrated with fleetstream's own migrations.
+    const jobUrl = await pgc.createDatabase('bench_job')
+    jobPool = createPool(jobUrl, { log: createLogger({ level: 'silent', name: 'bench' }), max: 2 })
+    await migrateToLatest(createKysely(jobPool))
+    const thresholdRules = (
+      await loadAlertRules(config.alertRulesFile ?? defaultAlertRulesPath())
+    ).rules.filter((r): r is ThresholdRule => r.kind === 'threshold')
     const postgresVersion = (
       await rt.pool.query<{ v: string }>("select current_setting('server_version') as v")
     ).rows[0]?.v
@@ -155,6 +202,7 @@ async function main(opts: Options): Promise<Figures> {
       node: process.version,
       natsServer: rt.nc.info?.version ?? 'unknown',
       postgres: postgresVersion ?? 'unknown',
+      loadAtStart,
     }
 
     const publisher = createPublisher(rt.js, {
@@ -179,10 +227,29 @@ async function main(opts: Options): Promise<Figures> {
       note('(c) raw set-based Postgres write')
       await createScratchTables(rt.pool)
       const c = await rawWrite(rt.pool, events)
+      note("(d) the job's write limit: the three read models' rows by hand, 3 connections at once")
+      const pgCpu0 = treeCpuSeconds(postmaster)
+      const benchCpu0 = cpuSeconds(process.pid)
+      const d = await jobWrite(jobUrl, events, thresholdRules)
+      const pgCpuD = treeCpuSeconds(postmaster) - pgCpu0
+      const benchCpuD = cpuSeconds(process.pid) - benchCpu0
+      note(
+        `(a) ${rate(a.stored, a.seconds)}, (b) ${rate(a.stored, b.seconds)}, ` +
+          `(c) ${rate(events.length, c.seconds)}, (d) ${rate(events.length, d.seconds)}`,
+      )
       limits = {
         corePublish: { events: a.stored, seconds: a.seconds, rate: a.stored / a.seconds },
         rawConsume: { events: a.stored, seconds: b.seconds, rate: a.stored / b.seconds },
         rawWrite: { events: events.length, seconds: c.seconds, rate: events.length / c.seconds },
+        jobWrite: {
+          events: events.length,
+          seconds: d.seconds,
+          rate: events.length / d.seconds,
+          batch: d.batch,
+          perModel: d.perModel,
+          postgresCpuUsPerEvent: (pgCpuD * 1e6) / events.length,
+          benchCpuUsPerEvent: (benchCpuD * 1e6) / events.length,
+        },
       }
       note(`naive consumer on ${opts.naiveEvents} events`)
       const n = await naive(raw, rt.jsm, rt.pool, opts.naiveEvents)
@@ -202,13 +269,37 @@ async function main(opts: Options): Promise<Figures> {
 
     note('fleetstream ingest (PublishPipeline, every PubAck checked)')
     const ing = await ingest(publisher, events)
+    note(`ingest: ${rate(ing.stored, ing.seconds)}`)
     if (ing.stored !== events.length) {
       throw new BenchError(`ingest stored ${ing.stored} of ${events.length} events`)
     }
     note('end to end: three processor processes on the backlog')
     const processorsStarted = performance.now() / 1000
-    const e2e = await endToEnd(rt, env, 30 * 60_000)
+    const natsCpu0 = cpuSeconds(nats.pid)
+    const pgCpu0 = treeCpuSeconds(postmaster)
+    const e2e = await endToEnd(rt, env, phaseTimeoutMs(opts.events))
     processors = e2e.children
+    const natsCpu = cpuSeconds(nats.pid) - natsCpu0
+    const pgCpu = treeCpuSeconds(postmaster) - pgCpu0
+    note(
+      `end to end: ${rate(opts.events, e2e.seconds)}; first batch at ` +
+        Object.entries(e2e.startupSeconds)
+          .map(([p, t]) => `${p} ${t.toFixed(2)} s`)
+          .join(', '),
+    )
+    const perEvent = (cpu: number): number => (cpu * 1e6) / opts.events
+    const cpuUsPerEvent: Record<string, number> = {
+      ...Object.fromEntries(Object.entries(e2e.cpuSeconds).map(([k, v]) => [k, perEvent(v)])),
+      'nats-server': perEvent(natsCpu),
+      postgres: perEvent(pgCpu),
+    }
+    // Same workload, same rows: (d) is a limit for this job only if it wrote what the processors did.
+    const [byProcessors, byJob] = await Promise.all([tableRows(rt.pool), tableRows(jobPool)])
+    const rows = Object.fromEntries(
+      Object.entries(byProcessors).map(([t, n]) => [t, { processors: n, job: byJob[t] ?? 0 }]),
+    )
+    await jobPool.end()
+    jobPool = undefined
     note(
       `latency: ${opts.latencyRate} events/s from ${opts.devices} sensors for ${opts.latencySeconds} s`,
     )
@@ -218,6 +309,7 @@ async function main(opts: Options): Promise<Figures> {
       seconds: opts.latencySeconds,
       firstIndex: opts.events,
     })
+    note(`latency: p99 ${lat.p99Ms.toFixed(0)} ms, reached ${Math.round(lat.rate)} ev/s`)
     const processorsRan = performance.now() / 1000 - processorsStarted
     const usage = await stopProcessors(processors)
     processors = []
@@ -226,7 +318,7 @@ async function main(opts: Options): Promise<Figures> {
     note(`rebuilds on the backlog of ${backlog} events`)
     const rebuilds: Record<string, Rebuild & { rate: number }> = {}
     for (const name of PROCESSOR_NAMES) {
-      const r = await rebuild(name, env, 30 * 60_000)
+      const r = await rebuild(name, env, phaseTimeoutMs(opts.events))
       rebuilds[name] = { ...r, rate: r.applied / r.seconds }
     }
 
@@ -238,6 +330,7 @@ async function main(opts: Options): Promise<Figures> {
     return {
       machine,
       events: opts.events,
+      devices: opts.devices,
       payloadBytes: Math.round(bytes / events.length),
       limits,
       naive: naiveResult,
@@ -249,6 +342,8 @@ async function main(opts: Options): Promise<Figures> {
           seconds: e2e.seconds,
           rate: opts.events / e2e.seconds,
           startupSeconds: e2e.startupSeconds,
+          caughtUpSeconds: e2e.caughtUpSeconds,
+          cpuUsPerEvent,
         },
         latency: lat,
         rebuild: rebuilds,
@@ -256,10 +351,17 @@ async function main(opts: Options): Promise<Figures> {
         cpuSeconds: usage.cpuSeconds,
         wallSeconds: processorsRan,
       },
+      rows,
       scaleOut: scale,
+      bench: {
+        seconds: (performance.now() - benchStart) / 1000,
+        peakRssMb: peakRssMb(process.pid),
+        loadAtEnd: loadavg()[0] ?? Number.NaN,
+      },
     }
   } finally {
     await Promise.all(processors.map((c) => c.stop(2000)))
+    await jobPool?.end().catch(() => undefined)
     await rt?.close().catch(() => undefined)
     await Promise.all([
       nats?.cleanup().catch(() => undefined),
@@ -309,7 +411,7 @@ async function scaleOut(
         }
       }
       note(`scale-out: ${instances} instance(s) of each processor`)
-      const e2e = await endToEnd(rt, env, 30 * 60_000, instances)
+      const e2e = await endToEnd(rt, env, phaseTimeoutMs(events.length), instances)
       children = e2e.children
       const usage = await stopProcessors(children)
       children = []
@@ -319,6 +421,7 @@ async function scaleOut(
         seconds: e2e.seconds,
         rate: events.length / e2e.seconds,
         startupSeconds: e2e.startupSeconds,
+        caughtUpSeconds: e2e.caughtUpSeconds,
         peakRssMb: Math.max(...Object.values(usage.rssMb)),
       })
       await rt.close()

@@ -1,0 +1,319 @@
+import pg from 'pg'
+import type { ThresholdRule } from '../projections/alert-rules.ts'
+import { hlcTime } from '../projections/sensor-lifecycle.ts'
+import { type BenchEvent, BenchError } from './common.ts'
+
+/**
+ * (d) the job's write limit: the rows the three read models hold for the bench's workload (every
+ * event is a `reading.recorded`), written by hand with the fastest set-based SQL we know, into a
+ * database migrated with fleetstream's own migrations: same tables, same keys, same conflict
+ * clauses, no NATS, no framework.
+ *
+ * Per batch and per read model, one transaction of three round trips: `begin`; one COPY of the
+ * batch (text format, one payload) into a temp table; then every upsert of that read model and its
+ * checkpoint as `INSERT ... SELECT ... ON CONFLICT` statements in one simple query that ends with
+ * `commit`. The three read models run at once, each on its own connection, as the three processor
+ * processes do: what Postgres absorbs for all three together on this machine is the limit the
+ * processors share (run one after the other, each would have both cores to itself and the sum of
+ * their times would overstate what the job costs when they run side by side, and understate
+ * nothing: the concurrent run is the honest limit).
+ *
+ * What each read model holds for readings, and how it is written here:
+ * - readings: `readings` (insert, do nothing on a known event id), `readings_per_minute` (upsert
+ *   of the inserted rows' counts), `latest_readings` (upsert of the newest per sensor and metric,
+ *   moving only to a newer (HLC, event id));
+ * - sensor-status: `sensor_status` (upsert of each sensor of the batch: created active by its
+ *   earliest reading, else last seen moved to its newest), and for a sensor created by the batch
+ *   its `first` point in `sensor_status_timeline` and its "first seen" row in
+ *   `sensor_status_history`;
+ * - alerts: `alert_sensors` and `alert_sensors_timeline` as above, and `alert_conditions` (upsert
+ *   per sensor and threshold rule of its metric, to the newest reading). The bench's readings stay
+ *   inside every rule's range (checked before the run), so each condition is reset and no alert
+ *   or notification row is written, as in the processors' run.
+ */
+export interface JobLimit {
+  readonly seconds: number
+  /** Seconds each read model's connection took, in parallel with the others. */
+  readonly perModel: Readonly<Record<JobModel, number>>
+  readonly batch: number
+}
+
+export type JobModel = 'readings' | 'sensor-status' | 'alerts'
+
+/** Events per transaction: the upper end of what the issue allows (1000-5000). */
+export const JOB_BATCH = 5000
+
+const IN_COLUMNS = `event_id text, device_id text, metric text, value float8, unit text,
+  occurred_at timestamptz, hlc text collate "C", hlc_at timestamptz, correlation_id text,
+  causation_id text, stream_seq int8, ingested_at timestamptz`
+
+/** The earliest and the newest reading of each sensor in the batch (order: HLC, then event id). */
+const FIRST_LAST = `
+  firsts as (select distinct on (device_id) * from job_in
+             order by device_id, hlc, event_id collate "C"),
+  lasts as (select distinct on (device_id) * from job_in
+            order by device_id, hlc desc, event_id collate "C" desc)`
+
+/**
+ * A sensor-state table (`sensor_status`, `alert_sensors`) and its timeline: the CTEs `firsts`,
+ * `lasts`, `up` (the upsert, saying which rows it created) and `tl` (their `first` points).
+ */
+function sensorState(table: 'sensor_status' | 'alert_sensors'): string {
+  return `with ${FIRST_LAST},
+  up as (
+    insert into ${table} as s (device_id, status, status_hlc, status_event_id,
+      status_correlation_id, status_changed_at, last_seen_at, last_seen_hlc, last_seen_event_id)
+    select f.device_id, 'active', f.hlc, f.event_id, f.correlation_id, f.hlc_at,
+           l.hlc_at, l.hlc, l.event_id
+    from firsts f join lasts l using (device_id)
+    on conflict (device_id) do update set last_seen_at = excluded.last_seen_at,
+      last_seen_hlc = excluded.last_seen_hlc, last_seen_event_id = excluded.last_seen_event_id
+    where s.last_seen_hlc < excluded.last_seen_hlc
+       or (s.last_seen_hlc = excluded.last_seen_hlc
+           and s.last_seen_event_id < excluded.last_seen_event_id collate "C")
+    returning device_id, (xmax = 0) as created
+  ),
+  tl as (
+    insert into ${table}_timeline (device_id, event_id, kind, hlc, at, correlation_id,
+      causation_id, stream_seq)
+    select f.device_id, f.event_id, 'first', f.hlc, f.hlc_at, f.correlation_id, f.causation_id,
+           f.stream_seq
+    from firsts f join up using (device_id) where up.created
+    on conflict (device_id, event_id) do nothing
+  )`
+}
+
+function statements(model: JobModel, rules: readonly ThresholdRule[]): string {
+  switch (model) {
+    case 'readings':
+      return `
+      with inserted as (
+        insert into readings (event_id, device_id, metric, value, unit, occurred_at, hlc,
+                              correlation_id, causation_id, stream_seq, ingested_at)
+        select event_id, device_id, metric, value, unit, occurred_at, hlc, correlation_id,
+               causation_id, stream_seq, ingested_at from job_in
+        on conflict (event_id) do nothing
+        returning device_id, metric, value, occurred_at
+      )
+      insert into readings_per_minute as r (device_id, metric, minute, count, min, max, sum)
+      select device_id, metric, date_bin('1 minute', occurred_at, timestamptz '2000-01-01 00:00:00+00'),
+             count(*), min(value), max(value), sum(value::numeric)
+      from inserted group by 1, 2, 3
+      on conflict (device_id, metric, minute) do update set
+        count = r.count + excluded.count, min = least(r.min, excluded.min),
+        max = greatest(r.max, excluded.max), sum = r.sum + excluded.sum;
+      insert into latest_readings as l (device_id, metric, value, unit, occurred_at, hlc, event_id,
+                                        correlation_id, stream_seq)
+      select distinct on (device_id, metric) device_id, metric, value, unit, occurred_at, hlc,
+             event_id, correlation_id, stream_seq
+      from job_in order by device_id, metric, hlc desc, event_id collate "C" desc
+      on conflict (device_id, metric) do update set
+        value = excluded.value, unit = excluded.unit, occurred_at = excluded.occurred_at,
+        hlc = excluded.hlc, event_id = excluded.event_id, correlation_id = excluded.correlation_id,
+        stream_seq = excluded.stream_seq
+      where l.hlc < excluded.hlc
+         or (l.hlc = excluded.hlc and l.event_id < excluded.event_id collate "C");`
+    case 'sensor-status':
+      return `${sensorState('sensor_status')}
+      insert into sensor_status_history (device_id, event_id, stream_seq, from_status, to_status,
+        hlc, changed_at, correlation_id, causation_id, reason)
+      select f.device_id, f.event_id, f.stream_seq, null, 'active', f.hlc, f.hlc_at,
+             f.correlation_id, f.causation_id, 'first seen'
+      from firsts f join up using (device_id) where up.created
+      on conflict (device_id, event_id) do nothing;`
+    case 'alerts': {
+      const ruleRows = rules.map((r) => `(${literal(r.id)}, ${literal(r.metric)})`).join(', ')
+      if (ruleRows === '') return `${sensorState('alert_sensors')} select count(*) from up;`
+      return `${sensorState('alert_sensors')}
+      insert into alert_conditions as c (device_id, rule_id, consecutive, since_at, since_hlc,
+                                         last_hlc)
+      select distinct on (j.device_id, r.rule_id) j.device_id, r.rule_id, 0, null::timestamptz,
+             null, j.hlc
+      from job_in j join (values ${ruleRows}) as r (rule_id, metric) using (metric)
+      order by j.device_id, r.rule_id, j.hlc desc
+      on conflict (device_id, rule_id) do update set consecutive = excluded.consecutive,
+        since_at = excluded.since_at, since_hlc = excluded.since_hlc, last_hlc = excluded.last_hlc
+      where c.last_hlc < excluded.last_hlc;`
+    }
+  }
+}
+
+/** A SQL string literal of our own constants (rule ids, metric names). */
+function literal(s: string): string {
+  return `'${s.replaceAll("'", "''")}'`
+}
+
+/** A value in COPY's text format. */
+function cell(v: string | number | null): string {
+  if (v === null) return '\\N'
+  const s = String(v)
+  return /[\\\t\n\r]/.test(s)
+    ? s
+        .replaceAll('\\', '\\\\')
+        .replaceAll('\t', '\\t')
+        .replaceAll('\n', '\\n')
+        .replaceAll('\r', '\\r')
+    : s
+}
+
+/** One batch as a COPY text payload, in `job_in`'s column order. */
+function payload(events: readonly BenchEvent[], firstSeq: number, ingestedAt: string): Buffer {
+  let out = ''
+  for (let i = 0; i < events.length; i++) {
+    const e = (events[i] as BenchEvent).event
+    out +=
+      [
+        e.eventId,
+        e.deviceId,
+        e.data.metric,
+        e.data.value,
+        e.data.unit,
+        e.occurredAt,
+        e.hlc,
+        hlcTime(e.hlc).toISOString(),
+        e.correlationId,
+        e.causationId ?? null,
+        firstSeq + i,
+        ingestedAt,
+      ]
+        .map(cell)
+        .join('\t') + '\n'
+  }
+  return Buffer.from(out)
+}
+
+/** `COPY ... FROM STDIN` with the whole payload in one go (pg has no COPY of its own). */
+function copyFrom(client: pg.ClientBase, text: string, data: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const q = new pg.Query(text, (err) => {
+      if (err) reject(err)
+      else resolve()
+    }) as pg.Query & { handleCopyInResponse: (c: CopyConnection) => void }
+    // pg's Query answers a CopyInResponse with CopyFail; this one sends the data instead.
+    q.handleCopyInResponse = (c) => {
+      c.sendCopyFromChunk(data)
+      c.endCopyFrom()
+    }
+    client.query(q)
+  })
+}
+
+interface CopyConnection {
+  sendCopyFromChunk(chunk: Buffer): void
+  endCopyFrom(): void
+}
+
+/**
+ * Batch payloads built once and shared by the three connections, dropped when all three have
+ * sent them: a million events' payloads never sit in memory at once.
+ */
+class Payloads {
+  readonly #cache = new Map<number, { data: Buffer; uses: number }>()
+  readonly #ingestedAt = new Date().toISOString()
+  constructor(
+    private readonly events: readonly BenchEvent[],
+    private readonly users: number,
+  ) {}
+
+  take(from: number): Buffer {
+    let hit = this.#cache.get(from)
+    if (hit === undefined) {
+      const batch = this.events.slice(from, from + JOB_BATCH)
+      hit = { data: payload(batch, from + 1, this.#ingestedAt), uses: 0 }
+      this.#cache.set(from, hit)
+    }
+    if (++hit.uses === this.users) this.#cache.delete(from)
+    return hit.data
+  }
+}
+
+/**
+ * Refuses a workload on which the hand-written alerts SQL would be wrong: it resets every
+ * condition, which is right only while no reading breaches a threshold rule of its metric.
+ */
+export function checkNoBreach(events: readonly BenchEvent[], rules: readonly ThresholdRule[]) {
+  for (const { event: e } of events) {
+    for (const r of rules) {
+      if (r.metric !== e.data.metric) continue
+      const breach = r.direction === 'above' ? e.data.value >= r.raiseAt : e.data.value <= r.raiseAt
+      if (breach) {
+        throw new BenchError(
+          `(d) assumes no reading breaches a rule; ${e.deviceId}'s ${e.data.metric} ${e.data.value} breaches '${r.id}'`,
+        )
+      }
+    }
+  }
+}
+
+/** Writes every event into the migrated database at `url`; three connections at once. */
+export async function jobWrite(
+  url: string,
+  events: readonly BenchEvent[],
+  rules: readonly ThresholdRule[],
+): Promise<JobLimit> {
+  checkNoBreach(events, rules)
+  const models: JobModel[] = ['readings', 'sensor-status', 'alerts']
+  const clients = models.map(() => new pg.Client({ connectionString: url }))
+  await Promise.all(clients.map((c) => c.connect()))
+  try {
+    for (const c of clients) {
+      await c.query(`create temp table job_in (${IN_COLUMNS}) on commit delete rows`)
+    }
+    const payloads = new Payloads(events, models.length)
+    const start = performance.now()
+    const perModel = await Promise.all(
+      models.map(async (model, m) => {
+        const client = clients[m] as pg.Client
+        const sql = statements(model, rules)
+        for (let i = 0; i < events.length; i += JOB_BATCH) {
+          const data = payloads.take(i)
+          const last = events[Math.min(events.length, i + JOB_BATCH) - 1] as BenchEvent
+          await client.query('begin')
+          await copyFrom(client, 'copy job_in from stdin', data)
+          // The checkpoint commits with the rows, as a processor's does.
+          await client.query(`${sql}
+            insert into processor_checkpoints (processor, stream, last_seq, hlc)
+            values ('job-${model}', 'FLEET_EVENTS', ${Math.min(events.length, i + JOB_BATCH)}, ${literal(last.event.hlc)})
+            on conflict (processor) do update set last_seq = excluded.last_seq, hlc = excluded.hlc,
+              updated_at = now();
+            commit;`)
+        }
+        return (performance.now() - start) / 1000
+      }),
+    )
+    return {
+      seconds: (performance.now() - start) / 1000,
+      perModel: {
+        readings: perModel[0] ?? Number.NaN,
+        'sensor-status': perModel[1] ?? Number.NaN,
+        alerts: perModel[2] ?? Number.NaN,
+      },
+      batch: JOB_BATCH,
+    }
+  } finally {
+    await Promise.all(clients.map((c) => c.end().catch(() => undefined)))
+  }
+}
+
+/** The read-model tables the bench's workload writes, to compare (d) with the processors. */
+export const JOB_TABLES = [
+  'readings',
+  'readings_per_minute',
+  'latest_readings',
+  'sensor_status',
+  'sensor_status_timeline',
+  'sensor_status_history',
+  'alert_sensors',
+  'alert_sensors_timeline',
+  'alert_conditions',
+  'alerts',
+  'notification_outbox',
+] as const
+
+/** Row count of each of {@link JOB_TABLES}. */
+export async function tableRows(pool: pg.Pool): Promise<Record<string, number>> {
+  const { rows } = await pool.query<{ t: string; n: string | number }>(
+    JOB_TABLES.map((t) => `select '${t}' as t, count(*) as n from ${t}`).join(' union all '),
+  )
+  return Object.fromEntries(rows.map((r) => [r.t, Number(r.n)]))
+}

@@ -1,0 +1,124 @@
+import { afterEach, describe, expect, it, vi } from 'vitest'
+import { type Figures, goals, printReport } from '../bench/report.ts'
+
+const rate = (events: number, r: number) => ({ events, seconds: events / r, rate: r })
+const each = <T>(v: T) => ({ readings: v, 'sensor-status': v, alerts: v })
+
+/** A 1M run that meets every goal of issue 13, with (d) below (b) so that (d) is the limit. */
+function figures(over: { events?: number; e2e?: number; latencyRate?: number } = {}): Figures {
+  const events = over.events ?? 1_000_000
+  return {
+    machine: {
+      cores: 2,
+      cpu: 'x',
+      node: 'v20',
+      natsServer: '2.9.10',
+      postgres: '15',
+      loadAtStart: 0.5,
+    },
+    events,
+    devices: 10_000,
+    payloadBytes: 300,
+    limits: {
+      corePublish: rate(events, 100_000),
+      rawConsume: rate(events, 180_000),
+      rawWrite: rate(events, 60_000),
+      jobWrite: {
+        ...rate(events, 20_000),
+        batch: 5000,
+        perModel: each(50),
+        postgresCpuUsPerEvent: 60,
+        benchCpuUsPerEvent: 5,
+      },
+    },
+    naive: rate(10_000, 3000),
+    jsPublish: rate(events, 70_000),
+    fleetstream: {
+      ingest: rate(events, 70_000),
+      endToEnd: {
+        ...rate(events, over.e2e ?? 12_000),
+        startupSeconds: each(0.4),
+        caughtUpSeconds: each(80),
+        cpuUsPerEvent: { ...each(30), 'nats-server': 10, postgres: 60 },
+      },
+      latency: {
+        targetRate: 5000,
+        rate: over.latencyRate ?? 4990,
+        published: 75_000,
+        samples: 7500,
+        missing: 0,
+        p50Ms: 20,
+        p99Ms: 120,
+        maxMs: 200,
+        pollMs: 10,
+      },
+      rebuild: each({ applied: events, seconds: events / 40_000, wallSeconds: 30, rate: 40_000 }),
+      peakRssMb: each(120),
+      cpuSeconds: each(30),
+      wallSeconds: 100,
+    },
+    rows: { readings: { processors: events, job: events } },
+    scaleOut: {
+      partitions: 4,
+      runs: [
+        {
+          ...rate(200_000, 10_000),
+          instances: 1,
+          startupSeconds: each(0.4),
+          caughtUpSeconds: each(20),
+          peakRssMb: 150,
+        },
+        {
+          ...rate(200_000, 9_500),
+          instances: 2,
+          startupSeconds: each(0.4),
+          caughtUpSeconds: each(21),
+          peakRssMb: 150,
+        },
+      ],
+    },
+    bench: { seconds: 900, peakRssMb: 2000, loadAtEnd: 0.8 },
+  }
+}
+
+describe('bench goals (issue 13)', () => {
+  afterEach(() => {
+    vi.restoreAllMocks()
+  })
+
+  it('judges every goal of the issue, each with its figure and threshold', () => {
+    const gs = goals(figures())
+    expect(gs).toHaveLength(12)
+    expect(gs.filter((g) => !g.met)).toEqual([])
+    expect(gs[0]).toMatchObject({
+      figure: '12,000 ev/s = 60% of 20,000',
+      threshold: '>= 10,000 ev/s',
+    })
+  })
+
+  it('measures end to end against (d), the job write limit, when (d) is below raw consume', () => {
+    const [limit, naive] = goals(figures({ e2e: 9_000 }))
+    expect(limit).toMatchObject({ met: false, threshold: '>= 10,000 ev/s' })
+    expect(naive).toMatchObject({ met: true, threshold: '>= 3.00x' })
+  })
+
+  it('misses the latency goal when the publisher did not reach the rate, whatever the p99', () => {
+    const latency = goals(figures({ latencyRate: 4000 })).find((g) => g.goal.startsWith('p99'))
+    expect(latency?.met).toBe(false)
+    expect(latency?.figure).toContain('reached 4,000 of 5,000 ev/s asked')
+  })
+
+  it('prints MET/MISS per goal and says a quick run is not the judged size', () => {
+    let out = ''
+    vi.spyOn(process.stdout, 'write').mockImplementation((s) => {
+      out += String(s)
+      return true
+    })
+    printReport(figures({ events: 20_000 }), false)
+    expect(out).toContain('NOT JUDGED, this run had 20,000 events')
+    expect(out.match(/^ {2}MET {2}/gm)).toHaveLength(12)
+    out = ''
+    printReport(figures(), false)
+    expect(out).toContain('goals of issue 13 (judged: 1,000,000 events): 12/12 met')
+  })
+})
