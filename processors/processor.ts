@@ -512,7 +512,9 @@ class SlotSession {
         })
         // Its failure is thrown where it is awaited: before the next commit, or at once when the
         // loop is waiting for messages (the buffer closes and the wait ends).
-        commit.catch(() => buffer.close())
+        commit.catch(() => {
+          buffer.close()
+        })
         committing = commit
       }
       await committing
