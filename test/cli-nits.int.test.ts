@@ -122,15 +122,13 @@ describe('rebuild and replay give up on their set-up after --timeout', () => {
     ['replay', 'readings', '--from-seq', '1'],
   ]) {
     it(`${args[0]} with no streams yet exits 1 after --timeout, with the reason`, async () => {
-      const started = Date.now()
       const r = await runCli([...args, '--timeout', '2'], env, 45_000)
       expect(r.code, r.output).toBe(1)
       expect(r.output).toContain('set-up did not complete within 2 s')
       expect(r.output).toContain(
         'stream FLEET_EVENTS does not exist and this NATS user may not create it',
       )
-      // The bound plus process start-up, not the for ever of an unbounded retry.
-      expect(Date.now() - started).toBeLessThan(30_000)
+      // Bounded: an unbounded retry would outlive runCli's 45 s and exit with a signal, not 1.
     })
   }
 })

@@ -69,7 +69,6 @@ describe('one-shot commands: only what they use, bounded, honest exit codes', ()
   })
 
   it('alerts list gives up on an unreachable PostgreSQL after --timeout, exit 1, with the reason', async () => {
-    const started = Date.now()
     const r = await runCli(
       ['alerts', 'list', '--timeout', '2'],
       { ...env, DATABASE_URL: deadPostgres },
@@ -79,21 +78,19 @@ describe('one-shot commands: only what they use, bounded, honest exit codes', ()
     expect(r.output).toMatch(
       /cannot reach PostgreSQL at postgres:\/\/.* within 2 s: .*ECONNREFUSED/,
     )
-    // The bound plus process start-up, not the 60 s a retry loop would take.
-    expect(Date.now() - started).toBeLessThan(15_000)
+    // Bounded: a retry loop would outlive runCli's 30 s and exit with a signal, not 1. (No wall
+    // clock here: process start-up alone takes seconds on a loaded machine.)
   })
 
   it('a PostgreSQL role that does not exist is a configuration error: exit 2 at once', async () => {
     const url = withDatabase(env.DATABASE_URL ?? '', (u) => {
       u.username = 'no_such_role'
     })
-    const started = Date.now()
     const r = await runCli(['alerts', 'list'], { ...env, DATABASE_URL: url }, 30_000)
     expect(r.code, r.output).toBe(2)
     expect(r.output).toMatch(/'DATABASE_URL' user 'no_such_role' was refused by PostgreSQL/)
     expect(r.output).toMatch(/does not exist/)
     expect(r.output).not.toMatch(/retrying/)
-    expect(Date.now() - started).toBeLessThan(15_000)
   })
 
   it('status with a PostgreSQL role that does not exist exits 2 too, as for a refused NATS login', async () => {
