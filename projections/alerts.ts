@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto'
 import { sql, type Transaction } from 'kysely'
 import type { DeviceEvent } from '../schemas/events.ts'
 import { notificationSubject } from '../schemas/subjects.ts'
@@ -11,10 +12,12 @@ import {
 } from './alert-evaluation.ts'
 import type { AlertRule, AlertRules, ThresholdRule } from './alert-rules.ts'
 import type { ProjectedEvent, Projection } from './projection.ts'
+import type { EffectiveStatus } from './sensor-lifecycle.ts'
 import { deviceIdsOf, SensorTracker, splitAtTicks, type Transition } from './sensor-tracker.ts'
 import type {
   AlertHorizonTable,
   AlertInputTable,
+  AlertTipTable,
   Database,
   NotificationOutboxTable,
 } from './tables.ts'
@@ -62,7 +65,10 @@ export function alertsProjection(opts: AlertsOptions): Projection {
   const tracker = new SensorTracker('alert_sensors', 'alerts', opts.defaultTimeoutSeconds)
   const rules = opts.rules.rules
   const thresholds = rules.filter((r): r is ThresholdRule => r.kind === 'threshold')
-  const window = opts.windowReadings ?? WINDOW_READINGS
+  const window = Math.max(
+    opts.windowReadings ?? WINDOW_READINGS,
+    ...thresholds.map((r) => 2 * r.consecutive),
+  )
 
   return {
     name: 'alerts',
@@ -81,6 +87,7 @@ export function alertsProjection(opts: AlertsOptions): Projection {
       'alert_sensors_timeline',
       'alert_inputs',
       'alert_horizons',
+      'alert_tips',
       'notification_outbox',
       'projection_clocks',
     ],
@@ -88,15 +95,21 @@ export function alertsProjection(opts: AlertsOptions): Projection {
       for (const segment of splitAtTicks(events)) {
         if (segment.tick) {
           const silenced = await tracker.tick(trx, segment.tick)
-          await refold(trx, tracker, rules, window, [...new Set(silenced.map((t) => t.deviceId))])
+          const devices = [...new Set(silenced.map((t) => t.deviceId))]
+          await refold(trx, tracker, rules, window, devices, [])
           continue
         }
         const sensors = await tracker.load(trx, segment.events)
         for (const p of segment.events) sensors.apply(p)
         const moved = await sensors.flush(trx)
-        const fed = await addInputs(trx, thresholds, segment.events)
+        const added = await addInputs(trx, thresholds, segment.events)
+        const fed = new Set(added.map((i) => i.device_id))
         const devices = deviceIdsOf(segment.events).filter((d) => moved.includes(d) || fed.has(d))
-        await refold(trx, tracker, rules, window, devices)
+        // A sensor whose history this segment left as it was is where it was: its status now.
+        const settled = new Map(
+          devices.filter((d) => !moved.includes(d)).map((d) => [d, sensors.status(d)]),
+        )
+        await refold(trx, tracker, rules, window, devices, added, settled)
       }
     },
   }
@@ -134,24 +147,25 @@ function inputsOf(rules: readonly ThresholdRule[], e: DeviceEvent): AlertInputTa
   }
 }
 
-/** Stores the segment's inputs (a redelivered one changes nothing); the devices that got new ones. */
+/** Stores the segment's inputs; returns those that are new (a redelivered one changes nothing). */
 async function addInputs(
   trx: Transaction<Database>,
   rules: readonly ThresholdRule[],
   events: readonly ProjectedEvent<DeviceEvent>[],
-): Promise<Set<string>> {
+): Promise<AlertInputTable[]> {
   const rows = events.flatMap((p) => inputsOf(rules, p.event))
-  const fed = new Set<string>()
+  const added: AlertInputTable[] = []
   for (const chunk of inChunks(rows)) {
-    const added = await trx
-      .insertInto('alert_inputs')
-      .values(chunk)
-      .onConflict((oc) => oc.columns(['device_id', 'rule_id', 'event_id']).doNothing())
-      .returning('device_id')
-      .execute()
-    for (const r of added) fed.add(r.device_id)
+    added.push(
+      ...(await trx
+        .insertInto('alert_inputs')
+        .values(chunk)
+        .onConflict((oc) => oc.columns(['device_id', 'rule_id', 'event_id']).doNothing())
+        .returningAll()
+        .execute()),
+    )
   }
-  return fed
+  return added
 }
 
 /** A horizon as stored: its state with dates as JSON. */
@@ -161,9 +175,20 @@ interface Horizon {
   readonly state: FoldState
 }
 
+/** Something folded, by its place in a sensor's history. */
+interface Place {
+  readonly hlc: string
+  readonly eventId: string
+}
+
 /**
- * Folds every rule of some sensors again from their horizon over their kept inputs and status
- * history, and writes what changed: one query per table to read, one statement per table to write.
+ * Folds the rules of some sensors on, and writes what changed: one query per table to read, one
+ * statement per table to write, whatever the number of sensors and events.
+ *
+ * A sensor whose new inputs all come after everything folded for it so far (its tip), and whose
+ * status history up to the tip is unchanged, is folded on from its current alerts and conditions
+ * over the new inputs alone: the common case, events arriving in order. Any other sensor (a late
+ * event, a late status change) is folded again from its horizons over its kept inputs.
  */
 async function refold(
   trx: Transaction<Database>,
@@ -171,51 +196,129 @@ async function refold(
   rules: readonly AlertRule[],
   window: number,
   devices: readonly string[],
+  added: readonly AlertInputTable[],
+  settled: ReadonlyMap<string, EffectiveStatus | null> = new Map(),
 ): Promise<void> {
   if (devices.length === 0) return
   const sorted = [...devices].sort()
-  const histories = group(await tracker.histories(trx, sorted), (t) => t.deviceId)
-  const inputs = group(
-    await trx
-      .selectFrom('alert_inputs')
-      .selectAll()
-      .where(sql<boolean>`device_id = any(${sorted}::text[])`)
-      .execute(),
-    (i) => i.device_id,
-  )
-  const horizons = new Map(
+  const news = group(added, (i) => i.device_id)
+  const tips = new Map(
     (
       await trx
-        .selectFrom('alert_horizons')
+        .selectFrom('alert_tips')
         .selectAll()
         .where(sql<boolean>`device_id = any(${sorted}::text[])`)
         .execute()
+    ).map((t) => [t.device_id, t]),
+  )
+  const onward = (d: string) => {
+    const tip = tips.get(d)
+    if (tip === undefined) return false
+    // Due for pruning: folded again in full, which gives the state where the horizon moves to.
+    const fresh = (news.get(d) ?? []).filter((i) => i.kind === 'reading').length
+    if (tip.readings_since_prune + fresh >= window) return false
+    const at = { hlc: tip.hlc, eventId: tip.event_id }
+    return (news.get(d) ?? []).every((i) => byHlcThenId(place(i), at) > 0)
+  }
+  // Folded on without reading their history: it has not changed, and their status is known.
+  const unchanged = new Set(sorted.filter((d) => settled.has(d) && onward(d)))
+  const histories = group(
+    await tracker.histories(
+      trx,
+      sorted.filter((d) => !unchanged.has(d)),
+    ),
+    (t) => t.deviceId,
+  )
+  for (const h of histories.values()) h.sort(byHlcThenId)
+  for (const d of unchanged) histories.set(d, [now(d, settled.get(d) ?? null)])
+  const fast = new Set(
+    sorted.filter((d) => {
+      if (unchanged.has(d)) return true
+      const tip = tips.get(d)
+      if (tip === undefined || !onward(d)) return false
+      const at = { hlc: tip.hlc, eventId: tip.event_id }
+      const history = histories.get(d) ?? []
+      return digest(history.filter((t) => byHlcThenId(t, at) <= 0)) === tip.history
+    }),
+  )
+  const slow = sorted.filter((d) => !fast.has(d))
+  const quick = [...fast]
+
+  const inputs = group(
+    slow.length === 0
+      ? []
+      : await trx
+          .selectFrom('alert_inputs')
+          .selectAll()
+          .where(sql<boolean>`device_id = any(${slow}::text[])`)
+          .execute(),
+    (i) => i.device_id,
+  )
+  const horizons = new Map(
+    (slow.length === 0
+      ? []
+      : await trx
+          .selectFrom('alert_horizons')
+          .selectAll()
+          .where(sql<boolean>`device_id = any(${slow}::text[])`)
+          .execute()
     ).map((h) => [key(h.device_id, h.rule_id), toHorizon(h)]),
   )
-  // Alerts before a horizon are final (but the one open there); the rest are folded again.
+  const conditions = new Map(
+    (quick.length === 0
+      ? []
+      : await trx
+          .selectFrom('alert_conditions')
+          .selectAll()
+          .where(sql<boolean>`device_id = any(${quick}::text[])`)
+          .execute()
+    ).map((c) => [key(c.device_id, c.rule_id), c]),
+  )
+  // Slow: alerts before a horizon are final (but the one open there). Fast: the open ones.
   const loaded = (
     await sql<AlertRow>`
       select a.* from alerts a
       left join alert_horizons h on h.device_id = a.device_id and h.rule_id = a.rule_id
-      where a.device_id = any(${sorted}::text[])
-        and (h.hlc is null or a.raised_hlc >= h.hlc or a.state <> 'resolved'
-             or a.alert_id = h.state -> 'open' ->> 'alert_id')
+      where (a.device_id = any(${slow}::text[])
+             and (h.hlc is null or a.raised_hlc >= h.hlc or a.state <> 'resolved'
+                  or a.alert_id = h.state -> 'open' ->> 'alert_id'))
+         or (a.device_id = any(${quick}::text[]) and a.state <> 'resolved')
       order by a.alert_id for update of a`.execute(trx)
   ).rows.filter((a) => {
-    const h = horizons.get(key(a.device_id, a.rule_id))
     if (!rules.some((r) => r.id === a.rule_id)) return false
+    if (fast.has(a.device_id)) return true
+    const h = horizons.get(key(a.device_id, a.rule_id))
     return h === undefined || after(a, h) || a.alert_id === h.state.open?.alert_id
   })
+  const unresolved = new Map(
+    loaded.filter((a) => a.state !== 'resolved').map((a) => [key(a.device_id, a.rule_id), a]),
+  )
 
   const wanted = new Map<string, AlertRow>()
-  const conditions: Database['alert_conditions'][] = []
+  const written: Database['alert_conditions'][] = []
   const prune: AlertHorizonTable[] = []
+  const newTips: AlertTipTable[] = []
   for (const deviceId of sorted) {
-    const history = (histories.get(deviceId) ?? []).sort(byHlcThenId)
-    const own = inputs.get(deviceId) ?? []
+    const history = histories.get(deviceId) ?? []
+    const isFast = fast.has(deviceId)
+    const tip = tips.get(deviceId)
+    const own = isFast ? (news.get(deviceId) ?? []) : (inputs.get(deviceId) ?? [])
     const acks = own.filter((i) => i.kind === 'ack').map(ackInput)
+    let newest: Place | undefined = tip && { hlc: tip.hlc, eventId: tip.event_id }
+    const seen = (p: Place) => {
+      if (newest === undefined || byHlcThenId(p, newest) > 0) newest = p
+    }
+    for (const i of own) seen(place(i))
+    for (const t of history) seen(t)
     for (const rule of rules) {
-      const horizon = horizons.get(key(deviceId, rule.id))
+      const k = key(deviceId, rule.id)
+      // Where this fold starts: the tip (fast) or the horizon (slow).
+      const from: Place | undefined = isFast
+        ? tip && { hlc: tip.hlc, eventId: tip.event_id }
+        : horizons.get(k)
+      const start: FoldState = isFast
+        ? { condition: fromRow(conditions.get(k)), open: unresolved.get(k) ?? null }
+        : (horizons.get(k)?.state ?? NEW_FOLD)
       const fed: FoldInput[] =
         rule.kind === 'silent'
           ? silenceInputs(history)
@@ -224,15 +327,28 @@ async function refold(
               history,
             )
       const folded = [...fed, ...acks]
-        .filter((i) => horizon === undefined || byHlcThenId(i, horizon) > 0)
+        .filter((i) => from === undefined || byHlcThenId(i, from) > 0)
         .sort(byHlcThenId)
-      const { alerts, states } = foldRule(rule, deviceId, horizon?.state ?? NEW_FOLD, folded)
-      for (const a of alerts) wanted.set(a.alert_id, a)
+      const out = foldRule(rule, deviceId, start, folded)
+      for (const a of out.alerts) wanted.set(a.alert_id, a)
       if (rule.kind !== 'threshold') continue
-      const readings = folded.filter((i) => i.kind === 'reading')
-      const end = states.at(-1) ?? horizon?.state
-      if (end === undefined || (readings.length === 0 && horizon === undefined)) continue
-      conditions.push({
+      const readings = folded.flatMap((i, n) => (i.kind === 'reading' ? [n] : []))
+      const lastReading = readings.at(-1)
+      const end = lastReading !== undefined ? out.states[lastReading] : isFast ? undefined : start
+      if (end === undefined || (!isFast && lastReading === undefined && !horizons.has(k))) continue
+      // Past the window, the oldest readings go: the horizon moves to the state after them.
+      const cut = readings[readings.length - window - 1]
+      if (!isFast && cut !== undefined) {
+        const at = folded[cut] as FoldInput
+        prune.push({
+          device_id: deviceId,
+          rule_id: rule.id,
+          hlc: at.hlc,
+          event_id: at.eventId,
+          state: JSON.stringify(out.states[cut]),
+        })
+      }
+      written.push({
         device_id: deviceId,
         rule_id: rule.id,
         consecutive: end.condition.consecutive,
@@ -240,25 +356,64 @@ async function refold(
         since_hlc: end.condition.sinceHlc,
         last_hlc: end.condition.lastHlc,
       })
-      // Keep a window of readings: past twice the window, the oldest go into the horizon.
-      const keep = Math.max(window, 2 * rule.consecutive)
-      if (readings.length <= 2 * keep) continue
-      const last = readings[readings.length - keep - 1] as FoldInput
-      const at = folded.indexOf(last)
-      prune.push({
-        device_id: deviceId,
-        rule_id: rule.id,
-        hlc: last.hlc,
-        event_id: last.eventId,
-        state: JSON.stringify(states[at]),
-      })
     }
+    const last = newest
+    if (last === undefined) continue
+    newTips.push({
+      device_id: deviceId,
+      hlc: last.hlc,
+      event_id: last.eventId,
+      history: unchanged.has(deviceId) ? (tip?.history ?? '') : digest(history),
+      readings_since_prune: isFast
+        ? (tip?.readings_since_prune ?? 0) +
+          (news.get(deviceId) ?? []).filter((i) => i.kind === 'reading').length
+        : 0,
+    })
   }
 
   await writeAlerts(trx, loaded, wanted)
-  await writeConditions(trx, conditions)
+  await writeConditions(trx, written)
   await writeOutbox(trx, loaded, wanted)
+  await writeTips(trx, newTips)
   await writeHorizons(trx, prune)
+}
+
+/** A stand-in history for a sensor whose history is unchanged: its status, from the start. */
+function now(deviceId: string, status: EffectiveStatus | null): Transition {
+  return {
+    deviceId,
+    from: null,
+    to: status ?? 'unknown',
+    eventId: '',
+    streamSeq: 0,
+    hlc: '',
+    correlationId: '',
+    causationId: null,
+    at: new Date(0),
+    reason: '',
+  }
+}
+
+function place(i: AlertInputTable): Place {
+  return { hlc: i.hlc, eventId: i.event_id }
+}
+
+function fromRow(c: Database['alert_conditions'] | undefined): FoldState['condition'] {
+  if (c === undefined) return NEW_FOLD.condition
+  return {
+    consecutive: c.consecutive,
+    sinceMs: c.since_at?.getTime() ?? null,
+    sinceHlc: c.since_hlc,
+    lastHlc: c.last_hlc,
+  }
+}
+
+/** What of a sensor's status history a fold has seen. */
+function digest(history: readonly Transition[]): string {
+  const h = createHash('sha256')
+  for (const t of history)
+    h.update(`${t.hlc}\u0000${t.eventId}\u0000${t.from ?? ''}\u0000${t.to}\u0001`)
+  return h.digest('base64url')
 }
 
 /** A threshold rule's readings, each with whether the sensor was quiet at that point. */
@@ -568,7 +723,28 @@ interface DateFields {
   resolved_at: string | null
 }
 
-/** Moves horizons forward and drops the readings before them. */
+/** Moves each sensor's tip on. */
+async function writeTips(
+  trx: Transaction<Database>,
+  tips: readonly AlertTipTable[],
+): Promise<void> {
+  for (const chunk of inChunks(tips)) {
+    await trx
+      .insertInto('alert_tips')
+      .values(chunk)
+      .onConflict((oc) =>
+        oc.column('device_id').doUpdateSet((eb) => ({
+          hlc: eb.ref('excluded.hlc'),
+          event_id: eb.ref('excluded.event_id'),
+          history: eb.ref('excluded.history'),
+          readings_since_prune: eb.ref('excluded.readings_since_prune'),
+        })),
+      )
+      .execute()
+  }
+}
+
+/** Moves horizons forward and drops the readings up to them. */
 async function writeHorizons(
   trx: Transaction<Database>,
   rows: readonly AlertHorizonTable[],
@@ -592,7 +768,8 @@ async function writeHorizons(
       ${rows.map((h) => h.rule_id)}::text[], ${rows.map((h) => h.hlc)}::text[],
       ${rows.map((h) => h.event_id)}::text[]) as h(device_id, rule_id, hlc, event_id)
     where i.device_id = h.device_id and i.rule_id = h.rule_id and i.kind = 'reading'
-      and (i.hlc < h.hlc collate "C" or (i.hlc = h.hlc and i.event_id <= h.event_id collate "C"))`.execute(
+      and (i.hlc < h.hlc collate "C"
+           or (i.hlc = h.hlc collate "C" and i.event_id collate "C" <= h.event_id collate "C"))`.execute(
     trx,
   )
 }

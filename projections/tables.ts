@@ -236,6 +236,15 @@ export interface AlertInputTable {
   acknowledged_by: string | null
 }
 
+/** Per sensor: the newest input folded, and a digest of the status history folded with it. */
+export interface AlertTipTable {
+  device_id: string
+  hlc: string
+  event_id: string
+  history: string
+  readings_since_prune: number
+}
+
 /** Where the kept inputs of a (sensor, rule) begin, and the rule's state there (JSON). */
 export interface AlertHorizonTable {
   device_id: string
@@ -262,4 +271,5 @@ export interface Database {
   notification_outbox: NotificationOutboxTable
   alert_inputs: AlertInputTable
   alert_horizons: AlertHorizonTable
+  alert_tips: AlertTipTable
 }

@@ -11,6 +11,8 @@ const hlc = sql`text collate "C"`
  *   and the acknowledgements (`rule_id` ''), each named by its event;
  * - `alert_horizons`: per sensor and rule, where its kept inputs begin and the rule's state there
  *   (condition and the alert then open), so that only a window of inputs is kept;
+ * - `alert_tips`: per sensor, the newest input folded and a digest of the status history folded,
+ *   so that events that arrive in order are folded on from the current rows alone;
  * - `notification_outbox.corrects`: a notification that corrects or retracts one already sent.
  *
  * Alerts and conditions that exist already are kept: each (sensor, rule) gets a horizon just after
@@ -39,6 +41,14 @@ export async function up(db: Kysely<any>): Promise<void> {
     .addColumn('state', 'jsonb', (c) => c.notNull())
     .addPrimaryKeyConstraint('alert_horizons_pk', ['device_id', 'rule_id'])
     .execute()
+  await db.schema
+    .createTable('alert_tips')
+    .addColumn('device_id', 'text', (c) => c.primaryKey())
+    .addColumn('hlc', hlc, (c) => c.notNull())
+    .addColumn('event_id', 'text', (c) => c.notNull())
+    .addColumn('history', 'text', (c) => c.notNull())
+    .addColumn('readings_since_prune', 'integer', (c) => c.notNull())
+    .execute()
   await sql`alter table notification_outbox add column corrects text`.execute(db)
   await sql`alter table notification_outbox drop constraint notification_outbox_kind_check`.execute(
     db,
@@ -63,6 +73,7 @@ export async function up(db: Kysely<any>): Promise<void> {
 }
 
 export async function down(db: Kysely<any>): Promise<void> {
+  await db.schema.dropTable('alert_tips').execute()
   await db.schema.dropTable('alert_horizons').execute()
   await db.schema.dropTable('alert_inputs').execute()
   await sql`delete from notification_outbox where kind in ('corrected', 'retracted')`.execute(db)
