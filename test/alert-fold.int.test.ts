@@ -1,10 +1,10 @@
-import { sql, type Kysely } from 'kysely'
+import { Migrator, sql, type Kysely } from 'kysely'
 import pino from 'pino'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { createKysely, createPool } from '../infra/database.ts'
 import { alertId, alertsProjection } from '../projections/alerts.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
-import { migrateToLatest } from '../projections/migrate.ts'
+import { migrateToLatest, migrations } from '../projections/migrate.ts'
 import { anyEvents, type AnyProjection } from '../projections/projection.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
@@ -172,5 +172,54 @@ describe('alerts folded in HLC order', () => {
     // a late breaching reading older than the window changes nothing
     await apply(p, [reading('late-out', 10 + 2.5, 45), reading('late-out2', 10 + 2.6, 45)])
     expect(await alerts()).toEqual(after)
+  })
+})
+
+describe('upgrading to folded alerts', () => {
+  it('keeps the alerts and conditions there are: a sensor goes on from where it stood', async () => {
+    const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
+    const db = createKysely<Database>(pool)
+    try {
+      const migrator = new Migrator({
+        db,
+        provider: { getMigrations: () => Promise.resolve(migrations) },
+      })
+      await migrator.migrateTo('2026-12-02-01-status-timeline')
+      // given an alert raised before the upgrade, and its rule's condition
+      const raising = reading('old-2', 2, 45)
+      const id = alertId('temperature-high', DEVICE, 'old-2')
+      await sql`insert into alerts (alert_id, device_id, rule_id, severity, state, message, value,
+          raised_at, raised_hlc, raised_event_id, correlation_id, occurrences, last_occurrence_event_id)
+        values (${id}, ${DEVICE}, 'temperature-high', 'critical', 'open', 'temperature 45 >= 40', 45,
+          ${new Date(T0 + 2000).toISOString()}, ${raising.hlc}, 'old-2', 'c-old-2', 1, 'old-2')`.execute(
+        db,
+      )
+      await sql`insert into alert_conditions (device_id, rule_id, consecutive, since_at, since_hlc, last_hlc)
+        values (${DEVICE}, 'temperature-high', 2, ${new Date(T0 + 1000).toISOString()},
+          ${reading('old-1', 1, 45).hlc}, ${raising.hlc})`.execute(db)
+      await migrator.migrateToLatest()
+
+      // when readings follow after the upgrade
+      const p = anyEvents(alertsProjection({ rules: RULES, defaultTimeoutSeconds: 60 }))
+      let seq = 0
+      const apply = (events: FleetEvent[]) =>
+        db.transaction().execute(async (trx) => {
+          await p.apply(
+            trx,
+            events.map((event) => ({ event, streamSeq: ++seq, ingestedAt: new Date() })),
+          )
+        })
+      await apply([reading('new-3', 3, 47)])
+      // then the alert goes on: one more occurrence, nothing raised again
+      const rows = () =>
+        db.selectFrom('alerts').select(['alert_id', 'state', 'occurrences']).execute()
+      expect(await rows()).toEqual([{ alert_id: id, state: 'open', occurrences: 2 }])
+      // and a late reading from before the upgrade changes nothing; a clearing one resolves it
+      await apply([reading('old-0', 0.5, 30)])
+      await apply([reading('new-4', 4, 30)])
+      expect(await rows()).toEqual([{ alert_id: id, state: 'resolved', occurrences: 2 }])
+    } finally {
+      await db.destroy()
+    }
   })
 })
