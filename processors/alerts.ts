@@ -10,7 +10,8 @@ import type { ProcessorSpec } from './processor.ts'
  * - reads:   FLEET_EVENTS, durable consumer `alerts`, filter `fleet.events.>`
  * - handles: readings and heartbeats (thresholds, battery), the sensor life cycle and clock ticks
  *            (silence), alert.acknowledged (operator actions)
- * - writes:  alerts, alert_conditions, alert_sensors, notification_outbox, projection_clocks
+ * - writes:  alerts, alert_conditions, alert_sensors (+ _timeline), alert_inputs, alert_horizons,
+ *            alert_tips, notification_outbox, projection_clocks
  * - sends:   notification_outbox -> FLEET_NOTIFICATIONS (fleet.notifications.alerts.<severity>.<deviceId>.<id>)
  */
 export function alertsProcessor(config: Config, rules: AlertRules): ProcessorSpec {

@@ -2,37 +2,73 @@ import { createHash } from 'node:crypto'
 import { sql, type Transaction } from 'kysely'
 import type { DeviceEvent } from '../schemas/events.ts'
 import { notificationSubject } from '../schemas/subjects.ts'
-import { evaluateThreshold, NEW_CONDITION, type Condition } from './alert-evaluation.ts'
-import type { AlertRules, SilentRule, ThresholdRule } from './alert-rules.ts'
+import {
+  byHlcThenId,
+  foldRule,
+  NEW_FOLD,
+  type FoldedAlert,
+  type FoldInput,
+  type FoldState,
+} from './alert-evaluation.ts'
+import type { AlertRule, AlertRules, ThresholdRule } from './alert-rules.ts'
 import type { ProjectedEvent, Projection } from './projection.ts'
-import { hlcTime } from './sensor-lifecycle.ts'
+import type { EffectiveStatus } from './sensor-lifecycle.ts'
 import { deviceIdsOf, SensorTracker, splitAtTicks, type Transition } from './sensor-tracker.ts'
-import type { AlertTable, Database, NotificationOutboxTable } from './tables.ts'
+import type {
+  AlertHorizonTable,
+  AlertInputTable,
+  AlertTipTable,
+  Database,
+  NotificationOutboxTable,
+} from './tables.ts'
+
+export { alertId } from './alert-evaluation.ts'
 
 export interface AlertsOptions {
   readonly rules: AlertRules
   /** Silence after which a sensor without its own timeout becomes unknown (as in sensor-status). */
   readonly defaultTimeoutSeconds: number
+  /**
+   * Readings kept per sensor and threshold rule beyond its horizon (at least twice the rule's
+   * `consecutive`); a reading older than the kept ones that arrives late is not evaluated.
+   */
+  readonly windowReadings?: number
 }
 
-type AlertRow = AlertTable
+/** Default of {@link AlertsOptions.windowReadings}. */
+export const WINDOW_READINGS = 64
+
+type AlertRow = FoldedAlert
+type OutboxRow = NotificationOutboxTable
 
 /**
- * alerts: rules from the rules file, evaluated in stream order.
+ * alerts: rules from the rules file, each (rule, sensor) folded in HLC order from what it depends
+ * on, so that the alerts are a function of the set of events, not of the order they arrived in:
  *
  * - threshold / battery-low: raise after enough breaching readings (and time), resolve when the
- *   value crosses back over the clear level; a reading is never evaluated twice;
+ *   value crosses back over the clear level; a sensor in maintenance or decommissioned at that
+ *   point of its history (`alert_sensors_timeline`) raises nothing;
  * - silent: raise when the sensor becomes unknown, resolve when it is heard from again;
- * - `alert.acknowledged` events (operator actions) acknowledge an open alert.
+ * - `alert.acknowledged` events (operator actions) acknowledge the alert open at their HLC.
  *
- * Each raise and resolve writes a notification into `notification_outbox` in the same transaction;
- * the outbox relay publishes it once. Alert ids are derived from rule, sensor and the raising
- * event, so a replay produces the same ids.
+ * The readings and acknowledgements are kept in `alert_inputs`; a late one takes its place and the
+ * sensor's rules are folded again, and the alerts and conditions that changed are rewritten. Only
+ * a window of readings is kept per (sensor, rule): older ones are folded into `alert_horizons`.
+ *
+ * Each transition of an alert (raised, resolved) has one row in `notification_outbox`, its content
+ * derived from the alert alone; the outbox relay publishes it once. When a refold changes or
+ * removes a transition, a row not yet published is rewritten or deleted; one already published
+ * stays as sent, and a `corrected` or `retracted` row follows it. Alert ids are derived from rule,
+ * sensor and the raising event, so a replay produces the same ids.
  */
 export function alertsProjection(opts: AlertsOptions): Projection {
   const tracker = new SensorTracker('alert_sensors', 'alerts', opts.defaultTimeoutSeconds)
-  const thresholds = opts.rules.rules.filter((r): r is ThresholdRule => r.kind === 'threshold')
-  const silent = opts.rules.rules.filter((r): r is SilentRule => r.kind === 'silent')
+  const rules = opts.rules.rules
+  const thresholds = rules.filter((r): r is ThresholdRule => r.kind === 'threshold')
+  const window = Math.max(
+    opts.windowReadings ?? WINDOW_READINGS,
+    ...thresholds.map((r) => 2 * r.consecutive),
+  )
 
   return {
     name: 'alerts',
@@ -49,345 +85,693 @@ export function alertsProjection(opts: AlertsOptions): Projection {
       'alert_conditions',
       'alert_sensors',
       'alert_sensors_timeline',
+      'alert_inputs',
+      'alert_horizons',
+      'alert_tips',
       'notification_outbox',
       'projection_clocks',
     ],
     async apply(trx, events) {
       for (const segment of splitAtTicks(events)) {
-        const work = new AlertWork()
         if (segment.tick) {
           const silenced = await tracker.tick(trx, segment.tick)
-          await work.load(trx, [...new Set(silenced.map((t) => t.deviceId))])
-          for (const t of silenced) raiseSilent(work, silent, t)
-          await work.flush(trx)
+          const devices = [...new Set(silenced.map((t) => t.deviceId))]
+          await refold(trx, tracker, rules, window, devices, [])
           continue
         }
-        const devices = deviceIdsOf(segment.events)
         const sensors = await tracker.load(trx, segment.events)
-        await work.load(trx, devices)
-        for (const p of segment.events) {
-          const t = sensors.apply(p)
-          if (t?.to === 'unknown') raiseSilent(work, silent, t)
-          else if (t?.from === 'unknown') resolveSilent(work, silent, t)
-          const status = sensors.status(p.event.deviceId)
-          const quiet = status === 'maintenance' || status === 'decommissioned'
-          for (const [rule, value] of samples(thresholds, p.event))
-            evaluate(work, rule, p, value, quiet)
-          if (p.event.type === 'alert.acknowledged')
-            acknowledge(
-              work,
-              p as ProjectedEvent<Extract<DeviceEvent, { type: 'alert.acknowledged' }>>,
-            )
-        }
-        await sensors.flush(trx)
-        await work.flush(trx)
+        for (const p of segment.events) sensors.apply(p)
+        const moved = await sensors.flush(trx)
+        const added = await addInputs(trx, thresholds, segment.events)
+        const fed = new Set(added.map((i) => i.device_id))
+        const devices = deviceIdsOf(segment.events).filter((d) => moved.includes(d) || fed.has(d))
+        // A sensor whose history this segment left as it was is where it was: its status now.
+        const settled = new Map(
+          devices.filter((d) => !moved.includes(d)).map((d) => [d, sensors.status(d)]),
+        )
+        await refold(trx, tracker, rules, window, devices, added, settled)
       }
     },
   }
 }
 
-/** The threshold rules a device event feeds, with the value it feeds them. */
-function samples(rules: readonly ThresholdRule[], e: DeviceEvent): [ThresholdRule, number][] {
-  if (e.type === 'reading.recorded') {
-    return rules.filter((r) => r.metric === e.data.metric).map((r) => [r, e.data.value])
-  }
-  if (e.type === 'heartbeat.received' && e.data.batteryPercent !== undefined) {
-    const v = e.data.batteryPercent
-    return rules.filter((r) => r.includeHeartbeatBattery).map((r) => [r, v])
-  }
-  return []
-}
-
-function evaluate(
-  work: AlertWork,
-  rule: ThresholdRule,
-  p: ProjectedEvent<DeviceEvent>,
-  value: number,
-  quiet: boolean,
-) {
-  const e = p.event
-  const open = work.unresolved(e.deviceId, rule.id)
-  const before = work.condition(e.deviceId, rule.id)
-  const { condition, verdict } = evaluateThreshold(
-    rule,
-    before,
-    { value, atMs: hlcTime(e.hlc).getTime(), hlc: e.hlc },
-    open !== undefined,
-  )
-  work.setCondition(e.deviceId, rule.id, condition)
-  switch (verdict) {
-    case 'raise':
-      // A sensor in maintenance or decommissioned raises nothing; it may still resolve.
-      if (quiet) return
-      work.raise({
-        rule,
-        deviceId: e.deviceId,
-        event: e,
-        value,
-        message:
-          `${rule.metric} ${value} ${rule.direction === 'above' ? '>=' : '<='} ${rule.raiseAt}` +
-          (rule.consecutive > 1 ? ` for ${rule.consecutive} readings` : '') +
-          (rule.forSeconds > 0 ? ` over ${rule.forSeconds} s` : ''),
-      })
-      return
-    case 'again':
-      if (open)
-        work.update({
-          ...open,
-          occurrences: open.occurrences + 1,
-          last_occurrence_event_id: e.eventId,
-        })
-      return
-    case 'resolve':
-      if (open) work.resolve(open, e)
-      return
-    case 'none':
-      return
-  }
-}
-
-function raiseSilent(work: AlertWork, rules: readonly SilentRule[], t: Transition) {
-  for (const rule of rules) {
-    if (work.unresolved(t.deviceId, rule.id)) continue
-    work.raise({
-      rule,
-      deviceId: t.deviceId,
-      event: { eventId: t.eventId, hlc: t.hlc, correlationId: t.correlationId },
-      at: t.at,
-      value: null,
-      message: 'no events within the inactivity timeout: status unknown',
-    })
-  }
-}
-
-function resolveSilent(work: AlertWork, rules: readonly SilentRule[], t: Transition) {
-  for (const rule of rules) {
-    const open = work.unresolved(t.deviceId, rule.id)
-    if (open) work.resolve(open, { eventId: t.eventId, hlc: t.hlc })
-  }
-}
-
-function acknowledge(
-  work: AlertWork,
-  p: ProjectedEvent<Extract<DeviceEvent, { type: 'alert.acknowledged' }>>,
-) {
-  const e = p.event
-  const alert = work.byId(e.data.alertId)
-  // Only an open alert of this sensor can be acknowledged; acknowledging again changes nothing.
-  if (alert?.state !== 'open' || alert.device_id !== e.deviceId) return
-  work.update({
-    ...alert,
-    state: 'acknowledged',
-    acknowledged_at: hlcTime(e.hlc),
-    acknowledged_hlc: e.hlc,
-    acknowledged_by: e.data.by,
-    acknowledged_event_id: e.eventId,
+/** The inputs a device event adds: a value per threshold rule it feeds, or an acknowledgement. */
+function inputsOf(rules: readonly ThresholdRule[], e: DeviceEvent): AlertInputTable[] {
+  const row = (rule_id: string, kind: 'reading' | 'ack'): AlertInputTable => ({
+    device_id: e.deviceId,
+    rule_id,
+    event_id: e.eventId,
+    kind,
+    hlc: e.hlc,
+    correlation_id: e.correlationId,
+    value: null,
+    alert_id: null,
+    acknowledged_by: null,
   })
+  switch (e.type) {
+    case 'reading.recorded':
+      return rules
+        .filter((r) => r.metric === e.data.metric)
+        .map((r) => ({ ...row(r.id, 'reading'), value: e.data.value }))
+    case 'heartbeat.received': {
+      const v = e.data.batteryPercent
+      if (v === undefined) return []
+      return rules
+        .filter((r) => r.includeHeartbeatBattery)
+        .map((r) => ({ ...row(r.id, 'reading'), value: v }))
+    }
+    case 'alert.acknowledged':
+      return [{ ...row('', 'ack'), alert_id: e.data.alertId, acknowledged_by: e.data.by }]
+    default:
+      return []
+  }
 }
 
-/** Deterministic: the same rule, sensor and raising event give the same id on every replay. */
-export function alertId(ruleId: string, deviceId: string, raisingEventId: string): string {
-  return `al-${createHash('sha256').update(`${ruleId}\u0000${deviceId}\u0000${raisingEventId}`).digest('hex').slice(0, 20)}`
+/** Stores the segment's inputs; returns those that are new (a redelivered one changes nothing). */
+async function addInputs(
+  trx: Transaction<Database>,
+  rules: readonly ThresholdRule[],
+  events: readonly ProjectedEvent<DeviceEvent>[],
+): Promise<AlertInputTable[]> {
+  const rows = events.flatMap((p) => inputsOf(rules, p.event))
+  const added: AlertInputTable[] = []
+  for (const chunk of inChunks(rows)) {
+    added.push(
+      ...(await trx
+        .insertInto('alert_inputs')
+        .values(chunk)
+        .onConflict((oc) => oc.columns(['device_id', 'rule_id', 'event_id']).doNothing())
+        .returningAll()
+        .execute()),
+    )
+  }
+  return added
 }
 
-interface Raise {
-  readonly rule: ThresholdRule | SilentRule
-  readonly deviceId: string
-  readonly event: { readonly eventId: string; readonly hlc: string; readonly correlationId: string }
-  readonly at?: Date
-  readonly value: number | null
-  readonly message: string
+/** A horizon as stored: its state with dates as JSON. */
+interface Horizon {
+  readonly hlc: string
+  readonly eventId: string
+  readonly state: FoldState
+}
+
+/** Something folded, by its place in a sensor's history. */
+interface Place {
+  readonly hlc: string
+  readonly eventId: string
 }
 
 /**
- * The alerts, conditions and notifications of one segment, in memory until flushed: loaded with
- * one query per table, written with one statement per table.
+ * Folds the rules of some sensors on, and writes what changed: one query per table to read, one
+ * statement per table to write, whatever the number of sensors and events.
+ *
+ * A sensor whose new inputs all come after everything folded for it so far (its tip), and whose
+ * status history up to the tip is unchanged, is folded on from its current alerts and conditions
+ * over the new inputs alone: the common case, events arriving in order. Any other sensor (a late
+ * event, a late status change) is folded again from its horizons over its kept inputs.
  */
-class AlertWork {
-  readonly #alerts = new Map<string, AlertRow>()
-  readonly #open = new Map<string, string>() // device + rule -> alert id (not resolved)
-  readonly #changed = new Set<string>()
-  readonly #conditions = new Map<string, Condition & { dirty: boolean }>()
-  readonly #outbox: NotificationOutboxTable[] = []
+async function refold(
+  trx: Transaction<Database>,
+  tracker: SensorTracker,
+  rules: readonly AlertRule[],
+  window: number,
+  devices: readonly string[],
+  added: readonly AlertInputTable[],
+  settled: ReadonlyMap<string, EffectiveStatus | null> = new Map(),
+): Promise<void> {
+  if (devices.length === 0) return
+  const sorted = [...devices].sort()
+  const news = group(added, (i) => i.device_id)
+  const tips = new Map(
+    (
+      await trx
+        .selectFrom('alert_tips')
+        .selectAll()
+        .where(sql<boolean>`device_id = any(${sorted}::text[])`)
+        .execute()
+    ).map((t) => [t.device_id, t]),
+  )
+  const onward = (d: string) => {
+    const tip = tips.get(d)
+    if (tip === undefined) return false
+    // Due for pruning: folded again in full, which gives the state where the horizon moves to.
+    const fresh = (news.get(d) ?? []).filter((i) => i.kind === 'reading').length
+    if (tip.readings_since_prune + fresh >= window) return false
+    const at = { hlc: tip.hlc, eventId: tip.event_id }
+    return (news.get(d) ?? []).every((i) => byHlcThenId(place(i), at) > 0)
+  }
+  // Folded on without reading their history: it has not changed, and their status is known.
+  const unchanged = new Set(sorted.filter((d) => settled.has(d) && onward(d)))
+  const histories = group(
+    await tracker.histories(
+      trx,
+      sorted.filter((d) => !unchanged.has(d)),
+    ),
+    (t) => t.deviceId,
+  )
+  for (const h of histories.values()) h.sort(byHlcThenId)
+  for (const d of unchanged) histories.set(d, [now(d, settled.get(d) ?? null)])
+  const fast = new Set(
+    sorted.filter((d) => {
+      if (unchanged.has(d)) return true
+      const tip = tips.get(d)
+      if (tip === undefined || !onward(d)) return false
+      const at = { hlc: tip.hlc, eventId: tip.event_id }
+      const history = histories.get(d) ?? []
+      return digest(history.filter((t) => byHlcThenId(t, at) <= 0)) === tip.history
+    }),
+  )
+  const slow = sorted.filter((d) => !fast.has(d))
+  const quick = [...fast]
 
-  async load(trx: Transaction<Database>, devices: readonly string[]): Promise<void> {
-    if (devices.length === 0) return
-    const alerts = await trx
-      .selectFrom('alerts')
-      .selectAll()
-      .where(sql<boolean>`device_id = any(${devices}::text[])`)
-      .where('state', '<>', 'resolved')
-      .orderBy('alert_id')
-      .forUpdate()
-      .execute()
-    for (const a of alerts) {
-      this.#alerts.set(a.alert_id, a)
-      this.#open.set(key(a.device_id, a.rule_id), a.alert_id)
+  const inputs = group(
+    slow.length === 0
+      ? []
+      : await trx
+          .selectFrom('alert_inputs')
+          .selectAll()
+          .where(sql<boolean>`device_id = any(${slow}::text[])`)
+          .execute(),
+    (i) => i.device_id,
+  )
+  const horizons = new Map(
+    (slow.length === 0
+      ? []
+      : await trx
+          .selectFrom('alert_horizons')
+          .selectAll()
+          .where(sql<boolean>`device_id = any(${slow}::text[])`)
+          .execute()
+    ).map((h) => [key(h.device_id, h.rule_id), toHorizon(h)]),
+  )
+  const conditions = new Map(
+    (quick.length === 0
+      ? []
+      : await trx
+          .selectFrom('alert_conditions')
+          .selectAll()
+          .where(sql<boolean>`device_id = any(${quick}::text[])`)
+          .execute()
+    ).map((c) => [key(c.device_id, c.rule_id), c]),
+  )
+  // Slow: alerts before a horizon are final (but the one open there). Fast: the open ones.
+  const loaded = (
+    await sql<AlertRow>`
+      select a.* from alerts a
+      left join alert_horizons h on h.device_id = a.device_id and h.rule_id = a.rule_id
+      where (a.device_id = any(${slow}::text[])
+             and (h.hlc is null or a.raised_hlc >= h.hlc or a.state <> 'resolved'
+                  or a.alert_id = h.state -> 'open' ->> 'alert_id'))
+         or (a.device_id = any(${quick}::text[]) and a.state <> 'resolved')
+      order by a.alert_id for update of a`.execute(trx)
+  ).rows.filter((a) => {
+    if (!rules.some((r) => r.id === a.rule_id)) return false
+    if (fast.has(a.device_id)) return true
+    const h = horizons.get(key(a.device_id, a.rule_id))
+    return h === undefined || after(a, h) || a.alert_id === h.state.open?.alert_id
+  })
+  const unresolved = new Map(
+    loaded.filter((a) => a.state !== 'resolved').map((a) => [key(a.device_id, a.rule_id), a]),
+  )
+
+  const wanted = new Map<string, AlertRow>()
+  const written: Database['alert_conditions'][] = []
+  const prune: AlertHorizonTable[] = []
+  const newTips: AlertTipTable[] = []
+  for (const deviceId of sorted) {
+    const history = histories.get(deviceId) ?? []
+    const isFast = fast.has(deviceId)
+    const tip = tips.get(deviceId)
+    const own = isFast ? (news.get(deviceId) ?? []) : (inputs.get(deviceId) ?? [])
+    const acks = own.filter((i) => i.kind === 'ack').map(ackInput)
+    let newest: Place | undefined = tip && { hlc: tip.hlc, eventId: tip.event_id }
+    const seen = (p: Place) => {
+      if (newest === undefined || byHlcThenId(p, newest) > 0) newest = p
     }
-    const conditions = await trx
-      .selectFrom('alert_conditions')
-      .selectAll()
-      .where(sql<boolean>`device_id = any(${devices}::text[])`)
-      .execute()
-    for (const c of conditions) {
-      this.#conditions.set(key(c.device_id, c.rule_id), {
-        consecutive: c.consecutive,
-        sinceMs: c.since_at?.getTime() ?? null,
-        sinceHlc: c.since_hlc,
-        lastHlc: c.last_hlc,
-        dirty: false,
+    for (const i of own) seen(place(i))
+    for (const t of history) seen(t)
+    for (const rule of rules) {
+      const k = key(deviceId, rule.id)
+      // Where this fold starts: the tip (fast) or the horizon (slow).
+      const from: Place | undefined = isFast
+        ? tip && { hlc: tip.hlc, eventId: tip.event_id }
+        : horizons.get(k)
+      const start: FoldState = isFast
+        ? { condition: fromRow(conditions.get(k)), open: unresolved.get(k) ?? null }
+        : (horizons.get(k)?.state ?? NEW_FOLD)
+      const fed: FoldInput[] =
+        rule.kind === 'silent'
+          ? silenceInputs(history)
+          : readingInputs(
+              own.filter((i) => i.kind === 'reading' && i.rule_id === rule.id),
+              history,
+            )
+      const folded = [...fed, ...acks]
+        .filter((i) => from === undefined || byHlcThenId(i, from) > 0)
+        .sort(byHlcThenId)
+      const out = foldRule(rule, deviceId, start, folded)
+      for (const a of out.alerts) wanted.set(a.alert_id, a)
+      if (rule.kind !== 'threshold') continue
+      const readings = folded.flatMap((i, n) => (i.kind === 'reading' ? [n] : []))
+      const lastReading = readings.at(-1)
+      const end = lastReading !== undefined ? out.states[lastReading] : isFast ? undefined : start
+      if (end === undefined || (!isFast && lastReading === undefined && !horizons.has(k))) continue
+      // Past the window, the oldest readings go: the horizon moves to the state after them.
+      const cut = readings[readings.length - window - 1]
+      if (!isFast && cut !== undefined) {
+        const at = folded[cut] as FoldInput
+        prune.push({
+          device_id: deviceId,
+          rule_id: rule.id,
+          hlc: at.hlc,
+          event_id: at.eventId,
+          state: JSON.stringify(out.states[cut]),
+        })
+      }
+      written.push({
+        device_id: deviceId,
+        rule_id: rule.id,
+        consecutive: end.condition.consecutive,
+        since_at: end.condition.sinceMs === null ? null : new Date(end.condition.sinceMs),
+        since_hlc: end.condition.sinceHlc,
+        last_hlc: end.condition.lastHlc,
       })
     }
-  }
-
-  unresolved(deviceId: string, ruleId: string): AlertRow | undefined {
-    const id = this.#open.get(key(deviceId, ruleId))
-    return id === undefined ? undefined : this.#alerts.get(id)
-  }
-
-  byId(id: string): AlertRow | undefined {
-    return this.#alerts.get(id)
-  }
-
-  condition(deviceId: string, ruleId: string): Condition {
-    return this.#conditions.get(key(deviceId, ruleId)) ?? NEW_CONDITION
-  }
-
-  setCondition(deviceId: string, ruleId: string, c: Condition): void {
-    const before = this.#conditions.get(key(deviceId, ruleId))
-    if (before && before.lastHlc === c.lastHlc && before.consecutive === c.consecutive) return
-    this.#conditions.set(key(deviceId, ruleId), { ...c, dirty: true })
-  }
-
-  raise(r: Raise): void {
-    const at = r.at ?? hlcTime(r.event.hlc)
-    const row: AlertRow = {
-      alert_id: alertId(r.rule.id, r.deviceId, r.event.eventId),
-      device_id: r.deviceId,
-      rule_id: r.rule.id,
-      severity: r.rule.severity,
-      state: 'open',
-      message: r.message,
-      value: r.value,
-      raised_at: at,
-      raised_hlc: r.event.hlc,
-      raised_event_id: r.event.eventId,
-      correlation_id: r.event.correlationId,
-      acknowledged_at: null,
-      acknowledged_hlc: null,
-      acknowledged_by: null,
-      acknowledged_event_id: null,
-      resolved_at: null,
-      resolved_hlc: null,
-      resolved_event_id: null,
-      occurrences: 1,
-      last_occurrence_event_id: r.event.eventId,
-    }
-    this.#open.set(key(r.deviceId, r.rule.id), row.alert_id)
-    this.update(row)
-    this.#notify(row, 'raised', r.event.hlc, at)
-  }
-
-  resolve(alert: AlertRow, by: { readonly eventId: string; readonly hlc: string }): void {
-    const at = hlcTime(by.hlc)
-    const row: AlertRow = {
-      ...alert,
-      state: 'resolved',
-      resolved_at: at,
-      resolved_hlc: by.hlc,
-      resolved_event_id: by.eventId,
-    }
-    this.#open.delete(key(alert.device_id, alert.rule_id))
-    this.update(row)
-    this.#notify(row, 'resolved', by.hlc, at)
-  }
-
-  update(row: AlertRow): void {
-    this.#alerts.set(row.alert_id, row)
-    this.#changed.add(row.alert_id)
-  }
-
-  #notify(a: AlertRow, kind: 'raised' | 'resolved', hlc: string, at: Date): void {
-    const id = `${a.alert_id}-${kind}`
-    this.#outbox.push({
-      notification_id: id,
-      alert_id: a.alert_id,
-      kind,
-      subject: notificationSubject(a.severity, a.device_id, id),
-      payload: {
-        notificationId: id,
-        kind,
-        alertId: a.alert_id,
-        deviceId: a.device_id,
-        ruleId: a.rule_id,
-        severity: a.severity,
-        message: a.message,
-        value: a.value,
-        at: at.toISOString(),
-        hlc,
-        raisedEventId: a.raised_event_id,
-        correlationId: a.correlation_id,
-      },
-      hlc,
-      published_at: null,
+    const last = newest
+    if (last === undefined) continue
+    newTips.push({
+      device_id: deviceId,
+      hlc: last.hlc,
+      event_id: last.eventId,
+      history: unchanged.has(deviceId) ? (tip?.history ?? '') : digest(history),
+      readings_since_prune: isFast
+        ? (tip?.readings_since_prune ?? 0) +
+          (news.get(deviceId) ?? []).filter((i) => i.kind === 'reading').length
+        : 0,
     })
   }
 
-  async flush(trx: Transaction<Database>): Promise<void> {
-    const alerts = [...this.#changed].sort().map((id) => this.#alerts.get(id) as AlertRow)
-    if (alerts.length > 0) {
-      // Resolutions first: the partial unique index allows a new alert only once the old one is resolved.
-      const resolved = alerts.filter((a) => a.state === 'resolved')
-      const others = alerts.filter((a) => a.state !== 'resolved')
-      for (const rows of [...inChunks(resolved), ...inChunks(others)]) {
-        await trx
-          .insertInto('alerts')
-          .values(rows)
-          .onConflict((oc) =>
-            oc
-              .column('alert_id')
-              .doUpdateSet(
-                Object.fromEntries(ALERT_COLUMNS.map((c) => [c, sql.ref(`excluded.${c}`)])),
-              ),
-          )
-          .execute()
-      }
+  await writeAlerts(trx, loaded, wanted)
+  await writeConditions(trx, written)
+  await writeOutbox(trx, loaded, wanted)
+  await writeTips(trx, newTips)
+  await writeHorizons(trx, prune)
+}
+
+/** A stand-in history for a sensor whose history is unchanged: its status, from the start. */
+function now(deviceId: string, status: EffectiveStatus | null): Transition {
+  return {
+    deviceId,
+    from: null,
+    to: status ?? 'unknown',
+    eventId: '',
+    streamSeq: 0,
+    hlc: '',
+    correlationId: '',
+    causationId: null,
+    at: new Date(0),
+    reason: '',
+  }
+}
+
+function place(i: AlertInputTable): Place {
+  return { hlc: i.hlc, eventId: i.event_id }
+}
+
+function fromRow(c: Database['alert_conditions'] | undefined): FoldState['condition'] {
+  if (c === undefined) return NEW_FOLD.condition
+  return {
+    consecutive: c.consecutive,
+    sinceMs: c.since_at?.getTime() ?? null,
+    sinceHlc: c.since_hlc,
+    lastHlc: c.last_hlc,
+  }
+}
+
+/** What of a sensor's status history a fold has seen. */
+function digest(history: readonly Transition[]): string {
+  const h = createHash('sha256')
+  for (const t of history)
+    h.update(`${t.hlc}\u0000${t.eventId}\u0000${t.from ?? ''}\u0000${t.to}\u0001`)
+  return h.digest('base64url')
+}
+
+/** A threshold rule's readings, each with whether the sensor was quiet at that point. */
+function readingInputs(rows: readonly AlertInputTable[], history: readonly Transition[]) {
+  const readings = rows.map((r) => ({ hlc: r.hlc, eventId: r.event_id, row: r })).sort(byHlcThenId)
+  const out: FoldInput[] = []
+  let h = 0
+  let status: Transition['to'] | null = null
+  for (const { row } of readings) {
+    const at = { hlc: row.hlc, eventId: row.event_id }
+    while (h < history.length && byHlcThenId(history[h] as Transition, at) <= 0) {
+      status = (history[h] as Transition).to
+      h++
     }
-    const dirty = [...this.#conditions.entries()].filter(([, c]) => c.dirty)
-    for (const conditions of inChunks(dirty)) {
-      await trx
-        .insertInto('alert_conditions')
-        .values(
-          conditions.map(([k, c]) => {
-            const [device_id = '', rule_id = ''] = k.split('\u0000')
-            return {
-              device_id,
-              rule_id,
-              consecutive: c.consecutive,
-              since_at: c.sinceMs === null ? null : new Date(c.sinceMs),
-              since_hlc: c.sinceHlc,
-              last_hlc: c.lastHlc,
-            }
-          }),
-        )
-        .onConflict((oc) =>
-          oc.columns(['device_id', 'rule_id']).doUpdateSet((eb) => ({
+    out.push({
+      kind: 'reading',
+      eventId: row.event_id,
+      hlc: row.hlc,
+      correlationId: row.correlation_id,
+      value: row.value ?? 0,
+      quiet: status === 'maintenance' || status === 'decommissioned',
+    })
+  }
+  return out
+}
+
+/** A silent rule's inputs: the sensor's folded status history into and out of `unknown`. */
+function silenceInputs(history: readonly Transition[]): FoldInput[] {
+  return history.flatMap((t): FoldInput[] => {
+    if (t.to === 'unknown')
+      return [
+        {
+          kind: 'silenced',
+          eventId: t.eventId,
+          hlc: t.hlc,
+          correlationId: t.correlationId,
+          at: t.at,
+        },
+      ]
+    if (t.from === 'unknown') return [{ kind: 'heard', eventId: t.eventId, hlc: t.hlc }]
+    return []
+  })
+}
+
+function ackInput(r: AlertInputTable): FoldInput {
+  return {
+    kind: 'ack',
+    eventId: r.event_id,
+    hlc: r.hlc,
+    alertId: r.alert_id ?? '',
+    by: r.acknowledged_by ?? '',
+  }
+}
+
+/** Deletes alerts a late event undid, then writes the changed ones (resolutions first). */
+async function writeAlerts(
+  trx: Transaction<Database>,
+  loaded: readonly AlertRow[],
+  wanted: ReadonlyMap<string, AlertRow>,
+): Promise<void> {
+  const before = new Map(loaded.map((a) => [a.alert_id, a]))
+  const gone = loaded.filter((a) => !wanted.has(a.alert_id)).map((a) => a.alert_id)
+  if (gone.length > 0)
+    await trx
+      .deleteFrom('alerts')
+      .where(sql<boolean>`alert_id = any(${gone}::text[])`)
+      .execute()
+  const changed = [...wanted.values()]
+    .filter((a) => {
+      const b = before.get(a.alert_id)
+      return b === undefined || canonical(b) !== canonical(a)
+    })
+    .sort((a, b) => (a.alert_id < b.alert_id ? -1 : 1))
+  // Resolutions first: the partial unique index allows a new alert only once the old one is resolved.
+  const resolved = changed.filter((a) => a.state === 'resolved')
+  const others = changed.filter((a) => a.state !== 'resolved')
+  for (const rows of [...inChunks(resolved), ...inChunks(others)]) {
+    await trx
+      .insertInto('alerts')
+      .values(rows)
+      .onConflict((oc) =>
+        oc
+          .column('alert_id')
+          .doUpdateSet(Object.fromEntries(ALERT_COLUMNS.map((c) => [c, sql.ref(`excluded.${c}`)]))),
+      )
+      .execute()
+  }
+}
+
+async function writeConditions(
+  trx: Transaction<Database>,
+  conditions: readonly Database['alert_conditions'][],
+): Promise<void> {
+  for (const rows of inChunks(conditions)) {
+    await trx
+      .insertInto('alert_conditions')
+      .values(rows)
+      .onConflict((oc) =>
+        oc
+          .columns(['device_id', 'rule_id'])
+          .doUpdateSet((eb) => ({
             consecutive: eb.ref('excluded.consecutive'),
             since_at: eb.ref('excluded.since_at'),
             since_hlc: eb.ref('excluded.since_hlc'),
             last_hlc: eb.ref('excluded.last_hlc'),
-          })),
-        )
-        .execute()
-    }
-    for (const notifications of inChunks(this.#outbox)) {
-      await trx
-        .insertInto('notification_outbox')
-        .values(notifications.map((n) => ({ ...n, payload: JSON.stringify(n.payload) })))
-        .onConflict((oc) => oc.column('notification_id').doNothing())
-        .execute()
-    }
+          }))
+          .where(
+            sql<boolean>`(alert_conditions.consecutive, alert_conditions.since_at,
+              alert_conditions.since_hlc, alert_conditions.last_hlc) is distinct from
+              (excluded.consecutive, excluded.since_at, excluded.since_hlc, excluded.last_hlc)`,
+          ),
+      )
+      .execute()
   }
+}
+
+/**
+ * Brings the outbox in line with the folded alerts. Each transition has one row, `<alert>-raised`
+ * or `<alert>-resolved`. Not yet published, it is rewritten or deleted as the fold changes; once
+ * published it is what was sent, and a correction `<id>-c<n>` (kind `corrected`, or `retracted`
+ * when the transition no longer happens) is added whenever the fold differs from what was last sent
+ * for it. Rows are locked first, so the relay never sends one while it is being rewritten.
+ */
+async function writeOutbox(
+  trx: Transaction<Database>,
+  loaded: readonly AlertRow[],
+  wanted: ReadonlyMap<string, AlertRow>,
+): Promise<void> {
+  const ids = [...new Set([...loaded.map((a) => a.alert_id), ...wanted.keys()])].sort()
+  if (ids.length === 0) return
+  const rows = await trx
+    .selectFrom('notification_outbox')
+    .selectAll()
+    .where(sql<boolean>`alert_id = any(${ids}::text[])`)
+    .orderBy('notification_id')
+    .forUpdate()
+    .execute()
+  const stored = new Map(rows.map((r) => [r.notification_id, r]))
+  const corrections = group(
+    rows.filter((r) => r.corrects !== null),
+    (r) => r.corrects as string,
+  )
+  const want = new Map<string, OutboxRow>()
+  for (const a of wanted.values())
+    for (const n of notificationsOf(a)) want.set(n.notification_id, n)
+  const originals = new Set([
+    ...want.keys(),
+    ...rows.filter((r) => r.corrects === null).map((r) => r.notification_id),
+  ])
+  const upsert: OutboxRow[] = []
+  const remove: string[] = []
+  for (const id of [...originals].sort()) {
+    const target = want.get(id)
+    const sent = stored.get(id)
+    if (sent === undefined || sent.published_at === null) {
+      if (target === undefined) remove.push(id)
+      else if (sent === undefined || canonical(sent) !== canonical(target)) upsert.push(target)
+      continue
+    }
+    const chain = (corrections.get(id) ?? []).sort((a, b) => seqOf(a) - seqOf(b))
+    const published = chain.filter((c) => c.published_at !== null)
+    const pending = chain.filter((c) => c.published_at === null)
+    const last = published.at(-1) ?? sent
+    const lastSays = last.kind === 'retracted' ? undefined : content(last.payload)
+    const nowSays = target === undefined ? undefined : content(target.payload)
+    if (lastSays === nowSays) {
+      remove.push(...pending.map((c) => c.notification_id))
+      continue
+    }
+    const next = correctionOf(sent, target ?? sent, target === undefined, published.length + 1)
+    remove.push(
+      ...pending
+        .filter((c) => c.notification_id !== next.notification_id)
+        .map((c) => c.notification_id),
+    )
+    const had = stored.get(next.notification_id)
+    if (had === undefined || canonical(had) !== canonical(next)) upsert.push(next)
+  }
+  if (remove.length > 0)
+    await trx
+      .deleteFrom('notification_outbox')
+      .where(sql<boolean>`notification_id = any(${remove}::text[])`)
+      .where('published_at', 'is', null)
+      .execute()
+  for (const chunk of inChunks(upsert)) {
+    await trx
+      .insertInto('notification_outbox')
+      .values(chunk.map((n) => ({ ...n, payload: JSON.stringify(n.payload) })))
+      .onConflict((oc) =>
+        oc
+          .column('notification_id')
+          .doUpdateSet((eb) => ({
+            kind: eb.ref('excluded.kind'),
+            subject: eb.ref('excluded.subject'),
+            payload: eb.ref('excluded.payload'),
+            hlc: eb.ref('excluded.hlc'),
+            corrects: eb.ref('excluded.corrects'),
+          }))
+          .where('notification_outbox.published_at', 'is', null),
+      )
+      .execute()
+  }
+}
+
+/** The notifications of an alert's life cycle: raised, and resolved once it is. */
+export function notificationsOf(a: AlertRow): OutboxRow[] {
+  const out = [notification(a, 'raised', a.raised_hlc, a.raised_at)]
+  if (a.state === 'resolved' && a.resolved_hlc !== null && a.resolved_at !== null)
+    out.push(notification(a, 'resolved', a.resolved_hlc, a.resolved_at))
+  return out
+}
+
+function notification(a: AlertRow, kind: 'raised' | 'resolved', hlc: string, at: Date): OutboxRow {
+  const id = `${a.alert_id}-${kind}`
+  return {
+    notification_id: id,
+    alert_id: a.alert_id,
+    kind,
+    subject: notificationSubject(a.severity, a.device_id, id),
+    payload: {
+      notificationId: id,
+      kind,
+      alertId: a.alert_id,
+      deviceId: a.device_id,
+      ruleId: a.rule_id,
+      severity: a.severity,
+      message: a.message,
+      value: a.value,
+      at: at.toISOString(),
+      hlc,
+      raisedEventId: a.raised_event_id,
+      correlationId: a.correlation_id,
+    },
+    hlc,
+    corrects: null,
+    published_at: null,
+  }
+}
+
+/**
+ * The n-th correction of a sent notification: what the transition is now (`corrected`), or that it
+ * no longer happens (`retracted`, with what was sent).
+ */
+function correctionOf(sent: OutboxRow, now: OutboxRow, retracted: boolean, n: number): OutboxRow {
+  const id = `${sent.notification_id}-c${n}`
+  const payload = now.payload as Record<string, unknown>
+  const kind = retracted ? 'retracted' : 'corrected'
+  return {
+    notification_id: id,
+    alert_id: sent.alert_id,
+    kind,
+    subject: notificationSubject(String(payload.severity), String(payload.deviceId), id),
+    payload: {
+      ...payload,
+      notificationId: id,
+      kind,
+      corrects: sent.notification_id,
+      transition: sent.kind,
+    },
+    hlc: now.hlc,
+    corrects: sent.notification_id,
+    published_at: null,
+  }
+}
+
+function seqOf(r: OutboxRow): number {
+  return Number(/-c(\d+)$/.exec(r.notification_id)?.[1] ?? 0)
+}
+
+/** What a notification says about its transition (not which row says it). */
+function content(payload: unknown): string {
+  const {
+    notificationId: _n,
+    kind: _k,
+    corrects: _c,
+    transition: _t,
+    ...rest
+  } = payload as Record<string, unknown>
+  return canonical(rest)
+}
+
+function after(a: AlertRow, h: Horizon): boolean {
+  return byHlcThenId({ hlc: a.raised_hlc, eventId: a.raised_event_id }, h) > 0
+}
+
+function toHorizon(h: AlertHorizonTable): Horizon {
+  const s = h.state as {
+    condition: FoldState['condition']
+    open: (Omit<AlertRow, 'raised_at' | 'acknowledged_at' | 'resolved_at'> & DateFields) | null
+  }
+  const date = (v: string | null) => (v === null ? null : new Date(v))
+  const open: AlertRow | null =
+    s.open === null
+      ? null
+      : {
+          ...s.open,
+          raised_at: new Date(s.open.raised_at),
+          acknowledged_at: date(s.open.acknowledged_at),
+          resolved_at: date(s.open.resolved_at),
+        }
+  return { hlc: h.hlc, eventId: h.event_id, state: { condition: s.condition, open } }
+}
+
+interface DateFields {
+  raised_at: string
+  acknowledged_at: string | null
+  resolved_at: string | null
+}
+
+/** Moves each sensor's tip on. */
+async function writeTips(
+  trx: Transaction<Database>,
+  tips: readonly AlertTipTable[],
+): Promise<void> {
+  for (const chunk of inChunks(tips)) {
+    await trx
+      .insertInto('alert_tips')
+      .values(chunk)
+      .onConflict((oc) =>
+        oc.column('device_id').doUpdateSet((eb) => ({
+          hlc: eb.ref('excluded.hlc'),
+          event_id: eb.ref('excluded.event_id'),
+          history: eb.ref('excluded.history'),
+          readings_since_prune: eb.ref('excluded.readings_since_prune'),
+        })),
+      )
+      .execute()
+  }
+}
+
+/** Moves horizons forward and drops the readings up to them. */
+async function writeHorizons(
+  trx: Transaction<Database>,
+  rows: readonly AlertHorizonTable[],
+): Promise<void> {
+  if (rows.length === 0) return
+  for (const chunk of inChunks(rows)) {
+    await trx
+      .insertInto('alert_horizons')
+      .values(chunk)
+      .onConflict((oc) =>
+        oc.columns(['device_id', 'rule_id']).doUpdateSet((eb) => ({
+          hlc: eb.ref('excluded.hlc'),
+          event_id: eb.ref('excluded.event_id'),
+          state: eb.ref('excluded.state'),
+        })),
+      )
+      .execute()
+  }
+  await sql`
+    delete from alert_inputs i using unnest(${rows.map((h) => h.device_id)}::text[],
+      ${rows.map((h) => h.rule_id)}::text[], ${rows.map((h) => h.hlc)}::text[],
+      ${rows.map((h) => h.event_id)}::text[]) as h(device_id, rule_id, hlc, event_id)
+    where i.device_id = h.device_id and i.rule_id = h.rule_id and i.kind = 'reading'
+      and (i.hlc < h.hlc collate "C"
+           or (i.hlc = h.hlc collate "C" and i.event_id collate "C" <= h.event_id collate "C"))`.execute(
+    trx,
+  )
 }
 
 /**
@@ -429,6 +813,26 @@ function inChunks<T>(rows: readonly T[]): T[][] {
     chunks.push(rows.slice(i, i + ROWS_PER_STATEMENT))
   }
   return chunks
+}
+
+function group<T>(items: readonly T[], by: (t: T) => string): Map<string, T[]> {
+  const out = new Map<string, T[]>()
+  for (const i of items) {
+    const k = by(i)
+    const list = out.get(k) ?? []
+    list.push(i)
+    out.set(k, list)
+  }
+  return out
+}
+
+/** A stable rendering for comparing rows (dates as ISO strings, keys sorted). */
+function canonical(v: unknown): string {
+  return JSON.stringify(v, (_k, x: unknown) =>
+    x !== null && typeof x === 'object' && !Array.isArray(x)
+      ? Object.fromEntries(Object.entries(x).sort(([a], [b]) => (a < b ? -1 : 1)))
+      : x,
+  )
 }
 
 function key(deviceId: string, ruleId: string): string {

@@ -209,12 +209,49 @@ export interface AlertConditionTable {
 export interface NotificationOutboxTable {
   notification_id: string
   alert_id: string
-  kind: 'raised' | 'resolved'
+  /** A transition of the alert, or a correction / retraction of one already sent. */
+  kind: 'raised' | 'resolved' | 'corrected' | 'retracted'
   subject: string
   payload: unknown
   hlc: string
+  /** The notification (already sent) that this one corrects or retracts; null for a transition. */
+  corrects: string | null
   /** When the relay had it stored in FLEET_NOTIFICATIONS; null until then. */
   published_at: Date | null
+}
+
+/**
+ * What the alerts are folded from: a threshold rule's readings (`kind` 'reading', `value`) and a
+ * sensor's acknowledgements (`kind` 'ack', `rule_id` '', `alert_id`, `acknowledged_by`).
+ */
+export interface AlertInputTable {
+  device_id: string
+  rule_id: string
+  event_id: string
+  kind: 'reading' | 'ack'
+  hlc: string
+  correlation_id: string
+  value: number | null
+  alert_id: string | null
+  acknowledged_by: string | null
+}
+
+/** Per sensor: the newest input folded, and a digest of the status history folded with it. */
+export interface AlertTipTable {
+  device_id: string
+  hlc: string
+  event_id: string
+  history: string
+  readings_since_prune: number
+}
+
+/** Where the kept inputs of a (sensor, rule) begin, and the rule's state there (JSON). */
+export interface AlertHorizonTable {
+  device_id: string
+  rule_id: string
+  hlc: string
+  event_id: string
+  state: unknown
 }
 
 export interface Database {
@@ -232,4 +269,7 @@ export interface Database {
   alerts: AlertTable
   alert_conditions: AlertConditionTable
   notification_outbox: NotificationOutboxTable
+  alert_inputs: AlertInputTable
+  alert_horizons: AlertHorizonTable
+  alert_tips: AlertTipTable
 }

@@ -1,0 +1,225 @@
+import { Migrator, sql, type Kysely } from 'kysely'
+import pino from 'pino'
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
+import { createKysely, createPool } from '../infra/database.ts'
+import { alertId, alertsProjection } from '../projections/alerts.ts'
+import { parseAlertRules } from '../projections/alert-rules.ts'
+import { migrateToLatest, migrations } from '../projections/migrate.ts'
+import { anyEvents, type AnyProjection } from '../projections/projection.ts'
+import type { Database } from '../projections/tables.ts'
+import type { FleetEvent } from '../schemas/events.ts'
+import { encodeHlc } from '../schemas/hlc.ts'
+import { freshDatabase } from './harness/index.ts'
+
+/**
+ * Alerts folded in HLC order: what a late reading does to alerts and notifications already
+ * written, and to readings beyond the window kept per (sensor, rule).
+ */
+const RULES = parseAlertRules({
+  rules: [
+    {
+      id: 'temperature-high',
+      kind: 'threshold',
+      metric: 'temperature',
+      above: 40,
+      clear: 35,
+      consecutive: 2,
+      severity: 'critical',
+    },
+  ],
+})
+const T0 = 1_795_000_000_000
+const DEVICE = 'sensor-7'
+
+function reading(id: string, atSeconds: number, value: number): FleetEvent {
+  const wallMs = T0 + atSeconds * 1000
+  return {
+    eventId: id,
+    deviceId: DEVICE,
+    type: 'reading.recorded',
+    version: 1,
+    occurredAt: new Date(wallMs).toISOString(),
+    hlc: encodeHlc({ wallMs, logical: 0, node: 'gw' }),
+    correlationId: `c-${id}`,
+    data: { metric: 'temperature', value, unit: 'C' },
+  }
+}
+
+const byId = <T extends { id: string }>(rows: T[]): T[] =>
+  [...rows].sort((a, b) => (a.id < b.id ? -1 : 1))
+
+describe('alerts folded in HLC order', () => {
+  let db: Kysely<Database>
+  let seq = 0
+  beforeAll(async () => {
+    const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
+    db = createKysely<Database>(pool)
+    await migrateToLatest(db as Kysely<unknown>)
+  })
+  afterAll(async () => {
+    await db.destroy()
+  })
+  beforeEach(async () => {
+    await sql`truncate alerts, alert_conditions, alert_sensors, alert_sensors_timeline,
+      alert_inputs, alert_horizons, alert_tips, notification_outbox, projection_clocks`.execute(db)
+  })
+
+  const apply = async (p: AnyProjection, events: readonly FleetEvent[]) => {
+    await db.transaction().execute(async (trx) => {
+      await p.apply(
+        trx,
+        events.map((event) => ({ event, streamSeq: ++seq, ingestedAt: new Date() })),
+      )
+    })
+  }
+  const alerts = async () =>
+    (
+      await db
+        .selectFrom('alerts')
+        .select(['raised_event_id', 'state', 'occurrences', 'resolved_event_id'])
+        .orderBy('raised_hlc')
+        .execute()
+    ).map((a) => `${a.raised_event_id} ${a.state} x${a.occurrences} ${a.resolved_event_id ?? ''}`)
+  const outbox = async () =>
+    byId(
+      (
+        await db
+          .selectFrom('notification_outbox')
+          .select(['notification_id', 'kind', 'corrects', 'published_at'])
+          .orderBy('notification_id')
+          .execute()
+      ).map((n) => ({
+        id: n.notification_id,
+        kind: n.kind,
+        corrects: n.corrects,
+        sent: n.published_at !== null,
+      })),
+    )
+
+  it('a late reading moves the raise: an unsent notification is rewritten, a sent one retracted', async () => {
+    const p = anyEvents(alertsProjection({ rules: RULES, defaultTimeoutSeconds: 60 }))
+    // given two breaching readings: raised by the second
+    await apply(p, [reading('r2', 2, 45), reading('r3', 3, 46)])
+    const first = alertId('temperature-high', DEVICE, 'r3')
+    expect(await alerts()).toEqual(['r3 open x1 '])
+    // and the relay sent its notification
+    await db.updateTable('notification_outbox').set({ published_at: new Date() }).execute()
+
+    // when an earlier breaching reading arrives late
+    await apply(p, [reading('r1', 1, 44)])
+
+    // then the alert is the one HLC order raises: by r2, with r3 a further occurrence
+    const moved = alertId('temperature-high', DEVICE, 'r2')
+    expect(await alerts()).toEqual(['r2 open x2 '])
+    // and the sent notification stays as sent, retracted by a new one; the new alert is notified
+    expect(await outbox()).toEqual(
+      byId([
+        { id: `${first}-raised`, kind: 'raised', corrects: null, sent: true },
+        { id: `${first}-raised-c1`, kind: 'retracted', corrects: `${first}-raised`, sent: false },
+        { id: `${moved}-raised`, kind: 'raised', corrects: null, sent: false },
+      ]),
+    )
+
+    // when a late clearing reading splits the run before it was sent: the unsent row is deleted
+    await apply(p, [reading('r1b', 1.5, 30)])
+    expect(await alerts()).toEqual(['r3 open x1 '])
+    expect(await outbox()).toEqual([
+      { id: `${first}-raised`, kind: 'raised', corrects: null, sent: true },
+    ])
+  })
+
+  it('a late clearing reading resolves a sent alert: the raise stands, the resolution is notified', async () => {
+    const p = anyEvents(alertsProjection({ rules: RULES, defaultTimeoutSeconds: 60 }))
+    await apply(p, [reading('r1', 1, 45), reading('r2', 2, 45), reading('r4', 4, 45)])
+    await db.updateTable('notification_outbox').set({ published_at: new Date() }).execute()
+    const id = alertId('temperature-high', DEVICE, 'r2')
+    expect(await alerts()).toEqual(['r2 open x2 '])
+
+    // a late clearing reading between r2 and r4: resolved by it, r4 alone does not raise again
+    await apply(p, [reading('r3', 3, 30)])
+    expect(await alerts()).toEqual(['r2 resolved x1 r3'])
+    // the raise as sent said nothing about occurrences: it stands; the resolution is new
+    expect(await outbox()).toEqual(
+      byId([
+        { id: `${id}-raised`, kind: 'raised', corrects: null, sent: true },
+        { id: `${id}-resolved`, kind: 'resolved', corrects: null, sent: false },
+      ]),
+    )
+  })
+
+  it('keeps a window of readings per rule; within it a late reading takes its place, beyond it is not evaluated', async () => {
+    const p = anyEvents(
+      alertsProjection({ rules: RULES, defaultTimeoutSeconds: 60, windowReadings: 4 }),
+    )
+    // 30 readings, a breach every fourth pair; in batches of 3, in order
+    const values = Array.from({ length: 30 }, (_, i) => (i % 4 < 2 ? 45 : 30))
+    const events = values.map((v, i) => reading(`r${String(i).padStart(2, '0')}`, 10 + i, v))
+    for (let i = 0; i < events.length; i += 3) await apply(p, events.slice(i, i + 3))
+    const inOrder = await alerts()
+    expect(inOrder).toHaveLength(8)
+    const kept = Number(
+      (await sql<{ n: string }>`select count(*) n from alert_inputs`.execute(db)).rows[0]?.n,
+    )
+    // the bound: twice the window plus one batch
+    expect(kept).toBeLessThanOrEqual(2 * 4 + 3)
+
+    // a late breaching reading just before the newest pair's run (within the window) moves it
+    await apply(p, [reading('late-in', 10 + 27.5, 45)])
+    const after = await alerts()
+    expect(after.slice(0, 7)).toEqual(inOrder.slice(0, 7))
+    expect(after[7]).toBe('r28 open x2 ') // raised by the second of late-in, r28; r29 again
+
+    // a late breaching reading older than the window changes nothing
+    await apply(p, [reading('late-out', 10 + 2.5, 45), reading('late-out2', 10 + 2.6, 45)])
+    expect(await alerts()).toEqual(after)
+  })
+})
+
+describe('upgrading to folded alerts', () => {
+  it('keeps the alerts and conditions there are: a sensor goes on from where it stood', async () => {
+    const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
+    const db = createKysely<Database>(pool)
+    try {
+      const migrator = new Migrator({
+        db,
+        provider: { getMigrations: () => Promise.resolve(migrations) },
+      })
+      await migrator.migrateTo('2026-12-02-01-status-timeline')
+      // given an alert raised before the upgrade, and its rule's condition
+      const raising = reading('old-2', 2, 45)
+      const id = alertId('temperature-high', DEVICE, 'old-2')
+      await sql`insert into alerts (alert_id, device_id, rule_id, severity, state, message, value,
+          raised_at, raised_hlc, raised_event_id, correlation_id, occurrences, last_occurrence_event_id)
+        values (${id}, ${DEVICE}, 'temperature-high', 'critical', 'open', 'temperature 45 >= 40', 45,
+          ${new Date(T0 + 2000).toISOString()}, ${raising.hlc}, 'old-2', 'c-old-2', 1, 'old-2')`.execute(
+        db,
+      )
+      await sql`insert into alert_conditions (device_id, rule_id, consecutive, since_at, since_hlc, last_hlc)
+        values (${DEVICE}, 'temperature-high', 2, ${new Date(T0 + 1000).toISOString()},
+          ${reading('old-1', 1, 45).hlc}, ${raising.hlc})`.execute(db)
+      await migrator.migrateToLatest()
+
+      // when readings follow after the upgrade
+      const p = anyEvents(alertsProjection({ rules: RULES, defaultTimeoutSeconds: 60 }))
+      let seq = 0
+      const apply = (events: FleetEvent[]) =>
+        db.transaction().execute(async (trx) => {
+          await p.apply(
+            trx,
+            events.map((event) => ({ event, streamSeq: ++seq, ingestedAt: new Date() })),
+          )
+        })
+      await apply([reading('new-3', 3, 47)])
+      // then the alert goes on: one more occurrence, nothing raised again
+      const rows = () =>
+        db.selectFrom('alerts').select(['alert_id', 'state', 'occurrences']).execute()
+      expect(await rows()).toEqual([{ alert_id: id, state: 'open', occurrences: 2 }])
+      // and a late reading from before the upgrade changes nothing; a clearing one resolves it
+      await apply([reading('old-0', 0.5, 30)])
+      await apply([reading('new-4', 4, 30)])
+      expect(await rows()).toEqual([{ alert_id: id, state: 'resolved', occurrences: 2 }])
+    } finally {
+      await db.destroy()
+    }
+  })
+})
