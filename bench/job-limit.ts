@@ -1,5 +1,6 @@
 import pg from 'pg'
 import type { ThresholdRule } from '../projections/alert-rules.ts'
+import { WINDOW_READINGS } from '../projections/alerts.ts'
 import { hlcTime } from '../projections/sensor-lifecycle.ts'
 import { type BenchEvent, BenchError } from './common.ts'
 
@@ -26,10 +27,22 @@ import { type BenchEvent, BenchError } from './common.ts'
  *   earliest reading, else last seen moved to its newest), and for a sensor created by the batch
  *   its `first` point in `sensor_status_timeline` and its "first seen" row in
  *   `sensor_status_history`;
- * - alerts: `alert_sensors` and `alert_sensors_timeline` as above, and `alert_conditions` (upsert
- *   per sensor and threshold rule of its metric, to the newest reading). The bench's readings stay
+ * - alerts: `alert_sensors` and `alert_sensors_timeline` as above, `alert_conditions` (upsert
+ *   per sensor and threshold rule of its metric, to the newest reading), `alert_inputs` (a row per
+ *   reading and threshold rule of its metric), `alert_tips` (per sensor) and, once a sensor's
+ *   readings of a rule pass the projection's window (64 with the default rules), the trimming to
+ *   that window: `alert_horizons` upserted, older `alert_inputs` deleted. The bench's readings stay
  *   inside every rule's range (checked before the run), so each condition is reset and no alert
  *   or notification row is written, as in the processors' run.
+ *
+ * The trimming follows the projection batch by batch (a sensor is folded again in full, and
+ * trimmed, when it is new or its new readings since the last trim reach the window), so the
+ * inputs kept depend on the batches when one batch holds several readings of a sensor. With at
+ * least as many sensors as events in a batch, here ({@link JOB_BATCH}) and in the processors
+ * (PROCESSOR_BATCH_SIZE, 1000 by default), no batch does, and the rows are the processors' own
+ * (the bench's default 10,000 sensors; a million events is 100 readings per sensor, trimmed at
+ * the 65th and 97th of a temperature sensor and at the 65th of a humidity sensor). With fewer
+ * sensors, `alert_inputs` may differ by a few rows per sensor, and the row comparison says so.
  */
 export interface JobLimit {
   readonly seconds: number
@@ -123,19 +136,126 @@ function statements(model: JobModel, rules: readonly ThresholdRule[]): string {
       on conflict (device_id, event_id) do nothing;`
     case 'alerts': {
       const ruleRows = rules.map((r) => `(${literal(r.id)}, ${literal(r.metric)})`).join(', ')
-      if (ruleRows === '') return `${sensorState('alert_sensors')} select count(*) from up;`
+      if (ruleRows === '')
+        return `${sensorState('alert_sensors')} select count(*) from up;
+        ${tips('', alertWindow(rules))}`
+      const ruleTable = `(values ${ruleRows}) as r (rule_id, metric)`
       return `${sensorState('alert_sensors')}
       insert into alert_conditions as c (device_id, rule_id, consecutive, since_at, since_hlc,
                                          last_hlc)
       select distinct on (j.device_id, r.rule_id) j.device_id, r.rule_id, 0, null::timestamptz,
              null, j.hlc
-      from job_in j join (values ${ruleRows}) as r (rule_id, metric) using (metric)
-      order by j.device_id, r.rule_id, j.hlc desc
+      from job_in j join ${ruleTable} using (metric)
+      order by j.device_id, r.rule_id, j.hlc desc, j.event_id collate "C" desc
       on conflict (device_id, rule_id) do update set consecutive = excluded.consecutive,
         since_at = excluded.since_at, since_hlc = excluded.since_hlc, last_hlc = excluded.last_hlc
-      where c.last_hlc < excluded.last_hlc;`
+      where (c.consecutive, c.since_at, c.since_hlc, c.last_hlc) is distinct from
+            (excluded.consecutive, excluded.since_at, excluded.since_hlc, excluded.last_hlc);
+      ${tips(ruleTable, alertWindow(rules))}
+      ${prune(alertWindow(rules))}`
     }
   }
+}
+
+/**
+ * The alerts projection's window: readings kept per sensor and threshold rule past its horizon.
+ * The processors run with the default (no `windowReadings` option).
+ */
+export function alertWindow(rules: readonly ThresholdRule[]): number {
+  return Math.max(WINDOW_READINGS, ...rules.map((r) => 2 * r.consecutive))
+}
+
+/**
+ * `alert_inputs` (a row per reading and threshold rule of its metric, do nothing on a known one)
+ * and `alert_tips`, as the alerts projection writes them for readings alone: a tip for each sensor
+ * of the batch that got inputs or is new to the read model, moved to the newest of its old tip,
+ * its new inputs and (new sensor) its `first` point; its `history` the digest of its status
+ * history, which for these sensors is that one `first` transition (null -> active); its
+ * `readings_since_prune` reset to 0 when the projection folds it again in full (new sensor, the
+ * window reached, or an input at or before the tip), else grown by the batch's new inputs.
+ */
+function tips(ruleTable: string, window: number): string {
+  const added =
+    ruleTable === ''
+      ? `added as (select null::text as device_id, null::text as hlc, null::text as event_id
+                   where false)`
+      : `added as (
+          insert into alert_inputs (device_id, rule_id, event_id, kind, hlc, correlation_id, value,
+                                    alert_id, acknowledged_by)
+          select j.device_id, r.rule_id, j.event_id, 'reading', j.hlc, j.correlation_id, j.value,
+                 null, null
+          from job_in j join ${ruleTable} using (metric)
+          on conflict (device_id, rule_id, event_id) do nothing
+          returning device_id, hlc, event_id
+        )`
+  // sha256 of `${hlc}\0${eventId}\0${from ?? ''}\0${to}\x01` per transition, base64url.
+  const digest = `translate(rtrim(encode(sha256(convert_to(x.f_hlc, 'UTF8') || decode('00', 'hex')
+      || convert_to(x.f_event, 'UTF8') || decode('0000', 'hex') || convert_to('active', 'UTF8')
+      || decode('01', 'hex')), 'base64'), '='), '+/', '-_')`
+  return `with ${added},
+  firsts as (select distinct on (device_id) device_id, hlc, event_id from job_in
+             order by device_id, hlc, event_id collate "C"),
+  fed as (select device_id, count(*) as fresh from added group by device_id),
+  newest as (select distinct on (device_id) device_id, hlc, event_id from added
+             order by device_id, hlc desc, event_id collate "C" desc),
+  oldest as (select distinct on (device_id) device_id, hlc, event_id from added
+             order by device_id, hlc, event_id collate "C"),
+  x as (
+    select d.device_id, t.hlc as t_hlc, t.event_id as t_event, t.history,
+           t.readings_since_prune as rsp, coalesce(fed.fresh, 0) as fresh,
+           n.hlc as n_hlc, n.event_id as n_event, o.hlc as o_hlc, o.event_id as o_event,
+           f.hlc as f_hlc, f.event_id as f_event
+    from (select device_id from fed
+          union select device_id from firsts
+          where not exists (select from alert_tips t where t.device_id = firsts.device_id)) d
+    left join alert_tips t using (device_id) left join fed using (device_id)
+    left join newest n using (device_id) left join oldest o using (device_id)
+    left join firsts f using (device_id)
+  )
+  insert into alert_tips as t (device_id, hlc, event_id, history, readings_since_prune)
+  select x.device_id, p.hlc, p.event_id, coalesce(x.history, ${digest}),
+         case when x.t_hlc is null or x.rsp + x.fresh >= ${window}
+                or (x.o_hlc, x.o_event collate "C") <= (x.t_hlc, x.t_event collate "C") then 0
+              else x.rsp + x.fresh end
+  from x cross join lateral (
+    select v.hlc, v.event_id from (values (x.t_hlc, x.t_event), (x.n_hlc, x.n_event),
+      (case when x.t_hlc is null then x.f_hlc end, x.f_event)) as v (hlc, event_id)
+    where v.hlc is not null order by v.hlc collate "C" desc, v.event_id collate "C" desc limit 1
+  ) p
+  on conflict (device_id) do update set hlc = excluded.hlc, event_id = excluded.event_id,
+    history = excluded.history, readings_since_prune = excluded.readings_since_prune;`
+}
+
+/**
+ * The projection's window trimming: a sensor folded again in full (its tip's
+ * `readings_since_prune` is 0 after {@link tips}) keeps its newest `window` readings per rule;
+ * the horizon moves to the reading before them, with the state after it (no reading breaches,
+ * so a reset condition and no open alert), and the readings up to it are deleted.
+ */
+function prune(window: number): string {
+  return `with kept as (
+    select i.device_id, i.rule_id, i.hlc, i.event_id,
+           row_number() over (partition by i.device_id, i.rule_id
+                              order by i.hlc desc, i.event_id collate "C" desc) as n
+    from alert_inputs i
+    where i.kind = 'reading' and i.device_id in (
+      select t.device_id from alert_tips t
+      where t.readings_since_prune = 0 and t.device_id in (select device_id from job_in))
+  ),
+  h as (
+    insert into alert_horizons as h (device_id, rule_id, hlc, event_id, state)
+    select device_id, rule_id, hlc, event_id,
+           jsonb_build_object('condition', jsonb_build_object('consecutive', 0, 'sinceMs', null,
+             'sinceHlc', null, 'lastHlc', hlc), 'open', null)
+    from kept where n = ${window + 1}
+    on conflict (device_id, rule_id) do update set hlc = excluded.hlc,
+      event_id = excluded.event_id, state = excluded.state
+    returning device_id, rule_id, hlc, event_id
+  )
+  delete from alert_inputs i using h
+  where i.device_id = h.device_id and i.rule_id = h.rule_id and i.kind = 'reading'
+    and (i.hlc < h.hlc collate "C"
+         or (i.hlc = h.hlc collate "C" and i.event_id collate "C" <= h.event_id collate "C"));`
 }
 
 /** A SQL string literal of our own constants (rule ids, metric names). */
@@ -306,6 +426,9 @@ export const JOB_TABLES = [
   'alert_sensors',
   'alert_sensors_timeline',
   'alert_conditions',
+  'alert_inputs',
+  'alert_tips',
+  'alert_horizons',
   'alerts',
   'notification_outbox',
 ] as const
