@@ -1,7 +1,7 @@
 import type { Publisher } from '../infra/publisher.ts'
-import { consumerInfo } from '../processors/consumer.ts'
 import type { RunningProcessor } from '../processors/processor.ts'
 import type { Runtime } from './runtime.ts'
+import { startSampler, type StartSample } from './start-sampler.ts'
 import { columnsOf, fit, liveRegion, type LiveRegion } from './terminal.ts'
 
 /**
@@ -40,34 +40,18 @@ export function startProgress(
   publisher: Publisher,
   out: NodeJS.WriteStream = process.stderr,
 ): Progress {
-  const lags = new Map<string, number | undefined>()
-  let last = { at: Date.now(), published: 0 }
-  let rate = 0
+  let sample: StartSample = { lags: new Map(), rate: 0 }
   let lastPrint = 0
-  let stopped = false
-
-  const poll = async () => {
-    for (const p of running) {
-      const info = await consumerInfo(rt.jsm, rt.config.streams.events, p.name).catch(
-        () => undefined,
-      )
-      lags.set(p.name, info ? info.num_pending + info.num_ack_pending : undefined)
-    }
-    const now = Date.now()
-    const published = publisher.stats.published
-    rate = ((published - last.published) * 1000) / Math.max(now - last.at, 1)
-    last = { at: now, published }
-  }
 
   const lagOf = (p: RunningProcessor) => {
-    const lag = lags.get(p.name)
-    return lag === undefined ? '?' : fmt(lag)
+    const lag = sample.lags.get(p.name)
+    return lag === undefined || lag === null ? '?' : fmt(lag)
   }
   const stateOf = (p: RunningProcessor) =>
     p.stats.state === 'running' ? '' : ` (${p.stats.state})`
   const head = () => {
     const s = publisher.stats
-    return `published ${fmt(s.published)} events, ${fmt(s.duplicates)} duplicates refused, ${fmt(Math.round(rate))}/s`
+    return `published ${fmt(s.published)} events, ${fmt(s.duplicates)} duplicates refused, ${fmt(Math.round(sample.rate))}/s`
   }
   const nameWidth = Math.max(...running.map((p) => p.name.length))
   const lines = () => [
@@ -88,38 +72,23 @@ export function startProgress(
 
   const region: LiveRegion | undefined =
     columnsOf(out) !== undefined ? liveRegion(out, lines) : undefined
-  const tick = async () => {
-    await poll()
-    if (stopped) return
+  const sampler = startSampler(rt, running, publisher, (next) => {
+    sample = next
     if (region) region.refresh()
     else if (Date.now() - lastPrint >= PLAIN_EVERY_MS) {
       out.write(`${oneLine()}\n`)
       lastPrint = Date.now()
     }
-  }
-  let pending = tick()
-  const timer = setInterval(() => {
-    pending = pending.then(tick)
-  }, 1000)
+  })
 
   return {
-    async caughtUp(signal) {
-      while (!signal.aborted) {
-        await pending
-        const all = running.every((p) => lags.get(p.name) === 0)
-        if (all) return
-        await new Promise((r) => setTimeout(r, 250))
-      }
-    },
+    caughtUp: (signal) => sampler.caughtUp(signal),
     note(text) {
       if (region) region.log(text)
       else out.write(text.endsWith('\n') ? text : `${text}\n`)
     },
     async stop() {
-      clearInterval(timer)
-      await pending
-      await poll()
-      stopped = true
+      sample = await sampler.stop()
       if (region) region.stop()
       else out.write(`${oneLine()}\n`)
     },

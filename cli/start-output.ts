@@ -1,11 +1,11 @@
 import type { Config } from '../infra/config.ts'
 import type { Publisher } from '../infra/publisher.ts'
 import { redact } from '../infra/redact.ts'
-import { consumerInfo } from '../processors/consumer.ts'
 import type { RunningProcessor } from '../processors/processor.ts'
 import { shellUrl } from './copy-paste.ts'
 import { fmt, type Progress } from './progress.ts'
 import type { Runtime } from './runtime.ts'
+import { startSampler, type StartSample } from './start-sampler.ts'
 
 /**
  * The nats CLI context the commands `start` prints use when NATS wants a login: saved once with
@@ -104,22 +104,7 @@ export function startJsonProgress(
   running: readonly RunningProcessor[],
   publisher: Publisher,
 ): Progress {
-  const lags = new Map<string, number | null>()
-  let last = { at: Date.now(), published: 0 }
-  let rate = 0
-  let stopped = false
-  const poll = async () => {
-    for (const p of running) {
-      const info = await consumerInfo(rt.jsm, rt.config.streams.events, p.name).catch(
-        () => undefined,
-      )
-      lags.set(p.name, info ? info.num_pending + info.num_ack_pending : null)
-    }
-    const now = Date.now()
-    rate = ((publisher.stats.published - last.published) * 1000) / Math.max(now - last.at, 1)
-    last = { at: now, published: publisher.stats.published }
-  }
-  const totals = (): Totals => ({
+  const totals = (lags: StartSample['lags']): Totals => ({
     published: publisher.stats.published,
     duplicates: publisher.stats.duplicates,
     processors: running.map((p) => ({
@@ -131,37 +116,22 @@ export function startJsonProgress(
       state: p.stats.state,
     })),
   })
-  const tick = async () => {
-    await poll()
-    if (stopped) return
+  const sampler = startSampler(rt, running, publisher, ({ lags, rate }) => {
     printJsonLine({
       type: 'progress',
       at: new Date().toISOString(),
       ratePerSecond: Math.round(rate),
-      ...totals(),
+      ...totals(lags),
     })
-  }
-  let pending = tick()
-  const timer = setInterval(() => {
-    pending = pending.then(tick)
-  }, 1000)
+  })
   return {
     note(text) {
       process.stderr.write(`${text}\n`) // stdout holds only the JSON lines
     },
-    async caughtUp(signal) {
-      while (!signal.aborted) {
-        await pending
-        if (running.every((p) => lags.get(p.name) === 0)) return
-        await new Promise((r) => setTimeout(r, 250))
-      }
-    },
+    caughtUp: (signal) => sampler.caughtUp(signal),
     async stop() {
-      clearInterval(timer)
-      await pending
-      await poll()
-      stopped = true
-      printJsonLine({ type: 'finished', at: new Date().toISOString(), ...totals() })
+      const { lags } = await sampler.stop()
+      printJsonLine({ type: 'finished', at: new Date().toISOString(), ...totals(lags) })
     },
   }
 }
