@@ -4,7 +4,7 @@ import { fileURLToPath } from 'node:url'
 import type { EventDraft, Publisher } from '../infra/publisher.ts'
 import type { ReadingRecorded } from '../schemas/events.ts'
 import { eventSubject } from '../schemas/subjects.ts'
-import { onProcessEnd } from '../test/harness/reaper.ts'
+import { onProcessEnd } from '../testbed/reaper.ts'
 
 export const repoRoot = fileURLToPath(new URL('../..', import.meta.url))
 export const cliPath = fileURLToPath(new URL('../cli/fleetstream.js', import.meta.url))

@@ -15,7 +15,7 @@ import {
   type NatsCluster,
   type PgCluster,
 } from './harness/index.ts'
-import { findOnPath, run } from './harness/processes.ts'
+import { findOnPath, run } from '../testbed/processes.ts'
 import {
   repoRoot,
   rulesFile,

@@ -16,7 +16,7 @@ import {
   startRoleNatsServer,
   type NodePorts,
 } from './harness/index.ts'
-import { findOnPath, run } from './harness/processes.ts'
+import { findOnPath, run } from '../testbed/processes.ts'
 import { cliPath, runCli, testEnv } from './fixtures.ts'
 
 /**

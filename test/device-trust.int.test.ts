@@ -19,7 +19,7 @@ import {
   startRoleNatsServer,
   type RoleNatsServer,
 } from './harness/index.ts'
-import { findOnPath, run } from './harness/processes.ts'
+import { findOnPath, run } from '../testbed/processes.ts'
 import { readingDraft, repoRoot, runCli, testConfig, testEnv, waitFor } from './fixtures.ts'
 
 /**

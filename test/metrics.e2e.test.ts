@@ -4,7 +4,7 @@ import type { Runtime } from '../cli/runtime.ts'
 import type { StatusReport } from '../cli/status.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
 import { startNatsServer, startPostgres, type NatsServer, type PgCluster } from './harness/index.ts'
-import { freePort } from './harness/processes.ts'
+import { freePort } from '../testbed/processes.ts'
 import {
   readingDraft,
   runCli,

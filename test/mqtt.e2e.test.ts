@@ -15,7 +15,7 @@ import {
   startRoleNatsServer,
   type RoleNatsServer,
 } from './harness/index.ts'
-import { findOnPath, run } from './harness/processes.ts'
+import { findOnPath, run } from '../testbed/processes.ts'
 import {
   readingDraft,
   repoRoot,

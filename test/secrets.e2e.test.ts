@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
-import { freePort } from './harness/processes.ts'
+import { freePort } from '../testbed/processes.ts'
 import { runCli, spawnCli, testEnv, waitFor } from './fixtures.ts'
 
 /** Every secret the environments below carry; none may appear in any output. */

@@ -1,8 +1,8 @@
 import { execFileSync } from 'node:child_process'
 import { join } from 'node:path'
 import type { TestProject } from 'vitest/node'
-import { HarnessError } from './processes.ts'
-import { startPostgres } from './postgres.ts'
+import { HarnessError } from '../../testbed/processes.ts'
+import { startPostgres } from '../../testbed/postgres.ts'
 
 declare module 'vitest' {
   export interface ProvidedContext {

@@ -1,9 +1,9 @@
 import { inject } from 'vitest'
-import { createDatabase } from './postgres.ts'
-import { HarnessError } from './processes.ts'
+import { createDatabase } from '../../testbed/postgres.ts'
+import { HarnessError } from '../../testbed/processes.ts'
 
-export { startNatsServer } from './nats-server.ts'
-export type { NatsServer, NatsServerOptions } from './nats-server.ts'
+export { startNatsServer } from '../../testbed/nats-server.ts'
+export type { NatsServer, NatsServerOptions } from '../../testbed/nats-server.ts'
 export { startNatsCluster, clusterNodeEnv, CLUSTER_NODES } from './nats-cluster.ts'
 export type { NatsCluster, NodePorts } from './nats-cluster.ts'
 export {
@@ -25,9 +25,9 @@ export type {
   RoleSecrets,
   Credentials,
 } from './nats-roles.ts'
-export { startPostgres } from './postgres.ts'
-export type { PgCluster } from './postgres.ts'
-export { HarnessError } from './processes.ts'
+export { startPostgres } from '../../testbed/postgres.ts'
+export type { PgCluster } from '../../testbed/postgres.ts'
+export { HarnessError } from '../../testbed/processes.ts'
 
 /**
  * Creates a database with a random name on the Postgres cluster shared by the whole run (started

@@ -7,7 +7,7 @@ import { jetstreamManager } from '@nats-io/jetstream'
 import { connect, type ConnectionOptions, type NatsConnection } from '@nats-io/transport-node'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { DeviceCredential } from '../../cli/devices.ts'
-import { startNatsServer, type NatsServer } from './nats-server.ts'
+import { startNatsServer, type NatsServer } from '../../testbed/nats-server.ts'
 import {
   generateSecrets,
   passwordEnv,
@@ -17,7 +17,7 @@ import {
   type Role,
   type RoleSecrets,
 } from './nats-roles.ts'
-import { freePort, HarnessError } from './processes.ts'
+import { freePort, HarnessError } from '../../testbed/processes.ts'
 
 /** The node names of the cluster, as in infra/docker-compose.yml. */
 export const CLUSTER_NODES = ['n1', 'n2', 'n3'] as const

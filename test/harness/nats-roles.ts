@@ -6,9 +6,9 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
 import { connect, type ConnectionOptions, type NatsConnection } from '@nats-io/transport-node'
-import { startNatsServer, type NatsServer } from './nats-server.ts'
+import { startNatsServer, type NatsServer } from '../../testbed/nats-server.ts'
 import type { DeviceCredential } from '../../cli/devices.ts'
-import { freePort, HarnessError } from './processes.ts'
+import { freePort, HarnessError } from '../../testbed/processes.ts'
 
 /** The repository root (the harness lives in test/harness/). */
 export const repoRoot = fileURLToPath(new URL('../..', import.meta.url))

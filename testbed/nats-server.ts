@@ -1,3 +1,8 @@
+/**
+ * A throwaway nats-server with JetStream for the tests and the bench: its own temp dir, a random
+ * port, a generated config (or the repository's own), and `kill`/`restart` to stage outages.
+ * nats.js's test launcher does the same for its own suite.
+ */
 import { type ChildProcess, spawn } from 'node:child_process'
 import { rmSync } from 'node:fs'
 import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises'
@@ -218,7 +223,7 @@ class NatsServerImpl implements NatsServer {
 
   private config(port: number): string {
     return [
-      '# written by test/harness/nats-server.ts',
+      '# written by testbed/nats-server.ts',
       `listen: 127.0.0.1:${port}`,
       `server_name: ${JSON.stringify(this.conf.serverName)}`,
       `jetstream {`,

@@ -1,3 +1,8 @@
+/**
+ * Stops the throwaway servers (and the bench's child processes) when the process that started
+ * them ends without cleaning up; see {@link onProcessEnd}.
+ */
+
 const tasks = new Set<() => void>()
 let installed = false
 

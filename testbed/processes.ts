@@ -1,3 +1,8 @@
+/**
+ * What starting and watching a throwaway server takes: find its binary, run a command to the end,
+ * pick a free port, check that a port answers, read a log's tail, and {@link HarnessError} for
+ * whatever of that fails.
+ */
 import { execFile } from 'node:child_process'
 import { constants } from 'node:fs'
 import { access, readFile } from 'node:fs/promises'

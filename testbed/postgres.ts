@@ -1,3 +1,8 @@
+/**
+ * A throwaway PostgreSQL cluster for the tests and the bench: `initdb` into a temp dir, started
+ * on a random port with fsync off, one database per test file or bench phase. As root it runs as
+ * the `postgres` user, as initdb requires.
+ */
 import { execFileSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { rmSync } from 'node:fs'
