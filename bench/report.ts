@@ -1,4 +1,4 @@
-import type { Latency, Rebuild } from './fleetstream.ts'
+import type { Latency, Rebuild } from './fleetstream-phases.ts'
 
 export interface Rate {
   readonly events: number

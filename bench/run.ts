@@ -46,7 +46,7 @@ import {
   stopProcessors,
   WINDOW,
   type Rebuild,
-} from './fleetstream.ts'
+} from './fleetstream-phases.ts'
 import {
   corePublish,
   createRawStream,

@@ -1,3 +1,8 @@
+/**
+ * The bench's phases that measure fleetstream itself (limits.ts measures the raw limits they are
+ * compared with): ingest through the publisher, the processors end to end on the backlog, publish
+ * to SQL latency at a steady rate, and `fleetstream rebuild`.
+ */
 import { v7 as uuidv7 } from 'uuid'
 import type { Runtime } from '../cli/runtime.ts'
 import { PublishPipeline, type Publisher } from '../infra/publisher.ts'
