@@ -1,30 +1,18 @@
+/**
+ * What the test files import to get their servers: the throwaway nats-server and Postgres of
+ * testbed/ (shared with the bench), the nats-servers that run the repository's own configs
+ * (roles, the 3-node cluster), and {@link freshDatabase} on the run's one Postgres cluster.
+ */
 import { inject } from 'vitest'
 import { createDatabase } from '../../testbed/postgres.ts'
 import { HarnessError } from '../../testbed/processes.ts'
 
 export { startNatsServer } from '../../testbed/nats-server.ts'
-export type { NatsServer, NatsServerOptions } from '../../testbed/nats-server.ts'
+export type { NatsServer } from '../../testbed/nats-server.ts'
 export { startNatsCluster, clusterNodeEnv, CLUSTER_NODES } from './nats-cluster.ts'
 export type { NatsCluster, NodePorts } from './nats-cluster.ts'
-export {
-  startRoleNatsServer,
-  setFleetMaxFile,
-  generateSecrets,
-  passwordEnv,
-  roleEnv,
-  roleConnectOptions,
-  repoRoot,
-  NATS_CONF,
-  CLUSTER_NODE_CONF,
-  ROLES,
-} from './nats-roles.ts'
-export type {
-  RoleNatsServer,
-  RoleNatsServerOptions,
-  Role,
-  RoleSecrets,
-  Credentials,
-} from './nats-roles.ts'
+export { startRoleNatsServer, setFleetMaxFile, generateSecrets, repoRoot } from './nats-roles.ts'
+export type { RoleNatsServer } from './nats-roles.ts'
 export { startPostgres } from '../../testbed/postgres.ts'
 export type { PgCluster } from '../../testbed/postgres.ts'
 export { HarnessError } from '../../testbed/processes.ts'

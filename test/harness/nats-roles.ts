@@ -16,10 +16,6 @@ export const repoRoot = fileURLToPath(new URL('../..', import.meta.url))
 const CLI = fileURLToPath(new URL('../../dist/cli/fleetstream.js', import.meta.url))
 /** The single-node config: development, and the role and MQTT tests. */
 export const NATS_CONF = fileURLToPath(new URL('../../nats.conf', import.meta.url))
-/** The config of each node of the 3-node cluster (docker compose and the chaos suite). */
-export const CLUSTER_NODE_CONF = fileURLToPath(
-  new URL('../../infra/nats/cluster-node.conf', import.meta.url),
-)
 
 /** The files nats.conf includes from infra/nats/. */
 const NATS_INCLUDES = ['limits.conf', 'accounts.conf', 'devices.conf'] as const
