@@ -1,5 +1,11 @@
+/**
+ * What the bench's phases share: the reading events they publish, progress notes on stderr,
+ * waiting for a condition, the fleetstream CLI as a child process, and CPU and memory figures
+ * read from /proc.
+ */
 import { spawn, type ChildProcess } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
 import type { EventDraft, Publisher } from '../infra/publisher.ts'
 import type { ReadingRecorded } from '../schemas/events.ts'
@@ -47,8 +53,6 @@ export function stampReading(publisher: Publisher, i: number, devices: number): 
 export function note(line: string): void {
   process.stderr.write(`bench: ${line}\n`)
 }
-
-export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
 
 /** Polls until `check` is true; fails naming what it waited for. */
 export async function waitUntil(

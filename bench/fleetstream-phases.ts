@@ -3,6 +3,7 @@
  * compared with): ingest through the publisher, the processors end to end on the backlog, publish
  * to SQL latency at a steady rate, and `fleetstream rebuild`.
  */
+import { setTimeout as sleep } from 'node:timers/promises'
 import { v7 as uuidv7 } from 'uuid'
 import type { Runtime } from '../cli/runtime.ts'
 import { PublishPipeline, type Publisher } from '../infra/publisher.ts'
@@ -16,7 +17,6 @@ import {
   note,
   peakRssMb,
   percentile,
-  sleep,
   spawnCli,
   readingDraft,
   waitUntil,
