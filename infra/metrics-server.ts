@@ -1,3 +1,11 @@
+/**
+ * The HTTP side of a long-running process: `/metrics` (prom-client's registry as text), `/healthz`
+ * and `/readyz`. prom-client (15.x) has registries and a Pushgateway client but no server of its
+ * own; its README serves `registry.metrics()` from an express app (example/server.js). Three GET
+ * routes do not need a framework: `node:http` is a dependency fewer, and this file also decides
+ * what a busy port means (bad configuration) and that no keep-alive connection holds the process
+ * up on exit.
+ */
 import { once } from 'node:events'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { AddressInfo } from 'node:net'

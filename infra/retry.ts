@@ -1,3 +1,9 @@
+/**
+ * The one way fleetstream retries: {@link withBackoff}, a cockatiel policy with exponential
+ * backoff and decorrelated jitter that logs each failure, and {@link errorSummary}, the one-line
+ * error (with its causes) those log lines carry. A loop that only waits (a pause, a deadline, a
+ * wake-up) uses infra/sleep.ts instead.
+ */
 import { ExponentialBackoff, handleWhen, retry, type RetryPolicy } from 'cockatiel'
 import type { Logger } from './logger.ts'
 

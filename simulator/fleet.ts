@@ -1,3 +1,9 @@
+/**
+ * A simulated fleet of sensors for `fleetstream simulate` and the tests: registrations, then
+ * readings and heartbeats at a steady rate through the real publisher, with QoS-1 re-sends,
+ * skewed device clocks, heat episodes that raise alerts, and network outages after which devices
+ * replay what they held. Seeded, so a run can be repeated.
+ */
 import type { EventDraft, Publisher, PublishResult } from '../infra/publisher.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
 import { sleep } from '../infra/sleep.ts'
