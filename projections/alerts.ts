@@ -11,6 +11,7 @@ import {
   type FoldState,
 } from './alert-evaluation.ts'
 import type { AlertRule, AlertRules, ThresholdRule } from './alert-rules.ts'
+import { jsonRows } from './json-rows.ts'
 import type { ProjectedEvent, Projection } from './projection.ts'
 import type { EffectiveStatus } from './sensor-lifecycle.ts'
 import { deviceIdsOf, SensorTracker, splitAtTicks, type Transition } from './sensor-tracker.ts'
@@ -154,18 +155,15 @@ async function addInputs(
   events: readonly ProjectedEvent<DeviceEvent>[],
 ): Promise<AlertInputTable[]> {
   const rows = events.flatMap((p) => inputsOf(rules, p.event))
-  const added: AlertInputTable[] = []
-  for (const chunk of inChunks(rows)) {
-    added.push(
-      ...(await trx
-        .insertInto('alert_inputs')
-        .values(chunk)
-        .onConflict((oc) => oc.columns(['device_id', 'rule_id', 'event_id']).doNothing())
-        .returningAll()
-        .execute()),
-    )
-  }
-  return added
+  if (rows.length === 0) return []
+  const src = jsonRows('alert_inputs', rows)
+  return await trx
+    .insertInto('alert_inputs')
+    .columns(src.columns)
+    .expression(src.select)
+    .onConflict((oc) => oc.columns(['device_id', 'rule_id', 'event_id']).doNothing())
+    .returningAll()
+    .execute()
 }
 
 /** A horizon as stored: its state with dates as JSON. */
@@ -345,7 +343,7 @@ async function refold(
           rule_id: rule.id,
           hlc: at.hlc,
           event_id: at.eventId,
-          state: JSON.stringify(out.states[cut]),
+          state: out.states[cut],
         })
       }
       written.push({
@@ -490,10 +488,13 @@ async function writeAlerts(
   // Resolutions first: the partial unique index allows a new alert only once the old one is resolved.
   const resolved = changed.filter((a) => a.state === 'resolved')
   const others = changed.filter((a) => a.state !== 'resolved')
-  for (const rows of [...inChunks(resolved), ...inChunks(others)]) {
+  for (const rows of [resolved, others]) {
+    if (rows.length === 0) continue
+    const src = jsonRows('alerts', rows)
     await trx
       .insertInto('alerts')
-      .values(rows)
+      .columns(src.columns)
+      .expression(src.select)
       .onConflict((oc) =>
         oc
           .column('alert_id')
@@ -507,10 +508,12 @@ async function writeConditions(
   trx: Transaction<Database>,
   conditions: readonly Database['alert_conditions'][],
 ): Promise<void> {
-  for (const rows of inChunks(conditions)) {
+  if (conditions.length > 0) {
+    const src = jsonRows('alert_conditions', conditions)
     await trx
       .insertInto('alert_conditions')
-      .values(rows)
+      .columns(src.columns)
+      .expression(src.select)
       .onConflict((oc) =>
         oc
           .columns(['device_id', 'rule_id'])
@@ -598,10 +601,12 @@ async function writeOutbox(
       .where(sql<boolean>`notification_id = any(${remove}::text[])`)
       .where('published_at', 'is', null)
       .execute()
-  for (const chunk of inChunks(upsert)) {
+  if (upsert.length > 0) {
+    const src = jsonRows('notification_outbox', upsert)
     await trx
       .insertInto('notification_outbox')
-      .values(chunk.map((n) => ({ ...n, payload: JSON.stringify(n.payload) })))
+      .columns(src.columns)
+      .expression(src.select)
       .onConflict((oc) =>
         oc
           .column('notification_id')
@@ -728,10 +733,12 @@ async function writeTips(
   trx: Transaction<Database>,
   tips: readonly AlertTipTable[],
 ): Promise<void> {
-  for (const chunk of inChunks(tips)) {
+  if (tips.length > 0) {
+    const src = jsonRows('alert_tips', tips)
     await trx
       .insertInto('alert_tips')
-      .values(chunk)
+      .columns(src.columns)
+      .expression(src.select)
       .onConflict((oc) =>
         oc.column('device_id').doUpdateSet((eb) => ({
           hlc: eb.ref('excluded.hlc'),
@@ -750,19 +757,19 @@ async function writeHorizons(
   rows: readonly AlertHorizonTable[],
 ): Promise<void> {
   if (rows.length === 0) return
-  for (const chunk of inChunks(rows)) {
-    await trx
-      .insertInto('alert_horizons')
-      .values(chunk)
-      .onConflict((oc) =>
-        oc.columns(['device_id', 'rule_id']).doUpdateSet((eb) => ({
-          hlc: eb.ref('excluded.hlc'),
-          event_id: eb.ref('excluded.event_id'),
-          state: eb.ref('excluded.state'),
-        })),
-      )
-      .execute()
-  }
+  const src = jsonRows('alert_horizons', rows)
+  await trx
+    .insertInto('alert_horizons')
+    .columns(src.columns)
+    .expression(src.select)
+    .onConflict((oc) =>
+      oc.columns(['device_id', 'rule_id']).doUpdateSet((eb) => ({
+        hlc: eb.ref('excluded.hlc'),
+        event_id: eb.ref('excluded.event_id'),
+        state: eb.ref('excluded.state'),
+      })),
+    )
+    .execute()
   await sql`
     delete from alert_inputs i using unnest(${rows.map((h) => h.device_id)}::text[],
       ${rows.map((h) => h.rule_id)}::text[], ${rows.map((h) => h.hlc)}::text[],
@@ -799,21 +806,6 @@ const ALERT_COLUMNS = Object.keys({
   occurrences: true,
   last_occurrence_event_id: true,
 } satisfies Record<Exclude<keyof AlertRow, 'alert_id'>, true>)
-
-/**
- * A multi-row statement binds a parameter per column per row, and the wire protocol counts them
- * in 16 bits: a mass silence of ~10,000 sensors once overflowed it. Rows go in chunks that stay
- * far below (the widest table here, alerts, has 20 columns).
- */
-const ROWS_PER_STATEMENT = 1000
-
-function inChunks<T>(rows: readonly T[]): T[][] {
-  const chunks: T[][] = []
-  for (let i = 0; i < rows.length; i += ROWS_PER_STATEMENT) {
-    chunks.push(rows.slice(i, i + ROWS_PER_STATEMENT))
-  }
-  return chunks
-}
 
 function group<T>(items: readonly T[], by: (t: T) => string): Map<string, T[]> {
   const out = new Map<string, T[]>()

@@ -1,5 +1,6 @@
 import { sql, type Transaction } from 'kysely'
 import type { ClockTicked, DeviceEvent } from '../schemas/events.ts'
+import { jsonRows } from './json-rows.ts'
 import type { ProjectedEvent } from './projection.ts'
 import {
   effectiveStatus,
@@ -45,9 +46,6 @@ interface Tracked {
 
 /** A row of `<table>_timeline`. */
 type Point = SensorTimelineTable
-
-/** Timeline points per statement: 15 columns each, far below the 16-bit parameter count. */
-const POINTS_PER_STATEMENT = 1000
 
 /** The tables that hold sensor state with this shape. */
 export type SensorStateTableName = 'sensor_status' | 'alert_sensors'
@@ -207,11 +205,12 @@ export class SensorTracker {
       again_causation_id: null,
       again_stream_seq: null,
     }))
-    // In chunks: a mass silence must stay below the 16-bit parameter count of a statement.
-    for (let i = 0; i < marks.length; i += POINTS_PER_STATEMENT) {
+    if (marks.length > 0) {
+      const src = jsonRows(this.timeline, marks)
       await trx
         .insertInto(this.timeline)
-        .values(marks.slice(i, i + POINTS_PER_STATEMENT))
+        .columns(src.columns)
+        .expression(src.select)
         .onConflict((oc) => oc.columns(['device_id', 'event_id']).doNothing())
         .execute()
     }
@@ -308,10 +307,12 @@ export class TrackerSegment {
     const points = rows
       .filter(([, t]) => t.timelineDirty)
       .flatMap(([, t]) => [...t.points.values()])
-    for (let i = 0; i < points.length; i += POINTS_PER_STATEMENT) {
+    if (points.length > 0) {
+      const src = jsonRows(this.tracker.timeline, points)
       await trx
         .insertInto(this.tracker.timeline)
-        .values(points.slice(i, i + POINTS_PER_STATEMENT))
+        .columns(src.columns)
+        .expression(src.select)
         .onConflict((oc) =>
           oc.columns(['device_id', 'event_id']).doUpdateSet((eb) => ({
             again_event_id: eb.ref('excluded.again_event_id'),
