@@ -28,7 +28,14 @@ import {
 } from '@opentelemetry/sdk-node/build/src/create-from-env.js'
 import { getSpanProcessorsFromEnv } from '@opentelemetry/sdk-node/build/src/utils.js'
 import { Attr } from './span-attributes.ts'
-import type { TelemetryOptions } from './telemetry.ts'
+
+export interface TelemetryOptions {
+  /** `service.name` unless `OTEL_SERVICE_NAME` says otherwise. */
+  readonly serviceName: string
+  /** Tests: where spans go instead of the exporter the environment names. */
+  readonly spanProcessors?: tracing.SpanProcessor[]
+  readonly env?: NodeJS.ProcessEnv
+}
 
 /** Starts the SDK with the pg instrumentation and a tracer provider per processor. */
 export function startSdk(

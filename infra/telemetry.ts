@@ -7,7 +7,7 @@ import {
   type Tracer,
 } from '@opentelemetry/api'
 import type { MsgHdrs } from '@nats-io/transport-node'
-import type { tracing } from '@opentelemetry/sdk-node'
+import type { TelemetryOptions } from './telemetry-sdk.ts'
 
 /**
  * OpenTelemetry for one fleetstream process: W3C trace context through NATS headers, spans for
@@ -59,14 +59,6 @@ export const OTEL_VARIABLES: readonly string[] = Object.freeze([
   'OTEL_TRACES_SAMPLER_ARG',
   'OTEL_SPAN_LINK_COUNT_LIMIT',
 ])
-
-export interface TelemetryOptions {
-  /** `service.name` unless `OTEL_SERVICE_NAME` says otherwise. */
-  readonly serviceName: string
-  /** Tests: where spans go instead of the exporter the environment names. */
-  readonly spanProcessors?: tracing.SpanProcessor[]
-  readonly env?: NodeJS.ProcessEnv
-}
 
 let active = false
 /** The tracer provider of each processor, while telemetry is started. */

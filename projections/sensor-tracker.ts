@@ -335,7 +335,7 @@ export class TrackerSegment {
         .execute()
     }
     const col = <T>(f: (id: string, t: Tracked) => T) => rows.map(([id, t]) => f(id, t))
-    const l = (id: string, t: Tracked) => t.lifecycle
+    const l = (_id: string, t: Tracked) => t.lifecycle
     await sql`
       insert into ${sql.table(this.tracker.table)} (device_id, status, status_hlc, status_event_id,
         status_correlation_id, status_changed_at, last_seen_at, last_seen_hlc, last_seen_event_id,

@@ -1,4 +1,4 @@
-import type { Generated, Insertable, Selectable } from 'kysely'
+import type { Generated, Selectable } from 'kysely'
 
 /**
  * Every reading ever recorded, one row per distinct eventId.
@@ -25,8 +25,6 @@ export interface ReadingTable {
   /** When the stream stored it (server clock); the same on every replay. */
   ingested_at: Date
 }
-export type Reading = Selectable<ReadingTable>
-export type NewReading = Insertable<ReadingTable>
 
 /** The newest value per sensor and metric, decided by HLC (never by arrival order). */
 export interface LatestReadingTable {
@@ -40,7 +38,6 @@ export interface LatestReadingTable {
   correlation_id: string
   stream_seq: number
 }
-export type LatestReading = Selectable<LatestReadingTable>
 
 /**
  * How far each processor got: written in the same transaction as its read-model rows, so the two
@@ -53,7 +50,6 @@ export interface CheckpointTable {
   hlc: string | null
   updated_at: Generated<Date>
 }
-export type Checkpoint = Selectable<CheckpointTable>
 
 /** One commit's range of FLEET_EVENTS, (from_seq, last_seq], and what it read there. */
 export interface StreamMarkTable {
@@ -111,7 +107,6 @@ export interface SensorStateTable {
   /** The FLEET_EVENTS partition its events arrive on; null when the stream is not partitioned. */
   partition: number | null
 }
-export type SensorState = Selectable<SensorStateTable>
 
 /** Every status transition, keyed by sensor and the event that caused it. */
 export interface SensorStatusHistoryTable {
