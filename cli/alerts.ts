@@ -1,7 +1,7 @@
 import type { Alert } from '../projections/tables.ts'
 import { createPublisher } from '../infra/publisher.ts'
 import type { HybridLogicalClock } from '../schemas/hlc.ts'
-import type { Runtime } from './runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 
 export interface ListOptions {
   readonly state?: Alert['state']

@@ -44,7 +44,7 @@ import {
   type ListOptions,
 } from './alerts.ts'
 import { JSON_HELP, JSON_RULE } from './json-output.ts'
-import { NO_OBSERVABILITY, startObservability, type Observability } from './observability.ts'
+import { NO_OBSERVABILITY, startObservability, type Observability } from '../app/observability.ts'
 import { fmt, progressBar, startProgress } from './progress.ts'
 import { formatDlqTable } from './dlq-table.ts'
 import { formatEventLine } from './event-line.ts'
@@ -52,9 +52,9 @@ import { columnsOf, terminalLogs } from './terminal.ts'
 import { packageVersion, usageHint, withUsageHints } from './usage.ts'
 import { parseSince, rebuildCommand, replayCommand } from './rebuild.ts'
 import { printJsonLine, printSummary, startedLine, startJsonProgress } from './start-output.ts'
-import { SET_UP_WAITS, setUpWithin } from './bounded-setup.ts'
-import { openRuntime, setUp, type Runtime } from './runtime.ts'
-import { EXIT_THRESHOLD, fleetStatus, formatStatus, UnreachableError } from './status.ts'
+import { SET_UP_WAITS, setUpWithin } from '../app/bounded-setup.ts'
+import { openRuntime, setUp, UnreachableError, type Runtime } from '../app/runtime.ts'
+import { EXIT_THRESHOLD, fleetStatus, formatStatus } from './status.ts'
 
 /**
  * Exit codes: 0 done, 1 failed (or NATS/PostgreSQL not reached within a one-shot command's

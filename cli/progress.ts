@@ -1,6 +1,6 @@
 import type { Publisher } from '../infra/publisher.ts'
 import type { RunningProcessor } from '../processors/processor.ts'
-import type { Runtime } from './runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { startSampler, type StartSample } from './start-sampler.ts'
 import { columnsOf, fit, liveRegion, type LiveRegion } from './terminal.ts'
 

@@ -12,7 +12,7 @@ import {
 import { shellUrl } from './copy-paste.ts'
 import { parseSinceOption } from './events.ts'
 import { duration, fmt, progressBar } from './progress.ts'
-import type { Runtime } from './runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 
 export interface RebuildFlags {
   batchSize: number

@@ -4,7 +4,7 @@ import { redact } from '../infra/redact.ts'
 import type { RunningProcessor } from '../processors/processor.ts'
 import { shellUrl } from './copy-paste.ts'
 import { fmt, type Progress } from './progress.ts'
-import type { Runtime } from './runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { startSampler, type StartSample } from './start-sampler.ts'
 
 /**

@@ -25,8 +25,9 @@ import {
   streamInfo,
   type ConsumerFigures,
   type NatsFigures,
-} from './fleet-state.ts'
+} from '../app/fleet-state.ts'
 import { fmt } from './progress.ts'
+import { UnreachableError } from '../app/runtime.ts'
 
 /** Limits that make `status` exit with {@link EXIT_THRESHOLD}; an absent one is not checked. */
 export interface Thresholds {
@@ -123,11 +124,6 @@ export function consumerLag(consumer: ConsumerFigures | undefined, checkpoint: n
     Math.max(0, consumer.deliveredSeq - checkpoint),
   )
   return consumer.pending + unappliedInFlight
-}
-
-/** NATS or PostgreSQL did not answer within the time given. */
-export class UnreachableError extends Error {
-  override readonly name = 'UnreachableError'
 }
 
 /**

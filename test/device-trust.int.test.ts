@@ -5,7 +5,7 @@ import { jetstream, jetstreamManager, type JetStreamManager } from '@nats-io/jet
 import { connect, type NatsConnection } from '@nats-io/transport-node'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { DeviceCredential } from '../cli/devices.ts'
-import { readNatsFigures } from '../cli/fleet-state.ts'
+import { readNatsFigures } from '../app/fleet-state.ts'
 import type { Config } from '../infra/config.ts'
 import { isPermissionViolation } from '../infra/failures.ts'
 import { createPublisher, type EventDraft } from '../infra/publisher.ts'

@@ -1,7 +1,7 @@
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { acknowledgeAlert } from '../cli/alerts.ts'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import type { NatsServer } from './harness/index.ts'

@@ -1,3 +1,7 @@
+/**
+ * The figures of a running fleet, read from NATS (stream, consumers, DLQ) and PostgreSQL
+ * (checkpoints, open alerts): what `status` reports and the metrics server exports.
+ */
 import {
   JetStreamApiCodes,
   JetStreamApiError,
@@ -10,7 +14,7 @@ import { consumerInfo } from '../processors/consumer.ts'
 import { slotsOf } from '../processors/partitions.ts'
 import type { ProcessorSpec } from '../processors/processor.ts'
 import type { Database } from '../projections/tables.ts'
-import { dlqDepth } from './dlq.ts'
+import { dlqDepth } from '../cli/dlq.ts'
 
 /**
  * A processor as the figures see it: one per slot (the processor itself, or one of its
