@@ -2,6 +2,7 @@
  * The figures of a running fleet, read from NATS (stream, consumers, DLQ) and PostgreSQL
  * (checkpoints, open alerts): what `status` reports and the metrics server exports.
  */
+import { TransientError } from '../infra/errors.ts'
 import {
   JetStreamApiCodes,
   JetStreamApiError,
@@ -87,10 +88,8 @@ export interface CheckpointFigures {
   readonly ageSeconds: number
 }
 
-/** The stream does not exist: nothing was set up yet. */
-export class StreamMissingError extends Error {
-  override readonly name = 'StreamMissingError'
-}
+/** The stream does not exist: nothing was set up yet (an operator's `fleetstream setup` fixes it). */
+export class StreamMissingError extends TransientError {}
 
 /**
  * Reads the NATS side of the figures in one round of requests: stream info, one `last_by_subj`

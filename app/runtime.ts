@@ -2,6 +2,7 @@
  * How a fleetstream process is assembled: its connections to NATS and PostgreSQL (opened with
  * backoff, bounded for one-shot commands) and the idempotent set-up every run starts with.
  */
+import { TransientError } from '../infra/errors.ts'
 import {
   jetstream,
   jetstreamManager,
@@ -36,9 +37,7 @@ import { migrateToLatest } from '../projections/migrate.ts'
 import type { Database } from '../projections/tables.ts'
 
 /** NATS or PostgreSQL did not answer within the time given. */
-export class UnreachableError extends Error {
-  override readonly name = 'UnreachableError'
-}
+export class UnreachableError extends TransientError {}
 
 /** Open connections of one fleetstream process. */
 export interface Runtime {

@@ -1,3 +1,4 @@
+import { FleetstreamError } from '../infra/errors.ts'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
@@ -65,9 +66,7 @@ export async function waitUntil(
 }
 
 /** The bench could not measure something; the message says what and why. */
-export class BenchError extends Error {
-  override readonly name = 'BenchError'
-}
+export class BenchError extends FleetstreamError {}
 
 /** A fleetstream CLI child process; killed with SIGKILL if the bench ends without stopping it. */
 export interface Child {

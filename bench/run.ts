@@ -8,6 +8,7 @@
  * npm run bench -- --json            # the figures as JSON on stdout
  * ```
  */
+import { OperatorError } from '../infra/errors.ts'
 import { availableParallelism, cpus, loadavg } from 'node:os'
 import { parseArgs } from 'node:util'
 import { connect } from '@nats-io/transport-node'
@@ -142,9 +143,7 @@ function parseOptions(argv: readonly string[]): Options {
 const rate = (events: number, seconds: number): string =>
   `${Math.round(events / seconds).toLocaleString('en-US')} ev/s`
 
-class UsageError extends Error {
-  override readonly name = 'UsageError'
-}
+class UsageError extends OperatorError {}
 
 async function main(opts: Options): Promise<Figures> {
   let nats: NatsServer | undefined

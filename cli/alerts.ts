@@ -1,3 +1,4 @@
+import { OperatorError } from '../infra/errors.ts'
 import type { Alert } from '../projections/tables.ts'
 import { createPublisher } from '../infra/publisher.ts'
 import type { HybridLogicalClock } from '../schemas/hlc.ts'
@@ -33,9 +34,7 @@ export async function listAlerts(rt: Runtime, o: ListOptions): Promise<Alert[]> 
 }
 
 /** An operator error the CLI reports without a stack: unknown alert, already resolved. */
-export class AlertCommandError extends Error {
-  override readonly name = 'AlertCommandError'
-}
+export class AlertCommandError extends OperatorError {}
 
 /**
  * Publishes an `alert.acknowledged` event (an operator action is an event, so it replays too).

@@ -1,3 +1,5 @@
+import { OperatorError } from '../infra/errors.ts'
+import { StreamMissingError } from '../app/fleet-state.ts'
 import {
   AckPolicy,
   DeliverPolicy,
@@ -63,18 +65,11 @@ export type ShownEvent = {
     }
 )
 
-/** An operator-facing failure of an `events` command: no such event, no such stream. */
-export class EventsCommandError extends Error {
-  override readonly name: string = 'EventsCommandError'
-}
-
 /**
  * No event at the sequence asked for: the argument names nothing, so it is bad usage (exit 2), as
  * for `dlq show`, `alerts ack` and `devices revoke` of something that does not exist.
  */
-export class EventNotFoundError extends EventsCommandError {
-  override readonly name = 'EventNotFoundError'
-}
+export class EventNotFoundError extends OperatorError {}
 
 /** The event kinds a `--kind` filter accepts (the last subject token). */
 export const EVENT_KIND_NAMES: readonly EventKind[] = [...new Set(Object.values(EVENT_KINDS))]
@@ -280,7 +275,7 @@ async function streamState(src: EventsSource) {
 
 function streamMissing(src: EventsSource, err: unknown): unknown {
   if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound) {
-    return new EventsCommandError(
+    return new StreamMissingError(
       `stream ${src.stream} does not exist on this server: run 'fleetstream setup' (or check NATS_URL)`,
       { cause: err },
     )

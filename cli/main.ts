@@ -2,32 +2,30 @@ import { once } from 'node:events'
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander'
 import { loadConfig, ConfigError, type Config } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
+import {
+  EXIT_FAILED,
+  EXIT_INTERRUPTED,
+  EXIT_OK,
+  EXIT_USAGE,
+  exitCodeOf,
+  isExpected,
+} from '../infra/errors.ts'
 import { redact } from '../infra/redact.ts'
 import { runClock } from '../infra/clock-service.ts'
 import { createPublisher } from '../infra/publisher.ts'
 import { isPermissionViolation } from '../infra/failures.ts'
 import { errorSummary, withBackoff } from '../infra/retry.ts'
 import { isTransient } from '../infra/failures.ts'
-import { DatabaseMissingError } from '../infra/database.ts'
 import { loadProcessors, PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
 import { startProcessor } from '../processors/processor.ts'
 import type { EventKind } from '../schemas/events.ts'
-import { ReplayUsageError } from '../processors/replay.ts'
-import { RebuildRefusedError } from '../projections/blue-green.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet, type SimulationOptions } from '../simulator/fleet.ts'
-import { DlqCommandError, dlqDepth, listDlq, redriveDlq, showDlq } from './dlq.ts'
-import { devicesCommand, DevicesCommandError } from './devices.ts'
-import {
-  ensureMqttMessagesStream,
-  ensureStreams,
-  MQTT_MESSAGES_STREAM,
-  StreamConflictError,
-} from '../infra/streams.ts'
+import { dlqDepth, listDlq, redriveDlq, showDlq } from './dlq.ts'
+import { devicesCommand } from './devices.ts'
+import { ensureMqttMessagesStream, ensureStreams, MQTT_MESSAGES_STREAM } from '../infra/streams.ts'
 import {
   EVENT_KIND_NAMES,
-  EventNotFoundError,
-  EventsCommandError,
   formatEvent,
   openEventsSource,
   parseDeviceOption,
@@ -36,13 +34,7 @@ import {
   tailEvents,
   type EventsSource,
 } from './events.ts'
-import {
-  acknowledgeAlert,
-  AlertCommandError,
-  formatAlert,
-  listAlerts,
-  type ListOptions,
-} from './alerts.ts'
+import { acknowledgeAlert, formatAlert, listAlerts, type ListOptions } from './alerts.ts'
 import { JSON_HELP, JSON_RULE } from './json-output.ts'
 import { NO_OBSERVABILITY, startObservability, type Observability } from '../app/observability.ts'
 import { fmt, progressBar, startProgress } from './progress.ts'
@@ -62,9 +54,6 @@ import { EXIT_THRESHOLD, fleetStatus, formatStatus } from './status.ts'
  * configuration (a refused login too), 3 a `status` threshold crossed, 130 interrupted (a one-shot command stopped by
  * SIGINT/SIGTERM before it finished; any command on a second signal).
  */
-const EXIT_FAILED = 1
-const EXIT_USAGE = 2
-const EXIT_INTERRUPTED = 130
 /** Set on the first SIGINT/SIGTERM: a command that fails after it was interrupted exits 130. */
 const signals = { interrupted: false }
 
@@ -834,7 +823,7 @@ async function withRuntime(
   const onSignal = (sig: NodeJS.Signals) => {
     if (stop.signal.aborted) {
       log.warn({ signal: sig }, 'second signal: exiting now')
-      process.exit(130)
+      process.exit(EXIT_INTERRUPTED)
     }
     log.info({ signal: sig }, 'shutting down: finishing the batch in hand')
     signals.interrupted = true
@@ -921,7 +910,7 @@ async function withNats(
   const log = createLogger({ level: config.logLevel, name, destination: terminalLogs() })
   const stop = new AbortController()
   const onSignal = (sig: NodeJS.Signals) => {
-    if (stop.signal.aborted) process.exit(130)
+    if (stop.signal.aborted) process.exit(EXIT_INTERRUPTED)
     log.info({ signal: sig }, 'stopping')
     signals.interrupted = true
     stop.abort()
@@ -1008,36 +997,16 @@ function ratio(v: string): number {
 try {
   await withUsageHints(program).parseAsync()
 } catch (err) {
-  if (
-    err instanceof ConfigError ||
-    err instanceof ReplayUsageError ||
-    err instanceof RebuildRefusedError ||
-    err instanceof InvalidArgumentError ||
-    err instanceof AlertCommandError ||
-    err instanceof DlqCommandError ||
-    err instanceof DevicesCommandError ||
-    // Not found, and a stream set up with other settings, are answers too (README, exit codes).
-    err instanceof EventNotFoundError ||
-    err instanceof StreamConflictError
-  ) {
-    console.error(`fleetstream: ${redact(err.message)}`)
-    if (err instanceof InvalidArgumentError && usageHint()) console.error(usageHint())
-    process.exitCode = EXIT_USAGE
-  } else if (signals.interrupted) {
-    console.error(`fleetstream: ${redact(errorSummary(err))}`)
-    process.exitCode = EXIT_INTERRUPTED
-  } else if (err instanceof CommanderError) {
+  if (err instanceof CommanderError && !(err instanceof InvalidArgumentError)) {
     // commander has printed it; help and --version end here too, with 0
-    process.exitCode = err.exitCode === 0 ? 0 : EXIT_USAGE
-  } else if (
-    err instanceof EventsCommandError ||
-    err instanceof DatabaseMissingError ||
-    err instanceof UnreachableError
-  ) {
-    console.error(`fleetstream: ${redact(err.message)}`)
-    process.exitCode = EXIT_FAILED
+    process.exitCode = err.exitCode === 0 ? EXIT_OK : EXIT_USAGE
   } else {
-    console.error(`fleetstream: ${redact(errorSummary(err))}`)
-    process.exitCode = EXIT_FAILED
+    const usage = err instanceof InvalidArgumentError
+    console.error(
+      `fleetstream: ${redact(usage || isExpected(err) ? err.message : errorSummary(err))}`,
+    )
+    if (usage && usageHint()) console.error(usageHint())
+    const code = usage ? EXIT_USAGE : exitCodeOf(err)
+    process.exitCode = signals.interrupted && code !== EXIT_USAGE ? EXIT_INTERRUPTED : code
   }
 }

@@ -1,3 +1,5 @@
+import { TransientError } from './errors.ts'
+
 /** Resolves after `ms`, or at once when the signal aborts (never rejects). */
 export function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
@@ -30,9 +32,8 @@ export async function within<T>(promise: Promise<T>, ms: number, what: string): 
   }
 }
 
-export class DeadlineError extends Error {
-  override readonly name = 'DeadlineError'
-}
+/** A bounded wait ran out: what was waited for may still answer (see {@link within}). */
+export class DeadlineError extends TransientError {}
 
 /**
  * Lets a loop that waits between rounds be woken early: `wait` resolves after `ms`, on
