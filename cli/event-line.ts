@@ -1,4 +1,4 @@
-import type { ShownEvent } from './events.ts'
+import type { ShownEvent } from './stored-events.ts'
 import { fit, printable } from './terminal.ts'
 
 /**

@@ -12,7 +12,7 @@ import { AsyncLocalStorageContextManager } from '@opentelemetry/context-async-ho
 import { W3CTraceContextPropagator } from '@opentelemetry/core'
 import { context, propagation, trace, TraceFlags } from '@opentelemetry/api'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { ShownEvent } from '../cli/events.ts'
+import type { ShownEvent } from '../cli/stored-events.ts'
 import type { Runtime } from '../app/runtime.ts'
 import type { PublishResult } from '../infra/publisher.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'

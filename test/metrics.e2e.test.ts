@@ -1,7 +1,7 @@
 import { headers } from '@nats-io/transport-node'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
-import type { StatusReport } from '../cli/status.ts'
+import type { StatusReport } from '../cli/fleet-status.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
 import { startNatsServer, startPostgres, type NatsServer, type PgCluster } from './harness/index.ts'
 import { freePort } from './harness/processes.ts'

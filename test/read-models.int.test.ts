@@ -1,6 +1,6 @@
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { acknowledgeAlert } from '../cli/alerts.ts'
+import { acknowledgeAlert } from '../cli/commands/alerts-command.ts'
 import type { Runtime } from '../app/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'

@@ -1,3 +1,7 @@
+/**
+ * What `fleetstream status` reports: stream size and ingest rate, each processor's checkpoint,
+ * lag and staleness, DLQ depth and open alerts, and which thresholds are crossed.
+ */
 import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
 import { AuthorizationError, connect, type NatsConnection } from '@nats-io/transport-node'
 import type { Kysely } from 'kysely'
