@@ -17,7 +17,7 @@ import {
 import type { Logger } from '../infra/logger.ts'
 import { credentialsRefused, natsConnectOptions } from '../infra/nats.ts'
 import { redact } from '../infra/redact.ts'
-import { errorSummary } from '../infra/retry.ts'
+import { errorSummary, withBackoff } from '../infra/retry.ts'
 import { sleep } from '../infra/sleep.ts'
 import type { ProcessorSpec } from '../processors/processor.ts'
 import type { Database } from '../projections/tables.ts'
@@ -341,6 +341,8 @@ async function connectBounded(
   })
   const [nats, postgres] = await Promise.allSettled([
     untilDeadline(
+      log,
+      'reach NATS',
       () =>
         connect({
           ...natsConnectOptions(config, 'fleetstream-status'),
@@ -352,6 +354,8 @@ async function connectBounded(
       signal,
     ),
     untilDeadline(
+      log,
+      'reach PostgreSQL',
       () => pool.query('select 1'),
       deadline,
       // No such database, or refused credentials: waiting will not help.
@@ -401,22 +405,22 @@ async function connectBounded(
   }
 }
 
-async function untilDeadline<T>(
+/**
+ * Tries `attempt` again with backoff until it succeeds, `isPermanent` says waiting will not help,
+ * or the deadline passes; then its last error is thrown.
+ */
+function untilDeadline<T>(
+  log: Logger,
+  what: string,
   attempt: () => Promise<T>,
   deadline: number,
   isPermanent: (err: unknown) => boolean,
   signal?: AbortSignal,
 ): Promise<T> {
-  let delay = 200
-  for (;;) {
-    try {
-      return await attempt()
-    } catch (err) {
-      if (isPermanent(err) || Date.now() + delay >= deadline || signal?.aborted) throw err
-      await sleep(delay, signal ?? new AbortController().signal)
-      delay = Math.min(delay * 2, 2000)
-    }
-  }
+  return withBackoff(log, what, { isPermanent, deadline, maxDelayMs: 2000 }).execute(
+    attempt,
+    signal,
+  )
 }
 
 function round(n: number, digits: number): number {
