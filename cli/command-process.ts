@@ -42,7 +42,7 @@ function stopOnSignals(log: Logger, message: string, onStop?: () => void): Abort
   return stop.signal
 }
 
-export interface RuntimeOptions {
+interface RuntimeOptions {
   logLevel?: string
   serve?: boolean
   /** A one-shot command: give up waiting for NATS or PostgreSQL after this long. */

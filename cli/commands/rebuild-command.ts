@@ -15,7 +15,7 @@ import {
 } from '../options.ts'
 import { sleep } from '../../infra/sleep.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../../processors/index.ts'
-import { rebuildProjection, type RebuildResult } from '../../processors/rebuild.ts'
+import { rebuildProjection } from '../../processors/rebuild.ts'
 import {
   moveCheckpointBack,
   processorRunning,
@@ -122,7 +122,7 @@ async function rebuild(
   name: ProcessorName,
   flags: RebuildFlags,
   signal: AbortSignal,
-): Promise<RebuildResult> {
+): Promise<void> {
   const bar = progressBar(`rebuild ${name}`, { unit: 'events' })
   const result = await rebuildProjection(rt.processors[name], rt, {
     batchSize: flags.batchSize,
@@ -140,7 +140,7 @@ async function rebuild(
   })
   if (flags.json) {
     console.log(JSON.stringify(result))
-    return result
+    return
   }
   const seconds = result.elapsedMs / 1000
   console.log(
@@ -156,7 +156,6 @@ async function rebuild(
         `  psql ${shellUrl('DATABASE_URL', rt.config.databaseUrl)} -c 'drop schema ${result.retired} cascade'`,
     )
   }
-  return result
 }
 
 interface ReplayFlags {
