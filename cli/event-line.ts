@@ -1,3 +1,4 @@
+/** `events tail`'s one line per event. */
 import type { ShownEvent } from './stored-events.ts'
 import { fit, printable } from './terminal.ts'
 

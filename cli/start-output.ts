@@ -1,3 +1,4 @@
+/** What `start` prints: its `--json` lines, the summary at the end and the commands to look further. */
 import type { Config } from '../infra/config.ts'
 import type { Publisher } from '../infra/publisher.ts'
 import { redact } from '../infra/redact.ts'

@@ -1,3 +1,4 @@
+/** The figures `start` shows while it runs (consumer lags, publish rate), read once a second. */
 import type { Publisher } from '../infra/publisher.ts'
 import { consumerInfo } from '../processors/consumer.ts'
 import type { RunningProcessor } from '../processors/processor.ts'
