@@ -40,12 +40,15 @@ const USAGE_ERRORS: readonly (readonly [readonly string[], string])[] = [
 ]
 
 describe('exit codes follow from the error class', () => {
-  it.each(USAGE_ERRORS)('%j is bad usage: exit 2 naming the problem', async (args, message) => {
-    const r = await runCli(args, env)
-    expect(r.code, r.output).toBe(2)
-    expect(r.output).toContain(`fleetstream: `)
-    expect(r.output).toContain(message)
-  })
+  it.concurrent.each(USAGE_ERRORS)(
+    '%j is bad usage: exit 2 naming the problem',
+    async (args, message) => {
+      const r = await runCli(args, env)
+      expect(r.code, r.output).toBe(2)
+      expect(r.output).toContain(`fleetstream: `)
+      expect(r.output).toContain(message)
+    },
+  )
 
   it('bad configuration exits 2 with every problem listed, before connecting', async () => {
     const r = await runCli(['run'], { ...env, LOG_LEVEL: 'loud' })
