@@ -10,6 +10,7 @@ WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.json tsconfig.build.json ./
+COPY app ./app
 COPY cli ./cli
 COPY infra ./infra
 COPY processors ./processors

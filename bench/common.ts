@@ -3,6 +3,7 @@
  * waiting for a condition, the fleetstream CLI as a child process, and CPU and memory figures
  * read from /proc.
  */
+import { FleetstreamError } from '../infra/errors.ts'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -69,9 +70,7 @@ export async function waitUntil(
 }
 
 /** The bench could not measure something; the message says what and why. */
-export class BenchError extends Error {
-  override readonly name = 'BenchError'
-}
+export class BenchError extends FleetstreamError {}
 
 /** A fleetstream CLI child process; killed with SIGKILL if the bench ends without stopping it. */
 export interface Child {

@@ -5,7 +5,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises'
 import { v7 as uuidv7 } from 'uuid'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline, type Publisher } from '../infra/publisher.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
 import { slotsOf } from '../processors/partitions.ts'

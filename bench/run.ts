@@ -8,11 +8,12 @@
  * npm run bench -- --json            # the figures as JSON on stdout
  * ```
  */
+import { OperatorError } from '../infra/errors.ts'
 import { availableParallelism, cpus, loadavg } from 'node:os'
 import { parseArgs } from 'node:util'
 import { connect } from '@nats-io/transport-node'
 import type pg from 'pg'
-import { openRuntime, setUp, type Runtime } from '../cli/runtime.ts'
+import { openRuntime, setUp, type Runtime } from '../app/runtime.ts'
 import { loadConfig } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
 import { createPublisher } from '../infra/publisher.ts'
@@ -142,9 +143,7 @@ function parseOptions(argv: readonly string[]): Options {
 const rate = (events: number, seconds: number): string =>
   `${Math.round(events / seconds).toLocaleString('en-US')} ev/s`
 
-class UsageError extends Error {
-  override readonly name = 'UsageError'
-}
+class UsageError extends OperatorError {}
 
 async function main(opts: Options): Promise<Figures> {
   let nats: NatsServer | undefined

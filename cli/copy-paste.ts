@@ -1,3 +1,4 @@
+/** URLs in the command lines the CLI prints for people to copy, never with a secret in them. */
 import { secretsInUrls } from '../infra/redact.ts'
 
 /**

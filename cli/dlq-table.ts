@@ -1,3 +1,4 @@
+/** `dlq list` as a table that fits the terminal, each column cut so no value pushes the rest. */
 import type { DeadLetterEntry } from './dlq.ts'
 import { cell, fit, printable, widthOf } from './terminal.ts'
 

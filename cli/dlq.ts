@@ -4,7 +4,7 @@ import { errorSummary } from '../infra/retry.ts'
 import { sleep } from '../infra/sleep.ts'
 import { entryKey, originalHeaders, parkedKey, unescapeHeaderText } from '../processors/dlq.ts'
 import { DLQ_SUBJECT_PREFIX, Headers, redriveSubject } from '../schemas/subjects.ts'
-import type { Runtime } from './runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 
 /** One parked event, as `dlq list` and `dlq show` present it. */
 export interface DeadLetterEntry {

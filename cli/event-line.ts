@@ -1,4 +1,5 @@
-import type { ShownEvent } from './events.ts'
+/** `events tail`'s one line per event. */
+import type { ShownEvent } from './stored-events.ts'
 import { fit, printable } from './terminal.ts'
 
 /**

@@ -1,15 +1,22 @@
-import type { Publisher } from '../infra/publisher.ts'
-import type { RunningProcessor } from '../processors/processor.ts'
-import type { Runtime } from './runtime.ts'
-import { startSampler, type StartSample } from './start-sampler.ts'
-import { columnsOf, fit, liveRegion, type LiveRegion } from './terminal.ts'
-
 /**
  * What long commands show while they work: `start`'s status and the bars of `rebuild`, `replay`
  * and `dlq redrive`. On a terminal they redraw in place through a {@link liveRegion}
  * (cli-progress draws it; every line is cut to the terminal's width, logs go above); elsewhere
  * (a pipe, a log file, CI) they print a plain line every 5 s and the last state at the end.
+ *
+ * Why the line's text is ours and not cli-progress's format tokens: cli-progress already does
+ * the drawing (cursor moves, throttling, logs above, the hidden cursor); what it lacks is what
+ * this file adds: a total that is unknown for a while (its ETA and percentage need one), a rate
+ * smoothed over the last seconds instead of since the start, a bar that shrinks and then goes on
+ * a narrow terminal before the count does, and `start`'s several lines of figures read once a
+ * second. Its non-terminal output (`noTTYOutput`) prints the bar unchanged; ours prints the
+ * figures as plain lines that a log reads well.
  */
+import type { Publisher } from '../infra/publisher.ts'
+import type { RunningProcessor } from '../processors/processor.ts'
+import type { Runtime } from '../app/runtime.ts'
+import { startSampler, type StartSample } from './start-sampler.ts'
+import { columnsOf, fit, liveRegion, type LiveRegion } from './terminal.ts'
 
 /** Plain lines this far apart when the output is not a terminal. */
 const PLAIN_EVERY_MS = 5000

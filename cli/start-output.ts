@@ -1,10 +1,11 @@
+/** What `start` prints: its `--json` lines, the summary at the end and the commands to look further. */
 import type { Config } from '../infra/config.ts'
 import type { Publisher } from '../infra/publisher.ts'
 import { redact } from '../infra/redact.ts'
 import type { RunningProcessor } from '../processors/processor.ts'
 import { shellUrl } from './copy-paste.ts'
 import { fmt, type Progress } from './progress.ts'
-import type { Runtime } from './runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { startSampler, type StartSample } from './start-sampler.ts'
 
 /**

@@ -1,7 +1,8 @@
+/** The figures `start` shows while it runs (consumer lags, publish rate), read once a second. */
 import type { Publisher } from '../infra/publisher.ts'
 import { consumerInfo } from '../processors/consumer.ts'
 import type { RunningProcessor } from '../processors/processor.ts'
-import type { Runtime } from './runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 
 /**
  * What `start` shows while it runs, read once a second: each processor's consumer lag and the

@@ -1,7 +1,3 @@
-import { MultiBar } from 'cli-progress'
-import { prettyFactory } from 'pino-pretty'
-import type { DestinationStream } from 'pino'
-
 /**
  * What the CLI draws on a terminal: widths, cut lines, a live region that redraws in place (a
  * progress bar, `start`'s status) and logs that go above it instead of through it.
@@ -12,6 +8,9 @@ import type { DestinationStream } from 'pino'
  * region.stop() // draws the last state and leaves it on the screen
  * ```
  */
+import { MultiBar } from 'cli-progress'
+import { prettyFactory } from 'pino-pretty'
+import type { DestinationStream } from 'pino'
 
 /** Columns of the terminal `out` writes to; undefined when it is not a terminal (a pipe, a file). */
 export function columnsOf(out: NodeJS.WriteStream): number | undefined {

@@ -1,3 +1,4 @@
+/** How the CLI reports bad usage (one line and where to read more) and its version. */
 import { readFileSync } from 'node:fs'
 import type { Command } from 'commander'
 

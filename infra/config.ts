@@ -1,7 +1,8 @@
 import { hostname } from 'node:os'
 import { z } from 'zod'
 import { HLC_NODE_PATTERN } from '../schemas/hlc.ts'
-import { ValidationError, describeIssues } from '../schemas/validation.ts'
+import { describeIssues, invalidMessage } from '../schemas/validation.ts'
+import { OperatorError } from './errors.ts'
 import { environmentSecrets, redact, redactValue } from './redact.ts'
 
 /** An integer from an environment string; anything else is reported as the string it was. */
@@ -157,8 +158,16 @@ export interface Config {
   }
 }
 
-/** Bad configuration: start-up stops with every problem listed. */
-export class ConfigError extends ValidationError {}
+/** Bad configuration: start-up stops with every problem listed (exit 2). */
+export class ConfigError extends OperatorError {
+  constructor(
+    readonly problems: readonly string[],
+    what = 'configuration',
+    options?: ErrorOptions,
+  ) {
+    super(invalidMessage(problems, what), options)
+  }
+}
 
 export function loadConfig(env: Record<string, string | undefined> = process.env): Config {
   const present = Object.fromEntries(

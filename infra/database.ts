@@ -1,3 +1,4 @@
+import { TransientError } from './errors.ts'
 import { Kysely, PostgresDialect } from 'kysely'
 import pg from 'pg'
 import { ConfigError } from './config.ts'
@@ -92,9 +93,7 @@ export function createKysely<DB>(pool: pg.Pool): Kysely<DB> {
  * The database named in DATABASE_URL does not exist and this command does not create it (only
  * `setup`, `run`, `clock` and `start` do): a mistyped name is not silently created.
  */
-export class DatabaseMissingError extends Error {
-  override readonly name = 'DatabaseMissingError'
-}
+export class DatabaseMissingError extends TransientError {}
 
 /**
  * Waits with backoff until the server answers a query; until `deadline` (epoch ms) if given, then

@@ -1,3 +1,4 @@
+import { TransientError } from './errors.ts'
 import {
   BrokenCircuitError,
   circuitBreaker,
@@ -40,8 +41,8 @@ export function isTransient(err: unknown): boolean {
   if (isJetStreamUnavailable(err)) return true
   // An open breaker is the outage itself (cockatiel's error keeps the name 'Error').
   if (err instanceof BrokenCircuitError) return true
-  // Waiting for an operator's `fleetstream setup` (see infra/streams.ts).
-  if (err instanceof Error && err.name === 'StreamNotSetUpError') return true
+  // Ours, e.g. waiting for an operator's `fleetstream setup` (see infra/streams.ts).
+  if (err instanceof TransientError) return true
   const cause = (err as { cause?: unknown }).cause
   return cause !== undefined && cause !== err && isTransient(cause)
 }

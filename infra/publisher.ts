@@ -1,3 +1,4 @@
+import { FleetstreamError } from './errors.ts'
 import type { JetStreamClient, PubAck } from '@nats-io/jetstream'
 import {
   headers as natsHeaders,
@@ -38,10 +39,12 @@ export interface PublishResult {
   readonly duplicate: boolean
 }
 
-/** A publish that failed for good (after retries, or for a reason retries cannot fix). */
-export class PublishError extends Error {
-  override readonly name = 'PublishError'
-}
+/**
+ * A publish that failed for good (after retries, or for a reason retries cannot fix): neither
+ * retried again nor the operator's mistake, so a command exits 1 with the message, which names
+ * the event and why.
+ */
+export class PublishError extends FleetstreamError {}
 
 export interface PublisherStats {
   published: number

@@ -2,6 +2,7 @@
  * Waiting, not retrying: a pause that a signal cuts short, a deadline on a promise, and a wake-up
  * for loops that poll. Retrying with backoff is infra/retry.ts (`withBackoff`).
  */
+import { TransientError } from './errors.ts'
 
 /** Resolves after `ms`, or at once when the signal aborts (never rejects). */
 export function sleep(ms: number, signal: AbortSignal): Promise<void> {
@@ -35,9 +36,8 @@ export async function within<T>(promise: Promise<T>, ms: number, what: string): 
   }
 }
 
-export class DeadlineError extends Error {
-  override readonly name = 'DeadlineError'
-}
+/** A bounded wait ran out: what was waited for may still answer (see {@link within}). */
+export class DeadlineError extends TransientError {}
 
 /**
  * Lets a loop that waits between rounds be woken early: `wait` resolves after `ms`, on

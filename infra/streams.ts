@@ -1,3 +1,4 @@
+import { OperatorError, TransientError } from './errors.ts'
 import {
   DiscardPolicy,
   JetStreamApiCodes,
@@ -124,8 +125,7 @@ export function notificationsStreamSpec(c: Config['streams']): StreamSpec {
  * The stream does not exist and this user may not create it (the processor role): an operator
  * runs `fleetstream setup` as admin, and the caller waits for it (a transient failure).
  */
-export class StreamNotSetUpError extends Error {
-  override readonly name = 'StreamNotSetUpError'
+export class StreamNotSetUpError extends TransientError {
   constructor(
     readonly stream: string,
     options?: ErrorOptions,
@@ -139,8 +139,7 @@ export class StreamNotSetUpError extends Error {
 }
 
 /** A stream exists with settings that differ from what fleetstream needs; nothing was changed. */
-export class StreamConflictError extends Error {
-  override readonly name = 'StreamConflictError'
+export class StreamConflictError extends OperatorError {
   constructor(
     readonly stream: string,
     readonly differences: readonly string[],

@@ -11,6 +11,8 @@
  * Store it with `COLLATE "C"` in Postgres: locale collations ignore '-' and break the order.
  */
 
+import { BadInputError } from '../infra/errors.ts'
+
 /** Decoded HLC timestamp. */
 export interface Hlc {
   readonly wallMs: number
@@ -31,16 +33,13 @@ export const HLC_NODE_PATTERN = /^[a-z0-9-]{1,64}$/
 export const HLC_PATTERN = /^\d{13}-\d{6}-[a-z0-9-]{1,64}$/
 
 /** An HLC string or value that does not follow the encoding. */
-export class HlcFormatError extends Error {
-  override readonly name = 'HlcFormatError'
-}
+export class HlcFormatError extends BadInputError {}
 
 /**
  * A remote timestamp more than the allowed offset ahead of local physical time. The clock was
  * not moved (CockroachDB's rule: a node never adopts a time it cannot vouch for).
  */
-export class ClockSkewError extends Error {
-  override readonly name = 'ClockSkewError'
+export class ClockSkewError extends BadInputError {
   constructor(
     readonly remote: Hlc,
     readonly referenceMs: number,
@@ -57,8 +56,7 @@ export class ClockSkewError extends Error {
  * A remote timestamp more than the allowed age behind the reference clock: older than any device
  * is expected to hold an event while offline (an HLC of 0, one from 2001).
  */
-export class ClockAgeError extends Error {
-  override readonly name = 'ClockAgeError'
+export class ClockAgeError extends BadInputError {
   constructor(
     readonly remote: Hlc,
     readonly referenceMs: number,

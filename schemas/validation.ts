@@ -1,3 +1,4 @@
+import { BadInputError } from '../infra/errors.ts'
 import type { z } from 'zod'
 
 /**
@@ -7,15 +8,19 @@ import type { z } from 'zod'
  * 'deviceId' must match /^[a-z0-9-]{1,64}$/, got 'Sensor 7'
  * ```
  */
-export class ValidationError extends Error {
-  override readonly name = 'ValidationError'
+export class ValidationError extends BadInputError {
   constructor(
     readonly problems: readonly string[],
     what = 'input',
     options?: ErrorOptions,
   ) {
-    super(`invalid ${what}: ${problems.join('; ')}`, options)
+    super(invalidMessage(problems, what), options)
   }
+}
+
+/** `invalid <what>: <problem>; <problem>`: the one line that lists every problem at once. */
+export function invalidMessage(problems: readonly string[], what: string): string {
+  return `invalid ${what}: ${problems.join('; ')}`
 }
 
 /** Parse or throw a {@link ValidationError} listing every problem at once. */

@@ -1,7 +1,7 @@
 import { headers, type MsgHdrs } from '@nats-io/transport-node'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { DeadLetterEntry } from '../cli/dlq.ts'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { readingsProcessor } from '../processors/readings.ts'

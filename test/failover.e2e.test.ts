@@ -1,7 +1,7 @@
 import { createServer, connect, type Server, type Socket } from 'node:net'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
 import { LEASE_TIMEOUT_MS, REBALANCE_MS } from '../processors/partitions.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'

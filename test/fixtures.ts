@@ -9,7 +9,7 @@ import { loadConfig, type Config } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
 import { createPublisher, type Publisher } from '../infra/publisher.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
-import { openRuntime, setUp, type Runtime } from '../cli/runtime.ts'
+import { openRuntime, setUp, type Runtime } from '../app/runtime.ts'
 import { consumerInfo } from '../processors/consumer.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
 import {

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { acknowledgeAlert } from '../cli/alerts.ts'
-import type { Runtime } from '../cli/runtime.ts'
+import { acknowledgeAlert } from '../cli/commands/alerts-command.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { createPublisher, PublishPipeline, type Publisher } from '../infra/publisher.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
 import { resetProjection } from '../projections/reset.ts'

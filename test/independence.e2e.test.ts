@@ -1,6 +1,6 @@
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
 import type { NatsServer } from './harness/index.ts'
 import {

@@ -1,7 +1,7 @@
 import { createServer } from 'node:net'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import type { NatsServer } from './harness/index.ts'
 import { cliSystem, runCli, spawnCli, waitFor } from './fixtures.ts'
 

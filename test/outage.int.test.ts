@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { PublishPipeline } from '../infra/publisher.ts'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { readingsProcessor } from '../processors/readings.ts'
 import { startNatsServer, startPostgres, type NatsServer, type PgCluster } from './harness/index.ts'

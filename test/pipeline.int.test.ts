@@ -1,6 +1,6 @@
 import { sql } from 'kysely'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline, type PublishResult } from '../infra/publisher.ts'
 import { slotsOf } from '../processors/partitions.ts'
 import {

@@ -1,7 +1,7 @@
 import { headers } from '@nats-io/transport-node'
 import { sql } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
 import {
   startProcessor,

@@ -1,6 +1,6 @@
 import { sql } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { eventHeaders, PublishPipeline, type Publisher } from '../infra/publisher.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import { decodeEvent } from '../schemas/decode.ts'

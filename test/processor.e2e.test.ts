@@ -1,7 +1,7 @@
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { PublishPipeline } from '../infra/publisher.ts'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import {
   readingDraft,

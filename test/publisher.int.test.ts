@@ -2,7 +2,7 @@ import { AsyncLocalStorageContextManager } from '@opentelemetry/context-async-ho
 import { W3CTraceContextPropagator } from '@opentelemetry/core'
 import { context, propagation, trace, TraceFlags } from '@opentelemetry/api'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { ValidationError } from '../schemas/validation.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime } from './fixtures.ts'

@@ -6,7 +6,7 @@ import { readingsProcessor } from '../processors/readings.ts'
 import { readCheckpoint } from '../projections/checkpoints.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { Headers } from '../schemas/subjects.ts'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import {
   pastDedupWindow,

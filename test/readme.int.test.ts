@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
 import { simulateFleet } from '../simulator/fleet.ts'
 import {

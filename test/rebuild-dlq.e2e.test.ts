@@ -1,7 +1,7 @@
 import { headers } from '@nats-io/transport-node'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
 import { scratchSchemaName } from '../processors/rebuild.ts'
 import { simulateFleet } from '../simulator/fleet.ts'

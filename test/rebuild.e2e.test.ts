@@ -1,6 +1,6 @@
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
 import { resetProjection } from '../projections/reset.ts'
 import { simulateFleet } from '../simulator/fleet.ts'

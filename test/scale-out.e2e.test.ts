@@ -1,6 +1,6 @@
 import { inspect } from 'node:util'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { createPublisher, eventHeaders, type Publisher } from '../infra/publisher.ts'
 import { slotsOf } from '../processors/partitions.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'

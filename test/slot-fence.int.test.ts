@@ -1,6 +1,6 @@
 import { sql } from 'kysely'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { advanceCheckpoint, readCheckpoint } from '../projections/checkpoints.ts'
 import { LEASE_TIMEOUT_MS, Lease } from '../processors/partitions.ts'
 import { fencedDatabase, SlotLostError } from '../processors/slot-fence.ts'

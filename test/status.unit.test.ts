@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { consumerLag } from '../cli/status.ts'
+import { consumerLag } from '../cli/fleet-status.ts'
 
 describe('status: what a consumer still has to hand over', () => {
   it('counts pending messages and the unacked deliveries past the checkpoint', () => {

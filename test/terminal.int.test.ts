@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { widthOf } from '../cli/terminal.ts'
 import { startProcessor } from '../processors/processor.ts'
 import type { NatsServer } from './harness/index.ts'

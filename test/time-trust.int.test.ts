@@ -1,6 +1,6 @@
 import { headers as natsHeaders } from '@nats-io/transport-node'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import type { Runtime } from '../cli/runtime.ts'
+import type { Runtime } from '../app/runtime.ts'
 import { eventHeaders, type Publisher } from '../infra/publisher.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
 import type { FleetEvent } from '../schemas/events.ts'

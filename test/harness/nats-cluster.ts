@@ -6,7 +6,7 @@ import { fileURLToPath } from 'node:url'
 import { jetstreamManager } from '@nats-io/jetstream'
 import { connect, type ConnectionOptions, type NatsConnection } from '@nats-io/transport-node'
 import { setTimeout as sleep } from 'node:timers/promises'
-import type { DeviceCredential } from '../../cli/devices.ts'
+import type { DeviceCredential } from '../../cli/commands/devices-command.ts'
 import { startNatsServer, type NatsServer } from '../../testbed/nats-server.ts'
 import {
   generateSecrets,

@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url'
 import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
 import { connect, type ConnectionOptions, type NatsConnection } from '@nats-io/transport-node'
 import { startNatsServer, type NatsServer } from '../../testbed/nats-server.ts'
-import type { DeviceCredential } from '../../cli/devices.ts'
+import type { DeviceCredential } from '../../cli/commands/devices-command.ts'
 import { freePort, HarnessError } from '../../testbed/processes.ts'
 
 /** The repository root (the harness lives in test/harness/). */

@@ -1,3 +1,8 @@
+/**
+ * How a fleetstream process is assembled: its connections to NATS and PostgreSQL (opened with
+ * backoff, bounded for one-shot commands) and the idempotent set-up every run starts with.
+ */
+import { TransientError } from '../infra/errors.ts'
 import {
   jetstream,
   jetstreamManager,
@@ -30,7 +35,9 @@ import { loadProcessors, PROCESSOR_NAMES, type ProcessorName } from '../processo
 import { readCheckpoint } from '../projections/checkpoints.ts'
 import { migrateToLatest } from '../projections/migrate.ts'
 import type { Database } from '../projections/tables.ts'
-import { UnreachableError } from './status.ts'
+
+/** NATS or PostgreSQL did not answer within the time given. */
+export class UnreachableError extends TransientError {}
 
 /** Open connections of one fleetstream process. */
 export interface Runtime {

@@ -1,3 +1,7 @@
+/**
+ * What `fleetstream status` reports: stream size and ingest rate, each processor's checkpoint,
+ * lag and staleness, DLQ depth and open alerts, and which thresholds are crossed.
+ */
 import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
 import { AuthorizationError, connect, type NatsConnection } from '@nats-io/transport-node'
 import type { Kysely } from 'kysely'
@@ -13,7 +17,7 @@ import {
 import type { Logger } from '../infra/logger.ts'
 import { credentialsRefused, natsConnectOptions } from '../infra/nats.ts'
 import { redact } from '../infra/redact.ts'
-import { errorSummary } from '../infra/retry.ts'
+import { errorSummary, withBackoff } from '../infra/retry.ts'
 import { sleep } from '../infra/sleep.ts'
 import type { ProcessorSpec } from '../processors/processor.ts'
 import type { Database } from '../projections/tables.ts'
@@ -25,8 +29,9 @@ import {
   streamInfo,
   type ConsumerFigures,
   type NatsFigures,
-} from './fleet-state.ts'
+} from '../app/fleet-state.ts'
 import { fmt } from './progress.ts'
+import { UnreachableError } from '../app/runtime.ts'
 
 /** Limits that make `status` exit with {@link EXIT_THRESHOLD}; an absent one is not checked. */
 export interface Thresholds {
@@ -123,11 +128,6 @@ export function consumerLag(consumer: ConsumerFigures | undefined, checkpoint: n
     Math.max(0, consumer.deliveredSeq - checkpoint),
   )
   return consumer.pending + unappliedInFlight
-}
-
-/** NATS or PostgreSQL did not answer within the time given. */
-export class UnreachableError extends Error {
-  override readonly name = 'UnreachableError'
 }
 
 /**
@@ -341,6 +341,8 @@ async function connectBounded(
   })
   const [nats, postgres] = await Promise.allSettled([
     untilDeadline(
+      log,
+      'reach NATS',
       () =>
         connect({
           ...natsConnectOptions(config, 'fleetstream-status'),
@@ -352,6 +354,8 @@ async function connectBounded(
       signal,
     ),
     untilDeadline(
+      log,
+      'reach PostgreSQL',
       () => pool.query('select 1'),
       deadline,
       // No such database, or refused credentials: waiting will not help.
@@ -401,22 +405,22 @@ async function connectBounded(
   }
 }
 
-async function untilDeadline<T>(
+/**
+ * Tries `attempt` again with backoff until it succeeds, `isPermanent` says waiting will not help,
+ * or the deadline passes; then its last error is thrown.
+ */
+function untilDeadline<T>(
+  log: Logger,
+  what: string,
   attempt: () => Promise<T>,
   deadline: number,
   isPermanent: (err: unknown) => boolean,
   signal?: AbortSignal,
 ): Promise<T> {
-  let delay = 200
-  for (;;) {
-    try {
-      return await attempt()
-    } catch (err) {
-      if (isPermanent(err) || Date.now() + delay >= deadline || signal?.aborted) throw err
-      await sleep(delay, signal ?? new AbortController().signal)
-      delay = Math.min(delay * 2, 2000)
-    }
-  }
+  return withBackoff(log, what, { isPermanent, deadline, maxDelayMs: 2000 }).execute(
+    attempt,
+    signal,
+  )
 }
 
 function round(n: number, digits: number): number {

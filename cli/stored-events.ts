@@ -1,3 +1,9 @@
+/**
+ * FLEET_EVENTS as the `events` commands read it: one stored event by sequence, a tail that
+ * follows new ones through an ordered consumer, and each presented for people or as JSON.
+ */
+import { OperatorError } from '../infra/errors.ts'
+import { StreamMissingError } from '../app/fleet-state.ts'
 import {
   AckPolicy,
   DeliverPolicy,
@@ -10,14 +16,13 @@ import {
   type OrderedConsumerOptions,
 } from '@nats-io/jetstream'
 import { nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node'
-import { InvalidArgumentError } from 'commander'
 import type { Config } from '../infra/config.ts'
 import type { Logger } from '../infra/logger.ts'
 import { connectNats } from '../infra/nats.ts'
 import { decodeEvent, type RejectReason } from '../schemas/decode.ts'
-import { DEVICE_ID_PATTERN, SYSTEM_SOURCE } from '../schemas/envelope.ts'
 import { EVENT_KINDS, type EventKind, type FleetEvent } from '../schemas/events.ts'
 import { decodeHlc, HlcFormatError } from '../schemas/hlc.ts'
+import { printable } from './terminal.ts'
 import { ALL_EVENTS, EVENTS_SUBJECT_PREFIX, Headers, parseRedrive } from '../schemas/subjects.ts'
 
 /** What `events tail` and `events show` read from: FLEET_EVENTS over one NATS connection. */
@@ -63,18 +68,11 @@ export type ShownEvent = {
     }
 )
 
-/** An operator-facing failure of an `events` command: no such event, no such stream. */
-export class EventsCommandError extends Error {
-  override readonly name: string = 'EventsCommandError'
-}
-
 /**
  * No event at the sequence asked for: the argument names nothing, so it is bad usage (exit 2), as
  * for `dlq show`, `alerts ack` and `devices revoke` of something that does not exist.
  */
-export class EventNotFoundError extends EventsCommandError {
-  override readonly name = 'EventNotFoundError'
-}
+export class EventNotFoundError extends OperatorError {}
 
 /** The event kinds a `--kind` filter accepts (the last subject token). */
 export const EVENT_KIND_NAMES: readonly EventKind[] = [...new Set(Object.values(EVENT_KINDS))]
@@ -280,7 +278,7 @@ async function streamState(src: EventsSource) {
 
 function streamMissing(src: EventsSource, err: unknown): unknown {
   if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound) {
-    return new EventsCommandError(
+    return new StreamMissingError(
       `stream ${src.stream} does not exist on this server: run 'fleetstream setup' (or check NATS_URL)`,
       { cause: err },
     )
@@ -371,32 +369,4 @@ export function formatEvent(e: ShownEvent): string {
 
 function formatHlc(h: ReadableHlc | null): string | undefined {
   return h === null ? undefined : `${h.value} (${h.time}, counter ${h.counter}, node ${h.node})`
-}
-
-/** Control characters escaped, so a hostile body cannot drive the terminal. */
-function printable(s: string): string {
-  return s.replace(/\p{Cc}/gu, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`)
-}
-
-/** `--device`: a device id, or `_system` for clock ticks. */
-export function parseDeviceOption(v: string): string {
-  if (DEVICE_ID_PATTERN.test(v) || v === SYSTEM_SOURCE) return v
-  throw new InvalidArgumentError(
-    `must match ${DEVICE_ID_PATTERN} (or be '${SYSTEM_SOURCE}'), got '${v}'`,
-  )
-}
-
-const DURATION = /^(\d+)(ms|s|m|h|d)$/
-const UNIT_MS = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 } as const
-const ISO_WITH_ZONE = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})$/
-
-/** `--since`: an ISO 8601 time with a zone, or how long ago (`90s`, `15m`, `2h`, `1d`). */
-export function parseSinceOption(v: string, nowMs = Date.now()): Date {
-  const d = DURATION.exec(v)
-  if (d !== null) return new Date(nowMs - Number(d[1]) * UNIT_MS[d[2] as keyof typeof UNIT_MS])
-  const t = ISO_WITH_ZONE.test(v) ? Date.parse(v) : Number.NaN
-  if (Number.isFinite(t)) return new Date(t)
-  throw new InvalidArgumentError(
-    `must be an ISO 8601 time with a zone (e.g. 2026-11-23T10:00:00Z) or a duration ago (e.g. 90s, 15m, 2h, 1d), got '${v}'`,
-  )
 }

@@ -1,7 +1,7 @@
+/** {@link setUp} bounded by a one-shot command's `--timeout`. */
 import { isTransient } from '../infra/failures.ts'
 import { errorSummary } from '../infra/retry.ts'
-import { setUp, type Runtime, type SetupReport } from './runtime.ts'
-import { UnreachableError } from './status.ts'
+import { setUp, UnreachableError, type Runtime, type SetupReport } from './runtime.ts'
 
 /** What `setup`, `rebuild` and `replay` wait for, each bounded by their `--timeout` (its help). */
 export const SET_UP_WAITS = 'NATS, PostgreSQL and the set-up (streams, schema, consumers)'

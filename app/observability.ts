@@ -1,3 +1,4 @@
+/** Metrics, health and readiness of a long-running fleetstream process (`run`, `start`). */
 import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
 import type { Kysely } from 'kysely'
 import type pg from 'pg'

@@ -10,15 +10,16 @@
  * reload (SIGHUP, what `nats-server --signal reload=<pid>` sends). On reload the server closes the
  * connections of a user that is gone, so `revoke` cuts a device off at once.
  */
+import { OperatorError } from '../../infra/errors.ts'
 import { randomBytes } from 'node:crypto'
 import { readFile, rename, writeFile } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import bcrypt from 'bcryptjs'
 import { Command, Option } from 'commander'
 import { z } from 'zod'
-import { DEVICE_ID_PATTERN } from '../schemas/envelope.ts'
-import { EVENTS_SUBJECT_PREFIX } from '../schemas/subjects.ts'
-import { JSON_HELP } from './json-output.ts'
+import { DEVICE_ID_PATTERN } from '../../schemas/envelope.ts'
+import { EVENTS_SUBJECT_PREFIX } from '../../schemas/subjects.ts'
+import { JSON_HELP } from '../json-output.ts'
 
 /** The kinds of event a device publishes about itself (never `alert` or `tick`). */
 export const DEVICE_EVENT_KINDS = ['registered', 'reading', 'heartbeat', 'status'] as const
@@ -83,9 +84,7 @@ export interface DeviceCredential {
 }
 
 /** Bad usage of `fleetstream devices`: exits 2 with the message. */
-export class DevicesCommandError extends Error {
-  override readonly name = 'DevicesCommandError'
-}
+export class DevicesCommandError extends OperatorError {}
 
 /** The inbox prefix a NATS device uses, and the only one it may subscribe to. */
 export function deviceInboxPrefix(deviceId: string): string {

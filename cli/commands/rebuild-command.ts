@@ -1,6 +1,21 @@
-import { sleep } from '../infra/sleep.ts'
-import type { ProcessorName } from '../processors/index.ts'
-import { rebuildProjection, type RebuildResult } from '../processors/rebuild.ts'
+/**
+ * `fleetstream rebuild <projection>` (blue/green, from sequence 1, swapped in once caught up) and
+ * `fleetstream replay <projection>` (the checkpoint moved back, watched as it climbs again).
+ */
+import { Command, Option } from 'commander'
+import { SET_UP_WAITS, setUpWithin } from '../../app/bounded-setup.ts'
+import { oneShot } from '../command-process.ts'
+import { JSON_HELP } from '../json-output.ts'
+import {
+  parseReplaySince,
+  positiveInteger,
+  processorName,
+  timeoutOption,
+  UsageError,
+} from '../options.ts'
+import { sleep } from '../../infra/sleep.ts'
+import { PROCESSOR_NAMES, type ProcessorName } from '../../processors/index.ts'
+import { rebuildProjection } from '../../processors/rebuild.ts'
 import {
   moveCheckpointBack,
   processorRunning,
@@ -8,25 +23,106 @@ import {
   replayStart,
   type ReplayFrom,
   type ReplayMove,
-} from '../processors/replay.ts'
-import { shellUrl } from './copy-paste.ts'
-import { parseSinceOption } from './events.ts'
-import { duration, fmt, progressBar } from './progress.ts'
-import type { Runtime } from './runtime.ts'
+} from '../../processors/replay.ts'
+import { shellUrl } from '../copy-paste.ts'
+import { duration, fmt, progressBar } from '../progress.ts'
+import type { Runtime } from '../../app/runtime.ts'
 
-export interface RebuildFlags {
+export function rebuildCommand(): Command {
+  return new Command('rebuild')
+    .description(
+      'blue/green rebuild of a projection from sequence 1 into new tables while the live one keeps serving; swapped in atomically once caught up',
+    )
+    .argument(
+      '<projection>',
+      `the processor whose projection to rebuild: ${PROCESSOR_NAMES.join(', ')}`,
+      processorName,
+    )
+    .addOption(
+      new Option('--batch-size <n>', 'events per transaction into the new tables')
+        .argParser(positiveInteger)
+        .default(5000),
+    )
+    .option(
+      '--drop-retired',
+      'drop the replaced tables after the swap instead of keeping them in a retired_* schema',
+    )
+    .option('--json', JSON_HELP.document('the result'))
+    .addOption(timeoutOption(SET_UP_WAITS))
+    .addHelpText(
+      'after',
+      `
+The live projection answers queries throughout; the swap holds its tables for milliseconds. If the
+rebuild fails or is killed, the live tables are untouched (a leftover rebuild_* schema is dropped by
+the next rebuild). Exit codes: 0 swapped in, 1 failed, 2 bad usage.`,
+    )
+    .action(async (name: ProcessorName, opts: RebuildFlags) => {
+      await oneShot('fleetstream-rebuild', opts, async (rt, signal) => {
+        await setUpWithin(rt, opts.timeout, signal)
+        await rebuild(rt, name, opts, signal)
+      })
+    })
+}
+
+export function replayCommand(): Command {
+  return new Command('replay')
+    .description(
+      "re-apply events from a stream sequence or a time: moves the processor's checkpoint back and watches it catch up",
+    )
+    .argument(
+      '<projection>',
+      `the processor to replay: ${PROCESSOR_NAMES.join(', ')}`,
+      processorName,
+    )
+    .addOption(
+      new Option('--from-seq <n>', 'the first FLEET_EVENTS sequence to apply again').argParser(
+        positiveInteger,
+      ),
+    )
+    .addOption(
+      new Option(
+        '--since <time>',
+        'from the first event stored at or after this time: ISO 8601 with a zone, or a duration ago (90s, 15m, 2h, 7d)',
+      ).argParser((v) => parseReplaySince(v)),
+    )
+    .option(
+      '--no-wait',
+      'move the checkpoint back and exit without watching the processor catch up',
+    )
+    .option('--json', JSON_HELP.document('the result'))
+    .addOption(timeoutOption(SET_UP_WAITS))
+    .addHelpText(
+      'after',
+      `
+Give exactly one of --from-seq and --since. The projections are idempotent: events applied before
+change nothing; events missed or parked and since fixed are applied. A running processor notices at
+once and re-anchors its consumer; a stopped one replays when it starts.`,
+    )
+    .action(async (name: ProcessorName, opts: ReplayFlags) => {
+      if ((opts.fromSeq === undefined) === (opts.since === undefined)) {
+        throw new UsageError(`give exactly one of '--from-seq <n>' and '--since <time>'`)
+      }
+      await oneShot('fleetstream-replay', opts, async (rt, signal) => {
+        await setUpWithin(rt, opts.timeout, signal)
+        await replay(rt, name, opts, signal)
+      })
+    })
+}
+
+interface RebuildFlags {
   batchSize: number
   dropRetired?: boolean
   json?: boolean
+  timeout: number
 }
 
-/** `fleetstream rebuild <projection>`: blue/green rebuild with a progress bar; see README. */
-export async function rebuildCommand(
+/** Blue/green rebuild with a progress bar; see README. */
+async function rebuild(
   rt: Runtime,
   name: ProcessorName,
   flags: RebuildFlags,
   signal: AbortSignal,
-): Promise<RebuildResult> {
+): Promise<void> {
   const bar = progressBar(`rebuild ${name}`, { unit: 'events' })
   const result = await rebuildProjection(rt.processors[name], rt, {
     batchSize: flags.batchSize,
@@ -44,7 +140,7 @@ export async function rebuildCommand(
   })
   if (flags.json) {
     console.log(JSON.stringify(result))
-    return result
+    return
   }
   const seconds = result.elapsedMs / 1000
   console.log(
@@ -60,18 +156,18 @@ export async function rebuildCommand(
         `  psql ${shellUrl('DATABASE_URL', rt.config.databaseUrl)} -c 'drop schema ${result.retired} cascade'`,
     )
   }
-  return result
 }
 
-export interface ReplayFlags {
+interface ReplayFlags {
   fromSeq?: number
   since?: ReplayFrom
   wait: boolean
   json?: boolean
+  timeout: number
 }
 
-/** `fleetstream replay <projection>`: moves the checkpoint back and watches the processor catch up. */
-export async function replayCommand(
+/** Moves the checkpoint back and watches the processor catch up. */
+async function replay(
   rt: Runtime,
   name: ProcessorName,
   flags: ReplayFlags,
@@ -142,9 +238,4 @@ async function watchReplay(rt: Runtime, move: ReplayMove, signal: AbortSignal): 
     bar.finish()
   }
   return checkpoint
-}
-
-/** `--since`, parsed as `events tail` parses it, keeping what the operator typed for messages. */
-export function parseSince(text: string, now = Date.now()): ReplayFrom {
-  return { since: parseSinceOption(text, now), text }
 }

@@ -1,3 +1,8 @@
+/**
+ * The figures of a running fleet, read from NATS (stream, consumers, DLQ) and PostgreSQL
+ * (checkpoints, open alerts): what `status` reports and the metrics server exports.
+ */
+import { TransientError } from '../infra/errors.ts'
 import {
   JetStreamApiCodes,
   JetStreamApiError,
@@ -10,7 +15,7 @@ import { consumerInfo } from '../processors/consumer.ts'
 import { slotsOf } from '../processors/partitions.ts'
 import type { ProcessorSpec } from '../processors/processor.ts'
 import type { Database } from '../projections/tables.ts'
-import { dlqDepth } from './dlq.ts'
+import { dlqDepth } from '../cli/dlq.ts'
 
 /**
  * A processor as the figures see it: one per slot (the processor itself, or one of its
@@ -83,10 +88,8 @@ export interface CheckpointFigures {
   readonly ageSeconds: number
 }
 
-/** The stream does not exist: nothing was set up yet. */
-export class StreamMissingError extends Error {
-  override readonly name = 'StreamMissingError'
-}
+/** The stream does not exist: nothing was set up yet (an operator's `fleetstream setup` fixes it). */
+export class StreamMissingError extends TransientError {}
 
 /**
  * Reads the NATS side of the figures in one round of requests: stream info, one `last_by_subj`
