@@ -12,8 +12,6 @@ import { errorSummary, withBackoff } from './retry.ts'
 import { sleep } from './sleep.ts'
 import type { Logger } from './logger.ts'
 
-export { redact } from './redact.ts'
-
 /** What a NATS connection is made of: the servers, who logs in, and the reply subjects' prefix. */
 export type NatsSettings = Pick<Config, 'natsUrl' | 'natsAuth' | 'natsInboxPrefix'>
 
