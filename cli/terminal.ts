@@ -8,9 +8,17 @@
  * region.stop() // draws the last state and leaves it on the screen
  * ```
  */
-import { MultiBar } from 'cli-progress'
-import { prettyFactory } from 'pino-pretty'
+import { createRequire } from 'node:module'
+import type { MultiBar } from 'cli-progress'
 import type { DestinationStream } from 'pino'
+import type { prettyFactory } from 'pino-pretty'
+
+/**
+ * cli-progress and pino-pretty are needed only on a terminal, and loading them costs ~60 ms of a
+ * process's start-up: a processor under systemd or docker never draws. Both are CommonJS, so
+ * `require` loads them on first use, synchronously.
+ */
+const lazy = createRequire(import.meta.url)
 
 /** Columns of the terminal `out` writes to; undefined when it is not a terminal (a pipe, a file). */
 export function columnsOf(out: NodeJS.WriteStream): number | undefined {
@@ -75,7 +83,8 @@ let active: LiveRegion | undefined
  * the lines are ours. Only for a terminal: see {@link columnsOf}.
  */
 export function liveRegion(out: NodeJS.WriteStream, lines: () => string[]): LiveRegion {
-  const multi = new MultiBar({
+  const { MultiBar: Bars } = lazy('cli-progress') as { MultiBar: typeof MultiBar }
+  const multi = new Bars({
     stream: out,
     // Our lines are cut to the width; a logged line longer than it may wrap (the terminal's
     // wrapping stays on), since the region is cleared below the cursor before logs are written.
@@ -127,7 +136,7 @@ export function terminalLogs(
   err: NodeJS.WriteStream = process.stderr,
 ): DestinationStream | undefined {
   if (!err.isTTY || process.env.LOG_FORMAT === 'json') return undefined
-  const pretty = prettyFactory({
+  const pretty = (lazy('pino-pretty') as { prettyFactory: typeof prettyFactory }).prettyFactory({
     colorize: !process.env.NO_COLOR,
     singleLine: true,
     translateTime: 'SYS:HH:MM:ss.l',
