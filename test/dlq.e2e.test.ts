@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { DeadLetterEntry } from '../cli/dlq.ts'
 import type { Runtime } from '../cli/runtime.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
-import { readingsProcessor } from '../processors/readings.ts'
+import { readingsProcessor } from '../processors/readings-processor.ts'
 import type { NatsServer } from './harness/index.ts'
 import {
   allCaughtUp,

@@ -17,7 +17,7 @@ import {
   type ProcessorSpec,
   type RunningProcessor,
 } from '../processors/processor.ts'
-import { readingsProcessor } from '../processors/readings.ts'
+import { readingsProcessor } from '../processors/readings-processor.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import type { EventDraft } from '../infra/publisher.ts'
 

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { PublishPipeline } from '../infra/publisher.ts'
 import type { Runtime } from '../cli/runtime.ts'
 import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
-import { readingsProcessor } from '../processors/readings.ts'
+import { readingsProcessor } from '../processors/readings-processor.ts'
 import { startNatsServer, startPostgres, type NatsServer, type PgCluster } from './harness/index.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime, waitFor } from './fixtures.ts'
 

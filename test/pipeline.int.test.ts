@@ -8,7 +8,7 @@ import {
   type ProcessorSpec,
   type RunningProcessor,
 } from '../processors/processor.ts'
-import { readingsProcessor } from '../processors/readings.ts'
+import { readingsProcessor } from '../processors/readings-processor.ts'
 import { partitionMapping, partitionOf } from '../schemas/subjects.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime, waitFor } from './fixtures.ts'

@@ -9,7 +9,7 @@ import {
   type RunningProcessor,
 } from '../processors/processor.ts'
 import { originalHeaders } from '../processors/dlq.ts'
-import { readingsProcessor } from '../processors/readings.ts'
+import { readingsProcessor } from '../processors/readings-processor.ts'
 import type { ProjectedEvent } from '../projections/projection.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
 import { Headers } from '../schemas/subjects.ts'
