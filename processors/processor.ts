@@ -29,7 +29,7 @@ import {
   CheckpointConflictError,
   readCheckpoint,
   type CheckpointPosition,
-} from '../projections/checkpoints.ts'
+} from './progress/checkpoints.ts'
 import type { AnyProjection, ProjectedEvent } from '../projections/projection.ts'
 import type { Database } from '../projections/tables.ts'
 import type { RejectReason } from '../schemas/decode.ts'
@@ -38,7 +38,7 @@ import { Headers } from '../schemas/subjects.ts'
 import { anchorConsumer, MessageBuffer, type ConsumerSpec } from './consumer.ts'
 import { decide } from './decision.ts'
 import { Lease, REBALANCE_MS, slotsOf, type Slot } from './partitions.ts'
-import { fencedDatabase } from './slot-fence.ts'
+import { fencedDatabase } from './progress/slot-fence.ts'
 import { parkInDlq } from './dlq.ts'
 import {
   findDivergence,
@@ -49,7 +49,7 @@ import {
   sweepStart,
   type Divergence,
   type MarksToCompare,
-} from './stream-marks.ts'
+} from './progress/stream-marks.ts'
 import { BatchSpans } from './tracing.ts'
 import type { Metrics, ProcessorMetrics } from './metrics.ts'
 

@@ -16,7 +16,7 @@ import {
   scratchSchemaName,
   swapIn,
 } from '../projections/blue-green.ts'
-import { advanceCheckpoint, type CheckpointPosition } from '../projections/checkpoints.ts'
+import { advanceCheckpoint, type CheckpointPosition } from './progress/checkpoints.ts'
 import type { ProjectedEvent } from '../projections/projection.ts'
 import type { Database } from '../projections/tables.ts'
 import { decide } from './decision.ts'

@@ -1,5 +1,5 @@
 import { sql, type Kysely, type Transaction } from 'kysely'
-import type { CheckpointPosition } from './checkpoints.ts'
+import type { CheckpointPosition } from '../processors/progress/checkpoints.ts'
 import type { AnyProjection } from './projection.ts'
 import type { Database } from './tables.ts'
 

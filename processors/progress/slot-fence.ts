@@ -9,9 +9,9 @@ import {
   type TransactionSettings,
 } from 'kysely'
 import type pg from 'pg'
-import { CheckpointConflictError } from '../projections/checkpoints.ts'
-import type { Database } from '../projections/tables.ts'
-import { LEASE_TIMEOUT_MS, SLOT_LOCK_CLASS, type Lease } from './partitions.ts'
+import { CheckpointConflictError } from './checkpoints.ts'
+import type { Database } from '../../projections/tables.ts'
+import { LEASE_TIMEOUT_MS, SLOT_LOCK_CLASS, type Lease } from '../partitions.ts'
 
 /**
  * The slot's lock is no longer held by the session this instance took it with: the lease ran out

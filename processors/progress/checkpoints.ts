@@ -1,5 +1,5 @@
 import { sql, type Kysely, type Transaction } from 'kysely'
-import type { Database } from './tables.ts'
+import type { Database } from '../../projections/tables.ts'
 
 export interface CheckpointPosition {
   /** Last FLEET_EVENTS sequence applied; 0 before the first. */

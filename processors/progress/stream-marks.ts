@@ -1,13 +1,9 @@
 import { createHash } from 'node:crypto'
 import type { JetStreamManager, JsMsg } from '@nats-io/jetstream'
 import { sql, type Kysely, type Transaction } from 'kysely'
-import {
-  CheckpointConflictError,
-  type CheckpointPosition,
-  type StreamMark,
-} from '../projections/checkpoints.ts'
-import type { Database } from '../projections/tables.ts'
-import { subjectMatches } from '../schemas/subjects.ts'
+import { CheckpointConflictError, type CheckpointPosition, type StreamMark } from './checkpoints.ts'
+import type { Database } from '../../projections/tables.ts'
+import { subjectMatches } from '../../schemas/subjects.ts'
 
 /**
  * Stream marks: how a processor notices that FLEET_EVENTS no longer holds what it applied.
