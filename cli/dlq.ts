@@ -2,7 +2,7 @@ import type { StoredMsg } from '@nats-io/jetstream'
 import { headers as natsHeaders, type MsgHdrs } from '@nats-io/transport-node'
 import { errorSummary } from '../infra/retry.ts'
 import { sleep } from '../infra/sleep.ts'
-import { entryKey, originalHeaders, parkedKey, unescapeHeaderText } from '../processors/dlq.ts'
+import { entryKey, originalHeaders, parkedKey, unescapeHeaderText } from '../processors/dlq/park.ts'
 import { DLQ_SUBJECT_PREFIX, Headers, redriveSubject } from '../schemas/subjects.ts'
 import type { Runtime } from './runtime.ts'
 

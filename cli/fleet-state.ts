@@ -6,7 +6,7 @@ import {
 } from '@nats-io/jetstream'
 import { sql, type Kysely } from 'kysely'
 import type { Config } from '../infra/config.ts'
-import { consumerInfo } from '../processors/consumer.ts'
+import { consumerInfo } from '../processors/runner/consumer.ts'
 import { slotsOf } from '../processors/partitions.ts'
 import type { ProcessorSpec } from '../processors/processor.ts'
 import type { Database } from '../projections/tables.ts'

@@ -1,6 +1,6 @@
 import { sleep } from '../infra/sleep.ts'
 import type { ProcessorName } from '../processors/index.ts'
-import { rebuildProjection, type RebuildResult } from '../processors/rebuild.ts'
+import { rebuildProjection, type RebuildResult } from '../processors/admin/rebuild-projection.ts'
 import {
   moveCheckpointBack,
   processorRunning,
@@ -8,7 +8,7 @@ import {
   replayStart,
   type ReplayFrom,
   type ReplayMove,
-} from '../processors/replay.ts'
+} from '../processors/admin/replay.ts'
 import { shellUrl } from './copy-paste.ts'
 import { parseSinceOption } from './events.ts'
 import { duration, fmt, progressBar } from './progress.ts'

@@ -1,5 +1,5 @@
 import type { Publisher } from '../infra/publisher.ts'
-import { consumerInfo } from '../processors/consumer.ts'
+import { consumerInfo } from '../processors/runner/consumer.ts'
 import type { RunningProcessor } from '../processors/processor.ts'
 import type { Runtime } from './runtime.ts'
 

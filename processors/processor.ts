@@ -35,11 +35,11 @@ import type { Database } from '../projections/tables.ts'
 import type { RejectReason } from '../schemas/decode.ts'
 import type { EventKind } from '../schemas/events.ts'
 import { Headers } from '../schemas/subjects.ts'
-import { anchorConsumer, MessageBuffer, type ConsumerSpec } from './consumer.ts'
+import { anchorConsumer, MessageBuffer, type ConsumerSpec } from './runner/consumer.ts'
 import { decide } from './decision.ts'
 import { Lease, REBALANCE_MS, slotsOf, type Slot } from './partitions.ts'
 import { fencedDatabase } from './progress/slot-fence.ts'
-import { parkInDlq } from './dlq.ts'
+import { parkInDlq } from './dlq/park.ts'
 import {
   findDivergence,
   markOf,

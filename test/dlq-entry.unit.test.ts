@@ -9,7 +9,7 @@ import {
   originalHeaders,
   parkedKey,
   unescapeHeaderText,
-} from '../processors/dlq.ts'
+} from '../processors/dlq/park.ts'
 import { parseRedrive, redriveSubject } from '../schemas/subjects.ts'
 
 /** A message as a consumer delivers it, enough for the DLQ and decide(). */

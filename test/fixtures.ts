@@ -10,7 +10,7 @@ import { createLogger } from '../infra/logger.ts'
 import { createPublisher, type Publisher } from '../infra/publisher.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { openRuntime, setUp, type Runtime } from '../cli/runtime.ts'
-import { consumerInfo } from '../processors/consumer.ts'
+import { consumerInfo } from '../processors/runner/consumer.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
 import {
   startProcessor,

@@ -8,7 +8,7 @@ import {
   type ProcessorSpec,
   type RunningProcessor,
 } from '../processors/processor.ts'
-import { originalHeaders } from '../processors/dlq.ts'
+import { originalHeaders } from '../processors/dlq/park.ts'
 import { readingsProcessor } from '../processors/readings-processor.ts'
 import type { ProjectedEvent } from '../projections/projection.ts'
 import { encodeHlc } from '../schemas/hlc.ts'

@@ -1,7 +1,7 @@
 import { sql, type Kysely, type Transaction } from 'kysely'
-import type { CheckpointPosition } from '../processors/progress/checkpoints.ts'
-import type { AnyProjection } from './projection.ts'
-import type { Database } from './tables.ts'
+import type { CheckpointPosition } from '../progress/checkpoints.ts'
+import type { AnyProjection } from '../../projections/projection.ts'
+import type { Database } from '../../projections/tables.ts'
 
 /**
  * Blue/green tables for a projection rebuild: the new ("green") tables are built in a scratch

@@ -1,7 +1,7 @@
 import { sql, type Kysely } from 'kysely'
 import { ownRows, SHARED_TABLES } from './blue-green.ts'
-import type { AnyProjection } from './projection.ts'
-import type { Database } from './tables.ts'
+import type { AnyProjection } from '../../projections/projection.ts'
+import type { Database } from '../../projections/tables.ts'
 
 /**
  * Empties a projection's tables and forgets its checkpoint and stream time, in one transaction,

@@ -1,12 +1,12 @@
 import { jetstream } from '@nats-io/jetstream'
 import { sql, type Kysely } from 'kysely'
-import type { Database } from '../projections/tables.ts'
-import type { Config } from '../infra/config.ts'
-import { consumerInfo } from './consumer.ts'
-import { processorFilter, slotsOf, SLOT_LOCK_CLASS } from './partitions.ts'
-import type { ProcessorDeps, ProcessorSpec } from './processor.ts'
-import { withAdminLock } from './rebuild.ts'
-import { StreamReader } from './stream-reader.ts'
+import type { Database } from '../../projections/tables.ts'
+import type { Config } from '../../infra/config.ts'
+import { consumerInfo } from '../runner/consumer.ts'
+import { processorFilter, slotsOf, SLOT_LOCK_CLASS } from '../partitions.ts'
+import type { ProcessorDeps, ProcessorSpec } from '../processor.ts'
+import { withAdminLock } from './rebuild-projection.ts'
+import { StreamReader } from '../stream-reader.ts'
 
 /** A replay asked for something that cannot be: names the option, the rule and the value. */
 export class ReplayUsageError extends Error {

@@ -1,11 +1,11 @@
 import { jetstream, type JetStreamClient, type JsMsg } from '@nats-io/jetstream'
 import type { Kysely, Transaction } from 'kysely'
 import type pg from 'pg'
-import { createKysely, createPool } from '../infra/database.ts'
-import { isTransient } from '../infra/failures.ts'
-import type { Logger } from '../infra/logger.ts'
-import { errorSummary, withBackoff } from '../infra/retry.ts'
-import { sleep } from '../infra/sleep.ts'
+import { createKysely, createPool } from '../../infra/database.ts'
+import { isTransient } from '../../infra/failures.ts'
+import type { Logger } from '../../infra/logger.ts'
+import { errorSummary, withBackoff } from '../../infra/retry.ts'
+import { sleep } from '../../infra/sleep.ts'
 import {
   analyzeScratch,
   discardScratch,
@@ -15,15 +15,15 @@ import {
   retiredSchemaName,
   scratchSchemaName,
   swapIn,
-} from '../projections/blue-green.ts'
-import { advanceCheckpoint, type CheckpointPosition } from './progress/checkpoints.ts'
-import type { ProjectedEvent } from '../projections/projection.ts'
-import type { Database } from '../projections/tables.ts'
-import { decide } from './decision.ts'
-import { parkedEvents, parkedKey } from './dlq.ts'
-import { processorFilter, slotsOf, type Slot } from './partitions.ts'
-import type { ProcessorDeps, ProcessorSpec } from './processor.ts'
-import { StreamReader } from './stream-reader.ts'
+} from './blue-green.ts'
+import { advanceCheckpoint, type CheckpointPosition } from '../progress/checkpoints.ts'
+import type { ProjectedEvent } from '../../projections/projection.ts'
+import type { Database } from '../../projections/tables.ts'
+import { decide } from '../decision.ts'
+import { parkedEvents, parkedKey } from '../dlq/park.ts'
+import { processorFilter, slotsOf, type Slot } from '../partitions.ts'
+import type { ProcessorDeps, ProcessorSpec } from '../processor.ts'
+import { StreamReader } from '../stream-reader.ts'
 
 export interface RebuildOptions {
   /** Events per transaction into the new tables (default 5000). */

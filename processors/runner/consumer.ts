@@ -10,7 +10,7 @@ import {
   type JsMsg,
 } from '@nats-io/jetstream'
 import { nanos } from '@nats-io/transport-node'
-import type { CheckpointPosition } from './progress/checkpoints.ts'
+import type { CheckpointPosition } from '../progress/checkpoints.ts'
 
 export interface ConsumerSpec {
   readonly stream: string
