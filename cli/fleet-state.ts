@@ -8,7 +8,7 @@ import { sql, type Kysely } from 'kysely'
 import type { Config } from '../infra/config.ts'
 import { consumerInfo } from '../processors/runner/consumer.ts'
 import { slotsOf } from '../processors/partitions.ts'
-import type { ProcessorSpec } from '../processors/processor.ts'
+import type { ProcessorSpec } from '../processors/runner/types.ts'
 import type { Database } from '../projections/tables.ts'
 import { dlqDepth } from './dlq.ts'
 

@@ -1,5 +1,5 @@
 import type { Publisher } from '../infra/publisher.ts'
-import type { RunningProcessor } from '../processors/processor.ts'
+import type { RunningProcessor } from '../processors/runner/types.ts'
 import type { Runtime } from './runtime.ts'
 import { startSampler, type StartSample } from './start-sampler.ts'
 import { columnsOf, fit, liveRegion, type LiveRegion } from './terminal.ts'

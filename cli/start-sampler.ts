@@ -1,6 +1,6 @@
 import type { Publisher } from '../infra/publisher.ts'
 import { consumerInfo } from '../processors/runner/consumer.ts'
-import type { RunningProcessor } from '../processors/processor.ts'
+import type { RunningProcessor } from '../processors/runner/types.ts'
 import type { Runtime } from './runtime.ts'
 
 /**

@@ -3,7 +3,7 @@ import { alertsProjection } from '../projections/alerts.ts'
 import type { AlertRules } from '../projections/alert-rules.ts'
 import { anyEvents } from '../projections/projection.ts'
 import { runOutboxRelay } from './outbox-relay.ts'
-import type { ProcessorSpec } from './processor.ts'
+import type { ProcessorSpec } from './runner/types.ts'
 
 /**
  * alerts

@@ -1,7 +1,7 @@
 import { defaultAlertRulesPath, loadAlertRules } from '../infra/alert-rules-file.ts'
 import type { Config } from '../infra/config.ts'
 import { alertsProcessor } from './alerts-processor.ts'
-import type { ProcessorSpec } from './processor.ts'
+import type { ProcessorSpec } from './runner/types.ts'
 import { readingsProcessor } from './readings-processor.ts'
 import { sensorStatusProcessor } from './sensor-status-processor.ts'
 

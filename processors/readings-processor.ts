@@ -1,6 +1,6 @@
 import { anyEvents } from '../projections/projection.ts'
 import { readingsProjection } from '../projections/readings.ts'
-import type { ProcessorSpec } from './processor.ts'
+import type { ProcessorSpec } from './runner/types.ts'
 
 /**
  * readings

@@ -12,11 +12,8 @@ import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { openRuntime, setUp, type Runtime } from '../cli/runtime.ts'
 import { consumerInfo } from '../processors/runner/consumer.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
-import {
-  startProcessor,
-  type ProcessorSpec,
-  type RunningProcessor,
-} from '../processors/processor.ts'
+import { startProcessor } from '../processors/runner/runner.ts'
+import { type ProcessorSpec, type RunningProcessor } from '../processors/runner/types.ts'
 import { readingsProcessor } from '../processors/readings-processor.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import type { EventDraft } from '../infra/publisher.ts'

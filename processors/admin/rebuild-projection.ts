@@ -22,7 +22,7 @@ import type { Database } from '../../projections/tables.ts'
 import { decide } from '../decision.ts'
 import { parkedEvents, parkedKey } from '../dlq/park.ts'
 import { processorFilter, slotsOf, type Slot } from '../partitions.ts'
-import type { ProcessorDeps, ProcessorSpec } from '../processor.ts'
+import type { ProcessorDeps, ProcessorSpec } from '../runner/types.ts'
 import { StreamReader } from '../stream-reader.ts'
 
 export interface RebuildOptions {

@@ -11,7 +11,7 @@ import {
 import type pg from 'pg'
 import { CheckpointConflictError } from './checkpoints.ts'
 import type { Database } from '../../projections/tables.ts'
-import { LEASE_TIMEOUT_MS, SLOT_LOCK_CLASS, type Lease } from '../partitions.ts'
+import { LEASE_TIMEOUT_MS, SLOT_LOCK_CLASS, type Lease } from './locks.ts'
 
 /**
  * The slot's lock is no longer held by the session this instance took it with: the lease ran out

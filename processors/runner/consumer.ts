@@ -10,6 +10,8 @@ import {
   type JsMsg,
 } from '@nats-io/jetstream'
 import { nanos } from '@nats-io/transport-node'
+import type { Config } from '../../infra/config.ts'
+import type { Slot } from '../partitions.ts'
 import type { CheckpointPosition } from '../progress/checkpoints.ts'
 
 export interface ConsumerSpec {
@@ -19,6 +21,17 @@ export interface ConsumerSpec {
   readonly filterSubject: string
   readonly maxAckPending: number
   readonly ackWaitSeconds: number
+}
+
+/** The durable consumer of one slot of a processor (one per partition). */
+export function consumerSpecOf(slot: Slot, config: Config): ConsumerSpec {
+  return {
+    stream: config.streams.events,
+    name: slot.key,
+    filterSubject: slot.filterSubject,
+    maxAckPending: config.processor.maxAckPending,
+    ackWaitSeconds: config.processor.ackWaitSeconds,
+  }
 }
 
 /** The durable consumer config for a processor whose checkpoint is at `from`. */
