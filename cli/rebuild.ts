@@ -3,12 +3,12 @@ import type { ProcessorName } from '../processors/index.ts'
 import { rebuildProjection, type RebuildResult } from '../processors/admin/rebuild-projection.ts'
 import {
   moveCheckpointBack,
-  processorRunning,
   replayProgress,
   replayStart,
   type ReplayFrom,
   type ReplayMove,
 } from '../processors/admin/replay.ts'
+import { processorRunning } from '../processors/progress/locks.ts'
 import { shellUrl } from './copy-paste.ts'
 import { parseSinceOption } from './events.ts'
 import { duration, fmt, progressBar } from './progress.ts'

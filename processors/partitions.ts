@@ -2,6 +2,7 @@ import { JetStreamApiCodes, JetStreamApiError, type JetStreamManager } from '@na
 import type { Config } from '../infra/config.ts'
 import { EVENTS_SUBJECT_PREFIX, eventsFilter } from '../schemas/subjects.ts'
 import type { ProcessorSpec } from './runner/types.ts'
+import { OperatorError } from '../infra/errors.ts'
 
 /**
  * What one instance owns at a time: the whole stream of a processor (not partitioned), or one
@@ -56,9 +57,7 @@ export function processorFilter(_spec: ProcessorSpec, config: Pick<Config, 'part
 }
 
 /** FLEET_EVENTS is laid out otherwise than FLEET_PARTITIONS says: nothing would read some events. */
-export class PartitionLayoutError extends Error {
-  override readonly name = 'PartitionLayoutError'
-}
+export class PartitionLayoutError extends OperatorError {}
 
 /**
  * Checks that the stream's subjects have the layout `partitions` implies, so that a mismatch

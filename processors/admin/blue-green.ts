@@ -2,6 +2,7 @@ import { sql, type Kysely, type Transaction } from 'kysely'
 import type { CheckpointPosition } from '../progress/checkpoints.ts'
 import type { AnyProjection } from '../../projections/projection.ts'
 import type { Database } from '../../projections/tables.ts'
+import { OperatorError } from '../../infra/errors.ts'
 
 /**
  * Blue/green tables for a projection rebuild: the new ("green") tables are built in a scratch
@@ -30,9 +31,7 @@ export function ownRows(key: string, projection: string) {
 }
 
 /** A rebuild that cannot be done safely on this database, with the reason. */
-export class RebuildRefusedError extends Error {
-  override readonly name = 'RebuildRefusedError'
-}
+export class RebuildRefusedError extends OperatorError {}
 
 /** `rebuild_<processor>`: where a rebuild writes (hyphens become underscores). */
 export function scratchSchemaName(processor: string): string {

@@ -1,6 +1,5 @@
 import { jetstream, type JetStreamClient, type JsMsg } from '@nats-io/jetstream'
 import type { Kysely, Transaction } from 'kysely'
-import type pg from 'pg'
 import { createKysely, createPool } from '../../infra/database.ts'
 import { isTransient } from '../../infra/failures.ts'
 import type { Logger } from '../../infra/logger.ts'
@@ -23,7 +22,9 @@ import { decide } from '../decision.ts'
 import { parkedEvents, parkedKey } from '../dlq/park.ts'
 import { processorFilter, slotsOf, type Slot } from '../partitions.ts'
 import type { ProcessorDeps, ProcessorSpec } from '../runner/types.ts'
+import { withAdminLock } from '../progress/locks.ts'
 import { StreamReader } from '../stream-reader.ts'
+import { TransientError } from '../../infra/errors.ts'
 
 export interface RebuildOptions {
   /** Events per transaction into the new tables (default 5000). */
@@ -72,10 +73,8 @@ export interface RebuildResult {
   readonly deferredSwaps: number
 }
 
-/** The rebuild cannot go on; nothing has changed in the live tables. */
-export class RebuildError extends Error {
-  override readonly name = 'RebuildError'
-}
+/** The rebuild cannot go on; nothing has changed in the live tables: starting it again may succeed. */
+export class RebuildError extends TransientError {}
 
 /**
  * Blue/green rebuild of one processor's projection from stream sequence 1 while the live
@@ -124,38 +123,6 @@ export async function rebuildProjection(
       throw err
     }
   })
-}
-
-/**
- * Runs `fn` holding the processor's admin lock (one rebuild or replay of a processor at a time):
- * a session advisory lock on a connection of its own, released by the server if the process dies.
- */
-export async function withAdminLock<T>(
-  pool: pg.Pool,
-  processor: string,
-  what: 'rebuild' | 'replay',
-  fn: () => Promise<T>,
-): Promise<T> {
-  const admin = await pool.connect()
-  const lost: { err?: Error } = {}
-  const onError = (err: Error) => (lost.err = err)
-  admin.on('error', onError)
-  try {
-    const r = await admin.query<{ ok: boolean }>(
-      "select pg_try_advisory_lock(hashtext('fleetstream-admin'), hashtext($1)) as ok",
-      [processor],
-    )
-    if (r.rows[0]?.ok !== true) {
-      throw new RebuildError(
-        `cannot ${what} '${processor}': another rebuild or replay of it is running (it holds the admin lock)`,
-      )
-    }
-    return await fn()
-  } finally {
-    if (!lost.err) await admin.query('select pg_advisory_unlock_all()').catch(() => undefined)
-    admin.release(lost.err)
-    admin.off('error', onError)
-  }
 }
 
 /** What one transaction into the new tables did. */

@@ -1,18 +1,15 @@
 import { jetstream } from '@nats-io/jetstream'
 import { sql, type Kysely } from 'kysely'
 import type { Database } from '../../projections/tables.ts'
-import type { Config } from '../../infra/config.ts'
 import { consumerInfo } from '../runner/consumer.ts'
 import { processorFilter, slotsOf } from '../partitions.ts'
-import { SLOT_LOCK_CLASS } from '../progress/locks.ts'
 import type { ProcessorDeps, ProcessorSpec } from '../runner/types.ts'
-import { withAdminLock } from './rebuild-projection.ts'
+import { processorRunning, withAdminLock } from '../progress/locks.ts'
 import { StreamReader } from '../stream-reader.ts'
+import { OperatorError } from '../../infra/errors.ts'
 
 /** A replay asked for something that cannot be: names the option, the rule and the value. */
-export class ReplayUsageError extends Error {
-  override readonly name = 'ReplayUsageError'
-}
+export class ReplayUsageError extends OperatorError {}
 
 export type ReplayFrom = { readonly seq: number } | { readonly since: Date; readonly text: string }
 
@@ -139,24 +136,6 @@ export async function moveCheckpointBack(
       processorRunning: running,
     }
   })
-}
-
-/** Whether some instance of the processor holds a slot's lock in this database. */
-export async function processorRunning(
-  db: Kysely<Database>,
-  spec: ProcessorSpec,
-  config: Pick<Config, 'partitions'>,
-): Promise<boolean> {
-  const keys = slotsOf(spec, config).map((s) => s.key)
-  const r = await sql<{ running: boolean }>`
-    select exists (
-      select 1 from pg_locks
-      where locktype = 'advisory' and granted and objsubid = 2
-        and database = (select oid from pg_database where datname = current_database())
-        and classid = hashtext(${SLOT_LOCK_CLASS})::oid
-        and objid in (select hashtext(k)::oid from unnest(${keys}::text[]) as k)
-    ) as running`.execute(db)
-  return r.rows[0]?.running === true
 }
 
 /**

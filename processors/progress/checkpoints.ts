@@ -1,5 +1,6 @@
 import { sql, type Kysely, type Transaction } from 'kysely'
 import type { Database } from '../../projections/tables.ts'
+import { TransientError } from '../../infra/errors.ts'
 
 export interface CheckpointPosition {
   /** Last FLEET_EVENTS sequence applied; 0 before the first. */
@@ -12,9 +13,7 @@ export interface CheckpointPosition {
  * Another instance moved the checkpoint under us, or may be about to (the slot's lease ran out:
  * processors/slot-fence.ts); the transaction must roll back and the session end.
  */
-export class CheckpointConflictError extends Error {
-  override readonly name: string = 'CheckpointConflictError'
-
+export class CheckpointConflictError extends TransientError {
   constructor(
     processor: string,
     expectedSeq: number | undefined,

@@ -4,12 +4,20 @@
  * processor apart ({@link withAdminLock}), and whether a processor has a running instance
  * ({@link processorRunning}).
  */
+import { sql, type Kysely } from 'kysely'
 import type pg from 'pg'
+import type { Config } from '../../infra/config.ts'
+import { TransientError } from '../../infra/errors.ts'
+import type { Database } from '../../projections/tables.ts'
+import { slotsOf } from '../partitions.ts'
+import type { ProcessorSpec } from '../runner/types.ts'
 
 /** The advisory lock a slot's owner holds (`pg_locks` shows it as classid/objid). */
 export const SLOT_LOCK_CLASS = 'fleetstream-processor'
 /** Instances of a processor announce themselves with a lock of this class and their index. */
 const MEMBER_LOCK_CLASS = 'fleetstream-member'
+/** One rebuild or replay of a processor at a time: a lock of this class on the processor's name. */
+const ADMIN_LOCK_CLASS = 'fleetstream-admin'
 /** More instances of one processor than this wait for an index. */
 const MAX_MEMBERS = 64
 
@@ -131,7 +139,7 @@ export class Lease {
       const r = await this.#query<{ ok: boolean }>(
         'select pg_try_advisory_lock(hashtext($1), $2) as ok',
         [this.#memberClass, i],
-      )
+      ) // the index itself is the key: members() reads it back
       if (r.rows[0]?.ok === true) {
         this.#member = i
         return true
@@ -143,12 +151,8 @@ export class Lease {
   /** The indexes of the live instances of this processor (this one included), ascending. */
   async members(): Promise<number[]> {
     const r = await this.#query<{ i: number }>(
-      `select objid::int as i from pg_locks
-        where locktype = 'advisory' and granted and objsubid = 2
-          and database = (select oid from pg_database where datname = current_database())
-          and classid = hashtext($1)::oid
-        order by 1`,
-      [this.#memberClass],
+      `select objid::int as i from (${grantedLocks(this.#memberClass)}) l order by 1`,
+      [],
     )
     return r.rows.map((row) => row.i)
   }
@@ -165,10 +169,7 @@ export class Lease {
 
   /** Takes the slot's lock if no other instance holds it. */
   async tryAcquire(slotKey: string): Promise<boolean> {
-    const r = await this.#query<{ ok: boolean }>(
-      'select pg_try_advisory_lock(hashtext($1), hashtext($2)) as ok',
-      [SLOT_LOCK_CLASS, slotKey],
-    )
+    const r = await this.#query<{ ok: boolean }>(TRY_LOCK, [SLOT_LOCK_CLASS, slotKey])
     return r.rows[0]?.ok === true
   }
 
@@ -271,12 +272,77 @@ export class Lease {
 }
 
 /** The lock session said nothing the server answered for longer than the lease lasts. */
-export class LeaseExpiredError extends Error {
-  override readonly name = 'LeaseExpiredError'
-
+export class LeaseExpiredError extends TransientError {
   constructor(silentMs: number) {
     super(
       `no answer on the session holding the processor locks for ${Math.round(silentMs)} ms (lease ${LEASE_TIMEOUT_MS} ms): the server ends it and its locks, so they count as lost`,
     )
   }
+}
+
+/**
+ * Runs `fn` holding the processor's admin lock (one rebuild or replay of a processor at a time):
+ * a session advisory lock on a connection of its own, released by the server if the process dies.
+ */
+export async function withAdminLock<T>(
+  pool: pg.Pool,
+  processor: string,
+  what: 'rebuild' | 'replay',
+  fn: () => Promise<T>,
+): Promise<T> {
+  const admin = await pool.connect()
+  const lost: { err?: Error } = {}
+  const onError = (err: Error) => (lost.err = err)
+  admin.on('error', onError)
+  try {
+    const r = await admin.query<{ ok: boolean }>(TRY_LOCK, [ADMIN_LOCK_CLASS, processor])
+    if (r.rows[0]?.ok !== true) {
+      throw new AdminLockHeldError(
+        `cannot ${what} '${processor}': another rebuild or replay of it is running (it holds the admin lock)`,
+      )
+    }
+    return await fn()
+  } finally {
+    if (!lost.err) await admin.query('select pg_advisory_unlock_all()').catch(() => undefined)
+    admin.release(lost.err)
+    admin.off('error', onError)
+  }
+}
+
+/** Another rebuild or replay of the processor holds its admin lock: try again once it is done. */
+export class AdminLockHeldError extends TransientError {}
+
+/** Whether some instance of the processor holds a slot's lock in this database. */
+export async function processorRunning(
+  db: Kysely<Database>,
+  spec: ProcessorSpec,
+  config: Pick<Config, 'partitions'>,
+): Promise<boolean> {
+  const keys = slotsOf(spec, config).map((s) => s.key)
+  const r = await sql<{ running: boolean }>`
+    select exists (
+      ${sql.raw(grantedLocks(SLOT_LOCK_CLASS))}
+        and objid in (select hashtext(k)::oid from unnest(${keys}::text[]) as k)
+    ) as running`.execute(db)
+  return r.rows[0]?.running === true
+}
+
+/** Takes the lock of a class ($1) and key ($2), both names, if no session holds it. */
+const TRY_LOCK = 'select pg_try_advisory_lock(hashtext($1), hashtext($2)) as ok'
+
+/**
+ * The query for the granted locks of `lockClass` in this database (`objid`: the key), to which
+ * `and ...` conditions may be appended. The class is a quoted literal, so the text can run where
+ * no parameters can (processors/progress/slot-fence.ts runs it in a `do` block).
+ */
+export function grantedLocks(lockClass: string): string {
+  return `select objid from pg_locks
+     where locktype = 'advisory' and granted and objsubid = 2
+       and database = (select oid from pg_database where datname = current_database())
+       and classid = hashtext(${sqlLiteral(lockClass)})::oid`
+}
+
+/** A string as an SQL literal. */
+export function sqlLiteral(s: string): string {
+  return `'${s.replaceAll("'", "''")}'`
 }
