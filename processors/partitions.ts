@@ -1,4 +1,5 @@
 import { JetStreamApiCodes, JetStreamApiError, type JetStreamManager } from '@nats-io/jetstream'
+import { sql } from 'kysely'
 import type { Config } from '../infra/config.ts'
 import { EVENTS_SUBJECT_PREFIX, eventsFilter } from '../schemas/subjects.ts'
 import type { ProcessorSpec } from './runner/types.ts'
@@ -54,6 +55,14 @@ export function slotsOf(spec: ProcessorSpec, config: Pick<Config, 'partitions'>)
  */
 export function processorFilter(_spec: ProcessorSpec, config: Pick<Config, 'partitions'>): string {
   return eventsFilter('all', config.partitions === 0 ? undefined : '*')
+}
+
+/**
+ * The rows keyed by `projection`'s name or one of its slots' (`<name>-p<N>`, see {@link slotsOf}):
+ * its checkpoints, or its rows of a table several projections share (processors/admin/blue-green.ts).
+ */
+export function ownRows(key: string, projection: string) {
+  return sql<boolean>`(${sql.ref(key)} = ${projection} or ${sql.ref(key)} ~ ${`^${projection}-p[0-9]+$`})`
 }
 
 /** FLEET_EVENTS is laid out otherwise than FLEET_PARTITIONS says: nothing would read some events. */

@@ -1,5 +1,6 @@
 import { sql, type Kysely, type Transaction } from 'kysely'
-import type { CheckpointPosition } from '../progress/checkpoints.ts'
+import { lockCheckpoints, type CheckpointPosition } from '../progress/checkpoints.ts'
+import { ownRows } from '../partitions.ts'
 import type { AnyProjection } from '../../projections/projection.ts'
 import type { Database } from '../../projections/tables.ts'
 import { OperatorError } from '../../infra/errors.ts'
@@ -23,11 +24,6 @@ import { OperatorError } from '../../infra/errors.ts'
  */
 export const SHARED_TABLES: Readonly<Partial<Record<keyof Database, string>>> = {
   projection_clocks: 'projection',
-}
-
-/** The rows of a shared table that belong to `projection` (see {@link SHARED_TABLES}). */
-export function ownRows(key: string, projection: string) {
-  return sql<boolean>`(${sql.ref(key)} = ${projection} or ${sql.ref(key)} ~ ${`^${projection}-p[0-9]+$`})`
 }
 
 /** A rebuild that cannot be done safely on this database, with the reason. */
@@ -239,12 +235,7 @@ export async function lockLive(
     )
   }
   // A batch that changed no table (all refused, say) moves only the checkpoint: wait for it too.
-  const rows = await sql<{ processor: string; last_seq: number; hlc: string | null }>`
-    select processor, last_seq, hlc from public.processor_checkpoints
-    where processor = any(${[...slots]}::text[]) order by processor for update`.execute(trx)
-  const live = new Map<string, CheckpointPosition>(slots.map((s) => [s, { lastSeq: 0, hlc: null }]))
-  for (const r of rows.rows) live.set(r.processor, { lastSeq: r.last_seq, hlc: r.hlc })
-  return live
+  return lockCheckpoints(trx, slots)
 }
 
 /**

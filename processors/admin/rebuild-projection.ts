@@ -12,10 +12,13 @@ import {
   lockLive,
   prepareScratch,
   retiredSchemaName,
-  scratchSchemaName,
   swapIn,
 } from './blue-green.ts'
-import { advanceCheckpoint, type CheckpointPosition } from '../progress/checkpoints.ts'
+import {
+  advanceCheckpoint,
+  readCheckpointSeqs,
+  type CheckpointPosition,
+} from '../progress/checkpoints.ts'
 import type { ProjectedEvent } from '../../projections/projection.ts'
 import type { Database } from '../../projections/tables.ts'
 import { decide } from '../decision.ts'
@@ -280,16 +283,10 @@ class RebuildRun {
   }
 
   async #readLive(): Promise<Map<string, number>> {
-    const rows = await this.#deps.db
-      .selectFrom('processor_checkpoints')
-      .select(['processor', 'last_seq'])
-      .where(
-        'processor',
-        'in',
-        this.#slots.map((s) => s.key),
-      )
-      .execute()
-    return new Map(rows.map((r) => [r.processor, r.last_seq]))
+    return readCheckpointSeqs(
+      this.#deps.db,
+      this.#slots.map((s) => s.key),
+    )
   }
 
   /**
@@ -580,5 +577,3 @@ function isLockTimeout(err: unknown): boolean {
 
 /** Swap attempts before the rebuild gives up (the live processor never let go of its tables). */
 const MAX_DEFERRED_SWAPS = 200
-
-export { scratchSchemaName }
