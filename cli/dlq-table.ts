@@ -1,4 +1,4 @@
-import type { DeadLetterEntry } from './dlq.ts'
+import type { DeadLetterEntry } from '../processors/dlq/inspect.ts'
 import { cell, fit, printable, widthOf } from './terminal.ts'
 
 /** Widest a column gets before its values are cut (a hostile subject or reason cannot push the rest). */

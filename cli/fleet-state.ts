@@ -11,7 +11,7 @@ import { slotsOf } from '../processors/partitions.ts'
 import { readCheckpointRows } from '../processors/progress/checkpoints.ts'
 import type { ProcessorSpec } from '../processors/runner/types.ts'
 import type { Database } from '../projections/tables.ts'
-import { dlqDepth } from './dlq.ts'
+import { dlqDepth } from '../processors/dlq/inspect.ts'
 
 /**
  * A processor as the figures see it: one per slot (the processor itself, or one of its

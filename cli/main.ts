@@ -16,7 +16,8 @@ import { ReplayUsageError } from '../processors/admin/replay.ts'
 import { RebuildRefusedError } from '../processors/admin/blue-green.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { simulateFleet, type SimulationOptions } from '../simulator/fleet.ts'
-import { DlqCommandError, dlqDepth, listDlq, redriveDlq, showDlq } from './dlq.ts'
+import { DlqCommandError, dlqDepth, listDlq, showDlq } from '../processors/dlq/inspect.ts'
+import { redriveDlq } from '../processors/dlq/redrive.ts'
 import { devicesCommand, DevicesCommandError } from './devices.ts'
 import {
   ensureMqttMessagesStream,

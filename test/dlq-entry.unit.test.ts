@@ -1,7 +1,7 @@
 import type { JsMsg } from '@nats-io/jetstream'
 import { headers, type MsgHdrs } from '@nats-io/transport-node'
 import { describe, expect, it } from 'vitest'
-import { jsonDepth } from '../cli/dlq.ts'
+import { jsonDepth } from '../processors/dlq/inspect.ts'
 import { decide } from '../processors/decision.ts'
 import {
   deadLetterEntry,

@@ -1,6 +1,6 @@
 import { headers, type MsgHdrs } from '@nats-io/transport-node'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { DeadLetterEntry } from '../cli/dlq.ts'
+import type { DeadLetterEntry } from '../processors/dlq/inspect.ts'
 import type { Runtime } from '../cli/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
 import { startProcessor } from '../processors/runner/runner.ts'

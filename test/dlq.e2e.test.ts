@@ -1,6 +1,6 @@
 import { headers } from '@nats-io/transport-node'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { DeadLetterEntry } from '../cli/dlq.ts'
+import type { DeadLetterEntry } from '../processors/dlq/inspect.ts'
 import type { Runtime } from '../cli/runtime.ts'
 import { startProcessor } from '../processors/runner/runner.ts'
 import { type RunningProcessor } from '../processors/runner/types.ts'
