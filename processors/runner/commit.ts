@@ -6,9 +6,9 @@
  */
 import type { JsMsg } from '@nats-io/jetstream'
 import { context, trace } from '@opentelemetry/api'
-import { BrokenCircuitError, ExponentialBackoff } from 'cockatiel'
+import { BrokenCircuitError, ExponentialBackoff, handleType, handleWhen, retry } from 'cockatiel'
 import { sql, type Transaction } from 'kysely'
-import { BadInputError } from '../../infra/errors.ts'
+import { BadInputError, TransientError } from '../../infra/errors.ts'
 import { isDataError, isJetStreamUnavailable, isTransient } from '../../infra/failures.ts'
 import { errorSummary } from '../../infra/retry.ts'
 import { sleep } from '../../infra/sleep.ts'
@@ -146,14 +146,15 @@ export class BatchCommitter {
       }
       const [only] = events as [Accepted]
       let failure = err
-      for (let attempt = 2; attempt <= POISON_ATTEMPTS; attempt++) {
-        await sleep(100 * attempt, signal)
-        try {
-          return await this.#commit([only.event], from, to, signal)
-        } catch (again) {
-          if (!(again instanceof DeterministicFailure)) throw again
-          failure = again
-        }
+      try {
+        // Attempts 2 to POISON_ATTEMPTS of the one event, each after a pause (the first was above).
+        return await POISON_RETRY.execute(async ({ attempt }) => {
+          await sleep(POISON_PAUSE_MS * (attempt + 2), signal)
+          return this.#commit([only.event], from, to, signal)
+        })
+      } catch (again) {
+        if (!(again instanceof DeterministicFailure)) throw again
+        failure = again
       }
       if (this.#s.ctx.poison.get() >= MAX_CONSECUTIVE_POISON) {
         // Everything fails: a broken projection, not bad events. Stop and back off rather than
@@ -250,9 +251,25 @@ export class BatchCommitter {
     }
     const signal = this.#s.stop
     let stub = false
-    let delay = new ExponentialBackoff({ initialDelay: 200, maxDelay: 5_000 }).next()
-    for (let attempt = 1; ; attempt++) {
-      try {
+    let attempt = 0
+    const again = retry(
+      handleWhen(() => !isAborted(signal)),
+      { maxAttempts: PARK_ATTEMPTS - 1, backoff: PARK_BACKOFF },
+    )
+    again.onRetry((e) => {
+      const err = 'error' in e ? e.error : undefined
+      const refused = !isJetStreamUnavailable(err) && !isTransient(err)
+      this.#s.log.warn(
+        { ...fields, err: errorSummary(err), attempt, retryInMs: Math.round(e.delay) },
+        refused && !stub
+          ? 'the DLQ refused the entry; parking a stub that points at the original instead'
+          : 'parking in the DLQ failed; retrying',
+      )
+      if (refused) stub = true
+    })
+    try {
+      await again.execute(async () => {
+        attempt++
         const parked = await parkInDlq(
           this.#s.ctx.js,
           { processor: this.#s.slot.processor, ...d },
@@ -269,29 +286,16 @@ export class BatchCommitter {
           },
           'event parked in the DLQ',
         )
-        break
-      } catch (err) {
-        const refused = !isJetStreamUnavailable(err) && !isTransient(err)
-        if (attempt >= PARK_ATTEMPTS || isAborted(signal)) {
-          this.#s.log.error(
-            { ...fields, err: errorSummary(err), attempt },
-            'could not park the event in the DLQ; the session ends and the event is tried again',
-          )
-          throw new Error(
-            `could not park stream sequence ${d.msg.info.streamSequence} in the DLQ after ${attempt} attempts`,
-            { cause: err },
-          )
-        }
-        this.#s.log.warn(
-          { ...fields, err: errorSummary(err), attempt, retryInMs: Math.round(delay.duration) },
-          refused && !stub
-            ? 'the DLQ refused the entry; parking a stub that points at the original instead'
-            : 'parking in the DLQ failed; retrying',
-        )
-        if (refused) stub = true
-        await sleep(delay.duration, signal)
-        delay = delay.next(undefined)
-      }
+      })
+    } catch (err) {
+      this.#s.log.error(
+        { ...fields, err: errorSummary(err), attempt },
+        'could not park the event in the DLQ; the session ends and the event is tried again',
+      )
+      throw new Error(
+        `could not park stream sequence ${d.msg.info.streamSequence} in the DLQ after ${attempt} attempts`,
+        { cause: err },
+      )
     }
     this.#s.ctx.counters.parked(d.reason)
   }
@@ -311,17 +315,52 @@ export class BatchCommitter {
   ): Promise<CheckpointPosition> {
     // Hashed once, not on every attempt.
     const mark = markOf(this.#inHand, from.lastSeq, to.lastSeq)
-    let delay = new ExponentialBackoff({ initialDelay: 100, maxDelay: 2_000 }).next()
-    for (let attempt = 1; ; attempt++) {
-      const started = performance.now()
-      try {
-        await this.#s.ctx.postgres.policy.execute(() =>
-          this.#s.ctx.deps.db.transaction().execute(async (trx) => {
-            if (eachUnderSavepoint) await this.#applyEach(trx, events)
-            else await this.#s.ctx.spec.projection.apply(trx, events)
-            await advanceCheckpoint(trx, this.#s.slot.key, this.#s.consumer.stream, from, to, mark)
-          }),
-        )
+    let attempts = 0
+    let last: unknown
+    const inPlace = retry(
+      handleWhen(
+        (err) =>
+          !signal.aborted &&
+          isTransient(err) &&
+          !(err instanceof BrokenCircuitError) &&
+          !(err instanceof CheckpointConflictError) &&
+          !(err instanceof StorageRefused),
+      ),
+      { maxAttempts: COMMIT_ATTEMPTS - 1, backoff: COMMIT_BACKOFF },
+    )
+    inPlace.onRetry((e) => {
+      this.#s.ctx.counters.retried()
+      this.#s.log.warn(
+        { err: errorSummary('error' in e ? e.error : undefined), retryInMs: Math.round(e.delay) },
+        'transaction failed; retrying',
+      )
+    })
+    try {
+      return await inPlace.execute(async () => {
+        if (attempts > 0 && isAborted(signal)) {
+          throw new StoppedError('stopped before the batch could be committed', { cause: last })
+        }
+        attempts++
+        const started = performance.now()
+        try {
+          await this.#s.ctx.postgres.policy.execute(() =>
+            this.#s.ctx.deps.db.transaction().execute(async (trx) => {
+              if (eachUnderSavepoint) await this.#applyEach(trx, events)
+              else await this.#s.ctx.spec.projection.apply(trx, events)
+              await advanceCheckpoint(
+                trx,
+                this.#s.slot.key,
+                this.#s.consumer.stream,
+                from,
+                to,
+                mark,
+              )
+            }),
+          )
+        } catch (err) {
+          last = err
+          throw err
+        }
         this.#s.ctx.counters.committed(events)
         if (events.length > 0) this.#s.ctx.poison.set(0)
         this.#s.log.debug(
@@ -333,24 +372,13 @@ export class BatchCommitter {
           'committed',
         )
         return to
-      } catch (err) {
-        // Someone else moved the checkpoint: end the session, re-read it and re-anchor.
-        if (err instanceof CheckpointConflictError || err instanceof StorageRefused) throw err
-        if (signal.aborted) throw err
-        if (!isTransient(err)) throw new DeterministicFailure(err)
-        if (attempt >= COMMIT_ATTEMPTS || err instanceof BrokenCircuitError) {
-          throw new Error(`not committed after ${attempt} attempts`, { cause: err })
-        }
-        this.#s.ctx.counters.retried()
-        this.#s.log.warn(
-          { err: errorSummary(err), retryInMs: Math.round(delay.duration) },
-          'transaction failed; retrying',
-        )
-        await sleep(delay.duration, signal)
-        if (isAborted(signal))
-          throw new Error('stopped before the batch could be committed', { cause: err })
-        delay = delay.next(undefined)
-      }
+      })
+    } catch (err) {
+      // Someone else moved the checkpoint: end the session, re-read it and re-anchor.
+      if (err instanceof CheckpointConflictError || err instanceof StorageRefused) throw err
+      if (err instanceof StoppedError || signal.aborted) throw err
+      if (!isTransient(err)) throw new DeterministicFailure(err)
+      throw new Error(`not committed after ${attempts} attempts`, { cause: err })
     }
   }
 
@@ -390,10 +418,18 @@ class DeterministicFailure extends BadInputError {
   }
 }
 
+/** The session stopped while a commit waited to be tried again. */
+class StoppedError extends TransientError {}
+
 /** Attempts to park one event (with backoff, ~10 s in all) before the session ends. */
 const PARK_ATTEMPTS = 6
+const PARK_BACKOFF = new ExponentialBackoff({ initialDelay: 200, maxDelay: 5_000 })
 /** Attempts of one isolated event before it is parked. */
 const POISON_ATTEMPTS = 3
+/** Attempt n of an isolated event waits n times this first. */
+const POISON_PAUSE_MS = 100
+/** The isolated event's attempts after its first: only a deterministic failure is tried again. */
+const POISON_RETRY = retry(handleType(DeterministicFailure), { maxAttempts: POISON_ATTEMPTS - 2 })
 /**
  * More poison than this in a row, with no event applied in between, is a broken projection. Events
  * whose values Postgres refuses (parked as `storage-refused`) are not counted: they are the events'
@@ -403,3 +439,4 @@ const MAX_CONSECUTIVE_POISON = 10
 
 /** In-place attempts of one transaction before the session gives up (~4 s in all). */
 const COMMIT_ATTEMPTS = 5
+const COMMIT_BACKOFF = new ExponentialBackoff({ initialDelay: 100, maxDelay: 2_000 })
