@@ -1,3 +1,6 @@
+/**
+ * The alerts processor's spec: what it reads, handles and writes.
+ */
 import type { Config } from '../infra/config.ts'
 import { alertsProjection } from '../projections/alerts.ts'
 import type { AlertRules } from '../projections/alert-rules.ts'

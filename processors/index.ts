@@ -1,3 +1,6 @@
+/**
+ * The processors fleetstream runs, by name (their specs are the *-processor.ts files beside it).
+ */
 import { defaultAlertRulesPath, loadAlertRules } from '../infra/alert-rules-file.ts'
 import type { Config } from '../infra/config.ts'
 import { alertsProcessor } from './alerts-processor.ts'

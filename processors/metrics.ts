@@ -1,3 +1,7 @@
+/**
+ * The Prometheus metrics of a fleetstream process: each processor's instruments
+ * (runner/types.ts, ProcessorMetrics) and the lag figures sampled in the background.
+ */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { BreakerState } from '../infra/failures.ts'
 import type { MetricsSink, ProcessorStats, RunningProcessor } from './runner/types.ts'

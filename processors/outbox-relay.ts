@@ -1,3 +1,6 @@
+/**
+ * The alerts processor's companion: publishes the notification outbox to FLEET_NOTIFICATIONS once each.
+ */
 import { jetstream } from '@nats-io/jetstream'
 import { headers as natsHeaders } from '@nats-io/transport-node'
 import { sql } from 'kysely'

@@ -1,3 +1,7 @@
+/**
+ * Slots: what one instance of a processor owns (the whole stream or one partition), their keys and
+ * filters, and the check that FLEET_EVENTS is laid out as FLEET_PARTITIONS says.
+ */
 import { JetStreamApiCodes, JetStreamApiError, type JetStreamManager } from '@nats-io/jetstream'
 import { sql } from 'kysely'
 import type { Config } from '../infra/config.ts'

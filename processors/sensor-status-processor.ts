@@ -1,3 +1,6 @@
+/**
+ * The sensor-status processor's spec: what it reads, handles and writes.
+ */
 import type { Config } from '../infra/config.ts'
 import { anyEvents } from '../projections/projection.ts'
 import { sensorStatusProjection } from '../projections/sensor-status.ts'

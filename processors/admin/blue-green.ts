@@ -1,3 +1,7 @@
+/**
+ * The blue/green tables of a rebuild: the scratch schema, its analysis, the live tables' lock,
+ * the swap and the retired schema (used by processors/admin/rebuild-projection.ts).
+ */
 import { sql, type Kysely, type Transaction } from 'kysely'
 import { lockCheckpoints, type CheckpointPosition } from '../progress/checkpoints.ts'
 import { ownRows } from '../partitions.ts'

@@ -1,3 +1,7 @@
+/**
+ * Rebuilds one processor's projection from stream sequence 1 into scratch tables while the live
+ * one keeps serving, then swaps them in (`fleetstream rebuild`).
+ */
 import { jetstream, type JetStreamClient, type JsMsg } from '@nats-io/jetstream'
 import type { Kysely, Transaction } from 'kysely'
 import { createKysely, createPool } from '../../infra/database.ts'

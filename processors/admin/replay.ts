@@ -1,3 +1,7 @@
+/**
+ * Replays a processor from an earlier stream sequence (`fleetstream replay`): where to start, the
+ * checkpoint moved back under the admin lock, and how far the processor has come back since.
+ */
 import { jetstream } from '@nats-io/jetstream'
 import type { Kysely } from 'kysely'
 import type { Database } from '../../projections/tables.ts'

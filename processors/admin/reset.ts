@@ -1,3 +1,6 @@
+/**
+ * Resets a projection: its tables emptied, its checkpoint and marks forgotten.
+ */
 import { sql, type Kysely } from 'kysely'
 import { ownRows } from '../partitions.ts'
 import { forgetCheckpoints } from '../progress/checkpoints.ts'

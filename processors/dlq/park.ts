@@ -1,3 +1,7 @@
+/**
+ * Parking an event in FLEET_DLQ: the bounded entry (original headers and body, with why), its
+ * dedup key, and reading back what a processor parked.
+ */
 import { createHash } from 'node:crypto'
 import type { JetStreamClient, JetStreamManager, JsMsg } from '@nats-io/jetstream'
 import { headers as natsHeaders, type MsgHdrs } from '@nats-io/transport-node'

@@ -42,7 +42,7 @@ export async function readCheckpoint(
   return { lastSeq: row?.last_seq ?? 0, hlc: row?.hlc ?? null }
 }
 
-/** A commit's range of the stream, (fromSeq, lastSeq], and what it read there (processors/stream-marks.ts). */
+/** A commit's range of the stream, (fromSeq, lastSeq], and what it read there (processors/progress/stream-marks.ts). */
 export interface StreamMark {
   /** The checkpoint the commit started from. */
   readonly fromSeq: number

@@ -47,8 +47,8 @@ export const REBALANCE_MS = 2_000
  * need the same heartbeat plus a clock to compare; here the server's own timer ends the session
  * and releases the locks, and nothing else has to expire or be cleaned up. A holder that wakes
  * (or is reconnected) after that cannot commit: every transaction of a slot checks, just before
- * `commit`, that this session still holds the slot's lock (processors/slot-fence.ts), and the
- * checkpoint moves only from where it was (projections/checkpoints.ts).
+ * `commit`, that this session still holds the slot's lock (processors/progress/slot-fence.ts), and the
+ * checkpoint moves only from where it was (processors/progress/checkpoints.ts).
  *
  * Slots are shared out by rank: with M live instances, the one of rank r (by index) should own
  * the slots whose position modulo M is r. An instance gives up a slot it should no longer own

@@ -1,3 +1,7 @@
+/**
+ * The slot fence: a slot's transactions commit only while this instance's lease still holds the
+ * slot's lock (processors/progress/locks.ts).
+ */
 import {
   CompiledQuery,
   Kysely,
@@ -37,7 +41,7 @@ export class SlotLostError extends CheckpointConflictError {
  * its row locks never hold up the instance that takes the slot over.
  *
  * Between that check and the commit's arrival the lease can still run out; the checkpoint fence
- * (projections/checkpoints.ts) covers that gap: of two commits from one checkpoint, one fails.
+ * (processors/progress/checkpoints.ts) covers that gap: of two commits from one checkpoint, one fails.
  *
  * ```ts
  * const db = fencedDatabase(pool, lease, 'readings-p2')

@@ -1,3 +1,7 @@
+/**
+ * Stream marks: per commit, a digest of the stream range it applied, and the reads that find where
+ * FLEET_EVENTS stopped agreeing with them (used by processors/runner/stream-watch.ts).
+ */
 import { createHash } from 'node:crypto'
 import type { JetStreamManager, JsMsg } from '@nats-io/jetstream'
 import { sql, type Kysely, type Transaction } from 'kysely'

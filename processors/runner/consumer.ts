@@ -1,3 +1,7 @@
+/**
+ * A slot's durable consumer: its spec and config, anchoring it at the checkpoint, its info, and the
+ * bounded buffer its messages wait in.
+ */
 import {
   AckPolicy,
   DeliverPolicy,

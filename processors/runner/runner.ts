@@ -120,7 +120,7 @@ class ProcessorRunner implements RunningProcessor {
     const wake = new Wakeup()
     const lease = await Lease.open(this.#deps.pool, this.name, (err) => {
       // Frozen, cut off, or the connection broke: another instance may own these slots already.
-      // Their transactions cannot commit any more (processors/slot-fence.ts); end them now.
+      // Their transactions cannot commit any more (processors/progress/slot-fence.ts); end them now.
       this.#log.warn(
         { err: errorSummary(err), slots: [...owned.keys()].map((s) => s.key) },
         "lost the Postgres session that holds this instance's slots; giving them up",
