@@ -110,11 +110,6 @@ export function compareHlc(a: Hlc, b: Hlc): number {
   return a.node === b.node ? 0 : a.node < b.node ? -1 : 1
 }
 
-/** The later of two encoded HLCs (string order is clock order). */
-export function maxHlc(a: string, b: string): string {
-  return a >= b ? a : b
-}
-
 /**
  * Throws {@link ClockSkewError} when `remote` is more than `maxOffsetMs` ahead of `referenceMs`.
  * Processors pass the stream's append time as the reference, so a replay decides the same way.

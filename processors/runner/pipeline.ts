@@ -64,7 +64,7 @@ export async function runPipeline(
  * checkpoint the batch in flight leaves) or repeated, and decides the rest in stream order.
  * Pure CPU: nothing is parked, written or acked here.
  */
-export function prepare(state: SlotState, batch: JsMsg[], from: number): Prepared {
+function prepare(state: SlotState, batch: JsMsg[], from: number): Prepared {
   const counters = state.ctx.counters
   counters.received(batch.length)
   const spans = new BatchSpans(state.slot.processor, state.slot.filterSubject, batch)
@@ -110,7 +110,7 @@ export interface Accepted {
   readonly event: ProjectedEvent
 }
 
-export interface Refused {
+interface Refused {
   readonly msg: JsMsg
   readonly reason: RejectReason
   readonly detail: string
