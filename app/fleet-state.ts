@@ -9,13 +9,14 @@ import {
   type JetStreamManager,
   type StreamInfo,
 } from '@nats-io/jetstream'
-import { sql, type Kysely } from 'kysely'
+import type { Kysely } from 'kysely'
 import type { Config } from '../infra/config.ts'
-import { consumerInfo } from '../processors/consumer.ts'
+import { consumerInfo } from '../processors/runner/consumer.ts'
 import { slotsOf } from '../processors/partitions.ts'
-import type { ProcessorSpec } from '../processors/processor.ts'
+import { readCheckpointRows } from '../processors/progress/checkpoints.ts'
+import type { ProcessorSpec } from '../processors/runner/types.ts'
 import type { Database } from '../projections/tables.ts'
-import { dlqDepth } from '../cli/dlq.ts'
+import { dlqDepth } from '../processors/dlq/inspect.ts'
 
 /**
  * A processor as the figures see it: one per slot (the processor itself, or one of its
@@ -179,21 +180,16 @@ export async function readCheckpoints(
   names: readonly string[],
 ): Promise<Record<string, CheckpointFigures>> {
   if (names.length === 0) return {}
-  const rows = await db
-    .selectFrom('processor_checkpoints')
-    .select([
-      'processor',
-      'last_seq',
-      'hlc',
-      'updated_at',
-      sql<number>`extract(epoch from now() - updated_at)::float8`.as('age'),
-    ])
-    .where('processor', 'in', names)
-    .execute()
+  const rows = await readCheckpointRows(db, names)
   return Object.fromEntries(
     rows.map((r) => [
       r.processor,
-      { lastSeq: r.last_seq, hlc: r.hlc, updatedAt: r.updated_at, ageSeconds: Math.max(0, r.age) },
+      {
+        lastSeq: r.lastSeq,
+        hlc: r.hlc,
+        updatedAt: r.updatedAt,
+        ageSeconds: Math.max(0, r.ageSeconds),
+      },
     ]),
   )
 }

@@ -9,6 +9,7 @@ import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline, type Publisher } from '../infra/publisher.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
 import { slotsOf } from '../processors/partitions.ts'
+import { readCheckpointSeqs } from '../processors/progress/checkpoints.ts'
 import {
   type BenchEvent,
   BenchError,
@@ -41,10 +42,11 @@ export async function ingest(
 }
 
 async function checkpoints(rt: Runtime): Promise<Map<string, number>> {
-  const { rows } = await rt.pool.query<{ processor: string; last_seq: string }>(
-    'select processor, last_seq from processor_checkpoints',
+  const slots = PROCESSOR_NAMES.flatMap((n) => slotsOf(rt.processors[n], rt.config))
+  return readCheckpointSeqs(
+    rt.db,
+    slots.map((s) => s.key),
   )
-  return new Map(rows.map((r) => [r.processor, Number(r.last_seq)]))
 }
 
 /** The newest stream sequence each slot's filter matches: where its checkpoint must get to. */

@@ -1,5 +1,5 @@
 /** `dlq list` as a table that fits the terminal, each column cut so no value pushes the rest. */
-import type { DeadLetterEntry } from './dlq.ts'
+import type { DeadLetterEntry } from '../processors/dlq/inspect.ts'
 import { cell, fit, printable, widthOf } from './terminal.ts'
 
 /** Widest a column gets before its values are cut (a hostile subject or reason cannot push the rest). */

@@ -19,7 +19,7 @@ import { credentialsRefused, natsConnectOptions } from '../infra/nats.ts'
 import { redact } from '../infra/redact.ts'
 import { errorSummary, withBackoff } from '../infra/retry.ts'
 import { sleep } from '../infra/sleep.ts'
-import type { ProcessorSpec } from '../processors/processor.ts'
+import type { ProcessorSpec } from '../processors/runner/types.ts'
 import type { Database } from '../projections/tables.ts'
 import {
   processorRefs,

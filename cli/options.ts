@@ -7,7 +7,7 @@
 import { InvalidArgumentError, Option } from 'commander'
 import { OperatorError } from '../infra/errors.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
-import type { ReplayFrom } from '../processors/replay.ts'
+import type { ReplayFrom } from '../processors/admin/replay.ts'
 import { DEVICE_ID_PATTERN, SYSTEM_SOURCE } from '../schemas/envelope.ts'
 
 /**

@@ -13,7 +13,7 @@
  * figures as plain lines that a log reads well.
  */
 import type { Publisher } from '../infra/publisher.ts'
-import type { RunningProcessor } from '../processors/processor.ts'
+import type { RunningProcessor } from '../processors/runner/types.ts'
 import type { Runtime } from '../app/runtime.ts'
 import { startSampler, type StartSample } from './start-sampler.ts'
 import { columnsOf, fit, liveRegion, type LiveRegion } from './terminal.ts'

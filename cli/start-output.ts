@@ -2,7 +2,7 @@
 import type { Config } from '../infra/config.ts'
 import type { Publisher } from '../infra/publisher.ts'
 import { redact } from '../infra/redact.ts'
-import type { RunningProcessor } from '../processors/processor.ts'
+import type { RunningProcessor } from '../processors/runner/types.ts'
 import { shellUrl } from './copy-paste.ts'
 import { fmt, type Progress } from './progress.ts'
 import type { Runtime } from '../app/runtime.ts'

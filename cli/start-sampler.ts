@@ -1,7 +1,7 @@
 /** The figures `start` shows while it runs (consumer lags, publish rate), read once a second. */
 import type { Publisher } from '../infra/publisher.ts'
-import { consumerInfo } from '../processors/consumer.ts'
-import type { RunningProcessor } from '../processors/processor.ts'
+import { consumerInfo } from '../processors/runner/consumer.ts'
+import type { RunningProcessor } from '../processors/runner/types.ts'
 import type { Runtime } from '../app/runtime.ts'
 
 /**

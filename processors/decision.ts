@@ -1,3 +1,6 @@
+/**
+ * The one decision per message (apply, refuse or skip) shared by the live run and a rebuild.
+ */
 import type { JsMsg } from '@nats-io/jetstream'
 import type { ProjectedEvent } from '../projections/projection.ts'
 import { decodeEvent, type RejectReason } from '../schemas/decode.ts'

@@ -1,9 +1,12 @@
+/**
+ * The processors fleetstream runs, by name (their specs are the *-processor.ts files beside it).
+ */
 import { defaultAlertRulesPath, loadAlertRules } from '../infra/alert-rules-file.ts'
 import type { Config } from '../infra/config.ts'
-import { alertsProcessor } from './alerts.ts'
-import type { ProcessorSpec } from './processor.ts'
-import { readingsProcessor } from './readings.ts'
-import { sensorStatusProcessor } from './sensor-status.ts'
+import { alertsProcessor } from './alerts-processor.ts'
+import type { ProcessorSpec } from './runner/types.ts'
+import { readingsProcessor } from './readings-processor.ts'
+import { sensorStatusProcessor } from './sensor-status-processor.ts'
 
 /** Every processor fleetstream runs. */
 export const PROCESSOR_NAMES = ['sensor-status', 'readings', 'alerts'] as const

@@ -1,32 +1,10 @@
+/**
+ * The Prometheus metrics of a fleetstream process: each processor's instruments
+ * (runner/types.ts, ProcessorMetrics) and the lag figures sampled in the background.
+ */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { BreakerState } from '../infra/failures.ts'
-import type { ProjectedEvent } from '../projections/projection.ts'
-import type { RejectReason } from '../schemas/decode.ts'
-import type { ProcessorStats, RunningProcessor } from './processor.ts'
-
-/**
- * What a processor reports as it works, with its name already bound as the `processor` label.
- * The runner calls it; it never throws and never waits.
- *
- * ```ts
- * const m = metrics.register(runner)
- * m.committed(events) // end-to-end latency of each, events processed
- * ```
- */
-export interface ProcessorMetrics {
-  /** A batch was committed and acked: how many messages it held and how long it took. */
-  batch(size: number, seconds: number): void
-  /** Events committed to the read model with the checkpoint. */
-  committed(events: readonly ProjectedEvent[]): void
-  /** An event was parked in FLEET_DLQ. */
-  parked(reason: RejectReason): void
-  /** A redelivery at or below the checkpoint (or a redrive for another processor) was acked unapplied. */
-  skipped(): void
-  /** A transaction failed transiently and is tried again. */
-  retried(): void
-  /** The stream no longer held what was applied, and the checkpoint went back (a failover). */
-  rewound(): void
-}
+import type { MetricsSink, ProcessorStats, RunningProcessor } from './runner/types.ts'
 
 /**
  * Lag figures read from NATS and Postgres in the background. A part that could not be read in
@@ -70,13 +48,8 @@ export interface LagSample {
  * const text = await metrics.registry.metrics()
  * ```
  */
-export interface Metrics {
+export interface Metrics extends MetricsSink {
   readonly registry: Registry
-  /**
-   * Exports a processor's state, circuit breaker, lag and DLQ depth from now on, and returns the
-   * instruments it reports to (the runner calls this when it starts).
-   */
-  register(processor: RunningProcessor): ProcessorMetrics
   /** Every processor registered in this process. */
   readonly processors: readonly RunningProcessor[]
   /**

@@ -1,9 +1,12 @@
+/**
+ * The alerts processor's companion: publishes the notification outbox to FLEET_NOTIFICATIONS once each.
+ */
 import { jetstream } from '@nats-io/jetstream'
 import { headers as natsHeaders } from '@nats-io/transport-node'
 import { sql } from 'kysely'
 import { errorSummary } from '../infra/retry.ts'
 import { sleep } from '../infra/sleep.ts'
-import type { ProcessorDeps } from './processor.ts'
+import type { ProcessorDeps } from './runner/types.ts'
 
 const BATCH = 100
 const IDLE_MS = 500

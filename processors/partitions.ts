@@ -1,8 +1,13 @@
+/**
+ * Slots: what one instance of a processor owns (the whole stream or one partition), their keys and
+ * filters, and the check that FLEET_EVENTS is laid out as FLEET_PARTITIONS says.
+ */
 import { JetStreamApiCodes, JetStreamApiError, type JetStreamManager } from '@nats-io/jetstream'
-import type pg from 'pg'
+import { sql } from 'kysely'
 import type { Config } from '../infra/config.ts'
 import { EVENTS_SUBJECT_PREFIX, eventsFilter } from '../schemas/subjects.ts'
-import type { ProcessorSpec } from './processor.ts'
+import type { ProcessorSpec } from './runner/types.ts'
+import { OperatorError } from '../infra/errors.ts'
 
 /**
  * What one instance owns at a time: the whole stream of a processor (not partitioned), or one
@@ -56,285 +61,16 @@ export function processorFilter(_spec: ProcessorSpec, config: Pick<Config, 'part
   return eventsFilter('all', config.partitions === 0 ? undefined : '*')
 }
 
-/** The advisory lock a slot's owner holds (`pg_locks` shows it as classid/objid). */
-export const SLOT_LOCK_CLASS = 'fleetstream-processor'
-/** Instances of a processor announce themselves with a lock of this class and their index. */
-const MEMBER_LOCK_CLASS = 'fleetstream-member'
-/** More instances of one processor than this wait for an index. */
-const MAX_MEMBERS = 64
-
 /**
- * How long an instance keeps its slots once it stops speaking on its lock session: the server ends
- * a lock session silent for this long (`idle_session_timeout`, PostgreSQL 14+), and its locks with
- * it, so a frozen (SIGSTOP, a stalled VM) or cut-off holder's slots go to the others within
- * this plus {@link REBALANCE_MS} plus re-anchoring a consumer. The holder itself counts its slots
- * lost this long after it last sent a query that was answered, whether or not it can reach the
- * server (a partition), so it stops first: the server's clock starts later, at its answer.
+ * The rows keyed by `projection`'s name or one of its slots' (`<name>-p<N>`, see {@link slotsOf}):
+ * its checkpoints, or its rows of a table several projections share (processors/admin/blue-green.ts).
  */
-export const LEASE_TIMEOUT_MS = 10_000
-/** How often an instance speaks on its lock session: several heartbeats fit in the timeout. */
-const HEARTBEAT_MS = 2_000
-/** How often an instance looks at who else is running, to take or give up slots. */
-export const REBALANCE_MS = 2_000
-
-/**
- * One Postgres session that holds an instance's locks: its membership (an index among the live
- * instances of its processor) and the slots it owns. When the instance dies, Postgres ends the
- * session and every lock goes with it, so another instance can take the slots over.
- *
- * An instance that is alive to Postgres but no longer works (frozen, or on the far side of a
- * partition, where its session would otherwise last until the OS gives up on TCP, ~2 h) must
- * lose its slots too: the session is set to end after {@link LEASE_TIMEOUT_MS} without a query,
- * and a heartbeat speaks every {@link HEARTBEAT_MS}. A lease with an expiry in a table would
- * need the same heartbeat plus a clock to compare; here the server's own timer ends the session
- * and releases the locks, and nothing else has to expire or be cleaned up. A holder that wakes
- * (or is reconnected) after that cannot commit: every transaction of a slot checks, just before
- * `commit`, that this session still holds the slot's lock (processors/slot-fence.ts), and the
- * checkpoint moves only from where it was (projections/checkpoints.ts).
- *
- * Slots are shared out by rank: with M live instances, the one of rank r (by index) should own
- * the slots whose position modulo M is r. An instance gives up a slot it should no longer own
- * (after its batch in hand) and takes one it should own as soon as the lock is free.
- */
-export class Lease {
-  /** Set when the session broke or went silent too long: nothing is owned any more. */
-  lost: Error | undefined
-  /** The backend process holding the locks (`pg_locks.pid`). */
-  readonly pid: number
-  #member: number | undefined
-  #closed = false
-  /** When the newest query that was answered was sent (`performance.now()`). */
-  #renewedAt: number
-  /** Queries on the session run one at a time, in order; this settles when the last one has. */
-  #queue: Promise<unknown> = Promise.resolve()
-  #queued = 0
-  /** Rejects when the lease is lost, so a query waiting on a silent socket gives up at once. */
-  readonly #lostSignal: Promise<never>
-  #rejectLost: (err: Error) => void = () => undefined
-  readonly #heartbeat: NodeJS.Timeout
-  readonly #client: pg.PoolClient
-  readonly #processor: string
-  readonly #onLost: (err: Error) => void
-  readonly #onError = (err: Error) => {
-    this.#lose(err)
-  }
-
-  private constructor(
-    client: pg.PoolClient,
-    pid: number,
-    renewedAt: number,
-    processor: string,
-    onLost: (err: Error) => void,
-  ) {
-    this.#client = client
-    this.pid = pid
-    this.#renewedAt = renewedAt
-    this.#processor = processor
-    this.#onLost = onLost
-    this.#lostSignal = new Promise<never>((_, reject) => {
-      this.#rejectLost = reject
-    })
-    this.#lostSignal.catch(() => undefined)
-    client.on('error', this.#onError)
-    this.#heartbeat = setInterval(() => void this.#beat(), HEARTBEAT_MS)
-    this.#heartbeat.unref()
-  }
-
-  /**
-   * A session of its own from `pool`, set to end when silent for {@link LEASE_TIMEOUT_MS};
-   * `onLost` is called once, when it breaks or goes silent.
-   */
-  static async open(
-    pool: pg.Pool,
-    processor: string,
-    onLost: (err: Error) => void,
-  ): Promise<Lease> {
-    const client = await pool.connect()
-    try {
-      const sent = performance.now()
-      const r = await client.query<{ pid: number }>(
-        `select pg_backend_pid() as pid, set_config('idle_session_timeout', $1, false)`,
-        [String(LEASE_TIMEOUT_MS)],
-      )
-      return new Lease(client, r.rows[0]?.pid ?? 0, sent, processor, onLost)
-    } catch (err) {
-      client.release(err instanceof Error ? err : true)
-      throw err
-    }
-  }
-
-  /** This instance's index among its processor's instances, once joined. */
-  get member(): number | undefined {
-    return this.#member
-  }
-
-  /**
-   * Takes a free member index above the live ones (wrapping round to the lowest free), so an
-   * instance that comes back ranks after those running and stands by rather than taking slots
-   * back; `false` when all are taken.
-   */
-  async join(): Promise<boolean> {
-    const live = await this.members()
-    const after = live.length === 0 ? 0 : Math.max(...live) + 1
-    for (let k = 0; k < MAX_MEMBERS; k++) {
-      const i = (after + k) % MAX_MEMBERS
-      const r = await this.#query<{ ok: boolean }>(
-        'select pg_try_advisory_lock(hashtext($1), $2) as ok',
-        [this.#memberClass, i],
-      )
-      if (r.rows[0]?.ok === true) {
-        this.#member = i
-        return true
-      }
-    }
-    return false
-  }
-
-  /** The indexes of the live instances of this processor (this one included), ascending. */
-  async members(): Promise<number[]> {
-    const r = await this.#query<{ i: number }>(
-      `select objid::int as i from pg_locks
-        where locktype = 'advisory' and granted and objsubid = 2
-          and database = (select oid from pg_database where datname = current_database())
-          and classid = hashtext($1)::oid
-        order by 1`,
-      [this.#memberClass],
-    )
-    return r.rows.map((row) => row.i)
-  }
-
-  /** Which of `slots` this instance should own, given the live instances. */
-  async share<T>(slots: readonly T[]): Promise<Set<T>> {
-    const me = this.#member
-    if (me === undefined) return new Set()
-    const members = await this.members()
-    const rank = Math.max(0, members.indexOf(me))
-    const count = Math.max(1, members.length)
-    return new Set(slots.filter((_, i) => i % count === rank))
-  }
-
-  /** Takes the slot's lock if no other instance holds it. */
-  async tryAcquire(slotKey: string): Promise<boolean> {
-    const r = await this.#query<{ ok: boolean }>(
-      'select pg_try_advisory_lock(hashtext($1), hashtext($2)) as ok',
-      [SLOT_LOCK_CLASS, slotKey],
-    )
-    return r.rows[0]?.ok === true
-  }
-
-  async release(slotKey: string): Promise<void> {
-    if (this.lost || this.#closed) return
-    await this.#query('select pg_advisory_unlock(hashtext($1), hashtext($2))', [
-      SLOT_LOCK_CLASS,
-      slotKey,
-    ])
-  }
-
-  /**
-   * Gives every lock back and closes the session (it was set to time out: it does not go back to
-   * the pool). The error listener stays until then: a connection dying meanwhile with no listener
-   * would crash the process.
-   */
-  async close(): Promise<void> {
-    if (this.#closed) return
-    this.#closed = true
-    clearInterval(this.#heartbeat)
-    await this.#queue // settles within the lease, answered or not
-    if (!this.lost) {
-      await this.#client.query('select pg_advisory_unlock_all()').catch((err: unknown) => {
-        this.lost ??= err instanceof Error ? err : new Error(String(err))
-      })
-    }
-    this.#client.release(this.lost ?? true)
-    this.#client.off('error', this.#onError)
-  }
-
-  get #memberClass(): string {
-    return `${MEMBER_LOCK_CLASS}:${this.#processor}`
-  }
-
-  /**
-   * Speaks on the session so the server keeps it, unless a query is on its way anyway. First
-   * checks the clock: after a freeze (the process was stopped longer than the timeout) the
-   * server has ended the session already, whatever the socket says yet.
-   */
-  async #beat(): Promise<void> {
-    if (this.lost || this.#closed) return
-    const silent = performance.now() - this.#renewedAt
-    if (silent > LEASE_TIMEOUT_MS) {
-      this.#lose(new LeaseExpiredError(silent))
-      return
-    }
-    if (this.#queued === 0) await this.#query('select 1', []).catch(() => undefined)
-  }
-
-  #lose(err: Error): void {
-    if (this.lost) return
-    this.lost = err
-    clearInterval(this.#heartbeat)
-    this.#rejectLost(err)
-    this.#onLost(err)
-  }
-
-  /**
-   * A query on the lock session, after those before it. Any failure, or no answer before the
-   * lease would run out, loses the lease: the server may have ended the session, and a partition
-   * gives no error at all.
-   */
-  #query<R extends pg.QueryResultRow>(text: string, values: unknown[]): Promise<pg.QueryResult<R>> {
-    this.#queued++
-    const run = this.#queue.then(() => this.#send<R>(text, values))
-    this.#queue = run.catch(() => undefined).finally(() => this.#queued--)
-    return run
-  }
-
-  async #send<R extends pg.QueryResultRow>(
-    text: string,
-    values: unknown[],
-  ): Promise<pg.QueryResult<R>> {
-    if (this.lost)
-      throw new Error('the session holding the processor locks was lost', { cause: this.lost })
-    const sent = performance.now()
-    const answer = this.#client.query<R>(text, values)
-    let timer: NodeJS.Timeout | undefined
-    const deadline = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => {
-          reject(new LeaseExpiredError(performance.now() - this.#renewedAt))
-        },
-        Math.max(0, this.#renewedAt + LEASE_TIMEOUT_MS - sent),
-      )
-    })
-    try {
-      const r = await Promise.race([answer, deadline, this.#lostSignal])
-      this.#renewedAt = Math.max(this.#renewedAt, sent)
-      return r
-    } catch (err) {
-      answer.catch(() => undefined) // it may still settle, after the deadline
-      const e = err instanceof Error ? err : new Error(String(err))
-      this.#lose(e)
-      throw e
-    } finally {
-      clearTimeout(timer)
-    }
-  }
-}
-
-/** The lock session said nothing the server answered for longer than the lease lasts. */
-export class LeaseExpiredError extends Error {
-  override readonly name = 'LeaseExpiredError'
-
-  constructor(silentMs: number) {
-    super(
-      `no answer on the session holding the processor locks for ${Math.round(silentMs)} ms (lease ${LEASE_TIMEOUT_MS} ms): the server ends it and its locks, so they count as lost`,
-    )
-  }
+export function ownRows(key: string, projection: string) {
+  return sql<boolean>`(${sql.ref(key)} = ${projection} or ${sql.ref(key)} ~ ${`^${projection}-p[0-9]+$`})`
 }
 
 /** FLEET_EVENTS is laid out otherwise than FLEET_PARTITIONS says: nothing would read some events. */
-export class PartitionLayoutError extends Error {
-  override readonly name = 'PartitionLayoutError'
-}
+export class PartitionLayoutError extends OperatorError {}
 
 /**
  * Checks that the stream's subjects have the layout `partitions` implies, so that a mismatch

@@ -1,3 +1,6 @@
+/**
+ * Reads a stream range in order through an ordered consumer (rebuild, replay, the DLQ's readers).
+ */
 import {
   DeliverPolicy,
   type Consumer,

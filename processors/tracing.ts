@@ -1,3 +1,6 @@
+/**
+ * The OpenTelemetry spans of a processed batch and of each of its events.
+ */
 import type { JsMsg } from '@nats-io/jetstream'
 import {
   INVALID_SPAN_CONTEXT,

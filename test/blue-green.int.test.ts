@@ -10,7 +10,7 @@ import {
   RebuildRefusedError,
   retiredSchemaName,
   swapIn,
-} from '../projections/blue-green.ts'
+} from '../processors/admin/blue-green.ts'
 import { migrateToLatest } from '../projections/migrate.ts'
 import { anyEvents } from '../projections/projection.ts'
 import { readingsProjection } from '../projections/readings.ts'

@@ -1,7 +1,7 @@
 import type { JsMsg } from '@nats-io/jetstream'
 import { headers, type MsgHdrs } from '@nats-io/transport-node'
 import { describe, expect, it } from 'vitest'
-import { jsonDepth } from '../cli/dlq.ts'
+import { jsonDepth } from '../processors/dlq/inspect.ts'
 import { decide } from '../processors/decision.ts'
 import {
   deadLetterEntry,
@@ -9,7 +9,7 @@ import {
   originalHeaders,
   parkedKey,
   unescapeHeaderText,
-} from '../processors/dlq.ts'
+} from '../processors/dlq/park.ts'
 import { parseRedrive, redriveSubject } from '../schemas/subjects.ts'
 
 /** A message as a consumer delivers it, enough for the DLQ and decide(). */

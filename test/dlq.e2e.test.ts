@@ -1,9 +1,10 @@
 import { headers } from '@nats-io/transport-node'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { DeadLetterEntry } from '../cli/dlq.ts'
+import type { DeadLetterEntry } from '../processors/dlq/inspect.ts'
 import type { Runtime } from '../app/runtime.ts'
-import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
-import { readingsProcessor } from '../processors/readings.ts'
+import { startProcessor } from '../processors/runner/runner.ts'
+import { type RunningProcessor } from '../processors/runner/types.ts'
+import { readingsProcessor } from '../processors/readings-processor.ts'
 import type { NatsServer } from './harness/index.ts'
 import {
   allCaughtUp,

@@ -1,8 +1,9 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { PublishPipeline } from '../infra/publisher.ts'
 import type { Runtime } from '../app/runtime.ts'
-import { startProcessor, type RunningProcessor } from '../processors/processor.ts'
-import { readingsProcessor } from '../processors/readings.ts'
+import { startProcessor } from '../processors/runner/runner.ts'
+import { type RunningProcessor } from '../processors/runner/types.ts'
+import { readingsProcessor } from '../processors/readings-processor.ts'
 import { startNatsServer, startPostgres, type NatsServer, type PgCluster } from './harness/index.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime, waitFor } from './fixtures.ts'
 

@@ -3,12 +3,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline, type PublishResult } from '../infra/publisher.ts'
 import { slotsOf } from '../processors/partitions.ts'
-import {
-  startProcessor,
-  type ProcessorSpec,
-  type RunningProcessor,
-} from '../processors/processor.ts'
-import { readingsProcessor } from '../processors/readings.ts'
+import { startProcessor } from '../processors/runner/runner.ts'
+import { type ProcessorSpec, type RunningProcessor } from '../processors/runner/types.ts'
+import { readingsProcessor } from '../processors/readings-processor.ts'
 import { partitionMapping, partitionOf } from '../schemas/subjects.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime, waitFor } from './fixtures.ts'

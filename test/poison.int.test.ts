@@ -3,13 +3,10 @@ import { sql } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
-import {
-  startProcessor,
-  type ProcessorSpec,
-  type RunningProcessor,
-} from '../processors/processor.ts'
-import { originalHeaders } from '../processors/dlq.ts'
-import { readingsProcessor } from '../processors/readings.ts'
+import { startProcessor } from '../processors/runner/runner.ts'
+import { type ProcessorSpec, type RunningProcessor } from '../processors/runner/types.ts'
+import { originalHeaders } from '../processors/dlq/park.ts'
+import { readingsProcessor } from '../processors/readings-processor.ts'
 import type { ProjectedEvent } from '../projections/projection.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
 import { Headers } from '../schemas/subjects.ts'

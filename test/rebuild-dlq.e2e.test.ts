@@ -3,7 +3,7 @@ import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
-import { scratchSchemaName } from '../processors/rebuild.ts'
+import { scratchSchemaName } from '../processors/admin/blue-green.ts'
 import { simulateFleet } from '../simulator/fleet.ts'
 import type { NatsServer } from './harness/index.ts'
 import {

@@ -2,7 +2,7 @@ import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import { PROCESSOR_NAMES } from '../processors/index.ts'
-import { resetProjection } from '../projections/reset.ts'
+import { resetProjection } from '../processors/admin/reset.ts'
 import { simulateFleet } from '../simulator/fleet.ts'
 import { startNatsServer, freshDatabase, type NatsServer } from './harness/index.ts'
 import {

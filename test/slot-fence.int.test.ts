@@ -1,9 +1,9 @@
 import { sql } from 'kysely'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
-import { advanceCheckpoint, readCheckpoint } from '../projections/checkpoints.ts'
-import { LEASE_TIMEOUT_MS, Lease } from '../processors/partitions.ts'
-import { fencedDatabase, SlotLostError } from '../processors/slot-fence.ts'
+import { advanceCheckpoint, readCheckpoint } from '../processors/progress/checkpoints.ts'
+import { LEASE_TIMEOUT_MS, Lease } from '../processors/progress/locks.ts'
+import { fencedDatabase, SlotLostError } from '../processors/progress/slot-fence.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import { testConfig, testRuntime, waitFor } from './fixtures.ts'
 

@@ -1,7 +1,7 @@
 import { sql } from 'kysely'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
-import { findDivergence, MarkDigest, sweepMarks } from '../processors/stream-marks.ts'
+import { findDivergence, MarkDigest, sweepMarks } from '../processors/progress/stream-marks.ts'
 import { eventsFilter } from '../schemas/subjects.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime } from './fixtures.ts'

@@ -1,6 +1,6 @@
 import type { JsMsg } from '@nats-io/jetstream'
 import { describe, expect, it } from 'vitest'
-import { MarkDigest, markOf } from '../processors/stream-marks.ts'
+import { MarkDigest, markOf } from '../processors/progress/stream-marks.ts'
 import { subjectMatches } from '../schemas/subjects.ts'
 
 const enc = new TextEncoder()

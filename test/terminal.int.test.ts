@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import { widthOf } from '../cli/terminal.ts'
-import { startProcessor } from '../processors/processor.ts'
+import { startProcessor } from '../processors/runner/runner.ts'
 import type { NatsServer } from './harness/index.ts'
 import {
   allCaughtUp,

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import type { DeadLetterEntry } from '../cli/dlq.ts'
+import type { DeadLetterEntry } from '../processors/dlq/inspect.ts'
 import { formatDlqTable } from '../cli/dlq-table.ts'
 import { cell, fit, printable, widthOf } from '../cli/terminal.ts'
 

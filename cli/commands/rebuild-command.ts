@@ -15,15 +15,15 @@ import {
 } from '../options.ts'
 import { sleep } from '../../infra/sleep.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../../processors/index.ts'
-import { rebuildProjection } from '../../processors/rebuild.ts'
+import { rebuildProjection } from '../../processors/admin/rebuild-projection.ts'
 import {
   moveCheckpointBack,
-  processorRunning,
   replayProgress,
   replayStart,
   type ReplayFrom,
   type ReplayMove,
-} from '../../processors/replay.ts'
+} from '../../processors/admin/replay.ts'
+import { processorRunning } from '../../processors/progress/locks.ts'
 import { shellUrl } from '../copy-paste.ts'
 import { duration, fmt, progressBar } from '../progress.ts'
 import type { Runtime } from '../../app/runtime.ts'

@@ -7,7 +7,7 @@ import { Command } from 'commander'
 import { startClock } from '../../app/clocks.ts'
 import { setUp } from '../../app/runtime.ts'
 import { PROCESSOR_NAMES } from '../../processors/index.ts'
-import { startProcessor } from '../../processors/processor.ts'
+import { startProcessor } from '../../processors/runner/runner.ts'
 import { withRuntime } from '../command-process.ts'
 import { selectProcessors } from '../options.ts'
 

@@ -1,17 +1,20 @@
+/**
+ * Replays a processor from an earlier stream sequence (`fleetstream replay`): where to start, the
+ * checkpoint moved back under the admin lock, and how far the processor has come back since.
+ */
 import { jetstream } from '@nats-io/jetstream'
-import { sql, type Kysely } from 'kysely'
-import type { Database } from '../projections/tables.ts'
-import type { Config } from '../infra/config.ts'
-import { consumerInfo } from './consumer.ts'
-import { processorFilter, slotsOf, SLOT_LOCK_CLASS } from './partitions.ts'
-import type { ProcessorDeps, ProcessorSpec } from './processor.ts'
-import { withAdminLock } from './rebuild.ts'
-import { StreamReader } from './stream-reader.ts'
+import type { Kysely } from 'kysely'
+import type { Database } from '../../projections/tables.ts'
+import { consumerInfo } from '../runner/consumer.ts'
+import { processorFilter, slotsOf } from '../partitions.ts'
+import type { ProcessorDeps, ProcessorSpec } from '../runner/types.ts'
+import { processorRunning, withAdminLock } from '../progress/locks.ts'
+import { StreamReader } from '../stream-reader.ts'
+import { lockCheckpoints, lowerCheckpoints, readCheckpointSeqs } from '../progress/checkpoints.ts'
+import { OperatorError } from '../../infra/errors.ts'
 
 /** A replay asked for something that cannot be: names the option, the rule and the value. */
-export class ReplayUsageError extends Error {
-  override readonly name = 'ReplayUsageError'
-}
+export class ReplayUsageError extends OperatorError {}
 
 export type ReplayFrom = { readonly seq: number } | { readonly since: Date; readonly text: string }
 
@@ -94,34 +97,17 @@ export async function moveCheckpointBack(
     // Asked first: the running processor lets go of its lock for a moment when it re-anchors.
     const running = await processorRunning(deps.db, spec, deps.config)
     const previous = await deps.db.transaction().execute(async (trx) => {
-      const rows = await trx
-        .selectFrom('processor_checkpoints')
-        .select(['processor', 'last_seq'])
-        .where(
-          'processor',
-          'in',
-          slots.map((s) => s.key),
-        )
-        .forUpdate()
-        .execute()
-      const at = Object.fromEntries(slots.map((s) => [s.key, 0]))
-      for (const r of rows) at[r.processor] = r.last_seq
+      const keys = slots.map((s) => s.key)
+      const at = Object.fromEntries(
+        [...(await lockCheckpoints(trx, keys))].map(([k, p]) => [k, p.lastSeq]),
+      )
       const highest = Math.max(0, ...Object.values(at))
       if (fromSeq - 1 > highest) {
         throw new ReplayUsageError(
           `'--from-seq' must be at most the checkpoint of '${spec.name}' + 1 (${highest + 1}): moving a checkpoint forward would skip events, got '${fromSeq}'`,
         )
       }
-      await trx
-        .updateTable('processor_checkpoints')
-        .set({ last_seq: fromSeq - 1, updated_at: sql<Date>`now()` })
-        .where(
-          'processor',
-          'in',
-          slots.map((s) => s.key),
-        )
-        .where('last_seq', '>', fromSeq - 1)
-        .execute()
+      await lowerCheckpoints(trx, keys, fromSeq - 1)
       return at
     })
     const stream = deps.config.streams.events
@@ -140,24 +126,6 @@ export async function moveCheckpointBack(
   })
 }
 
-/** Whether some instance of the processor holds a slot's lock in this database. */
-export async function processorRunning(
-  db: Kysely<Database>,
-  spec: ProcessorSpec,
-  config: Pick<Config, 'partitions'>,
-): Promise<boolean> {
-  const keys = slotsOf(spec, config).map((s) => s.key)
-  const r = await sql<{ running: boolean }>`
-    select exists (
-      select 1 from pg_locks
-      where locktype = 'advisory' and granted and objsubid = 2
-        and database = (select oid from pg_database where datname = current_database())
-        and classid = hashtext(${SLOT_LOCK_CLASS})::oid
-        and objid in (select hashtext(k)::oid from unnest(${keys}::text[]) as k)
-    ) as running`.execute(db)
-  return r.rows[0]?.running === true
-}
-
 /**
  * How far a replay has come back: caught up when every slot is back where it was; `checkpoint`
  * is the lowest checkpoint of the slots still behind (the highest once all are back).
@@ -167,12 +135,7 @@ export async function replayProgress(
   move: ReplayMove,
 ): Promise<{ checkpoint: number; caughtUp: boolean }> {
   const keys = Object.keys(move.previous)
-  const rows = await db
-    .selectFrom('processor_checkpoints')
-    .select(['processor', 'last_seq'])
-    .where('processor', 'in', keys)
-    .execute()
-  const at = new Map(rows.map((r) => [r.processor, r.last_seq]))
+  const at = await readCheckpointSeqs(db, keys)
   const behind = keys
     .filter((k) => (at.get(k) ?? 0) < (move.previous[k] ?? 0))
     .map((k) => at.get(k) ?? 0)

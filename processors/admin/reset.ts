@@ -1,7 +1,13 @@
+/**
+ * Resets a projection: its tables emptied, its checkpoint and marks forgotten.
+ */
 import { sql, type Kysely } from 'kysely'
-import { ownRows, SHARED_TABLES } from './blue-green.ts'
-import type { AnyProjection } from './projection.ts'
-import type { Database } from './tables.ts'
+import { ownRows } from '../partitions.ts'
+import { forgetCheckpoints } from '../progress/checkpoints.ts'
+import { forgetMarks } from '../progress/stream-marks.ts'
+import { SHARED_TABLES } from './blue-green.ts'
+import type { AnyProjection } from '../../projections/projection.ts'
+import type { Database } from '../../projections/tables.ts'
 
 /**
  * Empties a projection's tables and forgets its checkpoint and stream time, in one transaction,
@@ -25,10 +31,7 @@ export async function resetProjection(
       }
     }
     // The processor's checkpoint, or each of its partitions', and what it read up to there.
-    for (const table of ['processor_checkpoints', 'processor_stream_marks']) {
-      await sql`delete from ${sql.table(table)} where ${ownRows('processor', processor)}`.execute(
-        trx,
-      )
-    }
+    await forgetCheckpoints(trx, processor)
+    await forgetMarks(trx, processor)
   })
 }

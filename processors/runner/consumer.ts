@@ -1,3 +1,7 @@
+/**
+ * A slot's durable consumer: its spec and config, anchoring it at the checkpoint, its info, and the
+ * bounded buffer its messages wait in.
+ */
 import {
   AckPolicy,
   DeliverPolicy,
@@ -10,7 +14,9 @@ import {
   type JsMsg,
 } from '@nats-io/jetstream'
 import { nanos } from '@nats-io/transport-node'
-import type { CheckpointPosition } from '../projections/checkpoints.ts'
+import type { Config } from '../../infra/config.ts'
+import type { Slot } from '../partitions.ts'
+import type { CheckpointPosition } from '../progress/checkpoints.ts'
 
 export interface ConsumerSpec {
   readonly stream: string
@@ -19,6 +25,17 @@ export interface ConsumerSpec {
   readonly filterSubject: string
   readonly maxAckPending: number
   readonly ackWaitSeconds: number
+}
+
+/** The durable consumer of one slot of a processor (one per partition). */
+export function consumerSpecOf(slot: Slot, config: Config): ConsumerSpec {
+  return {
+    stream: config.streams.events,
+    name: slot.key,
+    filterSubject: slot.filterSubject,
+    maxAckPending: config.processor.maxAckPending,
+    ackWaitSeconds: config.processor.ackWaitSeconds,
+  }
 }
 
 /** The durable consumer config for a processor whose checkpoint is at `from`. */

@@ -1,3 +1,7 @@
+/**
+ * The slot fence: a slot's transactions commit only while this instance's lease still holds the
+ * slot's lock (processors/progress/locks.ts).
+ */
 import {
   CompiledQuery,
   Kysely,
@@ -9,9 +13,9 @@ import {
   type TransactionSettings,
 } from 'kysely'
 import type pg from 'pg'
-import { CheckpointConflictError } from '../projections/checkpoints.ts'
-import type { Database } from '../projections/tables.ts'
-import { LEASE_TIMEOUT_MS, SLOT_LOCK_CLASS, type Lease } from './partitions.ts'
+import { CheckpointConflictError } from './checkpoints.ts'
+import type { Database } from '../../projections/tables.ts'
+import { grantedLocks, LEASE_TIMEOUT_MS, SLOT_LOCK_CLASS, sqlLiteral, type Lease } from './locks.ts'
 
 /**
  * The slot's lock is no longer held by the session this instance took it with: the lease ran out
@@ -20,8 +24,6 @@ import { LEASE_TIMEOUT_MS, SLOT_LOCK_CLASS, type Lease } from './partitions.ts'
  * takes it for a failure of the events.
  */
 export class SlotLostError extends CheckpointConflictError {
-  override readonly name = 'SlotLostError'
-
   constructor(slotKey: string, pid: number) {
     super(
       slotKey,
@@ -39,7 +41,7 @@ export class SlotLostError extends CheckpointConflictError {
  * its row locks never hold up the instance that takes the slot over.
  *
  * Between that check and the commit's arrival the lease can still run out; the checkpoint fence
- * (projections/checkpoints.ts) covers that gap: of two commits from one checkpoint, one fails.
+ * (processors/progress/checkpoints.ts) covers that gap: of two commits from one checkpoint, one fails.
  *
  * ```ts
  * const db = fencedDatabase(pool, lease, 'readings-p2')
@@ -60,11 +62,6 @@ export function fencedDatabase(pool: pg.Pool, lease: Lease, slotKey: string): Ky
 /** Raised by the commit's lock check (a user-defined SQLSTATE: class F, not one Postgres uses). */
 const SLOT_LOST_SQLSTATE = 'FSL01'
 
-/** A string as an SQL literal. */
-function quote(s: string): string {
-  return `'${s.replaceAll("'", "''")}'`
-}
-
 /** Ends a transaction of a slot that sits idle longer than this (set per transaction). */
 const IDLE_IN_TRANSACTION = `set local idle_in_transaction_session_timeout = ${LEASE_TIMEOUT_MS / 2}`
 
@@ -82,11 +79,8 @@ class FencedDriver extends PostgresDriver {
     // at the first error, so a failed check leaves the transaction aborted, never committed.
     // Values are literals: an integer and two quoted names.
     const held = `exists (
-         select from pg_locks
-          where locktype = 'advisory' and granted and objsubid = 2 and pid = ${String(lease.pid)}
-            and database = (select oid from pg_database where datname = current_database())
-            and classid = hashtext(${quote(SLOT_LOCK_CLASS)})::oid
-            and objid = hashtext(${quote(slotKey)})::oid)`
+         ${grantedLocks(SLOT_LOCK_CLASS)}
+           and pid = ${String(lease.pid)} and objid = hashtext(${sqlLiteral(slotKey)})::oid)`
     this.#checkAndCommit = CompiledQuery.raw(
       `do $$ begin
          if not ${held} then

@@ -1,7 +1,10 @@
+/**
+ * The sensor-status processor's spec: what it reads, handles and writes.
+ */
 import type { Config } from '../infra/config.ts'
 import { anyEvents } from '../projections/projection.ts'
 import { sensorStatusProjection } from '../projections/sensor-status.ts'
-import type { ProcessorSpec } from './processor.ts'
+import type { ProcessorSpec } from './runner/types.ts'
 
 /**
  * sensor-status

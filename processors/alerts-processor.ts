@@ -1,9 +1,12 @@
+/**
+ * The alerts processor's spec: what it reads, handles and writes.
+ */
 import type { Config } from '../infra/config.ts'
 import { alertsProjection } from '../projections/alerts.ts'
 import type { AlertRules } from '../projections/alert-rules.ts'
 import { anyEvents } from '../projections/projection.ts'
 import { runOutboxRelay } from './outbox-relay.ts'
-import type { ProcessorSpec } from './processor.ts'
+import type { ProcessorSpec } from './runner/types.ts'
 
 /**
  * alerts

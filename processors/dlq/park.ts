@@ -1,9 +1,13 @@
+/**
+ * Parking an event in FLEET_DLQ: the bounded entry (original headers and body, with why), its
+ * dedup key, and reading back what a processor parked.
+ */
 import { createHash } from 'node:crypto'
 import type { JetStreamClient, JetStreamManager, JsMsg } from '@nats-io/jetstream'
 import { headers as natsHeaders, type MsgHdrs } from '@nats-io/transport-node'
-import type { RejectReason } from '../schemas/decode.ts'
-import { DLQ_SUBJECT_PREFIX, Headers } from '../schemas/subjects.ts'
-import { StreamReader } from './stream-reader.ts'
+import type { RejectReason } from '../../schemas/decode.ts'
+import { DLQ_SUBJECT_PREFIX, Headers } from '../../schemas/subjects.ts'
+import { StreamReader } from '../stream-reader.ts'
 
 export interface DeadLetter {
   readonly processor: string

@@ -1,7 +1,13 @@
+/**
+ * The blue/green tables of a rebuild: the scratch schema, its analysis, the live tables' lock,
+ * the swap and the retired schema (used by processors/admin/rebuild-projection.ts).
+ */
 import { sql, type Kysely, type Transaction } from 'kysely'
-import type { CheckpointPosition } from './checkpoints.ts'
-import type { AnyProjection } from './projection.ts'
-import type { Database } from './tables.ts'
+import { lockCheckpoints, type CheckpointPosition } from '../progress/checkpoints.ts'
+import { ownRows } from '../partitions.ts'
+import type { AnyProjection } from '../../projections/projection.ts'
+import type { Database } from '../../projections/tables.ts'
+import { OperatorError } from '../../infra/errors.ts'
 
 /**
  * Blue/green tables for a projection rebuild: the new ("green") tables are built in a scratch
@@ -24,15 +30,8 @@ export const SHARED_TABLES: Readonly<Partial<Record<keyof Database, string>>> = 
   projection_clocks: 'projection',
 }
 
-/** The rows of a shared table that belong to `projection` (see {@link SHARED_TABLES}). */
-export function ownRows(key: string, projection: string) {
-  return sql<boolean>`(${sql.ref(key)} = ${projection} or ${sql.ref(key)} ~ ${`^${projection}-p[0-9]+$`})`
-}
-
 /** A rebuild that cannot be done safely on this database, with the reason. */
-export class RebuildRefusedError extends Error {
-  override readonly name = 'RebuildRefusedError'
-}
+export class RebuildRefusedError extends OperatorError {}
 
 /** `rebuild_<processor>`: where a rebuild writes (hyphens become underscores). */
 export function scratchSchemaName(processor: string): string {
@@ -240,12 +239,7 @@ export async function lockLive(
     )
   }
   // A batch that changed no table (all refused, say) moves only the checkpoint: wait for it too.
-  const rows = await sql<{ processor: string; last_seq: number; hlc: string | null }>`
-    select processor, last_seq, hlc from public.processor_checkpoints
-    where processor = any(${[...slots]}::text[]) order by processor for update`.execute(trx)
-  const live = new Map<string, CheckpointPosition>(slots.map((s) => [s, { lastSeq: 0, hlc: null }]))
-  for (const r of rows.rows) live.set(r.processor, { lastSeq: r.last_seq, hlc: r.hlc })
-  return live
+  return lockCheckpoints(trx, slots)
 }
 
 /**

@@ -1,6 +1,9 @@
+/**
+ * The readings processor's spec: what it reads, handles and writes.
+ */
 import { anyEvents } from '../projections/projection.ts'
 import { readingsProjection } from '../projections/readings.ts'
-import type { ProcessorSpec } from './processor.ts'
+import type { ProcessorSpec } from './runner/types.ts'
 
 /**
  * readings

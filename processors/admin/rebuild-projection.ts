@@ -1,11 +1,14 @@
+/**
+ * Rebuilds one processor's projection from stream sequence 1 into scratch tables while the live
+ * one keeps serving, then swaps them in (`fleetstream rebuild`).
+ */
 import { jetstream, type JetStreamClient, type JsMsg } from '@nats-io/jetstream'
 import type { Kysely, Transaction } from 'kysely'
-import type pg from 'pg'
-import { createKysely, createPool } from '../infra/database.ts'
-import { isTransient } from '../infra/failures.ts'
-import type { Logger } from '../infra/logger.ts'
-import { errorSummary, withBackoff } from '../infra/retry.ts'
-import { sleep } from '../infra/sleep.ts'
+import { createKysely, createPool } from '../../infra/database.ts'
+import { isTransient } from '../../infra/failures.ts'
+import type { Logger } from '../../infra/logger.ts'
+import { errorSummary, withBackoff } from '../../infra/retry.ts'
+import { sleep } from '../../infra/sleep.ts'
 import {
   analyzeScratch,
   discardScratch,
@@ -13,17 +16,22 @@ import {
   lockLive,
   prepareScratch,
   retiredSchemaName,
-  scratchSchemaName,
   swapIn,
-} from '../projections/blue-green.ts'
-import { advanceCheckpoint, type CheckpointPosition } from '../projections/checkpoints.ts'
-import type { ProjectedEvent } from '../projections/projection.ts'
-import type { Database } from '../projections/tables.ts'
-import { decide } from './decision.ts'
-import { parkedEvents, parkedKey } from './dlq.ts'
-import { processorFilter, slotsOf, type Slot } from './partitions.ts'
-import type { ProcessorDeps, ProcessorSpec } from './processor.ts'
-import { StreamReader } from './stream-reader.ts'
+} from './blue-green.ts'
+import {
+  advanceCheckpoint,
+  readCheckpointSeqs,
+  type CheckpointPosition,
+} from '../progress/checkpoints.ts'
+import type { ProjectedEvent } from '../../projections/projection.ts'
+import type { Database } from '../../projections/tables.ts'
+import { decide } from '../decision.ts'
+import { parkedEvents, parkedKey } from '../dlq/park.ts'
+import { processorFilter, slotsOf, type Slot } from '../partitions.ts'
+import type { ProcessorDeps, ProcessorSpec } from '../runner/types.ts'
+import { withAdminLock } from '../progress/locks.ts'
+import { StreamReader } from '../stream-reader.ts'
+import { TransientError } from '../../infra/errors.ts'
 
 export interface RebuildOptions {
   /** Events per transaction into the new tables (default 5000). */
@@ -72,10 +80,8 @@ export interface RebuildResult {
   readonly deferredSwaps: number
 }
 
-/** The rebuild cannot go on; nothing has changed in the live tables. */
-export class RebuildError extends Error {
-  override readonly name = 'RebuildError'
-}
+/** The rebuild cannot go on; nothing has changed in the live tables: starting it again may succeed. */
+export class RebuildError extends TransientError {}
 
 /**
  * Blue/green rebuild of one processor's projection from stream sequence 1 while the live
@@ -124,38 +130,6 @@ export async function rebuildProjection(
       throw err
     }
   })
-}
-
-/**
- * Runs `fn` holding the processor's admin lock (one rebuild or replay of a processor at a time):
- * a session advisory lock on a connection of its own, released by the server if the process dies.
- */
-export async function withAdminLock<T>(
-  pool: pg.Pool,
-  processor: string,
-  what: 'rebuild' | 'replay',
-  fn: () => Promise<T>,
-): Promise<T> {
-  const admin = await pool.connect()
-  const lost: { err?: Error } = {}
-  const onError = (err: Error) => (lost.err = err)
-  admin.on('error', onError)
-  try {
-    const r = await admin.query<{ ok: boolean }>(
-      "select pg_try_advisory_lock(hashtext('fleetstream-admin'), hashtext($1)) as ok",
-      [processor],
-    )
-    if (r.rows[0]?.ok !== true) {
-      throw new RebuildError(
-        `cannot ${what} '${processor}': another rebuild or replay of it is running (it holds the admin lock)`,
-      )
-    }
-    return await fn()
-  } finally {
-    if (!lost.err) await admin.query('select pg_advisory_unlock_all()').catch(() => undefined)
-    admin.release(lost.err)
-    admin.off('error', onError)
-  }
 }
 
 /** What one transaction into the new tables did. */
@@ -313,16 +287,10 @@ class RebuildRun {
   }
 
   async #readLive(): Promise<Map<string, number>> {
-    const rows = await this.#deps.db
-      .selectFrom('processor_checkpoints')
-      .select(['processor', 'last_seq'])
-      .where(
-        'processor',
-        'in',
-        this.#slots.map((s) => s.key),
-      )
-      .execute()
-    return new Map(rows.map((r) => [r.processor, r.last_seq]))
+    return readCheckpointSeqs(
+      this.#deps.db,
+      this.#slots.map((s) => s.key),
+    )
   }
 
   /**
@@ -613,5 +581,3 @@ function isLockTimeout(err: unknown): boolean {
 
 /** Swap attempts before the rebuild gives up (the live processor never let go of its tables). */
 const MAX_DEFERRED_SWAPS = 200
-
-export { scratchSchemaName }

@@ -1,13 +1,14 @@
+/**
+ * Stream marks: per commit, a digest of the stream range it applied, and the reads that find where
+ * FLEET_EVENTS stopped agreeing with them (used by processors/runner/stream-watch.ts).
+ */
 import { createHash } from 'node:crypto'
 import type { JetStreamManager, JsMsg } from '@nats-io/jetstream'
 import { sql, type Kysely, type Transaction } from 'kysely'
-import {
-  CheckpointConflictError,
-  type CheckpointPosition,
-  type StreamMark,
-} from '../projections/checkpoints.ts'
-import type { Database } from '../projections/tables.ts'
-import { subjectMatches } from '../schemas/subjects.ts'
+import { rewindTo, type CheckpointPosition, type StreamMark } from './checkpoints.ts'
+import { ownRows } from '../partitions.ts'
+import type { Database } from '../../projections/tables.ts'
+import { subjectMatches } from '../../schemas/subjects.ts'
 
 /**
  * Stream marks: how a processor notices that FLEET_EVENTS no longer holds what it applied.
@@ -261,15 +262,7 @@ export async function rewindCheckpoint(
       await forgetPast(trx, processor, toSeq)
       return from
     }
-    const moved = await trx
-      .updateTable('processor_checkpoints')
-      .set({ last_seq: toSeq, updated_at: sql<Date>`now()` })
-      .where('processor', '=', processor)
-      .where('last_seq', '=', from.lastSeq)
-      .executeTakeFirst()
-    if (moved.numUpdatedRows !== 1n) {
-      throw new CheckpointConflictError(processor, from.lastSeq)
-    }
+    await rewindTo(trx, processor, from, toSeq)
     await forgetPast(trx, processor, toSeq)
     return { lastSeq: toSeq, hlc: from.hlc }
   })
@@ -294,4 +287,11 @@ export async function pruneMarks(db: Kysely<Database>, processor: string): Promi
     .where('processor', '=', processor)
     .where('committed_at', '<', sql<Date>`now() - make_interval(secs => ${RETENTION_MS / 1000})`)
     .execute()
+}
+
+/** Forgets every mark of the processor and of each of its partitions (a reset), inside `trx`. */
+export async function forgetMarks(trx: Transaction<Database>, processor: string): Promise<void> {
+  await sql`delete from processor_stream_marks where ${ownRows('processor', processor)}`.execute(
+    trx,
+  )
 }
