@@ -2,7 +2,7 @@
  * The figures of a running fleet, read from NATS (stream, consumers, DLQ) and PostgreSQL
  * (checkpoints, open alerts): what `status` reports and the metrics server exports.
  */
-import { TransientError } from '../infra/errors.ts'
+import { TransientError } from '../schemas/errors.ts'
 import {
   JetStreamApiCodes,
   JetStreamApiError,

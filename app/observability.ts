@@ -12,7 +12,7 @@ import {
   type Readiness,
 } from '../infra/metrics-server.ts'
 import { errorSummary } from '../infra/retry.ts'
-import type { ProcessorName } from '../processors/index.ts'
+import type { ProcessorName } from '../processors/processor-registry.ts'
 import { createMetrics, type LagSample, type Metrics } from '../processors/metrics.ts'
 import type { Database } from '../projections/tables.ts'
 import { within } from '../infra/sleep.ts'

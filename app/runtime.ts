@@ -2,7 +2,7 @@
  * How a fleetstream process is assembled: its connections to NATS and PostgreSQL (opened with
  * backoff, bounded for one-shot commands) and the idempotent set-up every run starts with.
  */
-import { TransientError } from '../infra/errors.ts'
+import { TransientError } from '../schemas/errors.ts'
 import {
   jetstream,
   jetstreamManager,
@@ -32,7 +32,11 @@ import { checkPartitionLayout, slotsOf } from '../processors/partitions.ts'
 import { consumerSpecOf } from '../processors/runner/consumer.ts'
 import { type ProcessorSpec } from '../processors/runner/types.ts'
 import { ensureConsumer } from '../processors/runner/consumer.ts'
-import { loadProcessors, PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
+import {
+  loadProcessors,
+  PROCESSOR_NAMES,
+  type ProcessorName,
+} from '../processors/processor-registry.ts'
 import { readCheckpoint } from '../processors/progress/checkpoints.ts'
 import { migrateToLatest } from '../projections/migrate.ts'
 import type { Database } from '../projections/tables.ts'

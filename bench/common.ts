@@ -3,7 +3,7 @@
  * waiting for a condition, the fleetstream CLI as a child process, and CPU and memory figures
  * read from /proc.
  */
-import { FleetstreamError } from '../infra/errors.ts'
+import { FleetstreamError } from '../schemas/errors.ts'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
 import { setTimeout as sleep } from 'node:timers/promises'

@@ -7,7 +7,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { v7 as uuidv7 } from 'uuid'
 import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline, type Publisher } from '../infra/publisher.ts'
-import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
+import { PROCESSOR_NAMES, type ProcessorName } from '../processors/processor-registry.ts'
 import { slotsOf } from '../processors/partitions.ts'
 import { readCheckpointSeqs } from '../processors/progress/checkpoints.ts'
 import {

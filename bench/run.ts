@@ -8,7 +8,7 @@
  * npm run bench -- --json            # the figures as JSON on stdout
  * ```
  */
-import { OperatorError } from '../infra/errors.ts'
+import { OperatorError } from '../schemas/errors.ts'
 import { availableParallelism, cpus, loadavg } from 'node:os'
 import { parseArgs } from 'node:util'
 import { connect } from '@nats-io/transport-node'
@@ -17,7 +17,7 @@ import { openRuntime, setUp, type Runtime } from '../app/runtime.ts'
 import { loadConfig } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
 import { createPublisher } from '../infra/publisher.ts'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { partitionMapping } from '../schemas/subjects.ts'
 import { startNatsServer, type NatsServer } from '../testbed/nats-server.ts'

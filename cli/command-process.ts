@@ -5,7 +5,7 @@
  * was interrupted exits 130 too (see {@link wasInterrupted}).
  */
 import { loadConfig, ConfigError } from '../infra/config.ts'
-import { EXIT_INTERRUPTED } from '../infra/errors.ts'
+import { EXIT_INTERRUPTED } from './exit-codes.ts'
 import { createLogger, type Logger } from '../infra/logger.ts'
 import { redact } from '../infra/redact.ts'
 import { errorSummary } from '../infra/retry.ts'

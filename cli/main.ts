@@ -6,7 +6,7 @@
  * `status` threshold crossed, 130 interrupted.
  */
 import { Command, CommanderError } from 'commander'
-import { EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exitCodeOf, isExpected } from '../infra/errors.ts'
+import { EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exitCodeOf, isExpected } from './exit-codes.ts'
 import { redact } from '../infra/redact.ts'
 import { errorSummary } from '../infra/retry.ts'
 import { alertsCommand } from './commands/alerts-command.ts'

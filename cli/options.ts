@@ -5,8 +5,8 @@
  * '1.5' is invalid. must be an integer >= 1, got '1.5'`) and the CLI exits 2.
  */
 import { InvalidArgumentError, Option } from 'commander'
-import { OperatorError } from '../infra/errors.ts'
-import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
+import { OperatorError } from '../schemas/errors.ts'
+import { PROCESSOR_NAMES, type ProcessorName } from '../processors/processor-registry.ts'
 import type { ReplayFrom } from '../processors/admin/replay.ts'
 import { DEVICE_ID_PATTERN, SYSTEM_SOURCE } from '../schemas/envelope.ts'
 

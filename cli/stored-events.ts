@@ -2,7 +2,7 @@
  * FLEET_EVENTS as the `events` commands read it: one stored event by sequence, a tail that
  * follows new ones through an ordered consumer, and each presented for people or as JSON.
  */
-import { OperatorError } from '../infra/errors.ts'
+import { OperatorError } from '../schemas/errors.ts'
 import { StreamMissingError } from '../app/fleet-state.ts'
 import {
   AckPolicy,

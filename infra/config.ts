@@ -2,7 +2,7 @@ import { hostname } from 'node:os'
 import { z } from 'zod'
 import { HLC_NODE_PATTERN } from '../schemas/hlc.ts'
 import { describeIssues, invalidMessage } from '../schemas/validation.ts'
-import { OperatorError } from './errors.ts'
+import { OperatorError } from '../schemas/errors.ts'
 import { environmentSecrets, redact, redactValue } from './redact.ts'
 
 /** An integer from an environment string; anything else is reported as the string it was. */

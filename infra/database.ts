@@ -1,4 +1,4 @@
-import { TransientError } from './errors.ts'
+import { TransientError } from '../schemas/errors.ts'
 import { Kysely, PostgresDialect } from 'kysely'
 import pg from 'pg'
 import { ConfigError } from './config.ts'

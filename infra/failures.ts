@@ -1,4 +1,4 @@
-import { TransientError } from './errors.ts'
+import { TransientError } from '../schemas/errors.ts'
 import {
   BrokenCircuitError,
   circuitBreaker,

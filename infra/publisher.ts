@@ -1,4 +1,4 @@
-import { FleetstreamError } from './errors.ts'
+import { FleetstreamError } from '../schemas/errors.ts'
 import type { JetStreamClient, PubAck } from '@nats-io/jetstream'
 import {
   headers as natsHeaders,

@@ -2,7 +2,7 @@
  * Waiting, not retrying: a pause that a signal cuts short, a deadline on a promise, and a wake-up
  * for loops that poll. Retrying with backoff is infra/retry.ts (`withBackoff`).
  */
-import { TransientError } from './errors.ts'
+import { TransientError } from '../schemas/errors.ts'
 
 /** Resolves after `ms`, or at once when the signal aborts (never rejects). */
 export function sleep(ms: number, signal: AbortSignal): Promise<void> {

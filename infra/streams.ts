@@ -1,4 +1,4 @@
-import { OperatorError, TransientError } from './errors.ts'
+import { OperatorError, TransientError } from '../schemas/errors.ts'
 import {
   DiscardPolicy,
   JetStreamApiCodes,

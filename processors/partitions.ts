@@ -7,7 +7,7 @@ import { sql } from 'kysely'
 import type { Config } from '../infra/config.ts'
 import { EVENTS_SUBJECT_PREFIX, eventsFilter } from '../schemas/subjects.ts'
 import type { ProcessorSpec } from './runner/types.ts'
-import { OperatorError } from '../infra/errors.ts'
+import { OperatorError } from '../schemas/errors.ts'
 
 /**
  * What one instance owns at a time: the whole stream of a processor (not partitioned), or one

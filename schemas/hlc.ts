@@ -11,7 +11,7 @@
  * Store it with `COLLATE "C"` in Postgres: locale collations ignore '-' and break the order.
  */
 
-import { BadInputError } from '../infra/errors.ts'
+import { BadInputError } from './errors.ts'
 
 /** Decoded HLC timestamp. */
 export interface Hlc {

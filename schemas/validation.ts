@@ -1,4 +1,4 @@
-import { BadInputError } from '../infra/errors.ts'
+import { BadInputError } from './errors.ts'
 import type { z } from 'zod'
 
 /**

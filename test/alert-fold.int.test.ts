@@ -9,7 +9,7 @@ import { anyEvents, type AnyProjection } from '../projections/projection.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
-import { freshDatabase } from './harness/index.ts'
+import { freshDatabase } from './harness/test-servers.ts'
 
 /**
  * Alerts folded in HLC order: what a late reading does to alerts and notifications already

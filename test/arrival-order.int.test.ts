@@ -13,7 +13,7 @@ import { sensorStatusProjection } from '../projections/sensor-status.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent, SensorStatus } from '../schemas/events.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
-import { freshDatabase } from './harness/index.ts'
+import { freshDatabase } from './harness/test-servers.ts'
 
 /**
  * Every column of every read model is a function of the SET of events, not of the order they

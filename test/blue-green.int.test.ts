@@ -16,7 +16,7 @@ import { anyEvents } from '../projections/projection.ts'
 import { readingsProjection } from '../projections/readings.ts'
 import { sensorStatusProjection } from '../projections/sensor-status.ts'
 import type { Database } from '../projections/tables.ts'
-import { freshDatabase } from './harness/index.ts'
+import { freshDatabase } from './harness/test-servers.ts'
 
 const readings = anyEvents(readingsProjection)
 const sensorStatus = anyEvents(sensorStatusProjection({ defaultTimeoutSeconds: 30 }))

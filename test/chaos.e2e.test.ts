@@ -4,7 +4,7 @@ import { headers, type MsgHdrs, type NatsConnection } from '@nats-io/transport-n
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { createPublisher, eventHeaders, type Publisher } from '../infra/publisher.ts'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { decodeHlc, encodeHlc, HybridLogicalClock } from '../schemas/hlc.ts'
 import { eventSubject, Headers } from '../schemas/subjects.ts'
@@ -14,7 +14,7 @@ import {
   startPostgres,
   type NatsCluster,
   type PgCluster,
-} from './harness/index.ts'
+} from './harness/test-servers.ts'
 import { findOnPath, run } from '../testbed/processes.ts'
 import {
   repoRoot,

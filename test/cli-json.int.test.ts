@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { createPublisher } from '../infra/publisher.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { cliPath, readingDraft, repoRoot, rulesFile, testEnv } from './fixtures.ts'
-import { freshDatabase, startRoleNatsServer, type RoleNatsServer } from './harness/index.ts'
+import { freshDatabase, startRoleNatsServer, type RoleNatsServer } from './harness/test-servers.ts'
 
 /** A finished CLI process with stdout apart from stderr: what a script piping `--json` gets. */
 interface Captured {

@@ -5,7 +5,7 @@ import type { ShownEvent } from '../cli/stored-events.ts'
 import type { StatusReport } from '../cli/fleet-status.ts'
 import { createPublisher } from '../infra/publisher.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
-import { freshDatabase, startRoleNatsServer, type RoleNatsServer } from './harness/index.ts'
+import { freshDatabase, startRoleNatsServer, type RoleNatsServer } from './harness/test-servers.ts'
 import { readingDraft, rulesFile, runCli, testEnv } from './fixtures.ts'
 
 /**

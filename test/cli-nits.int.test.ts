@@ -8,7 +8,7 @@ import {
   startRoleNatsServer,
   type NatsServer,
   type RoleNatsServer,
-} from './harness/index.ts'
+} from './harness/test-servers.ts'
 
 describe('the CLI says what is wrong, the same way everywhere', () => {
   let nats: NatsServer

@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest'
 import { parse } from 'yaml'
 import { CONFIG_VARIABLES, loadConfig } from '../infra/config.ts'
 import { OTEL_VARIABLES } from '../infra/telemetry.ts'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
 import {
   clusterNodeEnv,
   CLUSTER_NODES,
@@ -15,7 +15,7 @@ import {
   repoRoot,
   startRoleNatsServer,
   type NodePorts,
-} from './harness/index.ts'
+} from './harness/test-servers.ts'
 import { findOnPath, run } from '../testbed/processes.ts'
 import { cliPath, runCli, testEnv } from './fixtures.ts'
 

@@ -3,7 +3,7 @@ import { readFile } from 'node:fs/promises'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { repoRoot, runCli, testEnv } from './fixtures.ts'
-import { freshDatabase, startRoleNatsServer, type RoleNatsServer } from './harness/index.ts'
+import { freshDatabase, startRoleNatsServer, type RoleNatsServer } from './harness/test-servers.ts'
 
 /**
  * Runs a printed command line as a user pasting it would: `bash -c`, in a new shell that has only

@@ -18,7 +18,7 @@ import {
   setFleetMaxFile,
   startRoleNatsServer,
   type RoleNatsServer,
-} from './harness/index.ts'
+} from './harness/test-servers.ts'
 import { findOnPath, run } from '../testbed/processes.ts'
 import { readingDraft, repoRoot, runCli, testConfig, testEnv, waitFor } from './fixtures.ts'
 

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { simulateFleet } from '../simulator/fleet.ts'
 import { allCaughtUp, pipeline, testPublisher, type Pipeline } from './fixtures.ts'

@@ -2,9 +2,9 @@ import { cp, rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import pg from 'pg'
 import { describe, expect, it } from 'vitest'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
 import type { FleetEvent } from '../schemas/events.ts'
-import { freshDatabase, startNatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer } from './harness/test-servers.ts'
 import {
   allCaughtUp,
   readingDraft,

@@ -2,7 +2,7 @@ import { headers, type MsgHdrs } from '@nats-io/transport-node'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { DeadLetterEntry } from '../processors/dlq/inspect.ts'
 import type { Runtime } from '../app/runtime.ts'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
 import { startProcessor } from '../processors/runner/runner.ts'
 import { type RunningProcessor } from '../processors/runner/types.ts'
 import { readingsProcessor } from '../processors/readings-processor.ts'
@@ -10,7 +10,11 @@ import { Headers } from '../schemas/subjects.ts'
 import { jetstream } from '@nats-io/jetstream'
 import { isPermissionViolation } from '../infra/failures.ts'
 import { ensureStreams } from '../infra/streams.ts'
-import { startRoleNatsServer, type NatsServer, type RoleNatsServer } from './harness/index.ts'
+import {
+  startRoleNatsServer,
+  type NatsServer,
+  type RoleNatsServer,
+} from './harness/test-servers.ts'
 import {
   allCaughtUp,
   cliSystem,

@@ -5,7 +5,7 @@ import type { Runtime } from '../app/runtime.ts'
 import { startProcessor } from '../processors/runner/runner.ts'
 import { type RunningProcessor } from '../processors/runner/types.ts'
 import { readingsProcessor } from '../processors/readings-processor.ts'
-import type { NatsServer } from './harness/index.ts'
+import type { NatsServer } from './harness/test-servers.ts'
 import {
   allCaughtUp,
   buggyReadings,

@@ -1,8 +1,8 @@
 import { readFile } from 'node:fs/promises'
 import { networkInterfaces } from 'node:os'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { startNatsServer, type NatsServer } from './harness/index.ts'
-import { freshDatabase } from './harness/index.ts'
+import { startNatsServer, type NatsServer } from './harness/test-servers.ts'
+import { freshDatabase } from './harness/test-servers.ts'
 import { spawnCli, testEnv, waitFor, type CliProcess } from './fixtures.ts'
 
 /** The addresses the sockets listening on `port` are bound to, from the kernel's tables. */

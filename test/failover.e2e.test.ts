@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
 import { LEASE_TIMEOUT_MS, REBALANCE_MS } from '../processors/progress/locks.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import {
   readingDraft,
   spawnCli,

@@ -11,11 +11,11 @@ import { createPublisher, type Publisher } from '../infra/publisher.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { openRuntime, setUp, type Runtime } from '../app/runtime.ts'
 import { consumerInfo } from '../processors/runner/consumer.ts'
-import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
+import { PROCESSOR_NAMES, type ProcessorName } from '../processors/processor-registry.ts'
 import { startProcessor } from '../processors/runner/runner.ts'
 import { type ProcessorSpec, type RunningProcessor } from '../processors/runner/types.ts'
 import { readingsProcessor } from '../processors/readings-processor.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import type { EventDraft } from '../infra/publisher.ts'
 
 export const repoRoot = fileURLToPath(new URL('..', import.meta.url))

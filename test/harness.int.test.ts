@@ -8,7 +8,7 @@ import {
   freshDatabase,
   startNatsServer,
   startPostgres,
-} from './harness/index.ts'
+} from './harness/test-servers.ts'
 
 async function selectOne(url: string): Promise<unknown> {
   const client = new pg.Client({ connectionString: url })

@@ -2,7 +2,7 @@ import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
-import type { NatsServer } from './harness/index.ts'
+import type { NatsServer } from './harness/test-servers.ts'
 import {
   cliSystem,
   readingDraft,

@@ -15,12 +15,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { ShownEvent } from '../cli/stored-events.ts'
 import type { Runtime } from '../app/runtime.ts'
 import type { PublishResult } from '../infra/publisher.ts'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
 import { startProcessor } from '../processors/runner/runner.ts'
 import { type RunningProcessor } from '../processors/runner/types.ts'
 import { decodeHlc } from '../schemas/hlc.ts'
 import { subjectMatches } from '../schemas/subjects.ts'
-import type { NatsServer } from './harness/index.ts'
+import type { NatsServer } from './harness/test-servers.ts'
 import {
   allCaughtUp,
   cliSystem,

@@ -3,7 +3,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import type { StatusReport } from '../cli/fleet-status.ts'
 import { PublishPipeline } from '../infra/publisher.ts'
-import { startNatsServer, startPostgres, type NatsServer, type PgCluster } from './harness/index.ts'
+import {
+  startNatsServer,
+  startPostgres,
+  type NatsServer,
+  type PgCluster,
+} from './harness/test-servers.ts'
 import { freePort } from '../testbed/processes.ts'
 import {
   readingDraft,

@@ -14,7 +14,7 @@ import {
   HarnessError,
   startRoleNatsServer,
   type RoleNatsServer,
-} from './harness/index.ts'
+} from './harness/test-servers.ts'
 import { findOnPath, run } from '../testbed/processes.ts'
 import {
   readingDraft,

@@ -2,7 +2,7 @@ import { createServer } from 'node:net'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
-import type { NatsServer } from './harness/index.ts'
+import type { NatsServer } from './harness/test-servers.ts'
 import { cliSystem, runCli, spawnCli, waitFor } from './fixtures.ts'
 
 /** A port nothing listens on: taken from the OS, then released. */

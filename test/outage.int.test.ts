@@ -4,7 +4,12 @@ import type { Runtime } from '../app/runtime.ts'
 import { startProcessor } from '../processors/runner/runner.ts'
 import { type RunningProcessor } from '../processors/runner/types.ts'
 import { readingsProcessor } from '../processors/readings-processor.ts'
-import { startNatsServer, startPostgres, type NatsServer, type PgCluster } from './harness/index.ts'
+import {
+  startNatsServer,
+  startPostgres,
+  type NatsServer,
+  type PgCluster,
+} from './harness/test-servers.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime, waitFor } from './fixtures.ts'
 
 describe('a Postgres outage', () => {

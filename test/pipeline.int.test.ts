@@ -7,7 +7,7 @@ import { startProcessor } from '../processors/runner/runner.ts'
 import { type ProcessorSpec, type RunningProcessor } from '../processors/runner/types.ts'
 import { readingsProcessor } from '../processors/readings-processor.ts'
 import { partitionMapping, partitionOf } from '../schemas/subjects.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime, waitFor } from './fixtures.ts'
 
 /**

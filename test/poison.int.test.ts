@@ -10,7 +10,7 @@ import { readingsProcessor } from '../processors/readings-processor.ts'
 import type { ProjectedEvent } from '../projections/projection.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
 import { Headers } from '../schemas/subjects.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime, waitFor } from './fixtures.ts'
 
 /** The readings processor with a handler bug: it throws on every event `bad` picks. */

@@ -11,7 +11,7 @@ import {
 } from '../infra/publisher.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
-import { startNatsServer, type NatsServer } from './harness/index.ts'
+import { startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import { readingDraft, waitFor } from './fixtures.ts'
 
 /**

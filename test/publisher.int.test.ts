@@ -4,7 +4,7 @@ import { context, propagation, trace, TraceFlags } from '@opentelemetry/api'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import { ValidationError } from '../schemas/validation.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime } from './fixtures.ts'
 
 describe('publisher', () => {

@@ -2,9 +2,9 @@ import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { acknowledgeAlert } from '../cli/commands/alerts-command.ts'
 import type { Runtime } from '../app/runtime.ts'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
-import type { NatsServer } from './harness/index.ts'
+import type { NatsServer } from './harness/test-servers.ts'
 import {
   allCaughtUp,
   pastDedupWindow,

@@ -8,7 +8,7 @@ import { readCheckpoint } from '../processors/progress/checkpoints.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { Headers } from '../schemas/subjects.ts'
 import type { Runtime } from '../app/runtime.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import {
   pastDedupWindow,
   readingDraft,

@@ -2,10 +2,10 @@ import { headers } from '@nats-io/transport-node'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
 import { scratchSchemaName } from '../processors/admin/blue-green.ts'
 import { simulateFleet } from '../simulator/fleet.ts'
-import type { NatsServer } from './harness/index.ts'
+import type { NatsServer } from './harness/test-servers.ts'
 import {
   allCaughtUp,
   cliSystem,

@@ -1,10 +1,10 @@
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
 import { resetProjection } from '../processors/admin/reset.ts'
 import { simulateFleet } from '../simulator/fleet.ts'
-import { startNatsServer, freshDatabase, type NatsServer } from './harness/index.ts'
+import { startNatsServer, freshDatabase, type NatsServer } from './harness/test-servers.ts'
 import {
   FAST_FORWARD_TICKS,
   allCaughtUp,

@@ -6,9 +6,9 @@ import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { isPermissionViolation } from '../infra/failures.ts'
 import { createPublisher } from '../infra/publisher.ts'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
-import { freshDatabase, startRoleNatsServer, type RoleNatsServer } from './harness/index.ts'
+import { freshDatabase, startRoleNatsServer, type RoleNatsServer } from './harness/test-servers.ts'
 import {
   readingDraft,
   rulesFile,

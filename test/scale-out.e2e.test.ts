@@ -3,11 +3,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import { createPublisher, eventHeaders, type Publisher } from '../infra/publisher.ts'
 import { slotsOf } from '../processors/partitions.ts'
-import { PROCESSOR_NAMES, type ProcessorName } from '../processors/index.ts'
+import { PROCESSOR_NAMES, type ProcessorName } from '../processors/processor-registry.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { HybridLogicalClock } from '../schemas/hlc.ts'
 import { partitionMapping, partitionOf } from '../schemas/subjects.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import {
   allCaughtUp,
   dumpReadModels,

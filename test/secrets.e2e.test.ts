@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import { freePort } from '../testbed/processes.ts'
 import { runCli, spawnCli, testEnv, waitFor } from './fixtures.ts'
 

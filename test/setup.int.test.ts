@@ -1,6 +1,6 @@
 import { DiscardPolicy, RetentionPolicy, StorageType } from '@nats-io/jetstream'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import { natsAdmin, runCli, testEnv } from './fixtures.ts'
 
 describe('fleetstream setup', () => {

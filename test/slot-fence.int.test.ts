@@ -4,7 +4,7 @@ import type { Runtime } from '../app/runtime.ts'
 import { advanceCheckpoint, readCheckpoint } from '../processors/progress/checkpoints.ts'
 import { LEASE_TIMEOUT_MS, Lease } from '../processors/progress/locks.ts'
 import { fencedDatabase, SlotLostError } from '../processors/progress/slot-fence.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import { testConfig, testRuntime, waitFor } from './fixtures.ts'
 
 describe('a slot fenced by its lease', { timeout: 120_000 }, () => {

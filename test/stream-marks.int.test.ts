@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import { findDivergence, MarkDigest, sweepMarks } from '../processors/progress/stream-marks.ts'
 import { eventsFilter } from '../schemas/subjects.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime } from './fixtures.ts'
 
 /** The checks of processors/stream-marks.ts against a real stream and real marks in Postgres. */

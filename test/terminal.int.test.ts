@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import { widthOf } from '../cli/terminal.ts'
 import { startProcessor } from '../processors/runner/runner.ts'
-import type { NatsServer } from './harness/index.ts'
+import type { NatsServer } from './harness/test-servers.ts'
 import {
   allCaughtUp,
   cliPath,

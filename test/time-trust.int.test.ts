@@ -7,7 +7,7 @@ import { type RunningProcessor } from '../processors/runner/types.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
 import { eventSubject, Headers } from '../schemas/subjects.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import {
   readingDraft,
   testConfig,

@@ -6,8 +6,8 @@ import { context, propagation, SpanKind, trace } from '@opentelemetry/api'
 import { tracing } from '@opentelemetry/sdk-node'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { startTelemetry, type Telemetry } from '../infra/telemetry.ts'
-import { PROCESSOR_NAMES } from '../processors/index.ts'
-import { freshDatabase, startNatsServer, type NatsServer } from './harness/index.ts'
+import { PROCESSOR_NAMES } from '../processors/processor-registry.ts'
+import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import {
   allCaughtUp,
   natsAdmin,

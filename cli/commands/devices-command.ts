@@ -10,7 +10,7 @@
  * reload (SIGHUP, what `nats-server --signal reload=<pid>` sends). On reload the server closes the
  * connections of a user that is gone, so `revoke` cuts a device off at once.
  */
-import { OperatorError } from '../../infra/errors.ts'
+import { OperatorError } from '../../schemas/errors.ts'
 import { randomBytes } from 'node:crypto'
 import { readFile, rename, writeFile } from 'node:fs/promises'
 import { dirname, join } from 'node:path'

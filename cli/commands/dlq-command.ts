@@ -1,7 +1,7 @@
 /** `fleetstream dlq list|show|redrive`: inspect and redrive the events parked in FLEET_DLQ. */
 import { Command, Option } from 'commander'
-import { EXIT_FAILED } from '../../infra/errors.ts'
-import { PROCESSOR_NAMES, type ProcessorName } from '../../processors/index.ts'
+import { EXIT_FAILED } from '../exit-codes.ts'
+import { PROCESSOR_NAMES, type ProcessorName } from '../../processors/processor-registry.ts'
 import { oneShot } from '../command-process.ts'
 import { dlqDepth, listDlq, showDlq } from '../../processors/dlq/inspect.ts'
 import { redriveDlq } from '../../processors/dlq/redrive.ts'

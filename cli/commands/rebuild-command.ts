@@ -14,7 +14,7 @@ import {
   UsageError,
 } from '../options.ts'
 import { sleep } from '../../infra/sleep.ts'
-import { PROCESSOR_NAMES, type ProcessorName } from '../../processors/index.ts'
+import { PROCESSOR_NAMES, type ProcessorName } from '../../processors/processor-registry.ts'
 import { rebuildProjection } from '../../processors/admin/rebuild-projection.ts'
 import {
   moveCheckpointBack,

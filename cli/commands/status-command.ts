@@ -2,7 +2,7 @@
 import { Command, Option } from 'commander'
 import { loadConfig } from '../../infra/config.ts'
 import { createLogger } from '../../infra/logger.ts'
-import { loadProcessors, PROCESSOR_NAMES } from '../../processors/index.ts'
+import { loadProcessors, PROCESSOR_NAMES } from '../../processors/processor-registry.ts'
 import { EXIT_THRESHOLD, fleetStatus, formatStatus } from '../fleet-status.ts'
 import { JSON_HELP } from '../json-output.ts'
 import { nonNegative, nonNegativeInteger, positive, selectProcessors } from '../options.ts'

@@ -7,7 +7,7 @@ import { lockCheckpoints, type CheckpointPosition } from '../progress/checkpoint
 import { ownRows } from '../partitions.ts'
 import type { AnyProjection } from '../../projections/projection.ts'
 import type { Database } from '../../projections/tables.ts'
-import { OperatorError } from '../../infra/errors.ts'
+import { OperatorError } from '../../schemas/errors.ts'
 
 /**
  * Blue/green tables for a projection rebuild: the new ("green") tables are built in a scratch

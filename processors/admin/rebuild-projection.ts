@@ -31,7 +31,7 @@ import { processorFilter, slotsOf, type Slot } from '../partitions.ts'
 import type { ProcessorDeps, ProcessorSpec } from '../runner/types.ts'
 import { withAdminLock } from '../progress/locks.ts'
 import { StreamReader } from '../stream-reader.ts'
-import { TransientError } from '../../infra/errors.ts'
+import { TransientError } from '../../schemas/errors.ts'
 
 export interface RebuildOptions {
   /** Events per transaction into the new tables (default 5000). */

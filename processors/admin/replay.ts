@@ -11,7 +11,7 @@ import type { ProcessorDeps, ProcessorSpec } from '../runner/types.ts'
 import { processorRunning, withAdminLock } from '../progress/locks.ts'
 import { StreamReader } from '../stream-reader.ts'
 import { lockCheckpoints, lowerCheckpoints, readCheckpointSeqs } from '../progress/checkpoints.ts'
-import { OperatorError } from '../../infra/errors.ts'
+import { OperatorError } from '../../schemas/errors.ts'
 
 /** A replay asked for something that cannot be: names the option, the rule and the value. */
 export class ReplayUsageError extends OperatorError {}

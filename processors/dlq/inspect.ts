@@ -5,7 +5,7 @@
  */
 import type { JetStreamManager, StoredMsg } from '@nats-io/jetstream'
 import type { Config } from '../../infra/config.ts'
-import { OperatorError } from '../../infra/errors.ts'
+import { OperatorError } from '../../schemas/errors.ts'
 import { DLQ_SUBJECT_PREFIX, Headers } from '../../schemas/subjects.ts'
 import { entryKey, originalHeaders, unescapeHeaderText } from './park.ts'
 

@@ -7,7 +7,7 @@
 import { sql, type Kysely, type Transaction } from 'kysely'
 import { ownRows } from '../partitions.ts'
 import type { Database } from '../../projections/tables.ts'
-import { TransientError } from '../../infra/errors.ts'
+import { TransientError } from '../../schemas/errors.ts'
 
 export interface CheckpointPosition {
   /** Last FLEET_EVENTS sequence applied; 0 before the first. */

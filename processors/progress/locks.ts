@@ -7,7 +7,7 @@
 import { sql, type Kysely } from 'kysely'
 import type pg from 'pg'
 import type { Config } from '../../infra/config.ts'
-import { TransientError } from '../../infra/errors.ts'
+import { TransientError } from '../../schemas/errors.ts'
 import type { Database } from '../../projections/tables.ts'
 import { slotsOf } from '../partitions.ts'
 import type { ProcessorSpec } from '../runner/types.ts'

@@ -11,7 +11,9 @@
  *   It is retried with backoff; a command whose bounded wait runs out exits 1 with the message.
  * - anything else is a bug: a command exits 1 with the error and its causes.
  *
- * Foreign errors (pg's SQLSTATEs, NATS codes) are sorted by `infra/failures.ts`.
+ * Foreign errors (pg's SQLSTATEs, NATS codes) are sorted by `infra/failures.ts`; the exit code a
+ * kind gives is in `cli/exit-codes.ts`. This file imports nothing, so every folder, schemas/
+ * included, may use it.
  */
 export abstract class FleetstreamError extends Error {
   constructor(message: string, options?: ErrorOptions) {
@@ -28,25 +30,3 @@ export class OperatorError extends FleetstreamError {}
 
 /** A retry can fix it: a dependency is down, busy or changing leaders, or a lease moved. */
 export class TransientError extends FleetstreamError {}
-
-/** Exit codes of every fleetstream command (README, "Exit codes"). */
-export const EXIT_OK = 0
-export const EXIT_FAILED = 1
-export const EXIT_USAGE = 2
-export const EXIT_INTERRUPTED = 130
-
-/**
- * The exit code a command ends with when `err` reaches the top: 2 for an operator's mistake or a
- * definite answer, 1 for everything else.
- */
-export function exitCodeOf(err: unknown): typeof EXIT_FAILED | typeof EXIT_USAGE {
-  return err instanceof OperatorError ? EXIT_USAGE : EXIT_FAILED
-}
-
-/**
- * Whether the message alone tells an operator what happened (one of ours), or the error is
- * unexpected and its class and causes are worth printing too.
- */
-export function isExpected(err: unknown): err is FleetstreamError {
-  return err instanceof FleetstreamError
-}
