@@ -142,7 +142,7 @@ export const Headers = {
   DlqKey: 'Fleet-Dlq-Key',
   /**
    * On a DLQ entry, once per original header: `<name>: <value>`, escaped so that no copied text
-   * reads as a header the server obeys (see processors/dlq.ts).
+   * reads as a header the server obeys (see processors/dlq/park.ts).
    */
   DlqHeader: 'Fleet-Dlq-Header',
   /** On a DLQ entry whose original headers were cut to the budget: `kept <n> of <total>`. */

@@ -6,7 +6,7 @@ import { eventsFilter } from '../schemas/subjects.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime } from './fixtures.ts'
 
-/** The checks of processors/stream-marks.ts against a real stream and real marks in Postgres. */
+/** The checks of processors/progress/stream-marks.ts against a real stream and real marks in Postgres. */
 describe('stream marks against a stream', () => {
   let nats: NatsServer
   let rt: Runtime

@@ -5,7 +5,7 @@ import { sql, type Kysely } from 'kysely'
 /**
  * What each commit of a processor read from FLEET_EVENTS: its range of sequences, how many of the
  * processor's messages were in it, a digest of them and one of its last message. A processor compares them with the
- * stream after a failover and goes back to where they still agree (processors/stream-marks.ts).
+ * stream after a failover and goes back to where they still agree (processors/progress/stream-marks.ts).
  * Pruned as they age.
  */
 export async function up(db: Kysely<any>): Promise<void> {
