@@ -1,4 +1,5 @@
 import { JetStreamApiError, type PubAck } from '@nats-io/jetstream'
+import { ExponentialBackoff, type IBackoff } from 'cockatiel'
 import {
   ClosedConnectionError,
   NoRespondersError,
@@ -73,6 +74,8 @@ interface Outstanding {
   readonly reply: string
   readonly opts: PipelinedSendOptions
   attempts: number
+  /** The delay before the last re-send (cockatiel's backoff, decorrelated jitter); undefined before one. */
+  backoff?: IBackoff<unknown>
   /** When the current attempt times out (epoch ms); Infinity while waiting out a backoff. */
   deadline: number
   resolve(ack: PubAck): void
@@ -88,8 +91,8 @@ interface RawPubAck {
 }
 
 const SWEEP_MS = 50
-const BACKOFF_FIRST_MS = 100
-const BACKOFF_MAX_MS = 2000
+/** Delays between re-sends of one message. */
+const RESEND_BACKOFF = new ExponentialBackoff({ initialDelay: 100, maxDelay: 2000 })
 
 class PipelinedPublishImpl implements PipelinedPublish {
   readonly #nc: NatsConnection
@@ -245,13 +248,10 @@ class PipelinedPublishImpl implements PipelinedPublish {
       return
     }
     o.deadline = Number.POSITIVE_INFINITY
-    const base = Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** (o.attempts - 1))
-    setTimeout(
-      () => {
-        if (this.#outstanding.get(token) === o) this.#enqueue(o)
-      },
-      base / 2 + (Math.random() * base) / 2,
-    )
+    o.backoff = o.backoff?.next(undefined) ?? RESEND_BACKOFF.next()
+    setTimeout(() => {
+      if (this.#outstanding.get(token) === o) this.#enqueue(o)
+    }, o.backoff.duration)
   }
 
   /** Sends again what timed out; fails what has no attempts left. */

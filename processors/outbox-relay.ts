@@ -2,6 +2,7 @@
  * The alerts processor's companion: publishes the notification outbox to FLEET_NOTIFICATIONS once each.
  */
 import { jetstream } from '@nats-io/jetstream'
+import { ExponentialBackoff, type IBackoff } from 'cockatiel'
 import { headers as natsHeaders } from '@nats-io/transport-node'
 import { sql } from 'kysely'
 import { errorSummary } from '../infra/retry.ts'
@@ -10,6 +11,8 @@ import type { ProcessorDeps } from './runner/types.ts'
 
 const BATCH = 100
 const IDLE_MS = 500
+/** Delays after failed rounds: cockatiel's exponential backoff, decorrelated jitter. */
+const FAILURE_BACKOFF = new ExponentialBackoff({ initialDelay: 1000, maxDelay: 30_000 })
 
 /**
  * Publishes alert notifications from `notification_outbox` into FLEET_NOTIFICATIONS, each exactly
@@ -26,7 +29,7 @@ export async function runOutboxRelay(deps: ProcessorDeps, signal: AbortSignal): 
   const jsm = deps.jsm
   const stream = deps.config.streams.notifications
   const log = deps.log.child({ component: 'outbox-relay' })
-  let failures = 0
+  let failed: IBackoff<unknown> | undefined
   while (!signal.aborted) {
     let sent = 0
     try {
@@ -53,14 +56,15 @@ export async function runOutboxRelay(deps: ProcessorDeps, signal: AbortSignal): 
         }
         return rows.rows.length
       })
-      failures = 0
+      failed = undefined
     } catch (err) {
-      failures++
+      failed = failed?.next(undefined) ?? FAILURE_BACKOFF.next()
       log.warn({ err: errorSummary(err) }, 'notifications not published; retrying')
     }
     if (sent < BATCH) {
-      const ms = failures > 0 ? Math.min(30_000, 500 * 2 ** failures) : IDLE_MS
-      await sleep(ms * (0.75 + Math.random() * 0.5), signal) // jittered: relays never poll in step
+      // Jittered either way: relays never poll in step.
+      const ms = failed?.duration ?? IDLE_MS * (0.75 + Math.random() * 0.5)
+      await sleep(ms, signal)
     }
   }
 }
