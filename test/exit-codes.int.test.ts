@@ -1,7 +1,7 @@
 /**
- * Every command's exit code follows from what it throws (schemas/errors.ts, cli/exit-codes.ts): one usage error per
- * command exits 2 and names the problem, and a dependency that stays away exits 1 with the
- * message alone. Each usage error is caught before any connection is made, so no server runs:
+ * Every command's exit code follows from the kind of error it throws (schemas/errors.ts,
+ * cli/exit-codes.ts): one usage error per command exits 2 and names the problem, and a dependency
+ * that stays away exits 1 with the message alone. Each usage error is caught before any connection is made, so no server runs:
  * the URLs point at a port nobody listens on.
  */
 import { describe, expect, it } from 'vitest'
