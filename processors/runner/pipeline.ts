@@ -16,8 +16,9 @@ import { isAborted, type SlotState } from './context.ts'
 
 /**
  * Takes, decides and commits (with `commit`: processors/runner/commit.ts) batches until `signal`
- * aborts or something fails. When the buffer has nothing to give, `idle` is called once what was taken is committed: it throws when the
- * session must end (the consumer stopped, deliveries went missing).
+ * aborts or something fails. When the buffer has nothing to give, `idle` is called once what was
+ * taken is committed: it throws when the session must end (the consumer stopped, deliveries went
+ * missing).
  */
 export async function runPipeline(
   state: SlotState,
