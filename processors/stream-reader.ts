@@ -8,6 +8,7 @@ import {
   type JetStreamClient,
   type JsMsg,
 } from '@nats-io/jetstream'
+import { consumerFilter } from '../schemas/subjects.ts'
 
 /** Where a {@link StreamReader} starts: a stream sequence, or the first event stored at or after a time. */
 export type ReadFrom = { readonly seq: number } | { readonly time: Date }
@@ -52,8 +53,9 @@ export class StreamReader {
     from: ReadFrom,
     opts: { readonly bufferSize?: number; readonly headersOnly?: boolean } = {},
   ): Promise<StreamReader> {
+    const filter = consumerFilter(filterSubject)
     const consumer = await js.consumers.get(stream, {
-      filter_subjects: filterSubject,
+      ...(filter !== undefined ? { filter_subjects: filter } : {}),
       ...(opts.headersOnly === true ? { headers_only: true } : {}),
       ...('seq' in from
         ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: from.seq }

@@ -39,6 +39,17 @@ export function eventsFilter(kind: EventKind | 'all', partition?: number | '*'):
 export const ALL_EVENTS = `${EVENTS_SUBJECT_PREFIX}.>`
 
 /**
+ * `filter` as a JetStream consumer's filter subject: none when it is {@link ALL_EVENTS}, the events
+ * stream's one subject, so both read the same messages. nats-server 2.9 counts a filtered
+ * consumer's pending messages by scanning the stream, at its creation and at every consumer info
+ * (the lag sampler asks every few seconds): measured at 300,000 events, 50-80 ms per info with
+ * `fleet.events.>` as the filter, 1 ms without one.
+ */
+export function consumerFilter(filter: string): string | undefined {
+  return filter === ALL_EVENTS ? undefined : filter
+}
+
+/**
  * The server-side subject mapping of a stream split into `partitions` by device id (nats.conf,
  * inside the account of FLEET_EVENTS): `"fleet.events.*.*": "fleet.events.{{partition(4,1)}}..."`.
  */

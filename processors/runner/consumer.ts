@@ -15,6 +15,7 @@ import {
 } from '@nats-io/jetstream'
 import { nanos } from '@nats-io/transport-node'
 import type { Config } from '../../infra/config.ts'
+import { consumerFilter } from '../../schemas/subjects.ts'
 import type { Slot } from '../partitions.ts'
 import type { CheckpointPosition } from '../progress/checkpoints.ts'
 
@@ -43,10 +44,11 @@ export function consumerConfig(
   spec: ConsumerSpec,
   from: CheckpointPosition,
 ): Partial<ConsumerConfig> {
+  const filter = consumerFilter(spec.filterSubject)
   return {
     durable_name: spec.name,
     description: `fleetstream ${spec.name} processor (its checkpoint in Postgres is the source of truth)`,
-    filter_subject: spec.filterSubject,
+    ...(filter !== undefined ? { filter_subject: filter } : {}),
     // Acking the last message of a batch acks the batch: one ack per commit.
     ack_policy: AckPolicy.All,
     ...(from.lastSeq > 0
@@ -89,7 +91,7 @@ function agrees(
 ): boolean {
   const c = info.config
   return (
-    c.filter_subject === want.filter_subject &&
+    (c.filter_subject || undefined) === want.filter_subject &&
     c.ack_policy === want.ack_policy &&
     c.max_ack_pending === want.max_ack_pending &&
     c.ack_wait === want.ack_wait &&
