@@ -221,7 +221,15 @@ export interface SetupReport {
 export async function setUp(
   rt: Runtime,
   signal?: AbortSignal,
-  opts: { deadline?: number } = {},
+  opts: {
+    deadline?: number
+    /**
+     * Whether to create the processors' durable consumers (default true). `run` skips them: each
+     * slot session anchors its own consumer at its checkpoint before it reads, and looking up
+     * the consumers of processors this process does not run is start-up time spent for nothing.
+     */
+    consumers?: boolean
+  } = {},
 ): Promise<SetupReport> {
   // Every step is idempotent, so a dependency that fails for a moment (a NATS leader being
   // elected, Postgres restarting) is waited out; a conflict or a refusal is an answer: it stops.
@@ -239,7 +247,7 @@ export async function setUp(
     }
     const migrated = await migrateToLatest(rt.db as Kysely<unknown>)
     const consumers: Record<string, 'created' | 'exists'> = {}
-    for (const spec of Object.values(rt.processors)) {
+    for (const spec of opts.consumers === false ? [] : Object.values(rt.processors)) {
       for (const slot of slotsOf(spec, rt.config)) {
         const from = await readCheckpoint(rt.db, slot.key)
         consumers[slot.key] = await ensureConsumer(rt.jsm, consumerSpecOf(slot, rt.config), from)
