@@ -16,40 +16,29 @@ import { DEVICE_ID_PATTERN, SYSTEM_SOURCE } from '../schemas/envelope.ts'
  */
 export class UsageError extends OperatorError {}
 
-export function positiveInteger(v: string): number {
-  const n = Number(v)
-  if (!Number.isSafeInteger(n) || n < 1)
-    throw new InvalidArgumentError(`must be an integer >= 1, got '${v}'`)
-  return n
+/** A commander parser for a number `ok` accepts; anything else is "must be <rule>, got '<v>'". */
+function numberParser(rule: string, ok: (n: number) => boolean): (v: string) => number {
+  return (v) => {
+    const n = Number(v)
+    if (v.trim() === '' || !ok(n)) throw new InvalidArgumentError(`must be ${rule}, got '${v}'`)
+    return n
+  }
 }
 
-export function nonNegativeInteger(v: string): number {
-  const n = Number(v)
-  if (v.trim() === '' || !Number.isSafeInteger(n) || n < 0)
-    throw new InvalidArgumentError(`must be an integer >= 0, got '${v}'`)
-  return n
-}
-
-export function positive(v: string): number {
-  const n = Number(v)
-  if (!Number.isFinite(n) || n <= 0)
-    throw new InvalidArgumentError(`must be a number > 0, got '${v}'`)
-  return n
-}
-
-export function nonNegative(v: string): number {
-  const n = Number(v)
-  if (!Number.isFinite(n) || n < 0)
-    throw new InvalidArgumentError(`must be a number >= 0, got '${v}'`)
-  return n
-}
-
-export function ratio(v: string): number {
-  const n = Number(v)
-  if (!Number.isFinite(n) || n < 0 || n > 1)
-    throw new InvalidArgumentError(`must be a number in [0, 1], got '${v}'`)
-  return n
-}
+export const positiveInteger = numberParser(
+  'an integer >= 1',
+  (n) => Number.isSafeInteger(n) && n >= 1,
+)
+export const nonNegativeInteger = numberParser(
+  'an integer >= 0',
+  (n) => Number.isSafeInteger(n) && n >= 0,
+)
+export const positive = numberParser('a number > 0', (n) => Number.isFinite(n) && n > 0)
+export const nonNegative = numberParser('a number >= 0', (n) => Number.isFinite(n) && n >= 0)
+export const ratio = numberParser(
+  'a number in [0, 1]',
+  (n) => Number.isFinite(n) && n >= 0 && n <= 1,
+)
 
 const isProcessorName = (v: string): v is ProcessorName =>
   (PROCESSOR_NAMES as readonly string[]).includes(v)
