@@ -22,12 +22,22 @@ export const migrations: Readonly<Record<string, Migration>> = {
 }
 
 /** Brings the schema up to date; concurrent callers are serialised by Kysely's migration lock. */
-export async function migrateToLatest(db: Kysely<unknown>): Promise<MigrationResultSet> {
+export function migrateToLatest(db: Kysely<unknown>): Promise<MigrationResultSet> {
+  return migrateTo(db)
+}
+
+/**
+ * Brings the schema to the migration named `target` (the newest when none is named): the tests of
+ * an upgrade start from an older schema. Throws when a migration fails, naming it.
+ */
+export async function migrateTo(db: Kysely<unknown>, target?: string): Promise<MigrationResultSet> {
   const migrator = new Migrator({
     db,
     provider: { getMigrations: () => Promise.resolve(migrations) },
   })
-  const result = await migrator.migrateToLatest()
+  const result = await (target === undefined
+    ? migrator.migrateToLatest()
+    : migrator.migrateTo(target))
   if (result.error !== undefined) {
     const failed = result.results?.find((r) => r.status === 'Error')
     throw new Error(

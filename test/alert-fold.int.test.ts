@@ -1,10 +1,10 @@
-import { Migrator, sql, type Kysely } from 'kysely'
+import { sql, type Kysely } from 'kysely'
 import pino from 'pino'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { createKysely, createPool } from '../infra/database.ts'
 import { alertId, alertsProjection } from '../projections/alerts.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
-import { migrateToLatest, migrations } from '../projections/migrate.ts'
+import { migrateTo, migrateToLatest } from '../projections/migrate.ts'
 import { anyEvents, type AnyProjection } from '../projections/projection.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
@@ -180,11 +180,7 @@ describe('upgrading to folded alerts', () => {
     const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
     const db = createKysely<Database>(pool)
     try {
-      const migrator = new Migrator({
-        db,
-        provider: { getMigrations: () => Promise.resolve(migrations) },
-      })
-      await migrator.migrateTo('2026-12-02-01-status-timeline')
+      await migrateTo(db as Kysely<unknown>, '2026-12-02-01-status-timeline')
       // given an alert raised before the upgrade, and its rule's condition
       const raising = reading('old-2', 2, 45)
       const id = alertId('temperature-high', DEVICE, 'old-2')
@@ -197,7 +193,7 @@ describe('upgrading to folded alerts', () => {
       await sql`insert into alert_conditions (device_id, rule_id, consecutive, since_at, since_hlc, last_hlc)
         values (${DEVICE}, 'temperature-high', 2, ${new Date(T0 + 1000).toISOString()},
           ${reading('old-1', 1, 45).hlc}, ${raising.hlc})`.execute(db)
-      await migrator.migrateToLatest()
+      await migrateToLatest(db as Kysely<unknown>)
 
       // when readings follow after the upgrade
       const p = anyEvents(alertsProjection({ rules: RULES, defaultTimeoutSeconds: 60 }))

@@ -1,11 +1,11 @@
 import fc from 'fast-check'
-import { Migrator, sql, type Kysely } from 'kysely'
+import { sql, type Kysely } from 'kysely'
 import pino from 'pino'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { createKysely, createPool } from '../infra/database.ts'
 import { alertId, alertsProjection } from '../projections/alerts.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
-import { migrateToLatest, migrations } from '../projections/migrate.ts'
+import { migrateTo, migrateToLatest } from '../projections/migrate.ts'
 import { anyEvents, type AnyProjection, type ProjectedEvent } from '../projections/projection.ts'
 import { readingsProjection } from '../projections/readings.ts'
 import { foldTimeline } from '../projections/sensor-tracker.ts'
@@ -447,11 +447,7 @@ describe('upgrading to status timelines', () => {
     const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
     const db = createKysely<Database>(pool)
     try {
-      const migrator = new Migrator({
-        db,
-        provider: { getMigrations: () => Promise.resolve(migrations) },
-      })
-      await migrator.migrateTo('2026-11-23-05-stream-marks')
+      await migrateTo(db as Kysely<unknown>, '2026-11-23-05-stream-marks')
       const h = (
         id: string,
         from: string | null,
@@ -478,7 +474,7 @@ describe('upgrading to status timelines', () => {
         h('e5', 'unknown', 'active', 60, 'seen again'),
       ]
       await db.insertInto('sensor_status_history').values(history).execute()
-      await migrator.migrateToLatest()
+      await migrateToLatest(db as Kysely<unknown>)
       const points = await db.selectFrom('sensor_status_timeline').selectAll().execute()
       const folded = foldTimeline('s1', new Map(points.map((p) => [p.event_id, p])))
       expect(folded.map((t) => [t.eventId, t.from, t.to, t.reason, t.hlc, t.at.getTime()])).toEqual(
