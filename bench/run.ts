@@ -222,7 +222,11 @@ async function main(opts: Options): Promise<Figures> {
       note('(a) core NATS publish')
       const a = await corePublish(raw, rt.jsm, events)
       note('(b) raw JetStream consume, AckPolicy.All')
+      const natsCpuB0 = cpuSeconds(nats.pid)
+      const benchCpuB0 = cpuSeconds(process.pid)
       const b = await rawConsume(raw, rt.jsm, a.stored)
+      const natsCpuB = cpuSeconds(nats.pid) - natsCpuB0
+      const benchCpuB = cpuSeconds(process.pid) - benchCpuB0
       note('(c) raw set-based Postgres write')
       await createScratchTables(rt.pool)
       const c = await rawWrite(rt.pool, events)
@@ -238,7 +242,13 @@ async function main(opts: Options): Promise<Figures> {
       )
       limits = {
         corePublish: { events: a.stored, seconds: a.seconds, rate: a.stored / a.seconds },
-        rawConsume: { events: a.stored, seconds: b.seconds, rate: a.stored / b.seconds },
+        rawConsume: {
+          events: a.stored,
+          seconds: b.seconds,
+          rate: a.stored / b.seconds,
+          natsCpuUsPerEvent: (natsCpuB * 1e6) / a.stored,
+          benchCpuUsPerEvent: (benchCpuB * 1e6) / a.stored,
+        },
         rawWrite: { events: events.length, seconds: c.seconds, rate: events.length / c.seconds },
         jobWrite: {
           events: events.length,

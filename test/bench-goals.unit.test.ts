@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it, vi } from 'vitest'
-import { type Figures, goals, printReport } from '../bench/report.ts'
+import { cpuFloor, type Figures, goals, printReport } from '../bench/report.ts'
 
 const rate = (events: number, r: number) => ({ events, seconds: events / r, rate: r })
 const each = <T>(v: T) => ({ readings: v, 'sensor-status': v, alerts: v })
@@ -21,7 +21,7 @@ function figures(over: { events?: number; e2e?: number; latencyRate?: number } =
     payloadBytes: 300,
     limits: {
       corePublish: rate(events, 100_000),
-      rawConsume: rate(events, 180_000),
+      rawConsume: { ...rate(events, 180_000), natsCpuUsPerEvent: 3, benchCpuUsPerEvent: 4 },
       rawWrite: rate(events, 60_000),
       jobWrite: {
         ...rate(events, 20_000),
@@ -100,6 +100,13 @@ describe('bench goals (issue 13)', () => {
     const [limit, naive] = goals(figures({ e2e: 9_000 }))
     expect(limit).toMatchObject({ met: false, threshold: '>= 10,000 ev/s' })
     expect(naive).toMatchObject({ met: true, threshold: '>= 3.00x' })
+  })
+
+  it("bounds end to end by the job's CPU floor: (d)'s Postgres and client, three raw consumes", () => {
+    // 60 + 5 (d), 3 x (3 + 4) (b): 86 us per event on 2 cores.
+    expect(cpuFloor(figures()).usPerEvent).toBe(86)
+    const naive = goals(figures()).find((g) => g.goal === 'end to end >= 3x naive')
+    expect(naive?.figure).toContain('the CPU floor allows at most 23,256 ev/s = 7.75x')
   })
 
   it('misses the latency goal when the publisher did not reach the rate, whatever the p99', () => {
