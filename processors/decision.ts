@@ -13,6 +13,7 @@ import {
 } from '../schemas/hlc.ts'
 import type { Config } from '../infra/config.ts'
 import { SYSTEM_SOURCE } from '../schemas/envelope.ts'
+import { headerOf } from './message-headers.ts'
 import type { EventKind, FleetEvent } from '../schemas/events.ts'
 import {
   eventsFilter,
@@ -73,8 +74,8 @@ export function decide(
     subject,
     data: msg.data,
     // A redriven copy has its own Nats-Msg-Id (redrive:...), not the eventId.
-    msgId: redrive !== undefined ? undefined : msg.headers?.get(Headers.MsgId),
-    hlc: msg.headers?.get(Headers.Hlc),
+    msgId: redrive !== undefined ? undefined : headerOf(msg, Headers.MsgId),
+    hlc: headerOf(msg, Headers.Hlc),
   })
   if (!decoded.ok) return { kind: 'refuse', reason: decoded.reason, detail: decoded.detail }
   const misplaced = misplacedIn(decoded.event, decoded.partition, config.partitions)
