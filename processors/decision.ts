@@ -13,7 +13,7 @@ import {
 } from '../schemas/hlc.ts'
 import type { Config } from '../infra/config.ts'
 import { SYSTEM_SOURCE } from '../schemas/envelope.ts'
-import { headerOf } from './message-headers.ts'
+import { headersOf } from './message-headers.ts'
 import type { EventKind, FleetEvent } from '../schemas/events.ts'
 import {
   eventsFilter,
@@ -70,12 +70,13 @@ export function decide(
     const reads = eventsFilter(processor.reads, config.partitions === 0 ? undefined : '*')
     if (!subjectMatches(reads, subject)) return { kind: 'skip' }
   }
+  const headers = headersOf(msg)
   const decoded = decodeEvent({
     subject,
     data: msg.data,
     // A redriven copy has its own Nats-Msg-Id (redrive:...), not the eventId.
-    msgId: redrive !== undefined ? undefined : headerOf(msg, Headers.MsgId),
-    hlc: headerOf(msg, Headers.Hlc),
+    msgId: redrive !== undefined ? undefined : headers?.get(Headers.MsgId),
+    hlc: headers?.get(Headers.Hlc),
   })
   if (!decoded.ok) return { kind: 'refuse', reason: decoded.reason, detail: decoded.detail }
   const misplaced = misplacedIn(decoded.event, decoded.partition, config.partitions)

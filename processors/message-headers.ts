@@ -1,33 +1,55 @@
 /**
- * One header of a delivered message, read straight from its raw header block. `msg.headers` of
+ * The headers of a delivered message, read straight from its raw header block. `msg.headers` of
  * nats.js builds the whole header map on first use (each header name canonicalised and looked
  * up again in a fresh key list): ~6% of a processor's CPU when `decide()` reads two headers of
- * every message. Reading only the lines asked for gives the same value, or defers to nats.js
+ * every message. Looking up only the lines asked for gives the same values, or defers to nats.js
  * whenever the block holds anything its decoder would treat differently.
  */
 import type { JsMsg } from '@nats-io/jetstream'
 
+/** What `decide()` asks of a message's headers: `get` as nats.js's `MsgHdrs.get`. */
+export interface HeaderReader {
+  /** The first value of header `name` (exact name, trimmed); `''` when absent. */
+  get(name: string): string
+}
+
 /**
- * The first value of header `name` (exact name, trimmed, as `msg.headers.get(name)`); `undefined`
- * when the message has no header block.
+ * The headers of `msg`, read from its raw header block when nats.js would read the block the same
+ * way (else `msg.headers` itself); `undefined` when the message has none. Decoded and checked
+ * once, however many headers are read.
  *
  * ```ts
- * headerOf(msg, 'Nats-Msg-Id') // '0193...' ('' when absent), as msg.headers?.get('Nats-Msg-Id')
+ * headersOf(msg)?.get('Nats-Msg-Id') // '0193...' ('' when absent), as msg.headers?.get(...)
  * ```
  */
-export function headerOf(msg: JsMsg, name: string): string | undefined {
+export function headersOf(msg: JsMsg): HeaderReader | undefined {
   const block = rawHeaderBlock(msg)
-  if (block === null) return msg.headers?.get(name)
+  if (block === null) return msg.headers
   if (block === undefined) return undefined
   const text = utf8.decode(block)
   // Non-ASCII, a lone CR or LF, or a line whose name nats.js would refuse (it throws): its
   // decoder, not this one, says what the message holds.
-  if (!PLAIN_BLOCK.test(text)) return msg.headers?.get(name)
-  const at = text.indexOf(`\r\n${name}:`)
-  if (at < 0) return ''
-  const from = at + 2 + name.length + 1
-  const end = text.indexOf('\r\n', from)
-  return text.slice(from, end < 0 ? text.length : end).trim()
+  if (!PLAIN_BLOCK.test(text)) return msg.headers
+  return new PlainHeaders(text)
+}
+
+/** A plain header block ({@link PLAIN_BLOCK}) as text. */
+class PlainHeaders implements HeaderReader {
+  readonly #text: string
+
+  constructor(text: string) {
+    this.#text = text
+  }
+
+  get(name: string): string {
+    const text = this.#text
+    // A CRLF starts a line only: the block has no other CR or LF.
+    const at = text.indexOf(`\r\n${name}:`)
+    if (at < 0) return ''
+    const from = at + 2 + name.length + 1
+    const end = text.indexOf('\r\n', from)
+    return text.slice(from, end < 0 ? text.length : end).trim()
+  }
 }
 
 /**
