@@ -118,11 +118,10 @@ export async function consumerInfo(
 
 /**
  * Messages pushed by a consume() callback, taken out in batches: waits for the first message,
- * then for more until the batch is full, or until the commit in flight has settled (the batch
- * could not be committed before it anyway) and the linger has passed. A busy stream gives full
- * batches; a quiet one commits each message as soon as the commit before it is done, and
- * in between a batch holds what arrived during one commit (group commit). Its size is bounded by
- * the consumer's max_ack_pending, not by this class.
+ * then for more until the batch is full, or until the linger has passed and the commit in flight
+ * has settled (the batch could not be committed before it anyway). A busy stream gives full
+ * batches; a steady one batches what arrived during the linger and the commit before (group
+ * commit). Its size is bounded by the consumer's max_ack_pending, not by this class.
  */
 export class MessageBuffer {
   #items: JsMsg[] = []
@@ -164,12 +163,12 @@ export class MessageBuffer {
       await this.#wait(signal, 1, undefined)
     }
     let settled = busy === undefined
-    if (!settled) {
+    if (busy !== undefined) {
       const done = () => {
         settled = true
         this.#notify()
       }
-      busy?.then(done, done)
+      void busy.then(done, done)
     }
     const deadline = Date.now() + lingerMs
     while (this.#items.length < max && !this.#closed && !signal.aborted) {
