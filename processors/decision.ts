@@ -13,13 +13,14 @@ import {
 } from '../schemas/hlc.ts'
 import type { Config } from '../infra/config.ts'
 import { SYSTEM_SOURCE } from '../schemas/envelope.ts'
+import { headersOf } from './message-headers.ts'
 import type { EventKind, FleetEvent } from '../schemas/events.ts'
 import {
-  eventsFilter,
+  EVENTS_SUBJECT_PREFIX,
   Headers,
   parseRedrive,
+  REDRIVE_TOKEN,
   partitionOf,
-  subjectMatches,
 } from '../schemas/subjects.ts'
 
 /**
@@ -62,19 +63,20 @@ export function decide(
   processor: Decider,
   config: Pick<Config, 'hlcMaxOffsetMs' | 'hlcMaxAgeMs' | 'partitions'>,
 ): Decision {
-  const redrive = parseRedrive(msg.subject)
+  // Only a subject with a redrive token can be one: parseRedrive would split every subject.
+  const redrive = msg.subject.includes(`.${REDRIVE_TOKEN}.`) ? parseRedrive(msg.subject) : undefined
   if (redrive !== undefined && redrive.processor !== processor.name) return { kind: 'skip' }
   const subject = redrive?.subject ?? msg.subject
-  if (processor.reads !== 'all') {
-    const reads = eventsFilter(processor.reads, config.partitions === 0 ? undefined : '*')
-    if (!subjectMatches(reads, subject)) return { kind: 'skip' }
+  if (processor.reads !== 'all' && !isOfKind(subject, processor.reads, config.partitions !== 0)) {
+    return { kind: 'skip' }
   }
+  const headers = headersOf(msg)
   const decoded = decodeEvent({
     subject,
     data: msg.data,
     // A redriven copy has its own Nats-Msg-Id (redrive:...), not the eventId.
-    msgId: redrive !== undefined ? undefined : msg.headers?.get(Headers.MsgId),
-    hlc: msg.headers?.get(Headers.Hlc),
+    msgId: redrive !== undefined ? undefined : headers?.get(Headers.MsgId),
+    hlc: headers?.get(Headers.Hlc),
   })
   if (!decoded.ok) return { kind: 'refuse', reason: decoded.reason, detail: decoded.detail }
   const misplaced = misplacedIn(decoded.event, decoded.partition, config.partitions)
@@ -90,6 +92,21 @@ export function decide(
     kind: 'apply',
     event: decoded.partition === undefined ? event : { ...event, partition: decoded.partition },
   }
+}
+
+/**
+ * Whether `subject` is an event of `kind` in the stream's layout: exactly what
+ * `subjectMatches(eventsFilter(kind, partitioned ? '*' : undefined), subject)` says
+ * (`fleet.events.*.<kind>`, `fleet.events.*.*.<kind>`), without splitting both on every message.
+ * The prefix and the last token are the filter's; the dots count the tokens between.
+ */
+export function isOfKind(subject: string, kind: EventKind, partitioned: boolean): boolean {
+  if (!subject.startsWith(`${EVENTS_SUBJECT_PREFIX}.`) || !subject.endsWith(`.${kind}`)) {
+    return false
+  }
+  let dots = 0
+  for (let i = subject.indexOf('.'); i >= 0; i = subject.indexOf('.', i + 1)) dots++
+  return dots === (partitioned ? 4 : 3)
 }
 
 /**

@@ -28,6 +28,11 @@ export class BatchSpans {
   readonly #parked = new Set<JsMsg>()
   readonly #on: boolean
 
+  /** Whether per-event spans are recorded: without, {@link event} need not be called. */
+  get tracing(): boolean {
+    return this.#on
+  }
+
   constructor(processor: string, filterSubject: string, msgs: readonly JsMsg[]) {
     this.#processor = processor
     this.#on = tracingActive()

@@ -118,17 +118,21 @@ export async function consumerInfo(
 
 /**
  * Messages pushed by a consume() callback, taken out in batches: waits for the first message,
- * then lingers briefly for more so that a busy stream gives full batches and a quiet one low
- * latency. Its size is bounded by the consumer's max_ack_pending, not by this class.
+ * then for more until the batch is full, or until the linger has passed and the commit in flight
+ * has settled (the batch could not be committed before it anyway). A busy stream gives full
+ * batches; a steady one batches what arrived during the linger and the commit before (group
+ * commit). Its size is bounded by the consumer's max_ack_pending, not by this class.
  */
 export class MessageBuffer {
   #items: JsMsg[] = []
   #wake: (() => void) | undefined
+  /** How many messages the waiting take needs: a push below that wakes nobody. */
+  #want = 1
   #closed = false
 
   push(m: JsMsg): void {
     this.#items.push(m)
-    this.#notify()
+    if (this.#items.length >= this.#want) this.#notify()
   }
 
   close(): void {
@@ -144,16 +148,33 @@ export class MessageBuffer {
     return this.#closed
   }
 
-  /** Up to `max` messages; an empty array once closed or aborted. */
-  async take(max: number, lingerMs: number, signal: AbortSignal): Promise<JsMsg[]> {
+  /**
+   * Up to `max` messages; an empty array once closed or aborted. Once the first message is
+   * there, waits at least `lingerMs` for a full batch, and as long as `busy` (the commit before
+   * this batch) has not settled.
+   */
+  async take(
+    max: number,
+    lingerMs: number,
+    signal: AbortSignal,
+    busy?: Promise<unknown>,
+  ): Promise<JsMsg[]> {
     while (this.#items.length === 0 && !this.#closed && !signal.aborted) {
-      await this.#wait(signal, undefined)
+      await this.#wait(signal, 1, undefined)
+    }
+    let settled = busy === undefined
+    if (busy !== undefined) {
+      const done = () => {
+        settled = true
+        this.#notify()
+      }
+      void busy.then(done, done)
     }
     const deadline = Date.now() + lingerMs
     while (this.#items.length < max && !this.#closed && !signal.aborted) {
       const left = deadline - Date.now()
-      if (left <= 0) break
-      await this.#wait(signal, left)
+      if (left <= 0 && settled) break
+      await this.#wait(signal, max, left > 0 ? left : undefined)
     }
     if (signal.aborted) return []
     return this.#items.splice(0, max)
@@ -165,15 +186,18 @@ export class MessageBuffer {
     wake?.()
   }
 
-  #wait(signal: AbortSignal, ms: number | undefined): Promise<void> {
+  /** Until `want` messages are there, `ms` have passed, or a close, abort or notify. */
+  #wait(signal: AbortSignal, want: number, ms: number | undefined): Promise<void> {
     return new Promise<void>((resolve) => {
       const done = () => {
         clearTimeout(timer)
         signal.removeEventListener('abort', done)
+        this.#want = 1
         resolve()
       }
       const timer = ms === undefined ? undefined : setTimeout(done, ms)
       signal.addEventListener('abort', done, { once: true })
+      this.#want = want
       this.#wake = done
     })
   }

@@ -35,7 +35,7 @@ export async function runPipeline(
   let preparedTo = state.position.lastSeq
   const { batchSize, batchLingerMs } = state.ctx.deps.config.processor
   while (!isAborted(signal)) {
-    const batch = await state.buffer.take(batchSize, batchLingerMs, signal)
+    const batch = await state.buffer.take(batchSize, batchLingerMs, signal, committing)
     if (state.diverged !== undefined) throw state.diverged
     if (batch.length === 0) {
       await committing // what came before is committed (or its failure ends the session)
@@ -70,19 +70,23 @@ function prepare(state: SlotState, batch: JsMsg[], from: number): Prepared {
   counters.received(batch.length)
   const spans = new BatchSpans(state.slot.processor, state.slot.filterSubject, batch)
   const fresh: JsMsg[] = []
-  const seen = new Set<number>()
   let newest: JsMsg | undefined
+  // Deliveries come in stream order but for redeliveries: only a batch out of order needs the
+  // dedup set and the sort.
+  let seen: Set<number> | undefined
   for (const m of batch) {
     const seq = m.info.streamSequence
-    if (newest === undefined || seq > newest.info.streamSequence) newest = m
-    if (seq <= from || seen.has(seq)) {
+    const top = newest?.info.streamSequence ?? 0
+    if (seq > top) newest = m
+    else seen ??= new Set(fresh.map((f) => f.info.streamSequence))
+    if (seq <= from || seen?.has(seq) === true) {
       counters.skipped()
       continue
     }
-    seen.add(seq)
+    seen?.add(seq)
     fresh.push(m)
   }
-  fresh.sort((a, b) => a.info.streamSequence - b.info.streamSequence)
+  if (seen !== undefined) fresh.sort((a, b) => a.info.streamSequence - b.info.streamSequence)
   const accepted: Accepted[] = []
   const refused: Refused[] = []
   for (const msg of fresh) {
@@ -93,12 +97,14 @@ function prepare(state: SlotState, batch: JsMsg[], from: number): Prepared {
       counters.skipped()
       continue
     }
-    spans.event(
-      msg,
-      d.kind === 'apply'
-        ? { correlationId: d.event.event.correlationId, hlc: d.event.event.hlc }
-        : undefined,
-    )
+    if (spans.tracing) {
+      spans.event(
+        msg,
+        d.kind === 'apply'
+          ? { correlationId: d.event.event.correlationId, hlc: d.event.event.hlc }
+          : undefined,
+      )
+    }
     if (d.kind === 'refuse') refused.push({ msg, reason: d.reason, detail: d.detail })
     else accepted.push({ msg, event: d.event })
   }

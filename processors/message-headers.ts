@@ -1,0 +1,76 @@
+/**
+ * The headers of a delivered message, read straight from its raw header block. `msg.headers` of
+ * nats.js builds the whole header map on first use (each header name canonicalised and looked
+ * up again in a fresh key list): ~6% of a processor's CPU when `decide()` reads two headers of
+ * every message. Looking up only the lines asked for gives the same values, or defers to nats.js
+ * whenever the block holds anything its decoder would treat differently.
+ */
+import type { JsMsg } from '@nats-io/jetstream'
+
+/** What `decide()` asks of a message's headers: `get` as nats.js's `MsgHdrs.get`. */
+export interface HeaderReader {
+  /** The first value of header `name` (exact name, trimmed); `''` when absent. */
+  get(name: string): string
+}
+
+/**
+ * The headers of `msg`, read from its raw header block when nats.js would read the block the same
+ * way (else `msg.headers` itself); `undefined` when the message has none. Decoded and checked
+ * once, however many headers are read.
+ *
+ * ```ts
+ * headersOf(msg)?.get('Nats-Msg-Id') // '0193...' ('' when absent), as msg.headers?.get(...)
+ * ```
+ */
+export function headersOf(msg: JsMsg): HeaderReader | undefined {
+  const block = rawHeaderBlock(msg)
+  if (block === null) return msg.headers
+  if (block === undefined) return undefined
+  const text = utf8.decode(block)
+  // Non-ASCII, a lone CR or LF, or a line whose name nats.js would refuse (it throws): its
+  // decoder, not this one, says what the message holds.
+  if (!PLAIN_BLOCK.test(text)) return msg.headers
+  return new PlainHeaders(text)
+}
+
+/** A plain header block ({@link PLAIN_BLOCK}) as text. */
+class PlainHeaders implements HeaderReader {
+  readonly #text: string
+
+  constructor(text: string) {
+    this.#text = text
+  }
+
+  get(name: string): string {
+    const text = this.#text
+    // A CRLF starts a line only: the block has no other CR or LF.
+    const at = text.indexOf(`\r\n${name}:`)
+    if (at < 0) return ''
+    const from = at + 2 + name.length + 1
+    const end = text.indexOf('\r\n', from)
+    return text.slice(from, end < 0 ? text.length : end).trim()
+  }
+}
+
+/**
+ * Every line a plain block: printable ASCII (tabs too) separated by CRLF, each line after the
+ * first (the status line) empty, without a colon (nats.js skips it), or a name of visible
+ * characters and a colon. Anything else is left to nats.js.
+ */
+const PLAIN_BLOCK = /^[\t\x20-\x7e]*(?:\r\n(?:[\x21-\x39\x3b-\x7e]*:[\t\x20-\x7e]*|[^:\r\n]*))*$/
+
+/** The bytes nats.js decodes its header block from (`TextDecoder` without `fatal`). */
+const utf8 = new TextDecoder()
+
+/**
+ * The raw header block of a message delivered by nats.js 3 (`JsMsgImpl.msg`, a `MsgImpl`):
+ * `undefined` when it has none, `null` when the message is not of that shape (another client
+ * version or a test double), so the caller asks `msg.headers` instead.
+ */
+function rawHeaderBlock(msg: JsMsg): Uint8Array | undefined | null {
+  const core = (msg as { msg?: { _rdata?: unknown; _msg?: { hdr?: unknown } } }).msg
+  const data = core?._rdata
+  const hdr = core?._msg?.hdr
+  if (!(data instanceof Uint8Array) || typeof hdr !== 'number') return null
+  return hdr > -1 ? data.subarray(0, hdr) : undefined
+}

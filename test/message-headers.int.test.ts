@@ -1,0 +1,113 @@
+import { connect as connectSocket } from 'node:net'
+import { jetstream, jetstreamManager, type JsMsg } from '@nats-io/jetstream'
+import { connect, type NatsConnection } from '@nats-io/transport-node'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { headersOf } from '../processors/message-headers.ts'
+import { startNatsServer, type NatsServer } from './harness/test-servers.ts'
+
+/** Publishes raw header blocks, as a client that skips nats.js's checks could (HPUB). */
+async function publishRaw(
+  url: string,
+  msgs: readonly { subject: string; header?: string }[],
+): Promise<void> {
+  const { hostname, port } = new URL(url)
+  const socket = connectSocket(Number(port), hostname)
+  const frames = msgs.map(({ subject, header }) => {
+    const body = Buffer.from('{}')
+    if (header === undefined)
+      return Buffer.concat([Buffer.from(`PUB ${subject} 2\r\n`), body, Buffer.from('\r\n')])
+    const h = Buffer.from(header, 'utf8')
+    return Buffer.concat([
+      Buffer.from(`HPUB ${subject} ${h.length} ${h.length + body.length}\r\n`),
+      h,
+      body,
+      Buffer.from('\r\n'),
+    ])
+  })
+  await new Promise<void>((resolve, reject) => {
+    let seen = ''
+    socket.on('error', reject)
+    socket.on('data', (d: Buffer) => {
+      seen += d.toString()
+      if (seen.includes('PONG')) resolve()
+      if (seen.includes('-ERR')) reject(new Error(seen))
+    })
+    socket.write(
+      Buffer.concat([
+        Buffer.from('CONNECT {"verbose":false,"headers":true,"protocol":1}\r\n'),
+        ...frames,
+        Buffer.from('PING\r\n'),
+      ]),
+    )
+  })
+  socket.destroy()
+}
+
+const outcome = (read: () => string | undefined): { value?: string; error?: string } => {
+  try {
+    return { value: read() }
+  } catch (err) {
+    return { error: (err as Error).message }
+  }
+}
+
+const NAMES = ['Nats-Msg-Id', 'Fleet-Hlc', 'Fleet-Missing'] as const
+
+describe('headersOf', () => {
+  let nats: NatsServer
+  let nc: NatsConnection
+  let msgs: JsMsg[]
+  beforeAll(async () => {
+    nats = await startNatsServer()
+    nc = await connect({ servers: nats.url })
+    const jsm = await jetstreamManager(nc)
+    await jsm.streams.add({ name: 'H', subjects: ['h.>'] })
+    await publishRaw(nats.url, [
+      { subject: 'h.plain', header: 'NATS/1.0\r\nNats-Msg-Id: a-1\r\nFleet-Hlc: 17-0-x\r\n\r\n' },
+      { subject: 'h.none' },
+      {
+        subject: 'h.twice',
+        header: 'NATS/1.0\r\nFleet-Hlc:  first \t\r\nFleet-Hlc: second\r\n\r\n',
+      },
+      { subject: 'h.case', header: 'NATS/1.0\r\nnats-msg-id: a-2\r\nFleet-Hlc:\r\n\r\n' },
+      { subject: 'h.colons', header: 'NATS/1.0\r\nno colon here\r\nFleet-Hlc: a:b:c\r\n\r\n' },
+      { subject: 'h.status', header: 'NATS/1.0 100 Idle\r\nFleet-Hlc: 1\r\n\r\n' },
+      { subject: 'h.unicode', header: 'NATS/1.0\r\nFleet-Hlc: café\r\n\r\n' },
+      { subject: 'h.spaced-name', header: 'NATS/1.0\r\n Fleet-Hlc: 2\r\n\r\n' },
+      { subject: 'h.lone-lf', header: 'NATS/1.0\r\nFleet-Hlc: 3\nFleet-Other: 4\r\n\r\n' },
+      { subject: 'h.lone-cr', header: 'NATS/1.0\r\nFleet-X\r: 5\r\nFleet-Hlc: 6\r\n\r\n' },
+    ])
+    const consumer = await jetstream(nc).consumers.get('H')
+    msgs = []
+    const it = await consumer.fetch({ max_messages: 10, expires: 5000 })
+    for await (const m of it) msgs.push(m)
+  })
+  afterAll(async () => {
+    await nc.close()
+    await nats.cleanup()
+  })
+
+  it('reads what msg.headers.get reads, or throws as it throws, for every header block', () => {
+    expect(msgs.map((m) => m.subject)).toHaveLength(10)
+    for (const m of msgs) {
+      for (const name of NAMES) {
+        expect(
+          outcome(() => headersOf(m)?.get(name)),
+          `${m.subject} ${name}`,
+        ).toEqual(outcome(() => m.headers?.get(name)))
+      }
+    }
+  })
+
+  it("reads a plain block without building nats.js's header map", () => {
+    const plain = msgs.find((m) => m.subject === 'h.plain') as JsMsg
+    const core = (plain as unknown as { msg: { _headers?: unknown } }).msg
+    core._headers = undefined
+    const headers = headersOf(plain)
+    expect(headers?.get('Nats-Msg-Id')).toBe('a-1')
+    expect(headers?.get('Fleet-Hlc')).toBe('17-0-x')
+    // nats.js 3 keeps the raw block where headerOf reads it; a client upgrade that moves it
+    // falls back to msg.headers (still exact) and fails here, so the fast path is not lost unseen.
+    expect(core._headers).toBeUndefined()
+  })
+})
