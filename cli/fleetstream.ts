@@ -10,7 +10,12 @@
  * outside the bundle so that the instrumentation can hook `pg` as it loads; pino-pretty and
  * cli-progress are required lazily from node_modules (cli/terminal.ts).
  */
+import nodeModule from 'node:module'
 import { startTelemetry } from '../infra/telemetry.ts'
+
+// From Node 22.1 on (the image's Node 24), V8 keeps the code it compiled for the bundle on disk
+// (in the OS's temp dir) and the next process reuses it; Node 20 has no such cache.
+;(nodeModule as { enableCompileCache?: () => unknown }).enableCompileCache?.()
 
 const command = process.argv.slice(2).find((a) => !a.startsWith('-')) ?? 'cli'
 const telemetry = await startTelemetry({ serviceName: `fleetstream-${command}` })
