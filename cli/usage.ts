@@ -45,9 +45,12 @@ export function usageHint(): string | undefined {
   return running === undefined ? undefined : hints.get(running)
 }
 
-/** fleetstream's version, from its package.json (found from cli/ and from dist/cli/ alike). */
+/**
+ * fleetstream's version, from its package.json: found from cli/, from dist/cli/ (tsc's build) and
+ * from dist/cli/chunks/ (the bundled CLI, `npm run bundle`) alike.
+ */
 export function packageVersion(): string {
-  for (const rel of ['../package.json', '../../package.json']) {
+  for (const rel of ['../package.json', '../../package.json', '../../../package.json']) {
     try {
       const pkg = JSON.parse(readFileSync(new URL(rel, import.meta.url), 'utf8')) as {
         name?: string

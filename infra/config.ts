@@ -76,7 +76,13 @@ const Env = z.object({
    * size); 0 commits what arrived during the commit before, however few.
    */
   PROCESSOR_BATCH_LINGER_MS: int(0, 10_000).default(20),
-  PROCESSOR_MAX_ACK_PENDING: int(1, 1_000_000).default(10_000),
+  /**
+   * Default: three batches, what the pipeline uses (one committing, one prepared, one arriving).
+   * More only sits in the buffer, long enough to be promoted into V8's old space: 10,000 raised
+   * each processor's peak RSS by 25-95 MB for no CPU per event or throughput (measured, 3000 vs
+   * 10,000 on a 1M backlog).
+   */
+  PROCESSOR_MAX_ACK_PENDING: int(1, 1_000_000).optional(),
   PROCESSOR_ACK_WAIT_SECONDS: int(1, 3600).default(60),
   /** Seconds between clock ticks published into the stream (stream time for silence). */
   CLOCK_TICK_SECONDS: int(1, 3600).default(10),
@@ -231,7 +237,10 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     processor: {
       batchSize: e.PROCESSOR_BATCH_SIZE,
       batchLingerMs: e.PROCESSOR_BATCH_LINGER_MS,
-      maxAckPending: Math.max(e.PROCESSOR_MAX_ACK_PENDING, e.PROCESSOR_BATCH_SIZE),
+      maxAckPending: Math.max(
+        e.PROCESSOR_MAX_ACK_PENDING ?? 3 * e.PROCESSOR_BATCH_SIZE,
+        e.PROCESSOR_BATCH_SIZE,
+      ),
       ackWaitSeconds: e.PROCESSOR_ACK_WAIT_SECONDS,
     },
     clockTickSeconds: e.CLOCK_TICK_SECONDS,

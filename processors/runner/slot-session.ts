@@ -76,12 +76,14 @@ export class SlotSession {
     this.#stopping.addEventListener('abort', stop, { once: true })
     let messages: ConsumerMessages | undefined
     try {
-      // What the stream check compares with later, taken before this session's first check.
-      const seen: StreamSeen = {
-        leader: (await this.#ctx.deps.jsm.streams.info(this.#consumer.stream)).cluster?.leader,
-        reconnects: this.#ctx.reconnects(),
-      }
-      const position = await readCheckpoint(this.#ctx.deps.db, this.#slot.key)
+      // What the stream check compares with later, taken before this session's first check
+      // (reconnects counted before the look-up: one during it makes the check look again).
+      const reconnects = this.#ctx.reconnects()
+      const [stream, position] = await Promise.all([
+        this.#ctx.deps.jsm.streams.info(this.#consumer.stream),
+        readCheckpoint(this.#ctx.deps.db, this.#slot.key),
+      ])
+      const seen: StreamSeen = { leader: stream.cluster?.leader, reconnects }
       state.position = position
       this.#ctx.counters.checkpointAt(this.#slot.key, position.lastSeq)
       const anchored = await anchorConsumer(this.#ctx.deps.jsm, this.#consumer, position)

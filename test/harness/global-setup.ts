@@ -12,8 +12,8 @@ declare module 'vitest' {
 }
 
 /**
- * Runs once per `vitest run`: compiles the project (some tests spawn the built CLI) and starts
- * one throwaway Postgres cluster; test files each create their own database on it with
+ * Runs once per `vitest run`: compiles the project and bundles the CLI (some tests spawn it), and
+ * starts one throwaway Postgres cluster; test files each create their own database on it with
  * `freshDatabase()`.
  */
 export default async function setup({
@@ -38,6 +38,12 @@ function build(root: string): void {
         stdio: 'pipe',
       },
     )
+    // tsc wrote the unbundled CLI over dist/cli/fleetstream.js: spawn what users run, the bundle.
+    execFileSync('npm', ['run', '--silent', 'bundle'], {
+      cwd: root,
+      encoding: 'utf8',
+      stdio: 'pipe',
+    })
   } catch (err) {
     const { status, stdout, stderr } = err as {
       status: number | null
@@ -45,7 +51,7 @@ function build(root: string): void {
       stderr?: string
     }
     throw new HarnessError(
-      `'tsc -p tsconfig.build.json' failed (exit ${String(status)}) in ${root}:\n${stdout ?? ''}${stderr ?? ''}`,
+      `'tsc -p tsconfig.build.json' or 'npm run bundle' failed (exit ${String(status)}) in ${root}:\n${stdout ?? ''}${stderr ?? ''}`,
       { cause: err },
     )
   }
