@@ -19,6 +19,7 @@ import { nanos, type MsgHdrs, type NatsConnection } from '@nats-io/transport-nod
 import type { Config } from '../infra/config.ts'
 import type { Logger } from '../infra/logger.ts'
 import { connectNats } from '../infra/nats.ts'
+import { readableHeaders } from '../processors/message-headers.ts'
 import { decodeEvent, type RejectReason } from '../schemas/decode.ts'
 import { EVENT_KINDS, type EventKind, type FleetEvent } from '../schemas/events.ts'
 import { decodeHlc, HlcFormatError } from '../schemas/hlc.ts'
@@ -127,7 +128,12 @@ export async function showEvent(src: EventsSource, seq: number): Promise<ShownEv
     seq: m.seq,
     subject: m.subject,
     storedAt: m.time,
-    headers: m.header,
+    // A block the NATS client refuses (a device's raw HPUB) is shown without headers.
+    headers: readableHeaders({
+      get headers() {
+        return m.header
+      },
+    }),
     data: m.data,
   })
 }
@@ -199,7 +205,7 @@ export async function* tailEvents(
         seq: m.seq,
         subject: m.subject,
         storedAt: m.time,
-        headers: m.headers,
+        headers: readableHeaders(m),
         data: m.data,
       })
       seen++

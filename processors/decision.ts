@@ -13,7 +13,7 @@ import {
 } from '../schemas/hlc.ts'
 import type { Config } from '../infra/config.ts'
 import { SYSTEM_SOURCE } from '../schemas/envelope.ts'
-import { headersOf } from './message-headers.ts'
+import { HeaderBlockError, headersOf, type HeaderReader } from './message-headers.ts'
 import type { EventKind, FleetEvent } from '../schemas/events.ts'
 import {
   EVENTS_SUBJECT_PREFIX,
@@ -30,7 +30,7 @@ import {
  *
  * - `skip`: a copy put back from the DLQ for another processor (this one applied the original),
  *   or an event of a kind this processor does not read;
- * - `refuse`: bad JSON, schema, subject or clock skew; no attempt can change that;
+ * - `refuse`: bad JSON, schema, subject, header block or clock skew; no attempt can change that;
  * - `apply`: a valid event for the projection.
  */
 export type Decision =
@@ -70,7 +70,15 @@ export function decide(
   if (processor.reads !== 'all' && !isOfKind(subject, processor.reads, config.partitions !== 0)) {
     return { kind: 'skip' }
   }
-  const headers = headersOf(msg)
+  let headers: HeaderReader | undefined
+  try {
+    headers = headersOf(msg)
+  } catch (err) {
+    if (err instanceof HeaderBlockError) {
+      return { kind: 'refuse', reason: 'invalid-headers', detail: err.message }
+    }
+    throw err
+  }
   const decoded = decodeEvent({
     subject,
     data: msg.data,

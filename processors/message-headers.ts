@@ -6,6 +6,8 @@
  * whenever the block holds anything its decoder would treat differently.
  */
 import type { JsMsg } from '@nats-io/jetstream'
+import type { MsgHdrs } from '@nats-io/transport-node'
+import { BadInputError } from '../schemas/errors.ts'
 
 /** What `decide()` asks of a message's headers: `get` as nats.js's `MsgHdrs.get`. */
 export interface HeaderReader {
@@ -14,9 +16,17 @@ export interface HeaderReader {
 }
 
 /**
+ * A header block nats.js refuses to decode: a device published it raw (HPUB), with a header name
+ * holding a space, a control or non-ASCII character, or a value holding a lone CR or LF. The
+ * server stores it as sent; the message is refused and parked like any other bad input.
+ */
+export class HeaderBlockError extends BadInputError {}
+
+/**
  * The headers of `msg`, read from its raw header block when nats.js would read the block the same
  * way (else `msg.headers` itself); `undefined` when the message has none. Decoded and checked
- * once, however many headers are read.
+ * once, however many headers are read. Throws {@link HeaderBlockError} when nats.js refuses the
+ * block.
  *
  * ```ts
  * headersOf(msg)?.get('Nats-Msg-Id') // '0193...' ('' when absent), as msg.headers?.get(...)
@@ -24,14 +34,53 @@ export interface HeaderReader {
  */
 export function headersOf(msg: JsMsg): HeaderReader | undefined {
   const block = rawHeaderBlock(msg)
-  if (block === null) return msg.headers
+  if (block === null) return natsHeadersOf(msg)
   if (block === undefined) return undefined
   const text = utf8.decode(block)
   // Non-ASCII, a lone CR or LF, or a line whose name nats.js would refuse (it throws): its
   // decoder, not this one, says what the message holds.
-  if (!PLAIN_BLOCK.test(text)) return msg.headers
+  if (!PLAIN_BLOCK.test(text)) return natsHeadersOf(msg)
   return new PlainHeaders(text)
 }
+
+/**
+ * `msg.headers`, or {@link HeaderBlockError} naming what nats.js refused and showing the start of
+ * the block (JSON-escaped, so CRs, LFs and control characters are visible).
+ */
+function natsHeadersOf(msg: JsMsg): MsgHdrs | undefined {
+  try {
+    return msg.headers
+  } catch (err) {
+    const block = rawHeaderBlock(msg)
+    const shown =
+      block === null || block === undefined
+        ? ''
+        : `; the block starts ${JSON.stringify(utf8.decode(block.subarray(0, SHOWN_BYTES)))}`
+    throw new HeaderBlockError(
+      `headers: a header name must be visible ASCII without ':' and a value one line; ` +
+        `the NATS client refused the block: ${err instanceof Error ? err.message : String(err)}${shown}`,
+      { cause: err },
+    )
+  }
+}
+
+/**
+ * The headers of a message for writing it down (a DLQ entry, a span, a log line): `msg.headers`,
+ * or `undefined` when nats.js refuses its block (see {@link HeaderBlockError}), so that a device's
+ * bytes never make recording them fail.
+ */
+export function readableHeaders(msg: {
+  readonly headers?: MsgHdrs | undefined
+}): MsgHdrs | undefined {
+  try {
+    return msg.headers
+  } catch {
+    return undefined
+  }
+}
+
+/** How much of a refused header block its error shows. */
+const SHOWN_BYTES = 200
 
 /** A plain header block ({@link PLAIN_BLOCK}) as text. */
 class PlainHeaders implements HeaderReader {

@@ -13,6 +13,7 @@ import {
 import { Attr } from '../infra/span-attributes.ts'
 import { extractTraceContext, tracer, tracingActive } from '../infra/telemetry.ts'
 import { parseEventSubject, Headers } from '../schemas/subjects.ts'
+import { readableHeaders } from './message-headers.ts'
 
 /**
  * Spans of one processed batch, after the OpenTelemetry messaging conventions for batch
@@ -43,7 +44,7 @@ export class BatchSpans {
     }
     const links: Link[] = []
     for (const m of msgs) {
-      const sc = trace.getSpanContext(extractTraceContext(m.headers))
+      const sc = trace.getSpanContext(extractTraceContext(readableHeaders(m)))
       if (sc && trace.isSpanContextValid(sc)) {
         links.push({ context: sc, attributes: messageAttributes(m) })
       }
@@ -89,7 +90,7 @@ export class BatchSpans {
           ...(fields?.hlc ? { [Attr.Hlc]: fields.hlc } : {}),
         },
       },
-      extractTraceContext(msg.headers),
+      extractTraceContext(readableHeaders(msg)),
     )
     this.#events.set(msg, span)
     return span
@@ -137,13 +138,14 @@ function messageAttributes(m: JsMsg): Record<string, string | number> {
     [Attr.StreamSequence]: m.info.streamSequence,
     [Attr.DeliveryCount]: m.info.deliveryCount,
   }
-  const id = m.headers?.get(Headers.MsgId)
+  const headers = readableHeaders(m)
+  const id = headers?.get(Headers.MsgId)
   if (id) a[Attr.MessagingMessageId] = id
   const device = parseEventSubject(m.subject)?.deviceId
   if (device) a[Attr.DeviceId] = device
-  const correlation = m.headers?.get(Headers.CorrelationId)
+  const correlation = headers?.get(Headers.CorrelationId)
   if (correlation) a[Attr.CorrelationId] = correlation
-  const hlc = m.headers?.get(Headers.Hlc)
+  const hlc = headers?.get(Headers.Hlc)
   if (hlc) a[Attr.Hlc] = hlc
   return a
 }

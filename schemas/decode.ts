@@ -7,6 +7,8 @@ export type RejectReason =
   | 'invalid-json'
   | 'invalid-event'
   | 'subject-mismatch'
+  /** A header block the NATS client refuses to decode (published raw by a device). */
+  | 'invalid-headers'
   | 'clock-skew'
   /** Valid, but the projection failed on it every time. */
   | 'handler-failed'

@@ -25,6 +25,7 @@ import {
   waitFor,
   type CliProcess,
   buggyReadings,
+  publishRaw,
 } from './fixtures.ts'
 
 /** How many DLQ entries each (processor, original stream sequence) has: counted, not a set. */
@@ -131,6 +132,55 @@ describe('hostile input: parking is total, bounded and once', () => {
     expect(shown.output).toContain(`origin:     FLEET_EVENTS #${wide}`)
     // 1,200 headers and its Nats-Msg-Id
     expect(shown.output).toMatch(/cut: +headers kept \d+ of 1201 \(whole in FLEET_EVENTS #\d+/)
+  })
+
+  it('a header block the NATS client refuses (a raw HPUB) is parked once per processor as invalid-headers, and the processors go on', async () => {
+    const before = (await rt.jsm.streams.info(rt.config.streams.events)).state.last_seq
+    // nats-server stores both; nats.js throws on reading their headers: a space opening a
+    // header name, a lone LF inside a value.
+    await publishRaw(nats.url, [
+      {
+        subject: 'fleet.events.h-3.reading',
+        header: 'NATS/1.0\r\nNats-Msg-Id: hostile-space\r\n Fleet-Hlc: 2\r\n\r\n',
+      },
+      {
+        subject: 'fleet.events.h-3.reading',
+        header: 'NATS/1.0\r\nNats-Msg-Id: hostile-lf\r\nFleet-Hlc: 3\nX: 4\r\n\r\n',
+      },
+    ])
+    const refused = [before + 1, before + 2]
+    const publisher = testPublisher(rt)
+    let last = 0
+    for (let i = 0; i < 3; i++) last = (await publisher.publish(readingDraft('h-4', 20 + i))).seq
+    expect(last).toBe(before + 5)
+
+    await waitFor(
+      'every processor to pass the valid events',
+      async () => {
+        const cps = await rt.db.selectFrom('processor_checkpoints').select('last_seq').execute()
+        return cps.length === 3 && cps.every((c) => c.last_seq >= last)
+      },
+      60_000,
+      () => JSON.stringify(running.map((r) => [r.name, r.stats.checkpoint, r.stats.state])),
+    )
+    expect(await readingRows(rt, 'h-4')).toBe(3)
+    expect(await readingRows(rt, 'h-3')).toBe(0)
+    const counts = await dlqCounts(rt)
+    for (const seq of refused) {
+      for (const p of PROCESSOR_NAMES) expect(counts.get(`${p} #${seq}`), `${p} #${seq}`).toBe(1)
+    }
+    const entries = JSON.parse(
+      (await runCli(['dlq', 'list', '--json'], env)).output,
+    ) as DeadLetterEntry[]
+    const mine = entries.filter((e) => refused.includes(e.streamSeq))
+    expect(mine).toHaveLength(2 * PROCESSOR_NAMES.length)
+    for (const e of mine) {
+      expect(e.reason).toBe('invalid-headers')
+      expect(e.detail).toContain('a header name must be visible ASCII')
+    }
+    // The operator's view of the original does not fail on it either.
+    const shown = await runCli(['events', 'show', String(refused[0])], env)
+    expect(shown.code, shown.output).toBe(0)
   })
 
   it('headers a device sets cannot change the DLQ dedup id of an entry', async () => {

@@ -1,3 +1,4 @@
+import { connect as connectSocket } from 'node:net'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { mkdtemp, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
@@ -331,4 +332,46 @@ export const buggyReadings: ProcessorSpec = {
       await readingsProcessor.projection.apply(trx, events)
     },
   },
+}
+
+/** Publishes raw header blocks, as a client that skips nats.js's checks could (HPUB). */
+export async function publishRaw(
+  url: string,
+  msgs: readonly { subject: string; header?: string; body?: string }[],
+): Promise<void> {
+  const { hostname, port } = new URL(url)
+  const socket = connectSocket(Number(port), hostname)
+  const frames = msgs.map(({ subject, header, body: text = '{}' }) => {
+    const body = Buffer.from(text)
+    if (header === undefined)
+      return Buffer.concat([
+        Buffer.from(`PUB ${subject} ${body.length}\r\n`),
+        body,
+        Buffer.from('\r\n'),
+      ])
+    const h = Buffer.from(header, 'utf8')
+    return Buffer.concat([
+      Buffer.from(`HPUB ${subject} ${h.length} ${h.length + body.length}\r\n`),
+      h,
+      body,
+      Buffer.from('\r\n'),
+    ])
+  })
+  await new Promise<void>((resolve, reject) => {
+    let seen = ''
+    socket.on('error', reject)
+    socket.on('data', (d: Buffer) => {
+      seen += d.toString()
+      if (seen.includes('PONG')) resolve()
+      if (seen.includes('-ERR')) reject(new Error(seen))
+    })
+    socket.write(
+      Buffer.concat([
+        Buffer.from('CONNECT {"verbose":false,"headers":true,"protocol":1}\r\n'),
+        ...frames,
+        Buffer.from('PING\r\n'),
+      ]),
+    )
+  })
+  socket.destroy()
 }

@@ -8,6 +8,7 @@ import { headers as natsHeaders, type MsgHdrs } from '@nats-io/transport-node'
 import type { RejectReason } from '../../schemas/decode.ts'
 import { DLQ_SUBJECT_PREFIX, Headers } from '../../schemas/subjects.ts'
 import { StreamReader } from '../stream-reader.ts'
+import { readableHeaders } from '../message-headers.ts'
 
 export interface DeadLetter {
   readonly processor: string
@@ -89,8 +90,10 @@ export function deadLetterEntry(
   let total = 0
   let kept = 0
   let used = 0
-  for (const name of msg.headers?.keys() ?? []) {
-    for (const v of msg.headers?.values(name) ?? []) {
+  // A block nats.js refuses (reason `invalid-headers`) is shown in the detail, not copied.
+  const original = readableHeaders(msg)
+  for (const name of original?.keys() ?? []) {
+    for (const v of original?.values(name) ?? []) {
       total++
       if (opts.stub) continue
       const line = `${headerText(name, NAME_BYTES)}: ${headerText(v, VALUE_BYTES)}`
@@ -177,7 +180,7 @@ export function parkedKey(msg: {
   readonly headers?: MsgHdrs | undefined
   readonly info: { readonly stream: string; readonly streamSequence: number }
 }): string {
-  const id = msg.headers?.get(Headers.MsgId) ?? ''
+  const id = readableHeaders(msg)?.get(Headers.MsgId) ?? ''
   if (id === '') return `${msg.info.stream}:${msg.info.streamSequence}`
   if (/^[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,127}$/.test(id) && !/nats-/i.test(id)) return id
   return `sha256:${createHash('sha256').update(id).digest('hex')}`

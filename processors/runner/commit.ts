@@ -19,6 +19,7 @@ import type { Database } from '../../projections/tables.ts'
 import type { RejectReason } from '../../schemas/decode.ts'
 import { Headers } from '../../schemas/subjects.ts'
 import { parkInDlq } from '../dlq/park.ts'
+import { readableHeaders } from '../message-headers.ts'
 import {
   advanceCheckpoint,
   CheckpointConflictError,
@@ -235,7 +236,7 @@ export class BatchCommitter {
     this.#spans?.parked(d.msg, d.reason, d.detail)
     const fields = {
       ...traceFields(this.#spans?.spanOf(d.msg)),
-      correlationId: d.msg.headers?.get(Headers.CorrelationId) || undefined,
+      correlationId: readableHeaders(d.msg)?.get(Headers.CorrelationId) || undefined,
       seq: d.msg.info.streamSequence,
       subject: d.msg.subject,
       reason: d.reason,
