@@ -309,7 +309,10 @@ async function refold(
   )
   // Slow: alerts before a horizon are final (but the one open there). Fast: the open ones.
   const read = (
-    await sql<AlertRow>`
+    slow.length === 0 && quick.length === 0
+      ? []
+      : (
+          await sql<AlertRow>`
       select a.* from alerts a
       left join alert_horizons h on h.device_id = a.device_id and h.rule_id = a.rule_id
       where (a.device_id = any(${slow}::text[])
@@ -317,7 +320,8 @@ async function refold(
                   or a.alert_id = h.state -> 'open' ->> 'alert_id'))
          or (a.device_id = any(${quick}::text[]) and a.state <> 'resolved')
       order by a.alert_id for update of a`.execute(trx)
-  ).rows.concat(
+        ).rows
+  ).concat(
     [...fast].flatMap((d) =>
       [...(kept.get(d)?.states.values() ?? [])].flatMap((s) => (s.open === null ? [] : [s.open])),
     ),
