@@ -12,6 +12,7 @@ import {
 } from './alert-evaluation.ts'
 import type { AlertRule, AlertRules, ThresholdRule } from './alert-rules.ts'
 import { jsonRows } from './json-rows.ts'
+import { RowCache, transactionId } from './row-cache.ts'
 import type { ProjectedEvent, Projection } from './projection.ts'
 import type { EffectiveStatus } from './sensor-lifecycle.ts'
 import { deviceIdsOf, SensorTracker, splitAtTicks, type Transition } from './sensor-tracker.ts'
@@ -64,6 +65,7 @@ type OutboxRow = NotificationOutboxTable
  */
 export function alertsProjection(opts: AlertsOptions): Projection {
   const tracker = new SensorTracker('alert_sensors', 'alerts', opts.defaultTimeoutSeconds)
+  const folds = new RowCache<KeptFold>(CACHED_FOLDS)
   const rules = opts.rules.rules
   const thresholds = rules.filter((r): r is ThresholdRule => r.kind === 'threshold')
   const window = Math.max(
@@ -97,7 +99,7 @@ export function alertsProjection(opts: AlertsOptions): Projection {
         if (segment.tick) {
           const silenced = await tracker.tick(trx, segment.tick)
           const devices = [...new Set(silenced.map((t) => t.deviceId))]
-          await refold(trx, tracker, rules, window, devices, [])
+          await refold(trx, tracker, folds, rules, window, devices, [])
           continue
         }
         const sensors = await tracker.load(trx, segment.events)
@@ -110,7 +112,7 @@ export function alertsProjection(opts: AlertsOptions): Projection {
         const settled = new Map(
           devices.filter((d) => !moved.includes(d)).map((d) => [d, sensors.status(d)]),
         )
-        await refold(trx, tracker, rules, window, devices, added, settled)
+        await refold(trx, tracker, folds, rules, window, devices, added, settled)
       }
     },
   }
@@ -157,13 +159,22 @@ async function addInputs(
   const rows = events.flatMap((p) => inputsOf(rules, p.event))
   if (rows.length === 0) return []
   const src = jsonRows('alert_inputs', rows)
-  return await trx
+  // Only the keys come back: the rows themselves are here already (parsing them was ~4% of CPU).
+  const fresh = await trx
     .insertInto('alert_inputs')
     .columns(src.columns)
     .expression(src.select)
     .onConflict((oc) => oc.columns(['device_id', 'rule_id', 'event_id']).doNothing())
-    .returningAll()
+    .returning(['device_id', 'rule_id', 'event_id'])
     .execute()
+  if (fresh.length === rows.length) return rows
+  const added = new Set(fresh.map((i) => inputKey(i.device_id, i.rule_id, i.event_id)))
+  // `delete`: an event delivered twice in one batch is one input, as the insert made it.
+  return rows.filter((i) => added.delete(inputKey(i.device_id, i.rule_id, i.event_id)))
+}
+
+function inputKey(deviceId: string, ruleId: string, eventId: string): string {
+  return `${deviceId}\u0000${ruleId}\u0000${eventId}`
 }
 
 /** A horizon as stored: its state with dates as JSON. */
@@ -172,6 +183,19 @@ interface Horizon {
   readonly eventId: string
   readonly state: FoldState
 }
+
+/**
+ * Where a sensor's rules stood after the fold this process wrote last (row-cache.ts, tagged by
+ * its tip's version): its tip, and per rule its condition and open alert. Every transaction that
+ * changes a sensor's conditions or alerts moves its tip.
+ */
+interface KeptFold {
+  readonly tip: AlertTipTable
+  readonly states: ReadonlyMap<string, FoldState>
+}
+
+/** Sensors whose folds are kept between batches: the bench's 10,000 and more, a few MB. */
+const CACHED_FOLDS = 100_000
 
 /** Something folded, by its place in a sensor's history. */
 interface Place {
@@ -191,6 +215,7 @@ interface Place {
 async function refold(
   trx: Transaction<Database>,
   tracker: SensorTracker,
+  folds: RowCache<KeptFold>,
   rules: readonly AlertRule[],
   window: number,
   devices: readonly string[],
@@ -200,15 +225,24 @@ async function refold(
   if (devices.length === 0) return
   const sorted = [...devices].sort()
   const news = group(added, (i) => i.device_id)
-  const tips = new Map(
-    (
-      await trx
-        .selectFrom('alert_tips')
-        .selectAll()
-        .where(sql<boolean>`device_id = any(${sorted}::text[])`)
-        .execute()
-    ).map((t) => [t.device_id, t]),
-  )
+  const versions = await sql<{ device_id: string; xmin: string }>`
+    select device_id, xmin::text as xmin from alert_tips
+    where device_id = any(${sorted}::text[])`.execute(trx)
+  const kept = new Map<string, KeptFold>()
+  const missed: string[] = []
+  for (const v of versions.rows) {
+    const k = folds.take(v.device_id, v.xmin)
+    if (k === undefined) missed.push(v.device_id)
+    else kept.set(v.device_id, k)
+  }
+  const tips = new Map([...kept].map(([d, k]) => [d, k.tip]))
+  if (missed.length > 0)
+    for (const t of await trx
+      .selectFrom('alert_tips')
+      .selectAll()
+      .where(sql<boolean>`device_id = any(${missed}::text[])`)
+      .execute())
+      tips.set(t.device_id, t)
   const onward = (d: string) => {
     const tip = tips.get(d)
     if (tip === undefined) return false
@@ -240,7 +274,8 @@ async function refold(
     }),
   )
   const slow = sorted.filter((d) => !fast.has(d))
-  const quick = [...fast]
+  // Read back: the fast ones this process has not kept.
+  const quick = [...fast].filter((d) => !kept.has(d))
 
   const inputs = group(
     slow.length === 0
@@ -273,8 +308,11 @@ async function refold(
     ).map((c) => [key(c.device_id, c.rule_id), c]),
   )
   // Slow: alerts before a horizon are final (but the one open there). Fast: the open ones.
-  const loaded = (
-    await sql<AlertRow>`
+  const read = (
+    slow.length === 0 && quick.length === 0
+      ? []
+      : (
+          await sql<AlertRow>`
       select a.* from alerts a
       left join alert_horizons h on h.device_id = a.device_id and h.rule_id = a.rule_id
       where (a.device_id = any(${slow}::text[])
@@ -282,7 +320,13 @@ async function refold(
                   or a.alert_id = h.state -> 'open' ->> 'alert_id'))
          or (a.device_id = any(${quick}::text[]) and a.state <> 'resolved')
       order by a.alert_id for update of a`.execute(trx)
-  ).rows.filter((a) => {
+        ).rows
+  ).concat(
+    [...fast].flatMap((d) =>
+      [...(kept.get(d)?.states.values() ?? [])].flatMap((s) => (s.open === null ? [] : [s.open])),
+    ),
+  )
+  const loaded = read.filter((a) => {
     if (!rules.some((r) => r.id === a.rule_id)) return false
     if (fast.has(a.device_id)) return true
     const h = horizons.get(key(a.device_id, a.rule_id))
@@ -296,6 +340,7 @@ async function refold(
   const written: Database['alert_conditions'][] = []
   const prune: AlertHorizonTable[] = []
   const newTips: AlertTipTable[] = []
+  const ends = new Map<string, Map<string, FoldState>>()
   for (const deviceId of sorted) {
     const history = histories.get(deviceId) ?? []
     const isFast = fast.has(deviceId)
@@ -315,7 +360,10 @@ async function refold(
         ? tip && { hlc: tip.hlc, eventId: tip.event_id }
         : horizons.get(k)
       const start: FoldState = isFast
-        ? { condition: fromRow(conditions.get(k)), open: unresolved.get(k) ?? null }
+        ? (kept.get(deviceId)?.states.get(rule.id) ?? {
+            condition: fromRow(conditions.get(k)),
+            open: unresolved.get(k) ?? null,
+          })
         : (horizons.get(k)?.state ?? NEW_FOLD)
       const fed: FoldInput[] =
         rule.kind === 'silent'
@@ -329,6 +377,11 @@ async function refold(
         .sort(byHlcThenId)
       const out = foldRule(rule, deviceId, start, folded)
       for (const a of out.alerts) wanted.set(a.alert_id, a)
+      if (isFast) {
+        const end = ends.get(deviceId) ?? new Map<string, FoldState>()
+        end.set(rule.id, out.states.at(-1) ?? start)
+        ends.set(deviceId, end)
+      }
       if (rule.kind !== 'threshold') continue
       const readings = folded.flatMap((i, n) => (i.kind === 'reading' ? [n] : []))
       const lastReading = readings.at(-1)
@@ -374,6 +427,12 @@ async function refold(
   await writeOutbox(trx, loaded, wanted)
   await writeTips(trx, newTips)
   await writeHorizons(trx, prune)
+  // Acks fold after the last reading change no condition: the last state is what was written.
+  const me = await transactionId(trx)
+  for (const tip of newTips) {
+    const states = ends.get(tip.device_id)
+    if (states !== undefined) folds.put(tip.device_id, me, { tip, states })
+  }
 }
 
 /** A stand-in history for a sensor whose history is unchanged: its status, from the start. */

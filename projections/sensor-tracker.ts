@@ -1,6 +1,7 @@
 import { sql, type Transaction } from 'kysely'
 import type { ClockTicked, DeviceEvent } from '../schemas/events.ts'
 import { jsonRows } from './json-rows.ts'
+import { RowCache, transactionId } from './row-cache.ts'
 import type { ProjectedEvent } from './projection.ts'
 import {
   effectiveStatus,
@@ -44,6 +45,9 @@ interface Tracked {
   readonly loadedStatus: EffectiveStatus | null
 }
 
+/** Sensors kept between batches: the bench's 10,000 and more, a few MB. */
+const CACHED_SENSORS = 100_000
+
 /** A row of `<table>_timeline`. */
 type Point = SensorTimelineTable
 
@@ -69,6 +73,13 @@ export class SensorTracker {
     readonly clock: string,
     readonly defaultTimeoutSeconds: number,
   ) {}
+
+  /**
+   * The sensors this process wrote last, as written (row-cache.ts): a batch reads back only the
+   * ones another transaction changed since. An entry is taken out while its batch changes it, and
+   * put back once the batch has written it.
+   */
+  readonly #cache = new RowCache<Tracked>(CACHED_SENSORS)
 
   /**
    * The `projection_clocks` row of a partition's stream time. Each partition has its own: its
@@ -105,22 +116,32 @@ export class SensorTracker {
   ): Promise<TrackerSegment> {
     const deviceIds = deviceIdsOf(events)
     const partitions = [...new Set(events.map((e) => e.partition))]
-    const rows =
-      deviceIds.length === 0
-        ? []
-        : (
-            await sql<SensorStateTable>`select * from ${sql.table(this.table)}
-              where device_id = any(${[...deviceIds]}::text[]) order by device_id for update`.execute(
-              trx,
-            )
-          ).rows
     const tracked = new Map<string, Tracked>()
-    for (const r of rows) tracked.set(r.device_id, fromRow(r))
-    for (const [deviceId, points] of await this.points(trx, deviceIds)) {
-      const t = tracked.get(deviceId)
-      if (t) t.points = points
+    if (deviceIds.length > 0) {
+      const versions = (
+        await sql<{ device_id: string; xmin: string }>`select device_id, xmin::text as xmin
+          from ${sql.table(this.table)} where device_id = any(${deviceIds}::text[])
+          order by device_id for update`.execute(trx)
+      ).rows
+      const misses: string[] = []
+      for (const v of versions) {
+        const kept = this.#cache.take(v.device_id, v.xmin)
+        if (kept === undefined) misses.push(v.device_id)
+        else tracked.set(v.device_id, { ...kept, loadedStatus: kept.status })
+      }
+      if (misses.length > 0) {
+        const rows = (
+          await sql<SensorStateTable>`select * from ${sql.table(this.table)}
+            where device_id = any(${misses}::text[])`.execute(trx)
+        ).rows
+        for (const r of rows) tracked.set(r.device_id, fromRow(r))
+        for (const [deviceId, points] of await this.points(trx, misses)) {
+          const t = tracked.get(deviceId)
+          if (t) t.points = points
+        }
+      }
     }
-    return new TrackerSegment(this, tracked, await this.now(trx, partitions))
+    return new TrackerSegment(this, tracked, await this.now(trx, partitions), this.#cache)
   }
 
   /** `<table>_timeline`: what each sensor's status timeline is folded from. */
@@ -188,6 +209,8 @@ export class SensorTracker {
         and last_seen_at < ${at.toISOString()}::timestamptz
             - make_interval(secs => coalesce(inactivity_timeout_seconds, ${this.defaultTimeoutSeconds}))
       returning device_id`.execute(trx)
+    // Rewritten by the transaction their entries may be tagged with: the tag cannot tell.
+    for (const r of silenced.rows) this.#cache.drop(r.device_id)
     const marks = silenced.rows.map((r) => ({
       device_id: r.device_id,
       event_id: e.event.eventId,
@@ -239,6 +262,8 @@ export class TrackerSegment {
     private readonly sensors: Map<string, Tracked>,
     /** Stream time of each partition the run's events come from. */
     private readonly nowMs: ReadonlyMap<number | undefined, number | null>,
+    /** Where the sensors go once written. */
+    private readonly cache: RowCache<Tracked>,
   ) {}
 
   /** Folds one event in; returns the status change it caused, if any. */
@@ -308,7 +333,10 @@ export class TrackerSegment {
       .filter(([, t]) => t.timelineDirty)
       .flatMap(([, t]) => [...t.points.values()])
     if (points.length > 0) {
-      const src = jsonRows(this.tracker.timeline, points)
+      const src = jsonRows(
+        this.tracker.timeline,
+        points.map((x) => ({ ...x, at: x.at.toISOString() })),
+      )
       await trx
         .insertInto(this.tracker.timeline)
         .columns(src.columns)
@@ -334,42 +362,84 @@ export class TrackerSegment {
         .where(sql<boolean>`not (event_id = any(${firsts.map((x) => x.event_id)}::text[]))`)
         .execute()
     }
-    const col = <T>(f: (id: string, t: Tracked) => T) => rows.map(([id, t]) => f(id, t))
-    const l = (_id: string, t: Tracked) => t.lifecycle
-    await sql`
-      insert into ${sql.table(this.tracker.table)} (device_id, status, status_hlc, status_event_id,
-        status_correlation_id, status_changed_at, last_seen_at, last_seen_hlc, last_seen_event_id,
-        site, model, firmware, inactivity_timeout_seconds, registered_hlc, registered_event_id,
-        decommissioned_hlc, declared_status, declared_hlc, declared_event_id, partition)
-      select * from unnest(
-        ${col((id) => id)}::text[], ${col((_, t) => t.status)}::text[], ${col((_, t) => t.statusHlc)}::text[],
-        ${col((_, t) => t.statusEventId)}::text[], ${col((_, t) => t.statusCorrelationId)}::text[],
-        ${col((_, t) => t.statusChangedAt?.toISOString() ?? null)}::timestamptz[],
-        ${col((id, t) => (l(id, t).lastSeenHlc ? hlcTime(l(id, t).lastSeenHlc as string).toISOString() : null))}::timestamptz[],
-        ${col((id, t) => l(id, t).lastSeenHlc)}::text[], ${col((id, t) => l(id, t).lastSeenEventId)}::text[],
-        ${col((id, t) => l(id, t).site)}::text[], ${col((id, t) => l(id, t).model)}::text[],
-        ${col((id, t) => l(id, t).firmware)}::text[], ${col((id, t) => l(id, t).inactivityTimeoutSeconds)}::int[],
-        ${col((id, t) => l(id, t).registeredHlc)}::text[], ${col((id, t) => l(id, t).registeredEventId)}::text[],
-        ${col((id, t) => l(id, t).decommissionedHlc)}::text[], ${col((id, t) => l(id, t).declaredStatus)}::text[],
-        ${col((id, t) => l(id, t).declaredHlc)}::text[], ${col((id, t) => l(id, t).declaredEventId)}::text[],
-        ${col((_, t) => t.partition)}::smallint[])
-      on conflict (device_id) do update set
-        status = excluded.status, status_hlc = excluded.status_hlc, status_event_id = excluded.status_event_id,
-        status_correlation_id = excluded.status_correlation_id, status_changed_at = excluded.status_changed_at,
-        last_seen_at = excluded.last_seen_at, last_seen_hlc = excluded.last_seen_hlc,
-        last_seen_event_id = excluded.last_seen_event_id, site = excluded.site, model = excluded.model,
-        firmware = excluded.firmware, inactivity_timeout_seconds = excluded.inactivity_timeout_seconds,
-        registered_hlc = excluded.registered_hlc, registered_event_id = excluded.registered_event_id,
-        decommissioned_hlc = excluded.decommissioned_hlc, declared_status = excluded.declared_status,
-        declared_hlc = excluded.declared_hlc, declared_event_id = excluded.declared_event_id,
-        partition = excluded.partition`.execute(trx)
-    for (const [, t] of rows) {
+    const states = rows.map(([id, t]): Written => {
+      const l = t.lifecycle
+      return {
+        device_id: id,
+        status: t.status,
+        status_hlc: t.statusHlc,
+        status_event_id: t.statusEventId,
+        status_correlation_id: t.statusCorrelationId,
+        status_changed_at: t.statusChangedAt?.toISOString() ?? null,
+        last_seen_at: l.lastSeenHlc === null ? null : hlcTime(l.lastSeenHlc).toISOString(),
+        last_seen_hlc: l.lastSeenHlc,
+        last_seen_event_id: l.lastSeenEventId,
+        site: l.site,
+        model: l.model,
+        firmware: l.firmware,
+        inactivity_timeout_seconds: l.inactivityTimeoutSeconds,
+        registered_hlc: l.registeredHlc,
+        registered_event_id: l.registeredEventId,
+        decommissioned_hlc: l.decommissionedHlc,
+        declared_status: l.declaredStatus,
+        declared_hlc: l.declaredHlc,
+        declared_event_id: l.declaredEventId,
+        partition: t.partition,
+      }
+    })
+    // One JSON parameter, not twenty arrays: cheaper to serialise and to bind (json-rows.ts).
+    const src = jsonRows(this.tracker.table, states)
+    await trx
+      .insertInto(this.tracker.table)
+      .columns(src.columns)
+      .expression(src.select)
+      .onConflict((oc) =>
+        oc
+          .column('device_id')
+          .doUpdateSet(Object.fromEntries(STATE_COLUMNS.map((c) => [c, sql.ref(`excluded.${c}`)]))),
+      )
+      .execute()
+    const me = await transactionId(trx)
+    for (const [id, t] of rows) {
       t.dirty = false
       t.timelineDirty = false
+      this.cache.put(id, me, t)
     }
     return changed
   }
 }
+
+/**
+ * A sensor state row as written: the columns a sensor not yet fully seen may leave null, dates as
+ * ISO strings (a Date's toJSON takes JSON.stringify off its fast path: 3x the time per row).
+ */
+type Written = {
+  [K in keyof SensorStateTable]:
+    (SensorStateTable[K] extends Date ? string : SensorStateTable[K]) | null
+}
+
+/** Every column of a sensor state table but its key: what the upsert of a changed sensor sets. */
+const STATE_COLUMNS = Object.keys({
+  status: true,
+  status_hlc: true,
+  status_event_id: true,
+  status_correlation_id: true,
+  status_changed_at: true,
+  last_seen_at: true,
+  last_seen_hlc: true,
+  last_seen_event_id: true,
+  site: true,
+  model: true,
+  firmware: true,
+  inactivity_timeout_seconds: true,
+  registered_hlc: true,
+  registered_event_id: true,
+  decommissioned_hlc: true,
+  declared_status: true,
+  declared_hlc: true,
+  declared_event_id: true,
+  partition: true,
+} satisfies Record<Exclude<keyof SensorStateTable, 'device_id'>, true>)
 
 function newTracked(): Tracked {
   return {

@@ -1,0 +1,199 @@
+import { sql, type Kysely } from 'kysely'
+import pino from 'pino'
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
+import { createKysely, createPool } from '../infra/database.ts'
+import { alertsProjection } from '../projections/alerts.ts'
+import { parseAlertRules } from '../projections/alert-rules.ts'
+import { migrateToLatest } from '../projections/migrate.ts'
+import { anyEvents, type AnyProjection } from '../projections/projection.ts'
+import type { Database } from '../projections/tables.ts'
+import type { FleetEvent } from '../schemas/events.ts'
+import { encodeHlc } from '../schemas/hlc.ts'
+import { freshDatabase } from './harness/test-servers.ts'
+
+/**
+ * The alerts projection keeps what it wrote for the next batch (projections/row-cache.ts). What it
+ * keeps must never outlive the rows it mirrors: after a rolled back batch, a savepoint rolled back,
+ * another instance writing the same sensors, or a tick in the same transaction, the tables must be
+ * exactly what a projection that keeps nothing (a new one per batch) makes of the committed events.
+ */
+const RULES = parseAlertRules({
+  rules: [
+    {
+      id: 'temperature-high',
+      kind: 'threshold',
+      metric: 'temperature',
+      above: 40,
+      clear: 35,
+      consecutive: 2,
+      severity: 'critical',
+    },
+    { id: 'sensor-silent', kind: 'silent', severity: 'warning' },
+  ],
+})
+const T0 = 1_795_000_000_000
+const TIMEOUT_SECONDS = 60
+const DEVICE = 'sensor-3'
+
+function reading(id: string, atSeconds: number, value: number): FleetEvent {
+  const wallMs = T0 + atSeconds * 1000
+  return {
+    eventId: id,
+    deviceId: DEVICE,
+    type: 'reading.recorded',
+    version: 1,
+    occurredAt: new Date(wallMs).toISOString(),
+    hlc: encodeHlc({ wallMs, logical: 0, node: 'gw' }),
+    correlationId: `c-${id}`,
+    data: { metric: 'temperature', value, unit: 'C' },
+  }
+}
+
+function tick(atSeconds: number): FleetEvent {
+  const at = new Date(T0 + atSeconds * 1000).toISOString()
+  return {
+    eventId: `tick-${atSeconds}`,
+    deviceId: '_system',
+    type: 'clock.ticked',
+    version: 1,
+    occurredAt: at,
+    hlc: encodeHlc({ wallMs: T0 + atSeconds * 1000, logical: 0, node: 'clock' }),
+    correlationId: `c-tick-${atSeconds}`,
+    data: { at, intervalSeconds: 10 },
+  }
+}
+
+const TABLES = [
+  'alerts',
+  'alert_conditions',
+  'alert_sensors',
+  'alert_sensors_timeline',
+  'alert_inputs',
+  'alert_horizons',
+  'alert_tips',
+  'notification_outbox',
+  'projection_clocks',
+] as const
+
+/** A step of a scenario: a batch committed, or one whose transaction rolls back. */
+interface Step {
+  readonly events: readonly FleetEvent[]
+  /** Rolled back after the projection applied it. */
+  readonly rolledBack?: true
+  /** Applied, rolled back to a savepoint, then `events` applied in the same transaction. */
+  readonly undoneFirst?: readonly FleetEvent[]
+  /** Applied by another instance of the projection (another process holding the slot). */
+  readonly byOther?: true
+}
+
+class RolledBack extends Error {}
+
+describe('the alerts projection keeps only what it committed', () => {
+  let db: Kysely<Database>
+  beforeAll(async () => {
+    const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
+    db = createKysely<Database>(pool)
+    await migrateToLatest(db as Kysely<unknown>)
+  })
+  afterAll(async () => {
+    await db.destroy()
+  })
+  beforeEach(async () => {
+    await sql`truncate ${sql.join(TABLES.map((t) => sql.table(t)))}`.execute(db)
+  })
+
+  const projection = () =>
+    anyEvents(alertsProjection({ rules: RULES, defaultTimeoutSeconds: TIMEOUT_SECONDS }))
+  /** Each event at the same stream sequence in both runs: its place in the scenario. */
+  const seqs = new Map<string, number>()
+  const projected = (events: readonly FleetEvent[]) =>
+    events.map((event) => {
+      const streamSeq = seqs.get(event.eventId) ?? seqs.size + 1
+      seqs.set(event.eventId, streamSeq)
+      return { event, streamSeq, ingestedAt: new Date(T0) }
+    })
+
+  /** Runs the steps with one long-lived projection (and another one for `byOther` steps). */
+  async function run(steps: readonly Step[], fresh: boolean): Promise<unknown> {
+    const mine = projection()
+    const other = projection()
+    for (const s of steps) {
+      const p: AnyProjection = fresh ? projection() : s.byOther ? other : mine
+      await db
+        .transaction()
+        .execute(async (trx) => {
+          if (s.undoneFirst !== undefined) {
+            await sql`savepoint undone`.execute(trx)
+            await p.apply(trx, projected(s.undoneFirst))
+            await sql`rollback to savepoint undone`.execute(trx)
+          }
+          await p.apply(trx, projected(s.events))
+          if (s.rolledBack) throw new RolledBack()
+        })
+        .catch((err: unknown) => {
+          if (!(err instanceof RolledBack)) throw err
+        })
+    }
+    const out: Record<string, unknown> = {}
+    for (const t of TABLES) {
+      const rows = (await sql<Record<string, unknown>>`select * from ${sql.table(t)}`.execute(db))
+        .rows
+      out[t] = rows.map((r) => JSON.stringify(r)).sort()
+    }
+    return out
+  }
+
+  /** The scenario's tables, checked against a projection that keeps nothing between batches. */
+  async function expectExact(steps: readonly Step[]): Promise<unknown> {
+    const kept = await run(steps, false)
+    await sql`truncate ${sql.join(TABLES.map((t) => sql.table(t)))}`.execute(db)
+    // What committed: neither the batches rolled back nor what a savepoint undid.
+    const fresh = await run(
+      steps.filter((s) => !s.rolledBack).map((s) => ({ events: s.events })),
+      true,
+    )
+    expect(kept).toEqual(fresh)
+    return kept
+  }
+
+  it('after a rolled back batch, reads the sensor again', async () => {
+    const out = (await expectExact([
+      { events: [reading('r1', 1, 45)] },
+      { events: [reading('r2', 2, 46)], rolledBack: true },
+      { events: [reading('r3', 3, 30)] },
+      { events: [reading('r4', 4, 47)] },
+    ])) as { alerts: string[] }
+    expect(out.alerts).toEqual([])
+  })
+
+  it('after a savepoint rolled back, reads the sensor again', async () => {
+    await expectExact([
+      { events: [reading('r1', 1, 45)] },
+      { events: [reading('r3', 3, 30)], undoneFirst: [reading('r2', 2, 46)] },
+      { events: [reading('r4', 4, 47)] },
+      { events: [reading('r5', 5, 48)] },
+    ])
+  })
+
+  it('after another instance wrote the sensor, reads it again', async () => {
+    const out = (await expectExact([
+      // A sensor's first fold reads everything: the second is the first this one keeps.
+      { events: [reading('r0', 0, 20)] },
+      { events: [reading('r1', 1, 45)] },
+      { events: [reading('r2', 2, 46)], byOther: true },
+      { events: [reading('r3', 3, 30)] },
+    ])) as { alerts: string[] }
+    expect(out.alerts).toHaveLength(1)
+    expect(out.alerts[0]).toContain('"state":"resolved"')
+  })
+
+  it('a tick in the batch silences what it kept, and it is heard again after', async () => {
+    const out = (await expectExact([
+      { events: [reading('r1', 1, 45)] },
+      { events: [reading('r2', 2, 46), tick(100), reading('r3', 101, 47)] },
+      { events: [reading('r4', 102, 30), tick(300)] },
+      { events: [reading('r5', 301, 31)] },
+    ])) as { alerts: string[] }
+    expect(out.alerts.length).toBeGreaterThanOrEqual(2)
+  })
+})
