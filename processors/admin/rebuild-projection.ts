@@ -11,13 +11,16 @@ import { errorSummary, withBackoff } from '../../infra/retry.ts'
 import { sleep } from '../../infra/sleep.ts'
 import {
   analyzeScratch,
+  deferIndexes,
   discardScratch,
   dropRetired,
   lockLive,
   prepareScratch,
+  restoreIndexes,
   retiredSchemaName,
   swapIn,
 } from './blue-green.ts'
+import { bulkLoadOf, type BulkLoad } from './bulk-load.ts'
 import {
   advanceCheckpoint,
   readCheckpointSeqs,
@@ -94,7 +97,9 @@ export class RebuildError extends TransientError {}
  * 3. reads FLEET_EVENTS with an ordered consumer on the processor's subject, decides each event as
  *    the live processor does ({@link decide}, DLQ-parked events skipped), and applies it through a
  *    connection whose search_path is only the scratch schema, in large batches, with its own
- *    position; it never reads past the live checkpoint;
+ *    position; it never reads past the live checkpoint. Until the new tables first reach the live
+ *    checkpoint they are filled in bulk ({@link bulkLoadOf}), without their non-unique indexes,
+ *    which are built once at the end of that phase ({@link deferIndexes});
  * 4. once within `swapDistance` of the live checkpoint, in one transaction: locks the live tables
  *    (waiting for the live processor's batch in flight), reads the live checkpoint, applies the
  *    events up to exactly it, renames the live tables out and the new ones in. The live checkpoint
@@ -167,6 +172,10 @@ class RebuildRun {
   #lockTimeouts = 0
   #phase: RebuildProgress['phase'] = 'reading-dlq'
   #reader: StreamReader | undefined
+  /** How batches are applied until the new tables first reach the live checkpoints; then undefined. */
+  #bulk: BulkLoad | undefined
+  /** The scratch indexes dropped for the bulk phase, created again when it ends. */
+  #deferredIndexes: string[] = []
 
   constructor(spec: ProcessorSpec, deps: ProcessorDeps, opts: RebuildOptions) {
     this.#spec = spec
@@ -185,6 +194,7 @@ class RebuildRun {
     this.#slots = slotsOf(spec, deps.config)
     this.#slotKeys = new Set(this.#slots.map((s) => s.key))
     this.#js = jetstream(deps.nc)
+    this.#bulk = bulkLoadOf(spec.projection)
   }
 
   async run(): Promise<RebuildResult> {
@@ -193,6 +203,11 @@ class RebuildRun {
     this.#parked = await this.#readParked()
     this.#report('preparing')
     const scratch = await prepareScratch(this.#deps.db, this.#spec.name, this.#spec.projection)
+    this.#deferredIndexes = await deferIndexes(
+      this.#deps.db,
+      this.#spec.name,
+      this.#spec.projection,
+    )
     this.#log.info({ scratch, parked: this.#parked.size }, 'rebuilding into scratch tables')
     // Only the scratch schema: a name the copy lacks fails loudly instead of reaching a live table.
     const pool = createPool(config.databaseUrl, {
@@ -249,6 +264,7 @@ class RebuildRun {
         if (batch.length === 0) await sleep(200, this.#signal)
         continue
       }
+      await this.#endBulk(db)
       const result = await this.#trySwap(db)
       if (result) return result
       await sleep(200 + Math.random() * 500, this.#signal)
@@ -362,9 +378,23 @@ class RebuildRun {
     // The scratch position: the highest sequence applied (slots may be applied out of step).
     const highest = Math.max(this.#pos.lastSeq, ...msgs.map((m) => m.info.streamSequence))
     const to = { lastSeq: highest, hlc }
-    await this.#spec.projection.apply(trx, events)
+    if (this.#bulk !== undefined) await this.#bulk.apply(trx, events)
+    else await this.#spec.projection.apply(trx, events)
     await advanceCheckpoint(trx, this.#spec.name, this.#deps.config.streams.events, this.#pos, to)
     return { to, applied: events.length, refused, skipped }
+  }
+
+  /**
+   * Ends the bulk phase once the new tables first reach the live checkpoints: what the bulk load
+   * left to derive, then the deferred indexes. The swap's tail and every later batch go through
+   * the projection's own `apply`, as the live run's do.
+   */
+  async #endBulk(db: Kysely<Database>): Promise<void> {
+    const bulk = this.#bulk
+    if (bulk === undefined) return
+    await db.transaction().execute((trx) => bulk.finish(trx))
+    await restoreIndexes(db, this.#deferredIndexes)
+    this.#bulk = undefined
   }
 
   #advance(r: Step): void {
