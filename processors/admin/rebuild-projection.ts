@@ -37,9 +37,13 @@ import { StreamReader } from '../stream-reader.ts'
 import { TransientError } from '../../schemas/errors.ts'
 
 export interface RebuildOptions {
-  /** Events per transaction into the new tables (default 5000). */
+  /**
+   * Events per transaction into the new tables (default 20,000: per event, a sensor's row is
+   * read and written once per batch it appears in; at 5,000, the alerts rebuild of 200k events
+   * cost ~20% more CPU in node and ~45% more in Postgres, sensor-status ~40% more in Postgres).
+   */
   readonly batchSize?: number
-  /** Try the swap once the new tables are this many stream sequences or fewer behind the live checkpoint (default: the batch size). */
+  /** Try the swap once the new tables are this many stream sequences or fewer behind the live checkpoint (default: the batch size, at most 5000: the swap applies them holding the live tables). */
   readonly swapDistance?: number
   /** How long the swap waits for each live table before it lets the live processor go first and tries again (default 500 ms). */
   readonly lockTimeoutMs?: number
@@ -180,10 +184,10 @@ class RebuildRun {
   constructor(spec: ProcessorSpec, deps: ProcessorDeps, opts: RebuildOptions) {
     this.#spec = spec
     this.#deps = deps
-    const batchSize = opts.batchSize ?? 5000
+    const batchSize = opts.batchSize ?? 20_000
     this.#opts = {
       batchSize,
-      swapDistance: opts.swapDistance ?? batchSize,
+      swapDistance: opts.swapDistance ?? Math.min(batchSize, 5000),
       lockTimeoutMs: opts.lockTimeoutMs ?? 500,
       maxLockedMs: opts.maxLockedMs ?? 3000,
       keepRetired: opts.keepRetired ?? true,
@@ -376,7 +380,8 @@ class RebuildRun {
     let hlc = this.#pos.hlc
     for (const e of events) if (hlc === null || e.event.hlc > hlc) hlc = e.event.hlc
     // The scratch position: the highest sequence applied (slots may be applied out of step).
-    const highest = Math.max(this.#pos.lastSeq, ...msgs.map((m) => m.info.streamSequence))
+    let highest = this.#pos.lastSeq
+    for (const m of msgs) highest = Math.max(highest, m.info.streamSequence)
     const to = { lastSeq: highest, hlc }
     if (this.#bulk !== undefined) await this.#bulk.apply(trx, events)
     else await this.#spec.projection.apply(trx, events)
