@@ -1,5 +1,6 @@
 import { sql, type Transaction } from 'kysely'
 import type { ReadingRecorded } from '../schemas/events.ts'
+import { copyText, type CopyIn, type CopyValue } from './copy-rows.ts'
 import { jsonRows } from './json-rows.ts'
 import type { Projection, ProjectedEvent } from './projection.ts'
 import type { Database, ReadingTable } from './tables.ts'
@@ -60,44 +61,61 @@ export const readingsProjection: Projection<'reading.recorded'> = {
 
 /**
  * A rebuild's bulk load of the readings tables (processors/admin/bulk-load.ts): each chunk only
- * inserts its distinct readings (the first copy of an event id wins, as in {@link readingsProjection});
- * `finish` then derives the rollups and the newest values from them in one statement each. Both
- * are what the live statements amount to: the rollups aggregate exactly the readings inserted, and
- * the newest value per sensor and metric is the greatest (HLC, event id) among them. Measured on a
- * 200k-event rebuild: Postgres ~4x less CPU per event than the per-chunk upserts of the rollups
- * and newest values, and a JSON payload instead of eleven array parameters.
+ * inserts its distinct readings, by COPY (the first copy of an event id wins, as in
+ * {@link readingsProjection}); `finish` then derives the rollups and the newest values from them
+ * in one statement each. Both are what the live statements amount to: the rollups aggregate
+ * exactly the readings inserted, and the newest value per sensor and metric is the greatest
+ * (HLC, event id) among them. Measured on a 200k-event rebuild: Postgres ~4x less CPU per event
+ * than the per-chunk upserts of the rollups and newest values, and COPY half the CPU per row of
+ * an insert from one JSON parameter.
  */
 export const readingsBulkLoad = {
-  async apply(trx: Transaction<Database>, events: readonly ProjectedEvent[]): Promise<void> {
+  async apply(
+    trx: Transaction<Database>,
+    events: readonly ProjectedEvent[],
+    copy: CopyIn,
+  ): Promise<void> {
     const seen = new Set<string>()
-    // occurred_at as the device sent it (an ISO string with its offset), as the live insert binds it.
-    const rows: (Omit<ReadingTable, 'occurred_at'> & { occurred_at: string })[] = []
+    const rows: CopyValue[][] = []
     for (const p of events) {
       const e = p.event
       if (e.type !== 'reading.recorded' || seen.has(e.eventId)) continue
       seen.add(e.eventId)
-      rows.push({
-        event_id: e.eventId,
-        device_id: e.deviceId,
-        metric: e.data.metric,
-        value: e.data.value,
-        unit: e.data.unit,
-        occurred_at: e.occurredAt,
-        hlc: e.hlc,
-        correlation_id: e.correlationId,
-        causation_id: e.causationId ?? null,
-        stream_seq: p.streamSeq,
-        ingested_at: p.ingestedAt,
-      })
+      // In READING_COLUMNS order; occurred_at as the device sent it (an ISO string with its offset).
+      rows.push([
+        e.eventId,
+        e.deviceId,
+        e.data.metric,
+        e.data.value,
+        e.data.unit,
+        e.occurredAt,
+        e.hlc,
+        e.correlationId,
+        e.causationId ?? null,
+        p.streamSeq,
+        p.ingestedAt,
+      ])
     }
     if (rows.length === 0) return
-    const src = jsonRows('readings', rows)
-    await trx
-      .insertInto('readings')
-      .columns(src.columns)
-      .expression(src.select)
-      .onConflict((oc) => oc.column('event_id').doNothing())
-      .execute()
+    await sql`savepoint readings_copy`.execute(trx)
+    try {
+      await copy('readings', READING_COLUMNS, copyText(rows))
+    } catch (err) {
+      if ((err as { code?: unknown } | null)?.code !== UNIQUE_VIOLATION) throw err
+      // An event id an earlier chunk inserted (re-published outside the dedup window): COPY
+      // cannot skip it, the insert can; the first copy stays, as in the live run.
+      await sql`rollback to savepoint readings_copy`.execute(trx)
+      const src = jsonRows(
+        'readings',
+        rows.map((r) => Object.fromEntries(READING_COLUMNS.map((c, i) => [c, r[i]]))),
+      )
+      await trx
+        .insertInto('readings')
+        .columns(src.columns as (keyof ReadingTable)[])
+        .expression(src.select)
+        .onConflict((oc) => oc.column('event_id').doNothing())
+        .execute()
+    }
   },
 
   async finish(trx: Transaction<Database>): Promise<void> {
@@ -114,6 +132,24 @@ export const readingsBulkLoad = {
       from readings order by device_id, metric, hlc desc, event_id collate "C" desc`.execute(trx)
   },
 }
+
+/** The readings columns, in the order the bulk load's COPY sends them. */
+const READING_COLUMNS: readonly (keyof ReadingTable)[] = [
+  'event_id',
+  'device_id',
+  'metric',
+  'value',
+  'unit',
+  'occurred_at',
+  'hlc',
+  'correlation_id',
+  'causation_id',
+  'stream_seq',
+  'ingested_at',
+]
+
+/** Postgres' unique_violation. */
+const UNIQUE_VIOLATION = '23505'
 
 type Row = ProjectedEvent<ReadingRecorded>
 

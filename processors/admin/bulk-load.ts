@@ -3,17 +3,19 @@
  * the projection's own `apply` in large chunks, or a projection's faster bulk load where it has one.
  */
 import type { Transaction } from 'kysely'
+import type { CopyIn } from '../../projections/copy-rows.ts'
 import type { AnyProjection, ProjectedEvent } from '../../projections/projection.ts'
 import { readingsBulkLoad } from '../../projections/readings.ts'
 import type { Database } from '../../projections/tables.ts'
 
 /**
  * The bulk phase of a rebuild: `apply` takes the stream in order, chunk by chunk, into tables
- * that started empty; `finish` runs once, after the last chunk, and leaves the tables exactly as
- * the projection's `apply` would have; from then on the projection's own `apply` follows.
+ * that started empty (`copy` sends COPY payloads in `trx`); `finish` runs once, after the last
+ * chunk, and leaves the tables exactly as the projection's `apply` would have; from then on the
+ * projection's own `apply` follows.
  */
 export interface BulkLoad {
-  apply(trx: Transaction<Database>, events: readonly ProjectedEvent[]): Promise<void>
+  apply(trx: Transaction<Database>, events: readonly ProjectedEvent[], copy: CopyIn): Promise<void>
   finish(trx: Transaction<Database>): Promise<void>
 }
 

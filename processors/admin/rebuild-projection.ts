@@ -4,6 +4,7 @@
  */
 import { jetstream, type JetStreamClient, type JsMsg } from '@nats-io/jetstream'
 import type { Kysely, Transaction } from 'kysely'
+import type pg from 'pg'
 import { createKysely, createPool } from '../../infra/database.ts'
 import { isTransient } from '../../infra/failures.ts'
 import type { Logger } from '../../infra/logger.ts'
@@ -21,6 +22,8 @@ import {
   swapIn,
 } from './blue-green.ts'
 import { bulkLoadOf, type BulkLoad } from './bulk-load.ts'
+import { onOneConnection } from './copy-in.ts'
+import type { CopyIn } from '../../projections/copy-rows.ts'
 import {
   advanceCheckpoint,
   readCheckpointSeqs,
@@ -180,6 +183,8 @@ class RebuildRun {
   #bulk: BulkLoad | undefined
   /** The scratch indexes dropped for the bulk phase, created again when it ends. */
   #deferredIndexes: string[] = []
+  /** The scratch schema's connections (search_path is only the scratch schema). */
+  #scratchPool: pg.Pool | undefined
 
   constructor(spec: ProcessorSpec, deps: ProcessorDeps, opts: RebuildOptions) {
     this.#spec = spec
@@ -220,6 +225,7 @@ class RebuildRun {
       log: this.#log,
       searchPath: [scratch],
     })
+    this.#scratchPool = pool
     const db = createKysely<Database>(pool)
     try {
       this.#reader = await StreamReader.open(
@@ -375,7 +381,11 @@ class RebuildRun {
   }
 
   /** Projection writes and the scratch position, in the caller's transaction. */
-  async #applyIn(trx: Transaction<Database>, msgs: readonly JsMsg[]): Promise<Step> {
+  async #applyIn(
+    trx: Transaction<Database>,
+    msgs: readonly JsMsg[],
+    bulk?: { readonly load: BulkLoad; readonly copy: CopyIn },
+  ): Promise<Step> {
     const { events, refused, skipped } = this.#decideAll(msgs)
     let hlc = this.#pos.hlc
     for (const e of events) if (hlc === null || e.event.hlc > hlc) hlc = e.event.hlc
@@ -383,10 +393,22 @@ class RebuildRun {
     let highest = this.#pos.lastSeq
     for (const m of msgs) highest = Math.max(highest, m.info.streamSequence)
     const to = { lastSeq: highest, hlc }
-    if (this.#bulk !== undefined) await this.#bulk.apply(trx, events)
+    if (bulk !== undefined) await bulk.load.apply(trx, events, bulk.copy)
     else await this.#spec.projection.apply(trx, events)
     await advanceCheckpoint(trx, this.#spec.name, this.#deps.config.streams.events, this.#pos, to)
     return { to, applied: events.length, refused, skipped }
+  }
+
+  /** One transaction into the new tables; in the bulk phase on one connection, for COPY. */
+  async #commit(db: Kysely<Database>, msgs: readonly JsMsg[]): Promise<Step> {
+    const load = this.#bulk
+    const pool = this.#scratchPool
+    if (load === undefined || pool === undefined) {
+      return db.transaction().execute((trx) => this.#applyIn(trx, msgs))
+    }
+    return onOneConnection(pool, (one, copy) =>
+      one.transaction().execute((trx) => this.#applyIn(trx, msgs, { load, copy })),
+    )
   }
 
   /**
@@ -419,7 +441,7 @@ class RebuildRun {
       const r = await withBackoff(this.#log, 'rebuild batch', {
         maxAttempts: 6,
         isPermanent: (err) => !isTransient(err),
-      }).execute(() => db.transaction().execute((trx) => this.#applyIn(trx, msgs)), this.#signal)
+      }).execute(() => this.#commit(db, msgs), this.#signal)
       this.#advance(r)
       return
     } catch (err) {
