@@ -367,8 +367,10 @@ class RebuildRun {
     const events: ProjectedEvent[] = []
     let refused = 0
     let skipped = 0
+    // No key to compute when nothing was parked (as usual): two patterns and a header per message.
+    const parked = this.#parked.size > 0
     for (const m of msgs) {
-      if (this.#parked.has(parkedKey(m))) {
+      if (parked && this.#parked.has(parkedKey(m))) {
         skipped++
         continue
       }
