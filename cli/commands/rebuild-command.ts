@@ -41,7 +41,7 @@ export function rebuildCommand(): Command {
     .addOption(
       new Option('--batch-size <n>', 'events per transaction into the new tables')
         .argParser(positiveInteger)
-        .default(5000),
+        .default(20_000),
     )
     .option(
       '--drop-retired',

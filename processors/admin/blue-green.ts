@@ -100,6 +100,38 @@ export async function discardScratch(db: Kysely<Database>, processor: string): P
   await sql`drop schema if exists ${sql.id(scratchSchemaName(processor))} cascade`.execute(db)
 }
 
+/**
+ * Drops the scratch tables' non-unique indexes and returns the statements that create them again
+ * ({@link restoreIndexes}): the bulk of a rebuild goes into empty tables, where one sort per index
+ * at the end costs less than keeping each index in order row by row (the readings index by sensor
+ * and time was most of the write). Unique indexes stay: upserts and constraints rely on them.
+ * A rebuild that dies before restoring them leaves only its scratch schema, which the next drops.
+ */
+export async function deferIndexes(
+  db: Kysely<Database>,
+  processor: string,
+  projection: AnyProjection,
+): Promise<string[]> {
+  const scratch = scratchSchemaName(processor)
+  const indexes = await sql<{ name: string; def: string }>`
+    select c.relname as name, pg_get_indexdef(i.indexrelid) as def
+    from pg_index i join pg_class c on c.oid = i.indexrelid
+    where i.indrelid = any(${projection.tables.map((t) => regclass(scratch, t))}::regclass[])
+      and not i.indisunique
+    order by c.relname`.execute(db)
+  for (const i of indexes.rows) await sql`drop index ${sql.id(scratch, i.name)}`.execute(db)
+  return indexes.rows.map((i) => i.def)
+}
+
+/** Creates the indexes {@link deferIndexes} dropped, each in one sort (with room to sort in memory). */
+export async function restoreIndexes(db: Kysely<Database>, defs: readonly string[]): Promise<void> {
+  if (defs.length === 0) return
+  await db.transaction().execute(async (trx) => {
+    await sql`select set_config('maintenance_work_mem', '256MB', true)`.execute(trx)
+    for (const def of defs) await sql.raw(def).execute(trx)
+  })
+}
+
 /** Refreshes the planner's statistics of the scratch tables, so the swapped-in tables plan well at once. */
 export async function analyzeScratch(
   db: Kysely<Database>,

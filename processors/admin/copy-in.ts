@@ -1,0 +1,50 @@
+/**
+ * One pooled connection as both a Kysely and a COPY sender, so that a rebuild's bulk batch sends
+ * its rows by COPY in the same transaction as its other statements and its position.
+ */
+import { Kysely, PostgresDialect, type PostgresPoolClient } from 'kysely'
+import type pg from 'pg'
+import { from as copyFrom } from 'pg-copy-streams'
+import { Readable } from 'node:stream'
+import { pipeline } from 'node:stream/promises'
+import type { CopyIn } from '../../projections/copy-rows.ts'
+import type { Database } from '../../projections/tables.ts'
+
+/**
+ * Runs `fn` on one connection of `pool`: `db` runs every statement on it (a transaction begun
+ * on `db` holds it), `copy` sends COPY payloads on it. The connection goes back to the pool after,
+ * or is closed when `fn` failed (it may be mid-COPY).
+ */
+export async function onOneConnection<T>(
+  pool: pg.Pool,
+  fn: (db: Kysely<Database>, copy: CopyIn) => Promise<T>,
+): Promise<T> {
+  const client = await pool.connect()
+  const shared: PostgresPoolClient = {
+    query: client.query.bind(client),
+    release: () => undefined,
+  }
+  const db = new Kysely<Database>({
+    dialect: new PostgresDialect({
+      pool: { connect: () => Promise.resolve(shared), end: () => Promise.resolve() },
+    }),
+  })
+  const copy: CopyIn = async (table, columns, payload) => {
+    const quoted = columns.map((c) => `"${c.replaceAll('"', '""')}"`).join(', ')
+    const into = `"${table.replaceAll('"', '""')}"`
+    await pipeline(
+      Readable.from([payload]),
+      client.query(copyFrom(`copy ${into} (${quoted}) from stdin`)),
+    )
+  }
+  let failed: Error | undefined
+  try {
+    return await fn(db, copy)
+  } catch (err) {
+    failed = err instanceof Error ? err : new Error(String(err))
+    throw err
+  } finally {
+    client.release(failed)
+    await db.destroy()
+  }
+}
