@@ -8,8 +8,8 @@ import { migrateTo, migrateToLatest } from '../projections/migrate.ts'
 import { anyEvents, type AnyProjection } from '../projections/projection.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
-import { encodeHlc } from '../schemas/hlc.ts'
 import { freshDatabase } from './harness/test-servers.ts'
+import { temperatureReading } from './fixtures.ts'
 
 /**
  * Alerts folded in HLC order: what a late reading does to alerts and notifications already
@@ -32,17 +32,7 @@ const T0 = 1_795_000_000_000
 const DEVICE = 'sensor-7'
 
 function reading(id: string, atSeconds: number, value: number): FleetEvent {
-  const wallMs = T0 + atSeconds * 1000
-  return {
-    eventId: id,
-    deviceId: DEVICE,
-    type: 'reading.recorded',
-    version: 1,
-    occurredAt: new Date(wallMs).toISOString(),
-    hlc: encodeHlc({ wallMs, logical: 0, node: 'gw' }),
-    correlationId: `c-${id}`,
-    data: { metric: 'temperature', value, unit: 'C' },
-  }
+  return temperatureReading(DEVICE, id, T0, atSeconds, value)
 }
 
 const byId = <T extends { id: string }>(rows: T[]): T[] =>

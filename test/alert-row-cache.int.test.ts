@@ -10,6 +10,7 @@ import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
 import { freshDatabase } from './harness/test-servers.ts'
+import { temperatureReading } from './fixtures.ts'
 
 /**
  * The alerts projection keeps what it wrote for the next batch (projections/row-cache.ts). What it
@@ -36,17 +37,7 @@ const TIMEOUT_SECONDS = 60
 const DEVICE = 'sensor-3'
 
 function reading(id: string, atSeconds: number, value: number): FleetEvent {
-  const wallMs = T0 + atSeconds * 1000
-  return {
-    eventId: id,
-    deviceId: DEVICE,
-    type: 'reading.recorded',
-    version: 1,
-    occurredAt: new Date(wallMs).toISOString(),
-    hlc: encodeHlc({ wallMs, logical: 0, node: 'gw' }),
-    correlationId: `c-${id}`,
-    data: { metric: 'temperature', value, unit: 'C' },
-  }
+  return temperatureReading(DEVICE, id, T0, atSeconds, value)
 }
 
 function tick(atSeconds: number): FleetEvent {
@@ -63,17 +54,7 @@ function tick(atSeconds: number): FleetEvent {
   }
 }
 
-const TABLES = [
-  'alerts',
-  'alert_conditions',
-  'alert_sensors',
-  'alert_sensors_timeline',
-  'alert_inputs',
-  'alert_horizons',
-  'alert_tips',
-  'notification_outbox',
-  'projection_clocks',
-] as const
+const TABLES = alertsProjection({ rules: RULES, defaultTimeoutSeconds: TIMEOUT_SECONDS }).tables
 
 /** A step of a scenario: a batch committed, or one whose transaction rolls back. */
 interface Step {

@@ -69,6 +69,17 @@ describe('hostile input: parking is total, bounded and once', () => {
     ;({ nats, env, rt } = await cliSystem())
     running = PROCESSOR_NAMES.map((n) => startProcessor(rt.processors[n], rt))
   })
+  /** Until every processor's checkpoint is at or past `seq`. */
+  const everyProcessorPast = (seq: number): Promise<void> =>
+    waitFor(
+      'every processor to pass the valid events',
+      async () => {
+        const cps = await rt.db.selectFrom('processor_checkpoints').select('last_seq').execute()
+        return cps.length === 3 && cps.every((c) => c.last_seq >= seq)
+      },
+      60_000,
+      () => JSON.stringify(running.map((r) => [r.name, r.stats.checkpoint, r.stats.state])),
+    )
   afterAll(async () => {
     await Promise.all(running.map((r) => r.stop()))
     await rt.close()
@@ -99,15 +110,7 @@ describe('hostile input: parking is total, bounded and once', () => {
     let last = 0
     for (let i = 0; i < 5; i++) last = (await publisher.publish(readingDraft('h-2', 20 + i))).seq
 
-    await waitFor(
-      'every processor to pass the valid events',
-      async () => {
-        const cps = await rt.db.selectFrom('processor_checkpoints').select('last_seq').execute()
-        return cps.length === 3 && cps.every((c) => c.last_seq >= last)
-      },
-      60_000,
-      () => JSON.stringify(running.map((r) => [r.name, r.stats.checkpoint, r.stats.state])),
-    )
+    await everyProcessorPast(last)
     expect(await readingRows(rt, 'h-2')).toBe(5)
     const status = await rt.db
       .selectFrom('sensor_status')
@@ -154,15 +157,7 @@ describe('hostile input: parking is total, bounded and once', () => {
     for (let i = 0; i < 3; i++) last = (await publisher.publish(readingDraft('h-4', 20 + i))).seq
     expect(last).toBe(before + 5)
 
-    await waitFor(
-      'every processor to pass the valid events',
-      async () => {
-        const cps = await rt.db.selectFrom('processor_checkpoints').select('last_seq').execute()
-        return cps.length === 3 && cps.every((c) => c.last_seq >= last)
-      },
-      60_000,
-      () => JSON.stringify(running.map((r) => [r.name, r.stats.checkpoint, r.stats.state])),
-    )
+    await everyProcessorPast(last)
     expect(await readingRows(rt, 'h-4')).toBe(3)
     expect(await readingRows(rt, 'h-3')).toBe(0)
     const counts = await dlqCounts(rt)

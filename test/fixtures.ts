@@ -9,7 +9,8 @@ import { connect, type NatsConnection } from '@nats-io/transport-node'
 import { loadConfig, type Config } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
 import { createPublisher, type Publisher } from '../infra/publisher.ts'
-import { HybridLogicalClock } from '../schemas/hlc.ts'
+import { encodeHlc, HybridLogicalClock } from '../schemas/hlc.ts'
+import type { FleetEvent } from '../schemas/events.ts'
 import { openRuntime, setUp, type Runtime } from '../app/runtime.ts'
 import { consumerInfo } from '../processors/runner/consumer.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../processors/processor-registry.ts'
@@ -374,4 +375,25 @@ export async function publishRaw(
     )
   })
   socket.destroy()
+}
+
+/** A temperature reading of `deviceId`, `atSeconds` after `t0Ms`, as gateway `gw` stamps it. */
+export function temperatureReading(
+  deviceId: string,
+  id: string,
+  t0Ms: number,
+  atSeconds: number,
+  value: number,
+): FleetEvent {
+  const wallMs = t0Ms + atSeconds * 1000
+  return {
+    eventId: id,
+    deviceId,
+    type: 'reading.recorded',
+    version: 1,
+    occurredAt: new Date(wallMs).toISOString(),
+    hlc: encodeHlc({ wallMs, logical: 0, node: 'gw' }),
+    correlationId: `c-${id}`,
+    data: { metric: 'temperature', value, unit: 'C' },
+  }
 }
