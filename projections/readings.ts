@@ -1,6 +1,6 @@
 import { sql, type Transaction } from 'kysely'
 import type { ReadingRecorded } from '../schemas/events.ts'
-import { copyText, type CopyIn, type CopyValue } from './copy-rows.ts'
+import { copyText, type CopyIn } from './copy-rows.ts'
 import { jsonRows } from './json-rows.ts'
 import type { Projection, ProjectedEvent } from './projection.ts'
 import type { Database, ReadingTable } from './tables.ts'
@@ -69,43 +69,27 @@ export const readingsBulkLoad = {
     events: readonly ProjectedEvent[],
     copy: CopyIn,
   ): Promise<void> {
-    const seen = new Set<string>()
-    const rows: CopyValue[][] = []
-    for (const p of events) {
-      const e = p.event
-      if (e.type !== 'reading.recorded' || seen.has(e.eventId)) continue
-      seen.add(e.eventId)
-      // In READING_COLUMNS order; occurred_at as the device sent it (an ISO string with its offset).
-      rows.push([
-        e.eventId,
-        e.deviceId,
-        e.data.metric,
-        e.data.value,
-        e.data.unit,
-        e.occurredAt,
-        e.hlc,
-        e.correlationId,
-        e.causationId ?? null,
-        p.streamSeq,
-        p.ingestedAt,
-      ])
-    }
+    const rows = distinctBy(
+      events.filter((p): p is Row => p.event.type === 'reading.recorded'),
+      (p) => p.event.eventId,
+    ).map(readingRow)
     if (rows.length === 0) return
     await sql`savepoint readings_copy`.execute(trx)
     try {
-      await copy('readings', READING_COLUMNS, copyText(rows))
+      await copy(
+        'readings',
+        READING_COLUMNS,
+        copyText(rows.map((r) => READING_COLUMNS.map((c) => r[c]))),
+      )
     } catch (err) {
       if ((err as { code?: unknown } | null)?.code !== UNIQUE_VIOLATION) throw err
       // An event id an earlier chunk inserted (re-published outside the dedup window): COPY
       // cannot skip it, the insert can; the first copy stays, as in the live run.
       await sql`rollback to savepoint readings_copy`.execute(trx)
-      const src = jsonRows(
-        'readings',
-        rows.map((r) => Object.fromEntries(READING_COLUMNS.map((c, i) => [c, r[i]]))),
-      )
+      const src = jsonRows('readings', rows)
       await trx
         .insertInto('readings')
-        .columns(src.columns as (keyof ReadingTable)[])
+        .columns(src.columns)
         .expression(src.select)
         .onConflict((oc) => oc.column('event_id').doNothing())
         .execute()
@@ -128,7 +112,7 @@ export const readingsBulkLoad = {
 }
 
 /** The readings columns, in the order the bulk load's COPY sends them. */
-const READING_COLUMNS: readonly (keyof ReadingTable)[] = [
+const READING_COLUMNS = [
   'event_id',
   'device_id',
   'metric',
@@ -140,7 +124,7 @@ const READING_COLUMNS: readonly (keyof ReadingTable)[] = [
   'causation_id',
   'stream_seq',
   'ingested_at',
-]
+] as const satisfies readonly (keyof ReadingTable)[]
 
 /** Postgres' unique_violation. */
 const UNIQUE_VIOLATION = '23505'

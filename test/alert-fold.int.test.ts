@@ -9,24 +9,14 @@ import { anyEvents, type AnyProjection } from '../projections/projection.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { freshDatabase } from './harness/test-servers.ts'
-import { temperatureReading } from './fixtures.ts'
+import { temperatureReading, TEMPERATURE_HIGH } from './fixtures.ts'
 
 /**
  * Alerts folded in HLC order: what a late reading does to alerts and notifications already
  * written, and to readings beyond the window kept per (sensor, rule).
  */
 const RULES = parseAlertRules({
-  rules: [
-    {
-      id: 'temperature-high',
-      kind: 'threshold',
-      metric: 'temperature',
-      above: 40,
-      clear: 35,
-      consecutive: 2,
-      severity: 'critical',
-    },
-  ],
+  rules: [TEMPERATURE_HIGH],
 })
 const T0 = 1_795_000_000_000
 const DEVICE = 'sensor-7'

@@ -10,7 +10,7 @@ import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
 import { freshDatabase } from './harness/test-servers.ts'
-import { temperatureReading } from './fixtures.ts'
+import { temperatureReading, TEMPERATURE_HIGH } from './fixtures.ts'
 
 /**
  * The alerts projection keeps what it wrote for the next batch (projections/row-cache.ts). What it
@@ -19,18 +19,7 @@ import { temperatureReading } from './fixtures.ts'
  * exactly what a projection that keeps nothing (a new one per batch) makes of the committed events.
  */
 const RULES = parseAlertRules({
-  rules: [
-    {
-      id: 'temperature-high',
-      kind: 'threshold',
-      metric: 'temperature',
-      above: 40,
-      clear: 35,
-      consecutive: 2,
-      severity: 'critical',
-    },
-    { id: 'sensor-silent', kind: 'silent', severity: 'warning' },
-  ],
+  rules: [TEMPERATURE_HIGH, { id: 'sensor-silent', kind: 'silent', severity: 'warning' }],
 })
 const T0 = 1_795_000_000_000
 const TIMEOUT_SECONDS = 60

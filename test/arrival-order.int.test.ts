@@ -14,6 +14,7 @@ import type { Database } from '../projections/tables.ts'
 import type { FleetEvent, SensorStatus } from '../schemas/events.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
 import { freshDatabase } from './harness/test-servers.ts'
+import { TEMPERATURE_HIGH } from './fixtures.ts'
 
 /**
  * Every column of every read model is a function of the SET of events, not of the order they
@@ -53,15 +54,7 @@ const TABLES = [
 
 const RULES = parseAlertRules({
   rules: [
-    {
-      id: 'temperature-high',
-      kind: 'threshold',
-      metric: 'temperature',
-      above: 40,
-      clear: 35,
-      consecutive: 2,
-      severity: 'critical',
-    },
+    TEMPERATURE_HIGH,
     { id: 'battery-low', kind: 'battery-low', below: 15, clear: 20, severity: 'warning' },
     { id: 'sensor-silent', kind: 'silent', severity: 'warning' },
   ],

@@ -397,3 +397,14 @@ export function temperatureReading(
     data: { metric: 'temperature', value, unit: 'C' },
   }
 }
+
+/** A threshold rule the alert tests share: temperature above 40 twice raises, 35 or below clears. */
+export const TEMPERATURE_HIGH = {
+  id: 'temperature-high',
+  kind: 'threshold',
+  metric: 'temperature',
+  above: 40,
+  clear: 35,
+  consecutive: 2,
+  severity: 'critical',
+} as const
