@@ -3,7 +3,12 @@
  * among the processor's instances, taking and giving back slots (processors/partitions.ts) as
  * instances come and go, each consumed by its own {@link SlotSession}.
  */
-import { jetstream, type JetStreamClient } from '@nats-io/jetstream'
+import {
+  jetstream,
+  jetstreamManager,
+  type JetStreamClient,
+  type JetStreamManager,
+} from '@nats-io/jetstream'
 import { ExponentialBackoff, type IBackoff } from 'cockatiel'
 import type { Kysely } from 'kysely'
 import { createBreaker, type Breaker } from '../../infra/failures.ts'
@@ -118,6 +123,7 @@ class ProcessorRunner implements RunningProcessor {
     await this.#postgres.policy.execute(() => this.#deps.pool.query('select 1'))
     const owned = new Map<Slot, OwnedSlot>()
     const wake = new Wakeup()
+    const jsm = await slotJetStreamManager(this.#deps.jsm, this.#deps.nc)
     const lease = await Lease.open(this.#deps.pool, this.name, (err) => {
       // Frozen, cut off, or the connection broke: another instance may own these slots already.
       // Their transactions cannot commit any more (processors/progress/slot-fence.ts); end them now.
@@ -141,6 +147,7 @@ class ProcessorRunner implements RunningProcessor {
           throw new Error('lost the connection holding the processor locks', { cause: lease.lost })
         }
         const wanted = await lease.share(this.#slots)
+        let handingOver = false
         for (const slot of this.#slots) {
           const mine = owned.get(slot)
           if (mine !== undefined) {
@@ -148,9 +155,12 @@ class ProcessorRunner implements RunningProcessor {
             continue
           }
           if (!wanted.has(slot) || (backoffs.get(slot)?.until ?? 0) > Date.now()) continue
-          if (!(await lease.tryAcquire(slot.key))) continue // its owner has not let go yet
+          if (!(await lease.tryAcquire(slot.key))) {
+            handingOver = true // its owner has not let go yet: it will after its batch in hand
+            continue
+          }
           const db = fencedDatabase(this.#deps.pool, lease, slot.key)
-          const session = new SlotSession(slot, this.#context(db), signal)
+          const session = new SlotSession(slot, this.#context(db, jsm), signal)
           const startedAt = Date.now()
           const entry: OwnedSlot = { session, ended: Promise.resolve() }
           entry.ended = session
@@ -197,7 +207,9 @@ class ProcessorRunner implements RunningProcessor {
         const soonest = Math.min(
           ...[...backoffs.values()].map((b) => b.until).filter((t) => t > Date.now()),
         )
-        await wake.wait(Math.max(10, Math.min(REBALANCE_MS, soonest - Date.now())), signal)
+        // A slot handed over is idle until its new owner takes it: look again soon for that.
+        const next = handingOver ? HAND_OVER_POLL_MS : REBALANCE_MS
+        await wake.wait(Math.max(10, Math.min(next, soonest - Date.now())), signal)
       }
     } finally {
       const ending = [...owned.values()]
@@ -208,10 +220,10 @@ class ProcessorRunner implements RunningProcessor {
   }
 
   /** What every slot session of this instance shares; `db` is the slot's, fenced by its lease. */
-  #context(db: Kysely<Database>): RunnerContext {
+  #context(db: Kysely<Database>, jsm: JetStreamManager): RunnerContext {
     return {
       spec: this.#spec,
-      deps: { ...this.#deps, db },
+      deps: { ...this.#deps, db, jsm },
       log: this.#log,
       js: this.#js,
       postgres: this.#postgres,
@@ -233,6 +245,28 @@ interface OwnedSlot {
   ended: Promise<void>
 }
 
+/**
+ * The JetStream API of the slot sessions: `jsm`'s, waiting up to {@link SLOT_API_TIMEOUT_MS} for an
+ * answer. nats-server 2.9 answers JetStream API requests one at a time, and the info of a filtered
+ * consumer (a partition's: its num_pending) costs it ~55 ms of CPU on a 200k-event stream, so
+ * with a few processes starting slots and reading lag figures at once a cheap request can wait
+ * seconds in that queue. A request given up is still answered later (the work is not saved), and
+ * a slot session that failed on it would release its slot, back off and ask again: waiting longer
+ * costs the server nothing.
+ */
+async function slotJetStreamManager(
+  jsm: JetStreamManager,
+  nc: ProcessorDeps['nc'],
+): Promise<JetStreamManager> {
+  const opts = jsm.getOptions()
+  if ((opts.timeout ?? 0) >= SLOT_API_TIMEOUT_MS) return jsm
+  return jetstreamManager(nc, { ...opts, checkAPI: false, timeout: SLOT_API_TIMEOUT_MS })
+}
+
+/** How long a slot session waits for a JetStream API answer (see {@link slotJetStreamManager}). */
+const SLOT_API_TIMEOUT_MS = 20_000
+/** While a slot this instance should own is still held by its previous owner, how often it looks. */
+const HAND_OVER_POLL_MS = 200
 /** Waits before a slot whose session failed is taken again (by this instance). */
 const SLOT_BACKOFF = new ExponentialBackoff({ initialDelay: 250, maxDelay: 15_000 })
 /** A slot session that lasted this long before failing starts the backoff afresh. */
