@@ -18,6 +18,7 @@ import {
   createPool,
   DatabaseMissingError,
   ensureDatabase,
+  isMissingDatabase,
   waitForPostgres,
 } from '../infra/database.ts'
 import { ConfigError } from '../infra/config.ts'
@@ -116,44 +117,59 @@ export async function openRuntime(
     deadline === undefined
       ? {}
       : { connectionTimeoutMs: Math.min(5000, Math.max(500, opts.timeoutMs ?? 0)) }
-  let pool: pg.Pool | undefined
-  if (usesPostgres) {
-    await bounded(
-      'PostgreSQL',
-      config.databaseUrl,
-      ensureDatabase(config.databaseUrl, log, opts.signal, {
-        create: opts.createDatabase ?? true,
-        ...(deadline !== undefined ? { deadline } : {}),
+  const pool = usesPostgres
+    ? createPool(config.databaseUrl, {
+        // Each processor holds one connection for its locks and uses one for the transactions of
+        // each slot it may own (one, or one per partition); the outbox relay and set-up need one
+        // each.
+        max: opts.poolSize ?? PROCESSOR_NAMES.length * (1 + Math.max(1, config.partitions)) + 2,
+        applicationName: opts.name,
+        log,
         ...connectTimeout,
-      }),
-    )
-    pool = createPool(config.databaseUrl, {
-      // Each processor holds one connection for its locks and uses one for the transactions of
-      // each slot it may own (one, or one per partition); the outbox relay and set-up need one each.
-      max: opts.poolSize ?? PROCESSOR_NAMES.length * (1 + Math.max(1, config.partitions)) + 2,
-      applicationName: opts.name,
-      log,
-      ...connectTimeout,
-    })
-  }
-  try {
-    if (pool) {
-      await bounded(
+      })
+    : undefined
+  // NATS and PostgreSQL are waited for at the same time, and the pool's first connection is the
+  // probe: a process that finds its database there (every start but the first) opens one
+  // connection to Postgres, not two, before its first batch. When one fails, the wait for the
+  // other ends too.
+  const giveUp = new AbortController()
+  const signal = opts.signal ? AbortSignal.any([opts.signal, giveUp.signal]) : giveUp.signal
+  const postgresReady = pool ? waitForDatabase(pool) : Promise.resolve()
+  const natsReady = usesNats
+    ? bounded(
+        'NATS',
+        config.natsUrl,
+        connectNats(config, { name: opts.name, log, signal, deadline }),
+      )
+    : Promise.resolve(undefined)
+  async function waitForDatabase(p: pg.Pool): Promise<void> {
+    const ready = () =>
+      bounded(
         'PostgreSQL',
         config.databaseUrl,
-        waitForPostgres(pool, log, opts.signal, {
+        waitForPostgres(p, log, signal, {
           url: config.databaseUrl,
           ...(deadline !== undefined ? { deadline } : {}),
         }),
       )
+    try {
+      await ready()
+    } catch (err) {
+      if (!isMissingDatabase(err)) throw err
+      await bounded(
+        'PostgreSQL',
+        config.databaseUrl,
+        ensureDatabase(config.databaseUrl, log, signal, {
+          create: opts.createDatabase ?? true,
+          ...(deadline !== undefined ? { deadline } : {}),
+          ...connectTimeout,
+        }),
+      )
+      await ready()
     }
-    const nc = usesNats
-      ? await bounded(
-          'NATS',
-          config.natsUrl,
-          connectNats(config, { name: opts.name, log, signal: opts.signal, deadline }),
-        )
-      : undefined
+  }
+  try {
+    const [nc] = await Promise.all([natsReady, postgresReady])
     const db = pool ? createKysely<Database>(pool) : undefined
     const closing = new AbortController()
     const watchdog = nc ? keepJetStreamReachable(nc, { log, signal: closing.signal }) : undefined
@@ -198,6 +214,11 @@ export async function openRuntime(
       },
     }
   } catch (err) {
+    giveUp.abort()
+    await Promise.all([
+      natsReady.then((c) => c?.close()).catch(() => undefined),
+      postgresReady.catch(() => undefined),
+    ])
     await pool?.end().catch(() => undefined)
     throw err
   }

@@ -6,9 +6,12 @@
  * `npm run build` bundles it (esbuild, `npm run bundle` in package.json) over tsc's
  * dist/cli/fleetstream.js: loading ~600 module files cost a processor ~0.55 s of CPU of the ~1.5 s
  * before its first applied batch, one bundle ~0.23 s. The commands are a chunk of their own
- * (dist/cli/chunks/), still imported after telemetry starts; `pg` and `@opentelemetry/*` stay
- * outside the bundle so that the instrumentation can hook `pg` as it loads; pino-pretty and
- * cli-progress are required lazily from node_modules (cli/terminal.ts).
+ * (dist/cli/chunks/), still imported after telemetry starts; `pg` and the OpenTelemetry SDK and
+ * pg instrumentation stay outside the bundle so that the instrumentation can hook `pg` as it
+ * loads; pino-pretty and cli-progress are required lazily from node_modules (cli/terminal.ts).
+ * `@opentelemetry/api` is in the bundle (loading its ~80 files from node_modules cost each process
+ * ~60 ms of CPU): its copies share one global registry by design, so the SDK's copy and ours
+ * see the same providers, context and propagators (test/tracing.e2e.test.ts).
  */
 import nodeModule from 'node:module'
 import { startTelemetry } from '../infra/telemetry.ts'
@@ -20,7 +23,30 @@ import { startTelemetry } from '../infra/telemetry.ts'
 const command = process.argv.slice(2).find((a) => !a.startsWith('-')) ?? 'cli'
 const telemetry = await startTelemetry({ serviceName: `fleetstream-${command}` })
 try {
+  await loadPg()
   await import('./main.ts')
 } finally {
   await telemetry.shutdown()
+}
+
+/**
+ * Loads `pg` (after telemetry: see above). pg 8 asks as it loads whether it runs in a Cloudflare
+ * Worker: where `navigator` is missing (Node 20; Node 21 on has one) it builds a `Response`, which
+ * loads Node's whole fetch implementation (undici), ~40 ms of CPU per process for nothing. A
+ * stand-in `navigator` is there while pg loads, and gone after.
+ */
+async function loadPg(): Promise<void> {
+  if ('navigator' in globalThis) {
+    await import('pg')
+    return
+  }
+  Object.defineProperty(globalThis, 'navigator', {
+    value: { userAgent: `Node.js/${process.versions.node}` },
+    configurable: true,
+  })
+  try {
+    await import('pg')
+  } finally {
+    delete (globalThis as { navigator?: unknown }).navigator
+  }
 }

@@ -34,8 +34,9 @@ export async function runPipeline(
   /** The checkpoint the batch in flight will leave: what the next batch is prepared against. */
   let preparedTo = state.position.lastSeq
   const { batchSize, batchLingerMs } = state.ctx.deps.config.processor
+  const sizes = batchRamp(batchSize)
   while (!isAborted(signal)) {
-    const batch = await state.buffer.take(batchSize, batchLingerMs, signal, committing)
+    const batch = await state.buffer.take(sizes.next(), batchLingerMs, signal, committing)
     if (state.diverged !== undefined) throw state.diverged
     if (batch.length === 0) {
       await committing // what came before is committed (or its failure ends the session)
@@ -59,6 +60,28 @@ export async function runPipeline(
   }
   await committing
 }
+
+/**
+ * The size of each batch a session takes: {@link FIRST_BATCH} first, then twice the one before,
+ * up to the configured `batchSize`. The first applied batch is what an operator waits for at
+ * start-up, and its cost is mostly code the process has not compiled yet (decode, decide, build
+ * the SQL: ~0.3 CPU-s for a first batch of 1,000 on this project's 2-core VM, most of it once per
+ * process); a small one commits sooner, and so does the batch prepared while it commits. The ramp
+ * to 1,000 costs four extra commits per session.
+ */
+export function batchRamp(batchSize: number): { next(): number } {
+  let size = Math.min(batchSize, FIRST_BATCH)
+  return {
+    next() {
+      const now = size
+      size = Math.min(batchSize, size * 2)
+      return now
+    },
+  }
+}
+
+/** The size of a session's first batch (see {@link batchRamp}). */
+export const FIRST_BATCH = 64
 
 /**
  * The first stage, while the batch before it commits: drops what is at or below `from` (the
