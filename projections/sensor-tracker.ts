@@ -43,8 +43,10 @@ interface Tracked {
   timelineDirty: boolean
   /** Its status when loaded. */
   readonly loadedStatus: EffectiveStatus | null
-  /** Its row as last read or written; null while it has none. */
-  row: Written | null
+  /** It has a row (read or written). */
+  stored: boolean
+  /** A column other than its last seen ones changed since its row was read or written. */
+  wide: boolean
 }
 
 /** Sensors kept between batches: the hot part of a fleet (see CACHED_FOLDS in alerts.ts). */
@@ -281,6 +283,8 @@ export class TrackerSegment {
     }
     const lifecycle = observe(t.lifecycle, e)
     if (lifecycle === t.lifecycle && t.status !== null) return undefined
+    if (!onlySeenMoved(t.lifecycle, lifecycle) || t.partition !== (p.partition ?? null))
+      t.wide = true
     t.lifecycle = lifecycle
     t.partition = p.partition ?? null
     t.dirty = true
@@ -299,6 +303,7 @@ export class TrackerSegment {
       at: hlcTime(e.hlc),
       reason: reasonFor(p.event, t.status, to),
     }
+    t.wide = true
     t.status = to
     t.statusHlc = e.hlc
     t.statusEventId = e.eventId
@@ -326,6 +331,13 @@ export class TrackerSegment {
       const history = reconcile(id, foldTimeline(id, t.points), t)
       const last = history.at(-1)
       if (last === undefined) continue
+      if (
+        t.statusHlc !== last.hlc ||
+        t.statusEventId !== last.eventId ||
+        t.statusCorrelationId !== last.correlationId ||
+        t.statusChangedAt?.getTime() !== last.at.getTime()
+      )
+        t.wide = true
       t.statusHlc = last.hlc
       t.statusEventId = last.eventId
       t.statusCorrelationId = last.correlationId
@@ -389,29 +401,26 @@ export class TrackerSegment {
         partition: t.partition,
       }
     })
-    // Most sensors only moved their last seen event: those get a narrow update (a third of the
+    // Most sensors only moved their last seen event: those get a narrow update (a fifth of the
     // bytes to serialise, send and parse), the others the whole row.
     const seen: SeenRow[] = []
     const whole: Written[] = []
     rows.forEach(([, t], i) => {
       const w = states[i] as Written
-      if (t.row !== null && onlySeenMoved(t.row, w))
-        seen.push({
-          device_id: w.device_id,
-          last_seen_at: w.last_seen_at,
-          last_seen_hlc: w.last_seen_hlc,
-          last_seen_event_id: w.last_seen_event_id,
-        })
+      if (t.stored && !t.wide)
+        seen.push([w.device_id, w.last_seen_at, w.last_seen_hlc, w.last_seen_event_id])
       else whole.push(w)
-      t.row = w
+      t.stored = true
+      t.wide = false
     })
     if (seen.length > 0) {
       // The rows are there: load() locked them (a sensor is never deleted).
       await sql`update ${sql.table(this.tracker.table)} as s
         set last_seen_at = j.last_seen_at, last_seen_hlc = j.last_seen_hlc,
           last_seen_event_id = j.last_seen_event_id
-        from json_populate_recordset(null::${sql.table(this.tracker.table)},
-          ${JSON.stringify(seen)}::json) as j
+        from (select r->>0 as device_id, (r->>1)::timestamptz as last_seen_at,
+                r->>2 as last_seen_hlc, r->>3 as last_seen_event_id
+              from json_array_elements(${JSON.stringify(seen)}::json) as r) as j
         where s.device_id = j.device_id`.execute(trx)
     }
     if (whole.length > 0) {
@@ -449,16 +458,26 @@ type Written = {
     (SensorStateTable[K] extends Date ? string : SensorStateTable[K]) | null
 }
 
-/** What the narrow update of a sensor that was only seen again sets. */
-type SeenRow = Pick<Written, 'device_id' | 'last_seen_at' | 'last_seen_hlc' | 'last_seen_event_id'>
+/**
+ * What the narrow update of a sensor that was only seen again sets, as a tuple: device_id,
+ * last_seen_at, last_seen_hlc, last_seen_event_id (no column names repeated in every row).
+ */
+type SeenRow = (string | null)[]
 
-/** Whether `after` differs from `before` in its last seen columns alone (or not at all). */
-function onlySeenMoved(before: Written, after: Written): boolean {
-  for (const c of STATE_COLUMNS as (keyof Written)[]) {
-    if (c === 'last_seen_at' || c === 'last_seen_hlc' || c === 'last_seen_event_id') continue
-    if (before[c] !== after[c]) return false
-  }
-  return before.device_id === after.device_id
+/** Whether `after` differs from `before` in when it was last seen alone (or not at all). */
+function onlySeenMoved(before: SensorLifecycle, after: SensorLifecycle): boolean {
+  return (
+    before.registeredHlc === after.registeredHlc &&
+    before.registeredEventId === after.registeredEventId &&
+    before.site === after.site &&
+    before.model === after.model &&
+    before.firmware === after.firmware &&
+    before.inactivityTimeoutSeconds === after.inactivityTimeoutSeconds &&
+    before.decommissionedHlc === after.decommissionedHlc &&
+    before.declaredStatus === after.declaredStatus &&
+    before.declaredHlc === after.declaredHlc &&
+    before.declaredEventId === after.declaredEventId
+  )
 }
 
 /** Every column of a sensor state table but its key: what the upsert of a changed sensor sets. */
@@ -497,7 +516,8 @@ function newTracked(): Tracked {
     points: new Map(),
     timelineDirty: false,
     loadedStatus: null,
-    row: null,
+    stored: false,
+    wide: false,
   }
 }
 
@@ -527,11 +547,8 @@ function fromRow(r: SensorStateTable): Tracked {
     points: new Map(),
     timelineDirty: false,
     loadedStatus: r.status,
-    row: {
-      ...r,
-      status_changed_at: r.status_changed_at.toISOString(),
-      last_seen_at: r.last_seen_at.toISOString(),
-    },
+    stored: true,
+    wide: false,
   }
 }
 
