@@ -158,15 +158,29 @@ async function addInputs(
 ): Promise<AlertInputTable[]> {
   const rows = events.flatMap((p) => inputsOf(rules, p.event))
   if (rows.length === 0) return []
-  const src = jsonRows('alert_inputs', rows)
+  // One JSON array of tuples: the column names are not repeated in every row (40% fewer bytes
+  // to serialise, send and parse than json-rows.ts' objects; Postgres spends less per row too).
+  const tuples = rows.map((i) => [
+    i.device_id,
+    i.rule_id,
+    i.event_id,
+    i.kind,
+    i.hlc,
+    i.correlation_id,
+    i.value,
+    i.alert_id,
+    i.acknowledged_by,
+  ])
   // Only the keys come back: the rows themselves are here already (parsing them was ~4% of CPU).
-  const fresh = await trx
-    .insertInto('alert_inputs')
-    .columns(src.columns)
-    .expression(src.select)
-    .onConflict((oc) => oc.columns(['device_id', 'rule_id', 'event_id']).doNothing())
-    .returning(['device_id', 'rule_id', 'event_id'])
-    .execute()
+  const fresh = (
+    await sql<Pick<AlertInputTable, 'device_id' | 'rule_id' | 'event_id'>>`
+      insert into alert_inputs (device_id, rule_id, event_id, kind, hlc, correlation_id, value,
+        alert_id, acknowledged_by)
+      select r->>0, r->>1, r->>2, r->>3, r->>4, r->>5, (r->>6)::float8, r->>7, r->>8
+      from json_array_elements(${JSON.stringify(tuples)}::json) as r
+      on conflict (device_id, rule_id, event_id) do nothing
+      returning device_id, rule_id, event_id`.execute(trx)
+  ).rows
   if (fresh.length === rows.length) return rows
   const added = new Set(fresh.map((i) => inputKey(i.device_id, i.rule_id, i.event_id)))
   // `delete`: an event delivered twice in one batch is one input, as the insert made it.
@@ -571,29 +585,25 @@ async function writeConditions(
   trx: Transaction<Database>,
   conditions: readonly Database['alert_conditions'][],
 ): Promise<void> {
-  if (conditions.length > 0) {
-    const src = jsonRows('alert_conditions', conditions)
-    await trx
-      .insertInto('alert_conditions')
-      .columns(src.columns)
-      .expression(src.select)
-      .onConflict((oc) =>
-        oc
-          .columns(['device_id', 'rule_id'])
-          .doUpdateSet((eb) => ({
-            consecutive: eb.ref('excluded.consecutive'),
-            since_at: eb.ref('excluded.since_at'),
-            since_hlc: eb.ref('excluded.since_hlc'),
-            last_hlc: eb.ref('excluded.last_hlc'),
-          }))
-          .where(
-            sql<boolean>`(alert_conditions.consecutive, alert_conditions.since_at,
-              alert_conditions.since_hlc, alert_conditions.last_hlc) is distinct from
-              (excluded.consecutive, excluded.since_at, excluded.since_hlc, excluded.last_hlc)`,
-          ),
-      )
-      .execute()
-  }
+  if (conditions.length === 0) return
+  // Tuples, not objects: see addInputs.
+  const tuples = conditions.map((c) => [
+    c.device_id,
+    c.rule_id,
+    c.consecutive,
+    c.since_at?.toISOString() ?? null,
+    c.since_hlc,
+    c.last_hlc,
+  ])
+  await sql`
+    insert into alert_conditions as c (device_id, rule_id, consecutive, since_at, since_hlc,
+      last_hlc)
+    select r->>0, r->>1, (r->>2)::integer, (r->>3)::timestamptz, r->>4, r->>5
+    from json_array_elements(${JSON.stringify(tuples)}::json) as r
+    on conflict (device_id, rule_id) do update set consecutive = excluded.consecutive,
+      since_at = excluded.since_at, since_hlc = excluded.since_hlc, last_hlc = excluded.last_hlc
+    where (c.consecutive, c.since_at, c.since_hlc, c.last_hlc) is distinct from
+      (excluded.consecutive, excluded.since_at, excluded.since_hlc, excluded.last_hlc)`.execute(trx)
 }
 
 /**
@@ -796,22 +806,21 @@ async function writeTips(
   trx: Transaction<Database>,
   tips: readonly AlertTipTable[],
 ): Promise<void> {
-  if (tips.length > 0) {
-    const src = jsonRows('alert_tips', tips)
-    await trx
-      .insertInto('alert_tips')
-      .columns(src.columns)
-      .expression(src.select)
-      .onConflict((oc) =>
-        oc.column('device_id').doUpdateSet((eb) => ({
-          hlc: eb.ref('excluded.hlc'),
-          event_id: eb.ref('excluded.event_id'),
-          history: eb.ref('excluded.history'),
-          readings_since_prune: eb.ref('excluded.readings_since_prune'),
-        })),
-      )
-      .execute()
-  }
+  if (tips.length === 0) return
+  // Tuples, not objects: see addInputs.
+  const tuples = tips.map((t) => [
+    t.device_id,
+    t.hlc,
+    t.event_id,
+    t.history,
+    t.readings_since_prune,
+  ])
+  await sql`
+    insert into alert_tips (device_id, hlc, event_id, history, readings_since_prune)
+    select r->>0, r->>1, r->>2, r->>3, (r->>4)::integer
+    from json_array_elements(${JSON.stringify(tuples)}::json) as r
+    on conflict (device_id) do update set hlc = excluded.hlc, event_id = excluded.event_id,
+      history = excluded.history, readings_since_prune = excluded.readings_since_prune`.execute(trx)
 }
 
 /** Moves horizons forward and drops the readings up to them. */

@@ -6,6 +6,7 @@ import * as lwwEventIds from './migrations/2026-11-23-04-lww-event-ids.ts'
 import * as streamMarks from './migrations/2026-11-23-05-stream-marks.ts'
 import * as statusTimeline from './migrations/2026-12-02-01-status-timeline.ts'
 import * as alertInputs from './migrations/2026-12-02-02-alert-inputs.ts'
+import * as hotUpdates from './migrations/2026-12-03-01-hot-updates.ts'
 
 /**
  * Every migration, by name in the order they run. Listed here rather than read from a folder so
@@ -19,6 +20,7 @@ export const migrations: Readonly<Record<string, Migration>> = {
   '2026-11-23-05-stream-marks': streamMarks,
   '2026-12-02-01-status-timeline': statusTimeline,
   '2026-12-02-02-alert-inputs': alertInputs,
+  '2026-12-03-01-hot-updates': hotUpdates,
 }
 
 /** Brings the schema up to date; concurrent callers are serialised by Kysely's migration lock. */
