@@ -42,15 +42,21 @@ export function alertsBulkLoad(
         deviceIds,
         async add(trx, events, copy) {
           const rows: AlertInputTable[] = []
-          const seen = new Set<string>()
+          // The first copy of an input stays, as the live insert's `on conflict do nothing`.
+          // Inputs are keyed only once an event id repeats in the chunk (rare).
+          const ids = new Set<string>()
+          let keys: Set<string> | undefined
           for (const p of events) {
             segment.apply(p)
             deviceIds.add(p.event.deviceId)
+            if (keys === undefined && ids.has(p.event.eventId)) keys = new Set(rows.map(inputKey))
+            ids.add(p.event.eventId)
             for (const i of inputsOf(thresholds, p.event)) {
-              // The first copy of an event stays, as the live insert's `on conflict do nothing`.
-              const k = `${i.device_id}\u0000${i.rule_id}\u0000${i.event_id}`
-              if (seen.has(k)) continue
-              seen.add(k)
+              if (keys !== undefined) {
+                const k = inputKey(i)
+                if (keys.has(k)) continue
+                keys.add(k)
+              }
               rows.push(i)
               fed.add(i.device_id)
             }
@@ -119,3 +125,7 @@ async function addInputs(
 
 /** Postgres' unique_violation. */
 const UNIQUE_VIOLATION = '23505'
+
+function inputKey(i: AlertInputTable): string {
+  return `${i.device_id}\u0000${i.rule_id}\u0000${i.event_id}`
+}
