@@ -326,6 +326,7 @@ describe('the bulk loads of sensor-status and alerts', () => {
     await bulk(builtA.pool, alertsBulkLoad(anyEvents(alertsProjection(ALERTS)), ALERTS), chunks)
     for (const table of [
       'alerts',
+      'alert_conditions',
       'notification_outbox',
       'alert_sensors',
       'alert_sensors_timeline',
