@@ -22,8 +22,11 @@ export interface SensorWindow {
   flush(trx: Transaction<Database>): Promise<void>
 }
 
-/** Default of the sensors a bulk load holds in memory before it writes them (~2-3 KB each). */
-export const MAX_WINDOW_SENSORS = 50_000
+/**
+ * Default of the sensors a bulk load holds in memory before it writes them: as many as the live
+ * path keeps cached (sensor-tracker.ts), ~2 KB each.
+ */
+export const MAX_WINDOW_SENSORS = 25_000
 
 /**
  * A rebuild's bulk load (processors/admin/bulk-load.ts) for a projection whose rows are per
