@@ -26,7 +26,7 @@ export interface SensorWindow {
  * Default of the sensors a bulk load holds in memory before it writes them: as many as the live
  * path keeps cached (sensor-tracker.ts), ~2 KB each.
  */
-export const MAX_WINDOW_SENSORS = 25_000
+const MAX_WINDOW_SENSORS = 25_000
 
 /**
  * A rebuild's bulk load (processors/admin/bulk-load.ts) for a projection whose rows are per
