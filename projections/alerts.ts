@@ -119,7 +119,7 @@ export function alertsProjection(opts: AlertsOptions): Projection {
 }
 
 /** The inputs a device event adds: a value per threshold rule it feeds, or an acknowledgement. */
-function inputsOf(rules: readonly ThresholdRule[], e: DeviceEvent): AlertInputTable[] {
+export function inputsOf(rules: readonly ThresholdRule[], e: DeviceEvent): AlertInputTable[] {
   const row = (rule_id: string, kind: 'reading' | 'ack'): AlertInputTable => ({
     device_id: e.deviceId,
     rule_id,
@@ -203,7 +203,7 @@ interface Horizon {
  * its tip's version): its tip, and per rule its condition and open alert. Every transaction that
  * changes a sensor's conditions or alerts moves its tip.
  */
-interface KeptFold {
+export interface KeptFold {
   readonly tip: AlertTipTable
   readonly states: ReadonlyMap<string, FoldState>
 }
@@ -230,7 +230,7 @@ interface Place {
  * over the new inputs alone: the common case, events arriving in order. Any other sensor (a late
  * event, a late status change) is folded again from its horizons over its kept inputs.
  */
-async function refold(
+export async function refold(
   trx: Transaction<Database>,
   tracker: SensorTracker,
   folds: RowCache<KeptFold>,
@@ -901,4 +901,17 @@ function canonical(v: unknown): string {
 
 function key(deviceId: string, ruleId: string): string {
   return `${deviceId}\u0000${ruleId}`
+}
+
+/**
+ * Readings {@link alertsProjection} keeps per sensor and threshold rule with `opts` (the `window`
+ * its folds prune to): for a rebuild's bulk load (projections/alerts-bulk-load.ts), which folds
+ * through {@link refold} as it does.
+ */
+export function keptReadings(opts: AlertsOptions): number {
+  const thresholds = opts.rules.rules.filter((r): r is ThresholdRule => r.kind === 'threshold')
+  return Math.max(
+    opts.windowReadings ?? WINDOW_READINGS,
+    ...thresholds.map((r) => 2 * r.consecutive),
+  )
 }

@@ -61,7 +61,7 @@ export function sensorStatusProjection(
  * A sensor's history is its timeline folded in HLC order: when a (late) event changes the
  * timeline, the sensor's history is written again, so it is the same whatever the arrival order.
  */
-async function rewriteHistory(
+export async function rewriteHistory(
   trx: Transaction<Database>,
   tracker: SensorTracker,
   deviceIds: readonly string[],

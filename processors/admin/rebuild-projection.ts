@@ -203,13 +203,13 @@ class RebuildRun {
     this.#slots = slotsOf(spec, deps.config)
     this.#slotKeys = new Set(this.#slots.map((s) => s.key))
     this.#js = jetstream(deps.nc)
-    this.#bulk = bulkLoadOf(spec.projection)
   }
 
   async run(): Promise<RebuildResult> {
     const { config } = this.#deps
     this.#report('reading-dlq')
     this.#parked = await this.#readParked()
+    this.#bulk = await bulkLoadOf(this.#spec.projection, config)
     this.#report('preparing')
     const scratch = await prepareScratch(this.#deps.db, this.#spec.name, this.#spec.projection)
     this.#deferredIndexes = await deferIndexes(
@@ -439,6 +439,19 @@ class RebuildRun {
    * it meanwhile, otherwise the rebuild stops naming it (the live run applied it).
    */
   async #commitIsolating(db: Kysely<Database>, msgs: readonly JsMsg[]): Promise<void> {
+    if (this.#bulk?.holdsState === true) {
+      // The bulk load has taken these events into memory: they cannot be given to it again.
+      try {
+        this.#advance(await this.#commit(db, msgs))
+        return
+      } catch (err) {
+        if (this.#signal.aborted) throw err
+        throw new RebuildError(
+          `the rebuild's bulk load of '${this.#spec.name}' failed (start the rebuild again): ${errorSummary(err)}`,
+          { cause: err },
+        )
+      }
+    }
     try {
       const r = await withBackoff(this.#log, 'rebuild batch', {
         maxAttempts: 6,
