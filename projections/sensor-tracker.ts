@@ -464,20 +464,21 @@ type Written = {
  */
 type SeenRow = (string | null)[]
 
-/** Whether `after` differs from `before` in when it was last seen alone (or not at all). */
+/** What a sensor's lifecycle says of when it was last seen: the rest is the wide part of its row. */
+const SEEN_KEYS: ReadonlySet<string> = new Set<keyof SensorLifecycle>([
+  'lastSeenHlc',
+  'lastSeenEventId',
+])
+
+/**
+ * Whether `after` differs from `before` in when it was last seen alone (or not at all). Every other
+ * field is compared, so a field added to the lifecycle is never left out of the narrow update.
+ */
 function onlySeenMoved(before: SensorLifecycle, after: SensorLifecycle): boolean {
-  return (
-    before.registeredHlc === after.registeredHlc &&
-    before.registeredEventId === after.registeredEventId &&
-    before.site === after.site &&
-    before.model === after.model &&
-    before.firmware === after.firmware &&
-    before.inactivityTimeoutSeconds === after.inactivityTimeoutSeconds &&
-    before.decommissionedHlc === after.decommissionedHlc &&
-    before.declaredStatus === after.declaredStatus &&
-    before.declaredHlc === after.declaredHlc &&
-    before.declaredEventId === after.declaredEventId
-  )
+  for (const k of Object.keys(after) as (keyof SensorLifecycle)[]) {
+    if (!SEEN_KEYS.has(k) && before[k] !== after[k]) return false
+  }
+  return true
 }
 
 /** Every column of a sensor state table but its key: what the upsert of a changed sensor sets. */
