@@ -68,10 +68,7 @@ export function alertsProjection(opts: AlertsOptions): Projection {
   const folds = new RowCache<KeptFold>(CACHED_FOLDS)
   const rules = opts.rules.rules
   const thresholds = rules.filter((r): r is ThresholdRule => r.kind === 'threshold')
-  const window = Math.max(
-    opts.windowReadings ?? WINDOW_READINGS,
-    ...thresholds.map((r) => 2 * r.consecutive),
-  )
+  const window = keptReadings(opts)
 
   return {
     name: 'alerts',
