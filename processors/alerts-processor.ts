@@ -2,6 +2,7 @@
  * The alerts processor's spec: what it reads, handles and writes.
  */
 import type { Config } from '../infra/config.ts'
+import { alertsBulkLoad } from '../projections/alerts-bulk-load.ts'
 import { alertsProjection } from '../projections/alerts.ts'
 import type { AlertRules } from '../projections/alert-rules.ts'
 import { anyEvents } from '../projections/projection.ts'
@@ -18,12 +19,13 @@ import type { ProcessorSpec } from './runner/types.ts'
  * - sends:   notification_outbox -> FLEET_NOTIFICATIONS (fleet.notifications.alerts.<severity>.<deviceId>.<id>)
  */
 export function alertsProcessor(config: Config, rules: AlertRules): ProcessorSpec {
+  const opts = { rules, defaultTimeoutSeconds: config.sensorInactivityTimeoutSeconds }
+  const projection = anyEvents(alertsProjection(opts))
   return {
     name: 'alerts',
     reads: 'all',
-    projection: anyEvents(
-      alertsProjection({ rules, defaultTimeoutSeconds: config.sensorInactivityTimeoutSeconds }),
-    ),
+    projection,
+    bulkLoad: () => alertsBulkLoad(projection, opts),
     companion: runOutboxRelay,
   }
 }

@@ -2,7 +2,7 @@
  * The readings processor's spec: what it reads, handles and writes.
  */
 import { anyEvents } from '../projections/projection.ts'
-import { readingsProjection } from '../projections/readings.ts'
+import { readingsBulkLoad, readingsProjection } from '../projections/readings.ts'
 import type { ProcessorSpec } from './runner/types.ts'
 
 /**
@@ -16,4 +16,5 @@ export const readingsProcessor: ProcessorSpec = {
   name: 'readings',
   reads: 'reading',
   projection: anyEvents(readingsProjection),
+  bulkLoad: () => readingsBulkLoad,
 }

@@ -3,6 +3,7 @@
  */
 import type { Config } from '../infra/config.ts'
 import { anyEvents } from '../projections/projection.ts'
+import { sensorStatusBulkLoad } from '../projections/sensor-status-bulk-load.ts'
 import { sensorStatusProjection } from '../projections/sensor-status.ts'
 import type { ProcessorSpec } from './runner/types.ts'
 
@@ -13,11 +14,12 @@ import type { ProcessorSpec } from './runner/types.ts'
  * - writes:  sensor_status, sensor_status_history, projection_clocks (+ its checkpoint)
  */
 export function sensorStatusProcessor(config: Config): ProcessorSpec {
+  const opts = { defaultTimeoutSeconds: config.sensorInactivityTimeoutSeconds }
+  const projection = anyEvents(sensorStatusProjection(opts))
   return {
     name: 'sensor-status',
     reads: 'all',
-    projection: anyEvents(
-      sensorStatusProjection({ defaultTimeoutSeconds: config.sensorInactivityTimeoutSeconds }),
-    ),
+    projection,
+    bulkLoad: () => sensorStatusBulkLoad(projection, opts),
   }
 }

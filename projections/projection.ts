@@ -1,5 +1,6 @@
 import type { Transaction } from 'kysely'
 import type { EventOfType, EventType, FleetEvent } from '../schemas/events.ts'
+import type { CopyIn } from './copy-rows.ts'
 import type { Database } from './tables.ts'
 
 /** A validated event as a processor hands it to a projection. */
@@ -55,4 +56,20 @@ export function anyEvents<T extends EventType>(projection: Projection<T>): AnyPr
     tables: projection.tables,
     apply: (trx, events) => projection.apply(trx, events.filter(mine)),
   }
+}
+
+/**
+ * The bulk phase of a rebuild: `apply` takes the stream in order, chunk by chunk, into tables
+ * that started empty (`copy` sends COPY payloads in `trx`); `finish` runs once, after the last
+ * chunk, and leaves the tables exactly as the projection's `apply` would have; from then on the
+ * projection's own `apply` follows.
+ */
+export interface BulkLoad {
+  apply(trx: Transaction<Database>, events: readonly ProjectedEvent[], copy: CopyIn): Promise<void>
+  finish(trx: Transaction<Database>): Promise<void>
+  /**
+   * It keeps what chunks gave it in memory until `finish` (or writes it in a later chunk): a chunk
+   * whose transaction failed cannot be given again, and the rebuild starts over instead.
+   */
+  readonly holdsState?: boolean
 }

@@ -54,7 +54,7 @@ export const readingsProjection: Projection<'reading.recorded'> = {
 }
 
 /**
- * A rebuild's bulk load of the readings tables (processors/admin/bulk-load.ts): each chunk only
+ * A rebuild's bulk load of the readings tables (`BulkLoad` in projection.ts): each chunk only
  * inserts its distinct readings, by COPY (the first copy of an event id wins, as in
  * {@link readingsProjection}); `finish` then derives the rollups and the newest values from them
  * in one statement each. Both are what the live statements amount to: the rollups aggregate

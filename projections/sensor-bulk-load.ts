@@ -29,7 +29,7 @@ export interface SensorWindow {
 const MAX_WINDOW_SENSORS = 25_000
 
 /**
- * A rebuild's bulk load (processors/admin/bulk-load.ts) for a projection whose rows are per
+ * A rebuild's bulk load (`BulkLoad` in projection.ts) for a projection whose rows are per
  * sensor: instead of reading and writing each sensor's rows in every chunk it appears in (with
  * 10,000 sensors, every sensor in every 20,000-event chunk), each sensor is folded in memory across
  * chunks ({@link SensorWindow}) and its rows written once, at `finish`; what is history goes in

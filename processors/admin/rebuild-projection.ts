@@ -21,7 +21,7 @@ import {
   retiredSchemaName,
   swapIn,
 } from './blue-green.ts'
-import { bulkLoadOf, type BulkLoad } from './bulk-load.ts'
+import { bulkLoadOf } from './bulk-load.ts'
 import { onOneConnection } from './copy-in.ts'
 import type { CopyIn } from '../../projections/copy-rows.ts'
 import {
@@ -29,7 +29,7 @@ import {
   readCheckpointSeqs,
   type CheckpointPosition,
 } from '../progress/checkpoints.ts'
-import type { ProjectedEvent } from '../../projections/projection.ts'
+import type { BulkLoad, ProjectedEvent } from '../../projections/projection.ts'
 import type { Database } from '../../projections/tables.ts'
 import { decide } from '../decision.ts'
 import { parkedEvents, parkedKey } from '../dlq/park.ts'
@@ -209,7 +209,7 @@ class RebuildRun {
     const { config } = this.#deps
     this.#report('reading-dlq')
     this.#parked = await this.#readParked()
-    this.#bulk = await bulkLoadOf(this.#spec.projection, config)
+    this.#bulk = bulkLoadOf(this.#spec)
     this.#report('preparing')
     const scratch = await prepareScratch(this.#deps.db, this.#spec.name, this.#spec.projection)
     this.#deferredIndexes = await deferIndexes(

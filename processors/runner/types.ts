@@ -11,7 +11,7 @@ import type pg from 'pg'
 import type { Config } from '../../infra/config.ts'
 import type { BreakerState } from '../../infra/failures.ts'
 import type { Logger } from '../../infra/logger.ts'
-import type { AnyProjection, ProjectedEvent } from '../../projections/projection.ts'
+import type { AnyProjection, BulkLoad, ProjectedEvent } from '../../projections/projection.ts'
 import type { Database } from '../../projections/tables.ts'
 import type { RejectReason } from '../../schemas/decode.ts'
 import type { EventKind } from '../../schemas/events.ts'
@@ -34,6 +34,11 @@ export interface ProcessorSpec {
    */
   readonly reads: EventKind | 'all'
   readonly projection: AnyProjection
+  /**
+   * A rebuild's bulk phase into empty tables ({@link BulkLoad}), built with the same
+   * options as `projection`; without one, a rebuild applies the stream through `projection` in chunks.
+   */
+  readonly bulkLoad?: () => BulkLoad
   /** Runs beside the processor while it runs (e.g. the alerts' outbox relay). */
   readonly companion?: (deps: ProcessorDeps, signal: AbortSignal) => Promise<void>
 }
