@@ -1,7 +1,7 @@
-import { sql, type Transaction } from 'kysely'
+import type { Transaction } from 'kysely'
 import type { ThresholdRule } from './alert-rules.ts'
 import { inputsOf, keptReadings, refold, type AlertsOptions, type KeptFold } from './alerts.ts'
-import { copyText, type CopyIn } from './copy-rows.ts'
+import { copyRows, type CopyIn } from './copy-rows.ts'
 import { jsonRows } from './json-rows.ts'
 import type { AnyProjection } from './projection.ts'
 import { RowCache } from './row-cache.ts'
@@ -102,29 +102,16 @@ async function addInputs(
   rows: readonly AlertInputTable[],
   copy: CopyIn,
 ): Promise<void> {
-  if (rows.length === 0) return
-  await sql`savepoint alert_inputs_copy`.execute(trx)
-  try {
-    await copy(
-      'alert_inputs',
-      INPUT_COLUMNS,
-      copyText(rows.map((r) => INPUT_COLUMNS.map((c) => r[c]))),
-    )
-  } catch (err) {
-    if ((err as { code?: unknown } | null)?.code !== UNIQUE_VIOLATION) throw err
-    await sql`rollback to savepoint alert_inputs_copy`.execute(trx)
+  await copyRows(trx, copy, 'alert_inputs', INPUT_COLUMNS, rows, () => {
     const src = jsonRows('alert_inputs', rows)
-    await trx
+    return trx
       .insertInto('alert_inputs')
       .columns(src.columns)
       .expression(src.select)
       .onConflict((oc) => oc.columns(['device_id', 'rule_id', 'event_id']).doNothing())
       .execute()
-  }
+  })
 }
-
-/** Postgres' unique_violation. */
-const UNIQUE_VIOLATION = '23505'
 
 function inputKey(i: AlertInputTable): string {
   return `${i.device_id}\u0000${i.rule_id}\u0000${i.event_id}`

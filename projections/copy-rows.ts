@@ -7,6 +7,9 @@
  * rows from another table ~10.
  */
 
+import { sql, type Transaction } from 'kysely'
+import type { Database } from './tables.ts'
+
 /** Sends a COPY payload (text format) into `table` (`columns` in the payload's order), in the caller's transaction. */
 export type CopyIn = (table: string, columns: readonly string[], payload: string) => Promise<void>
 
@@ -41,3 +44,31 @@ export function copyText(rows: readonly (readonly CopyValue[])[]): string {
   for (const r of rows) out += r.map(field).join('\t') + '\n'
   return out
 }
+
+/**
+ * COPYs `rows` (`columns` of each, in that order) into `table`, in `trx`. COPY cannot skip a row
+ * whose key is there already (an event an earlier chunk stored, re-published outside the dedup
+ * window): then it is rolled back to a savepoint and `insertSkipping` inserts the rows, skipping
+ * the stored ones, so the first copy stays, as in the live run.
+ */
+export async function copyRows<C extends string>(
+  trx: Transaction<Database>,
+  copy: CopyIn,
+  table: string,
+  columns: readonly C[],
+  rows: readonly Readonly<Record<C, CopyValue>>[],
+  insertSkipping: () => Promise<unknown>,
+): Promise<void> {
+  if (rows.length === 0) return
+  await sql`savepoint copy_rows`.execute(trx)
+  try {
+    await copy(table, columns, copyText(rows.map((r) => columns.map((c) => r[c]))))
+  } catch (err) {
+    if ((err as { code?: unknown } | null)?.code !== UNIQUE_VIOLATION) throw err
+    await sql`rollback to savepoint copy_rows`.execute(trx)
+    await insertSkipping()
+  }
+}
+
+/** Postgres' unique_violation. */
+const UNIQUE_VIOLATION = '23505'

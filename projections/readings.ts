@@ -1,6 +1,6 @@
 import { sql, type Transaction } from 'kysely'
 import type { ReadingRecorded } from '../schemas/events.ts'
-import { copyText, type CopyIn } from './copy-rows.ts'
+import { copyRows, type CopyIn } from './copy-rows.ts'
 import { jsonRows } from './json-rows.ts'
 import type { Projection, ProjectedEvent } from './projection.ts'
 import type { Database, ReadingTable } from './tables.ts'
@@ -73,27 +73,15 @@ export const readingsBulkLoad = {
       events.filter((p): p is Row => p.event.type === 'reading.recorded'),
       (p) => p.event.eventId,
     ).map(readingRow)
-    if (rows.length === 0) return
-    await sql`savepoint readings_copy`.execute(trx)
-    try {
-      await copy(
-        'readings',
-        READING_COLUMNS,
-        copyText(rows.map((r) => READING_COLUMNS.map((c) => r[c]))),
-      )
-    } catch (err) {
-      if ((err as { code?: unknown } | null)?.code !== UNIQUE_VIOLATION) throw err
-      // An event id an earlier chunk inserted (re-published outside the dedup window): COPY
-      // cannot skip it, the insert can; the first copy stays, as in the live run.
-      await sql`rollback to savepoint readings_copy`.execute(trx)
+    await copyRows(trx, copy, 'readings', READING_COLUMNS, rows, () => {
       const src = jsonRows('readings', rows)
-      await trx
+      return trx
         .insertInto('readings')
         .columns(src.columns)
         .expression(src.select)
         .onConflict((oc) => oc.column('event_id').doNothing())
         .execute()
-    }
+    })
   },
 
   async finish(trx: Transaction<Database>): Promise<void> {
@@ -125,9 +113,6 @@ const READING_COLUMNS = [
   'stream_seq',
   'ingested_at',
 ] as const satisfies readonly (keyof ReadingTable)[]
-
-/** Postgres' unique_violation. */
-const UNIQUE_VIOLATION = '23505'
 
 type Row = ProjectedEvent<ReadingRecorded>
 

@@ -1,4 +1,4 @@
-import { connect as connectSocket } from 'node:net'
+import { connect as connectSocket, createServer } from 'node:net'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { mkdtemp, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
@@ -408,3 +408,19 @@ export const TEMPERATURE_HIGH = {
   consecutive: 2,
   severity: 'critical',
 } as const
+
+/** A port nothing listens on: taken from the OS, then released. */
+export async function deadPort(): Promise<number> {
+  const server = createServer()
+  await new Promise<void>((resolve) => {
+    server.listen(0, '127.0.0.1', resolve)
+  })
+  const address = server.address()
+  await new Promise<void>((resolve) => {
+    server.close(() => {
+      resolve()
+    })
+  })
+  if (address === null || typeof address === 'string') throw new Error('no port')
+  return address.port
+}

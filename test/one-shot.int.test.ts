@@ -1,25 +1,8 @@
-import { createServer } from 'node:net'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { Runtime } from '../app/runtime.ts'
 import type { NatsServer } from './harness/test-servers.ts'
-import { cliSystem, runCli, spawnCli, waitFor } from './fixtures.ts'
-
-/** A port nothing listens on: taken from the OS, then released. */
-async function deadPort(): Promise<number> {
-  const server = createServer()
-  await new Promise<void>((resolve) => {
-    server.listen(0, '127.0.0.1', resolve)
-  })
-  const address = server.address()
-  await new Promise<void>((resolve) => {
-    server.close(() => {
-      resolve()
-    })
-  })
-  if (address === null || typeof address === 'string') throw new Error('no port')
-  return address.port
-}
+import { cliSystem, deadPort, runCli, spawnCli, waitFor } from './fixtures.ts'
 
 function withDatabase(url: string, f: (u: URL) => void): string {
   const u = new URL(url)

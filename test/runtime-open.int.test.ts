@@ -1,26 +1,9 @@
-import { createServer } from 'node:net'
 import pg from 'pg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { openRuntime } from '../app/runtime.ts'
 import { createLogger } from '../infra/logger.ts'
 import { freshDatabase, startRoleNatsServer, type RoleNatsServer } from './harness/test-servers.ts'
-import { rulesFile, runCli, testConfig, testEnv } from './fixtures.ts'
-
-/** A port nothing listens on: taken from the OS, then released. */
-async function deadPort(): Promise<number> {
-  const server = createServer()
-  await new Promise<void>((resolve) => {
-    server.listen(0, '127.0.0.1', resolve)
-  })
-  const address = server.address()
-  await new Promise<void>((resolve) => {
-    server.close(() => {
-      resolve()
-    })
-  })
-  if (address === null || typeof address === 'string') throw new Error('no port')
-  return address.port
-}
+import { deadPort, rulesFile, runCli, testConfig, testEnv } from './fixtures.ts'
 
 /**
  * openRuntime waits for NATS and PostgreSQL at the same time (app/runtime.ts): a definite answer
