@@ -24,7 +24,7 @@ import {
 import { ConfigError } from '../infra/config.ts'
 import { redact } from '../infra/redact.ts'
 import type { Logger } from '../infra/logger.ts'
-import { connectNats, keepJetStreamReachable } from '../infra/nats.ts'
+import { connectNats, keepJetStreamReachable, natsServers } from '../infra/nats.ts'
 import { errorSummary, withBackoff } from '../infra/retry.ts'
 import { within } from '../infra/sleep.ts'
 import { isTransient } from '../infra/failures.ts'
@@ -172,7 +172,13 @@ export async function openRuntime(
     const [nc] = await Promise.all([natsReady, postgresReady])
     const db = pool ? createKysely<Database>(pool) : undefined
     const closing = new AbortController()
-    const watchdog = nc ? keepJetStreamReachable(nc, { log, signal: closing.signal }) : undefined
+    const watchdog = nc
+      ? keepJetStreamReachable(nc, {
+          log,
+          signal: closing.signal,
+          servers: natsServers(config),
+        })
+      : undefined
     const js = nc ? jetstream(nc) : undefined
     // No API check here: the first real call is inside set-up's retries.
     const jsm = nc ? await jetstreamManager(nc, { checkAPI: false }) : undefined

@@ -27,7 +27,7 @@ export type NatsSettings = Pick<Config, 'natsUrl' | 'natsAuth' | 'natsInboxPrefi
  */
 export function natsConnectOptions(settings: NatsSettings, name: string): ConnectionOptions {
   return {
-    servers: settings.natsUrl.split(','),
+    servers: natsServers(settings),
     name,
     ...(settings.natsAuth
       ? { user: settings.natsAuth.user, pass: settings.natsAuth.password }
@@ -36,6 +36,11 @@ export function natsConnectOptions(settings: NatsSettings, name: string): Connec
     // Async stack traces on every request halve publish throughput; errors still say what failed.
     noAsyncTraces: true,
   }
+}
+
+/** The servers of NATS_URL. */
+export function natsServers(settings: NatsSettings): string[] {
+  return settings.natsUrl.split(',')
 }
 
 /**
@@ -124,21 +129,35 @@ async function watchStatus(nc: NatsConnection, log: Logger): Promise<void> {
  * Moves the connection to another server when the one it is on cannot serve JetStream: a node
  * that restarted may answer every JetStream request with "temporarily unavailable" for minutes
  * while the rest of the cluster works (seen in the chaos suite on nats-server 2.9). Probes every
- * `everyMs`; after `patienceMs` of such answers in a row it forces a reconnect, and the client
- * picks another server from its list.
+ * `everyMs`; after `patienceMs` of such answers in a row, or one probe unanswered for as long,
+ * it forces a reconnect, and the client picks another server from its list.
+ *
+ * A slow answer is an answer: nats-server 2.9 serves the JetStream API one request at a time,
+ * and behind a few partition consumer infos (tens of ms each on a large stream) a probe can wait
+ * seconds on a server that works. A reconnect then would drop every pull in flight, and their
+ * messages would come back only after the ack wait; the probe waits the whole patience instead.
+ * With no other server to go to (`servers` and the cluster's advertised URLs), it never moves.
  */
 export async function keepJetStreamReachable(
   nc: NatsConnection,
-  opts: { log: Logger; signal: AbortSignal; everyMs?: number; patienceMs?: number },
+  opts: {
+    log: Logger
+    signal: AbortSignal
+    /** The servers the connection was given (NATS_URL). */
+    servers: readonly string[]
+    everyMs?: number
+    patienceMs?: number
+  },
 ): Promise<void> {
   const every = opts.everyMs ?? 5000
   const patience = opts.patienceMs ?? 15_000
-  const jsm = await jetstreamManager(nc, { checkAPI: false })
+  const jsm = await jetstreamManager(nc, { checkAPI: false, timeout: patience })
   let failingSince: number | undefined
   const stopped = () => opts.signal.aborted || nc.isClosed()
   while (!stopped()) {
     await sleep(every, opts.signal)
     if (stopped()) return
+    const asked = Date.now()
     try {
       await jsm.getAccountInfo()
       failingSince = undefined
@@ -149,15 +168,36 @@ export async function keepJetStreamReachable(
         return
       }
       if (!isJetStreamUnavailable(err)) continue // e.g. disconnected: the client is on it already
-      failingSince ??= Date.now()
-      if (Date.now() - failingSince >= patience) {
+      failingSince ??= asked
+      if (Date.now() - failingSince < patience) continue
+      failingSince = undefined
+      if (!hasAnotherServer(nc, opts.servers)) {
         opts.log.warn(
           { server: nc.getServer(), err: errorSummary(err) },
-          'JetStream unavailable on this server; moving to another',
+          'JetStream on the only server known has not answered; waiting for it',
         )
-        failingSince = undefined
-        await nc.reconnect().catch(() => undefined)
+        continue
       }
+      opts.log.warn(
+        { server: nc.getServer(), err: errorSummary(err) },
+        'JetStream unavailable on this server; moving to another',
+      )
+      await nc.reconnect().catch(() => undefined)
     }
   }
+}
+
+/** Whether the client knows a server besides the one it is on: given, or advertised by it. */
+function hasAnotherServer(nc: NatsConnection, servers: readonly string[]): boolean {
+  const hostPort = (u: string) => {
+    const at = u
+      .trim()
+      .replace(/^[a-z]+:\/\//i, '')
+      .replace(/^[^@]*@/, '')
+      .replace(/\/.*$/, '')
+    return /:\d+$/.test(at) ? at : `${at}:4222`
+  }
+  const known = new Set([...servers, ...(nc.info?.connect_urls ?? [])].map(hostPort))
+  known.delete(hostPort(nc.getServer()))
+  return known.size > 0
 }
