@@ -20,6 +20,7 @@ import {
   processorRefs,
   readCheckpoints,
   readNatsFigures,
+  type NatsFigures,
   StreamMissingError,
   type ProcessorRef,
 } from './fleet-state.ts'
@@ -50,6 +51,12 @@ export interface Observability {
 
 /** Each check and each part of a lag sample gets this long; a probe never waits longer. */
 const CHECK_TIMEOUT_MS = 2000
+/**
+ * How long a request for the NATS lag figures waits: nats-server 2.9 answers the JetStream API
+ * one request at a time, and the info of a partition's consumer costs it ~40 ms of CPU on a
+ * 200k-event stream, so a busy server answers late but answers.
+ */
+const NATS_FIGURES_TIMEOUT_MS = 15_000
 /** Readiness probes closer together than this share one round of checks. */
 const READY_REUSE_MS = 1000
 
@@ -94,11 +101,21 @@ export async function startObservability(
       log.warn({ source, err: errorSummary(err) }, 'lag figures not readable; left out of /metrics')
   }
 
+  // One read of the NATS figures at a time. A scrape waits CHECK_TIMEOUT_MS for it, but the
+  // server answers the requests anyway, one at a time: a new read every refresh while the last
+  // is still queued would grow that queue for ever on a busy server, and every other JetStream
+  // request (a slot session's, the watchdog's) would wait behind it.
+  let natsRead: Promise<NatsFigures> | undefined
+  const readNats = (on: JetStreamManager, ps: readonly ProcessorRef[]): Promise<NatsFigures> =>
+    (natsRead ??= readNatsFigures(on, config, ps).finally(() => {
+      natsRead = undefined
+    }))
+
   const sample = async (): Promise<LagSample> => {
     if (rt === undefined || jsm === undefined || db === undefined) return {}
     const ps = refs(rt)
     const [nats, checkpoints] = await Promise.allSettled([
-      within(readNatsFigures(jsm, config, ps), CHECK_TIMEOUT_MS, 'NATS lag figures'),
+      within(readNats(jsm, ps), CHECK_TIMEOUT_MS, 'NATS lag figures'),
       within(
         readCheckpoints(
           db,
@@ -201,8 +218,12 @@ export async function startObservability(
           else if (s.type === 'reconnect') natsConnected = true
         }
       })()
-      // A manager of its own: its requests give up in time instead of piling up while NATS is away.
-      jsm = await jetstreamManager(runtime.nc, { checkAPI: false, timeout: CHECK_TIMEOUT_MS })
+      // A manager of its own, for the lag figures: one read at a time (readNats), each request
+      // waiting up to NATS_FIGURES_TIMEOUT_MS, so a read lost while NATS is away ends in time.
+      jsm = await jetstreamManager(runtime.nc, {
+        checkAPI: false,
+        timeout: NATS_FIGURES_TIMEOUT_MS,
+      })
       // Connections of their own: a probe or a scrape never takes one from a processor.
       pool = createPool(config.databaseUrl, {
         max: 2,
