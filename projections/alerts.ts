@@ -181,11 +181,13 @@ async function addInputs(
           r->>8
         from json_array_elements(${JSON.stringify(tuples)}::json) as r
         on conflict (device_id, rule_id, event_id) do nothing
-        returning device_id, rule_id, event_id)
-      select count(*)::integer as n,
-        case when count(*) < ${rows.length}
-          then json_agg(json_build_array(device_id, rule_id, event_id)) end as fresh
-      from fresh`.execute(trx)
+        returning device_id, rule_id, event_id),
+      stored as (select count(*)::integer as n from fresh)
+      -- The keys are aggregated only when needed: CASE runs the subquery of the branch it takes.
+      select n, case when n < ${rows.length}
+        then (select json_agg(json_build_array(device_id, rule_id, event_id)) from fresh) end
+        as fresh
+      from stored`.execute(trx)
   ).rows
   if (stored === undefined || stored.n === rows.length) return rows
   const added = new Set((stored.fresh ?? []).map(([d, r, e]) => inputKey(d, r, e)))
@@ -453,7 +455,7 @@ export async function refold(
   await writeAlerts(trx, loaded, wanted)
   await writeConditions(trx, written)
   await writeOutbox(trx, loaded, wanted)
-  await writeTips(trx, newTips)
+  await writeTips(trx, newTips, tips)
   await writeHorizons(trx, prune)
   // Acks fold after the last reading change no condition: the last state is what was written.
   const me = await transactionId(trx)
@@ -811,26 +813,31 @@ interface DateFields {
   resolved_at: string | null
 }
 
-/** Moves each sensor's tip on. */
+/** Moves each sensor's tip on (`before`: the tips as they were, to leave an unchanged digest out). */
 async function writeTips(
   trx: Transaction<Database>,
   tips: readonly AlertTipTable[],
+  before: ReadonlyMap<string, AlertTipTable>,
 ): Promise<void> {
   if (tips.length === 0) return
-  // Tuples, not objects: see addInputs.
+  // Tuples, not objects: see addInputs. A history digest as stored goes as null (in order, it
+  // rarely changes): ~45 bytes less per sensor and batch.
   const tuples = tips.map((t) => [
     t.device_id,
     t.hlc,
     t.event_id,
-    t.history,
+    before.get(t.device_id)?.history === t.history ? null : t.history,
     t.readings_since_prune,
   ])
+  // The insert's row must hold one (not null is checked before the conflict): '', which no
+  // digest is, stands for "as stored" and is only ever sent for a tip that is stored.
   await sql`
-    insert into alert_tips (device_id, hlc, event_id, history, readings_since_prune)
-    select r->>0, r->>1, r->>2, r->>3, (r->>4)::integer
+    insert into alert_tips as t (device_id, hlc, event_id, history, readings_since_prune)
+    select r->>0, r->>1, r->>2, coalesce(r->>3, ''), (r->>4)::integer
     from json_array_elements(${JSON.stringify(tuples)}::json) as r
     on conflict (device_id) do update set hlc = excluded.hlc, event_id = excluded.event_id,
-      history = excluded.history, readings_since_prune = excluded.readings_since_prune`.execute(trx)
+      history = case when excluded.history = '' then t.history else excluded.history end,
+      readings_since_prune = excluded.readings_since_prune`.execute(trx)
 }
 
 /** Moves horizons forward and drops the readings up to them. */
