@@ -147,6 +147,8 @@ export function foldRule(
   start: FoldState,
   inputs: readonly FoldInput[],
 ): { alerts: FoldedAlert[]; states: FoldState[] } {
+  // Most (rule, sensor) pairs of a batch have nothing new (a reading feeds one metric's rules).
+  if (inputs.length === 0) return { alerts: start.open ? [start.open] : [], states: [] }
   const alerts = new Map<string, FoldedAlert>()
   let condition = start.condition
   let open = start.open

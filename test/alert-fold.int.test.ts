@@ -153,6 +153,28 @@ describe('alerts folded in HLC order', () => {
     await apply(p, [reading('late-out', 10 + 2.5, 45), reading('late-out2', 10 + 2.6, 45)])
     expect(await alerts()).toEqual(after)
   })
+
+  it('a redelivered reading is one input, in the batch and after it; correlation ids as sent', async () => {
+    const p = anyEvents(alertsProjection({ rules: RULES, defaultTimeoutSeconds: 60 }))
+    const own = { ...reading('r1', 10, 45), correlationId: 'r1' }
+    // given r1 twice in one batch, with r2 (a breach: two in a row raise)
+    await apply(p, [own, own, reading('r2', 11, 45)])
+    expect(await alerts()).toEqual(['r2 open x1 '])
+    // when r2 comes again with r3 (a breach while open: one more occurrence, counted once)
+    await apply(p, [reading('r2', 11, 45), reading('r3', 12, 45), reading('r3', 12, 45)])
+    // then
+    expect(await alerts()).toEqual(['r2 open x2 '])
+    const inputs = await db
+      .selectFrom('alert_inputs')
+      .select(['event_id', 'correlation_id'])
+      .orderBy('event_id')
+      .execute()
+    expect(inputs).toEqual([
+      { event_id: 'r1', correlation_id: 'r1' },
+      { event_id: 'r2', correlation_id: 'c-r2' },
+      { event_id: 'r3', correlation_id: 'c-r3' },
+    ])
+  })
 })
 
 describe('upgrading to folded alerts', () => {
