@@ -70,12 +70,14 @@ const Env = z.object({
   FLEET_PARTITIONS: int(0, 1024).default(0),
   PROCESSOR_BATCH_SIZE: int(1, 10_000).default(1000),
   /**
-   * How long a batch waits at least for more events once its first is in; it also waits while the
-   * batch before it commits (processors/runner/consumer.ts). It bounds the transactions per second
-   * at a steady rate (each costs a few ms of CPU across the processor and Postgres, whatever its
-   * size); 0 commits what arrived during the commit before, however few.
+   * How long a batch's oldest event waits at most for the batch to fill to a quarter of
+   * PROCESSOR_BATCH_SIZE; it also waits while the batch before it commits
+   * (processors/runner/consumer.ts). It bounds the transactions per second at a steady rate (each
+   * costs a few ms of CPU across the processor, Postgres and NATS, whatever its size) and adds at
+   * most itself to an event's latency; 0 commits what arrived during the commit before, however
+   * few.
    */
-  PROCESSOR_BATCH_LINGER_MS: int(0, 10_000).default(20),
+  PROCESSOR_BATCH_LINGER_MS: int(0, 10_000).default(100),
   /**
    * Default: three batches, what the pipeline uses (one committing, one prepared, one arriving).
    * More only sits in the buffer, long enough to be promoted into V8's old space: 10,000 raised

@@ -62,6 +62,41 @@ describe('MessageBuffer.take', () => {
     expect(performance.now() - started).toBeGreaterThanOrEqual(35)
   })
 
+  it('stops lingering once the batch holds a quarter of its maximum', async () => {
+    const buffer = new MessageBuffer()
+    buffer.push(msg(1))
+    // A linger no test waits out: only the fill can end it.
+    const taken = buffer.take(8, 60_000, live)
+    buffer.push(msg(2))
+    expect(buffer.size).toBe(2)
+    expect(numbers(await taken)).toEqual([1, 2])
+  })
+
+  it('a quarter full does not end the wait while the commit before it runs', async () => {
+    const buffer = new MessageBuffer()
+    let commitDone = () => {}
+    const committing = new Promise<void>((resolve) => {
+      commitDone = resolve
+    })
+    for (let i = 1; i <= 3; i++) buffer.push(msg(i))
+    const taken = buffer.take(8, 60_000, live, committing)
+    await new Promise((r) => setTimeout(r, 10))
+    buffer.push(msg(4))
+    commitDone()
+    expect(numbers(await taken)).toEqual([1, 2, 3, 4])
+  })
+
+  it('counts the linger from the oldest message: what waited through the commit before is taken once it settles', async () => {
+    const buffer = new MessageBuffer()
+    buffer.push(msg(1))
+    await new Promise((r) => setTimeout(r, 40))
+    // Its oldest message has waited longer than the linger already: nothing more is waited for.
+    const taken = buffer.take(100, 20, live)
+    buffer.push(msg(2))
+    expect(numbers(await taken)).toEqual([1])
+    expect(buffer.size).toBe(1)
+  })
+
   it('an abort ends the wait with nothing taken', async () => {
     const buffer = new MessageBuffer()
     const stop = new AbortController()

@@ -102,10 +102,14 @@ export async function watchStream(
         if (found !== undefined) await rewindBeside(state, found, 'session start', signal)
         continue
       }
+      // Taken before asking: the info's last sequence is from when the server answered, and at a
+      // steady rate events delivered since then would make every check look like a lost tail
+      // (and read the last seconds back message by message).
+      const delivered = state.delivered
       const info = await jsm.streams.info(state.consumer.stream)
       const now = info.cluster?.leader
       if (now !== leader) due ??= `new stream leader ${now ?? '(none)'}`
-      if (info.state.last_seq < state.delivered) due ??= 'the stream ends below what was delivered'
+      if (info.state.last_seq < delivered) due ??= 'the stream ends below what was delivered'
       if (state.ctx.reconnects() !== reconnects) due ??= 'reconnected to NATS'
       leader = now
       reconnects = state.ctx.reconnects()
