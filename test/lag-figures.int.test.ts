@@ -48,7 +48,9 @@ describe('the lag figures of a busy server', () => {
     // Every consumer info request on the stream, as any subscriber on the account sees it.
     const asked: number[] = []
     snoop.subscribe(`$JS.API.CONSUMER.INFO.${rt.config.streams.events}.readings`, {
-      callback: () => asked.push(Date.now()),
+      callback: () => {
+        asked.push(Date.now())
+      },
     })
     await snoop.flush()
     await waitFor('the lag figures to be read', () => Promise.resolve(asked.length >= 2), 20_000)
