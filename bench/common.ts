@@ -91,11 +91,16 @@ export function spawnCli(
   args: readonly string[],
   env: Record<string, string>,
 ): Child {
-  const child: ChildProcess = spawn(process.execPath, [cliPath, ...args], {
-    cwd: repoRoot,
-    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  })
+  // The node flags the binary's shebang gives it (cli/fleetstream.ts).
+  const child: ChildProcess = spawn(
+    process.execPath,
+    ['--max-semi-space-size=4', cliPath, ...args],
+    {
+      cwd: repoRoot,
+      env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    },
+  )
   let tail = ''
   let out = ''
   const keep = (d: Buffer): void => {

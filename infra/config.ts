@@ -1,5 +1,5 @@
 import { hostname } from 'node:os'
-import { z } from 'zod'
+import * as z from 'zod'
 import { HLC_NODE_PATTERN } from '../schemas/hlc.ts'
 import { describeIssues, invalidMessage } from '../schemas/validation.ts'
 import { OperatorError } from '../schemas/errors.ts'

@@ -1,4 +1,4 @@
-import { z } from 'zod'
+import * as z from 'zod'
 import { MetricName } from '../schemas/events.ts'
 import { parseOrThrow } from '../schemas/validation.ts'
 

@@ -1,4 +1,4 @@
-import { z } from 'zod'
+import * as z from 'zod'
 import { HLC_PATTERN } from './hlc.ts'
 
 /** Device ids are single NATS subject tokens: no dots, wildcards or spaces. */

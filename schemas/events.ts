@@ -1,4 +1,4 @@
-import { z } from 'zod'
+import * as z from 'zod'
 import { DEVICE_ID_PATTERN, Envelope, EventId, SYSTEM_SOURCE, Text, Timestamp } from './envelope.ts'
 
 const SiteId = z.string().regex(DEVICE_ID_PATTERN)

@@ -181,7 +181,11 @@ describe('infra/docker-compose.yml', () => {
         expect(existsSync(join(context, src)), `Dockerfile: ${line}`).toBe(true)
     }
     const entrypoint = dockerfile.match(/^ENTRYPOINT\s+(\[.*\])\s*$/m)?.[1]
-    expect(JSON.parse(entrypoint ?? '[]')).toEqual(['node', 'dist/cli/fleetstream.js'])
+    expect(JSON.parse(entrypoint ?? '[]')).toEqual([
+      'node',
+      '--max-semi-space-size=4',
+      'dist/cli/fleetstream.js',
+    ])
   })
 
   it('runs real fleetstream commands with the role each needs', async () => {

@@ -398,6 +398,16 @@ describe(
       expect(unpartitioned.output).toMatch(
         /FLEET_EVENTS holds partitioned subjects but 'FLEET_PARTITIONS' is 0.*e\.g\. 'fleet\.events\.[0-3]\./,
       )
+      // `run` looks at the newest event alone (a scan of the stream costs the server too much for
+      // every processor's start: processors/partitions.ts), and stops all the same.
+      const run = await runCli(['run', 'readings', '--no-clock'], {
+        ...two.env,
+        FLEET_PARTITIONS: '0',
+      })
+      expect(run.code).not.toBe(0)
+      expect(run.output).toMatch(
+        /FLEET_EVENTS holds partitioned subjects but 'FLEET_PARTITIONS' is 0.*e\.g\. 'fleet\.events\.[0-3]\./,
+      )
       // Fewer than the mapping makes: a warning (a device could cause the same sight by publishing
       // straight into partition 2 of a 2-partition stream; set-up must not stop for that).
       const fewer = await runCli(['setup'], { ...two.env, FLEET_PARTITIONS: '2' })

@@ -21,7 +21,7 @@ export function runCommand(): Command {
       await withRuntime(
         'fleetstream-run',
         async (rt, signal, obs) => {
-          await setUp(rt, signal, { consumers: false })
+          await setUp(rt, signal, { consumers: false, layout: 'newest' })
           const running = selected.map((name) =>
             startProcessor(rt.processors[name], { ...rt, metrics: obs.metrics }),
           )
