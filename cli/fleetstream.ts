@@ -6,8 +6,10 @@
  * package.json scripts and the bench's spawn say it): V8's young generation grows to 2 x 16 MB of
  * semi-spaces by default, and a processor's batches of short-lived messages keep it there. With
  * 4 MB semi-spaces, peak RSS after 150k events of the 1M backlog went from 245 to 214 MB
- * (sensor-status), 187 to 163 (readings) and 295 to 267 (alerts), CPU within the noise. V8 sizes the heap when the process starts, so the flag must be
- * on the command line (or in NODE_OPTIONS): `v8.setFlagsFromString` here is too late.
+ * (sensor-status), 187 to 163 (readings) and 295 to 267 (alerts), CPU within the noise. V8 sizes
+ * the heap when the process starts, so the flag must be on the command line (or in
+ * NODE_OPTIONS): `v8.setFlagsFromString` here is too late.
+ *
  * Telemetry starts first: the pg instrumentation hooks `pg` as it loads,
  * so the commands (and everything that imports `pg`) are loaded only after it.
  *
