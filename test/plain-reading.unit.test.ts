@@ -81,7 +81,7 @@ const KEYS = Object.keys(reading) as (keyof typeof reading)[]
 const DATA_KEYS = ['metric', 'value', 'unit'] as const
 
 /** `v` as a JSON literal (undefined has none: null). */
-const lit = (v: unknown): string => (JSON.stringify(v) as string | undefined) ?? 'null'
+const lit = (v: unknown): string => JSON.stringify(v === undefined ? null : v)
 
 /** Every variant of the reading: one field (of the envelope or data) set to a hostile value, removed, or an extra key. */
 function* variants(): Generator {
