@@ -39,7 +39,7 @@ export class StreamReader {
   #head = 0
   /** Why no more messages will come: the iterator stopped or failed. Set once. */
   #ended: { readonly error: unknown } | undefined
-  /** Wakes a `next` waiting for a message or the end. */
+  /** Wakes a `next` waiting for a message or the end (once). */
   #onArrival: (() => void) | undefined
   /** Wakes the pump waiting for room. */
   #onRoom: (() => void) | undefined
@@ -84,8 +84,11 @@ export class StreamReader {
     await new Promise<void>((resolve) => {
       const timer = setTimeout(resolve, waitMs)
       this.#onArrival = () => {
+        this.#onArrival = undefined
         clearTimeout(timer)
-        resolve()
+        // Once the pump has moved every message that came with this one (microtasks run first):
+        // woken per message, `next` armed a timer per message again.
+        setImmediate(resolve)
       }
     })
     this.#onArrival = undefined
