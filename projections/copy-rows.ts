@@ -17,7 +17,7 @@ export type CopyIn = (table: string, columns: readonly string[], payload: string
 export type CopyValue = string | number | Date | null
 
 /** A value as COPY's text format reads it: null is `\N`; backslash, tab, newline and CR escaped. */
-function field(v: CopyValue): string {
+export function copyField(v: CopyValue): string {
   if (v === null) return '\\N'
   // A number or a timestamp never holds a character to escape.
   if (typeof v === 'number') return String(v)
@@ -45,7 +45,7 @@ export function copyText(rows: readonly (readonly CopyValue[])[]): string {
   let out = ''
   for (const r of rows) {
     for (let i = 0; i < r.length; i++)
-      out += i === 0 ? field(r[i] ?? null) : `\t${field(r[i] ?? null)}`
+      out += i === 0 ? copyField(r[i] ?? null) : `\t${copyField(r[i] ?? null)}`
     out += '\n'
   }
   return out
@@ -59,7 +59,7 @@ function recordsText<C extends string>(
   let out = ''
   for (const r of rows) {
     for (let i = 0; i < columns.length; i++) {
-      const v = field(r[columns[i] as C])
+      const v = copyField(r[columns[i] as C])
       out += i === 0 ? v : `\t${v}`
     }
     out += '\n'
@@ -82,9 +82,24 @@ export async function copyRows<C extends string>(
   insertSkipping: () => Promise<unknown>,
 ): Promise<void> {
   if (rows.length === 0) return
+  await copyPayload(trx, copy, table, columns, recordsText(rows, columns), insertSkipping)
+}
+
+/**
+ * {@link copyRows} of a payload already in COPY's text format (a projection that writes its own,
+ * {@link copyField} for each value), at least one row.
+ */
+export async function copyPayload(
+  trx: Transaction<Database>,
+  copy: CopyIn,
+  table: string,
+  columns: readonly string[],
+  payload: string,
+  insertSkipping: () => Promise<unknown>,
+): Promise<void> {
   await sql`savepoint copy_rows`.execute(trx)
   try {
-    await copy(table, columns, recordsText(rows, columns))
+    await copy(table, columns, payload)
   } catch (err) {
     if ((err as { code?: unknown } | null)?.code !== UNIQUE_VIOLATION) throw err
     await sql`rollback to savepoint copy_rows`.execute(trx)
