@@ -77,7 +77,10 @@ export class StreamReader {
     return new StreamReader(consumer, messages)
   }
 
-  /** The next message, or undefined if none arrives within `waitMs`. Throws when the reader stopped. */
+  /**
+   * The next message, or undefined if none arrives within `waitMs`. Throws when the reader stopped.
+   * One caller at a time (a second waiting call would only wake at its `waitMs`).
+   */
   async next(waitMs: number): Promise<JsMsg | undefined> {
     const ready = this.poll()
     if (ready !== undefined) return ready
@@ -170,7 +173,11 @@ export class StreamReader {
 
   /** Whether a message was received and not handed out yet. */
   #buffered(): boolean {
-    return this.#head < this.#ahead.length || this.#messages.getPending() > 0
+    // Not the client's `getPending()`: it counts a pull request queued among the messages as one
+    // until its next batch, so after most long reads it said "buffered" for good (and `drained`
+    // false). A message the client holds and the pump has not moved yet is one the server counts
+    // as delivered: the delivery check of `drained` says false for it.
+    return this.#head < this.#ahead.length
   }
 
   async close(): Promise<void> {
