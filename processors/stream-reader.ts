@@ -116,6 +116,11 @@ export class StreamReader {
     if (this.#head === this.#ahead.length) {
       this.#ahead = []
       this.#head = 0
+    } else if (this.#head >= COMPACT_AT && this.#head * 2 >= this.#ahead.length) {
+      // The pump refills while messages are handed out, so the buffer may never empty: drop the
+      // handed-out slots, or a long read would keep one per message it ever read.
+      this.#ahead = this.#ahead.slice(this.#head)
+      this.#head = 0
     }
     if (this.#onRoom !== undefined && this.#ahead.length - this.#head <= READ_AHEAD / 2) {
       this.#onRoom()
@@ -193,3 +198,5 @@ export class StreamReader {
  * client's own buffer (`bufferSize`); it waits until half of them are handed out.
  */
 const READ_AHEAD = 1000
+/** Handed-out slots of the read-ahead buffer dropped at once (see `poll`). */
+const COMPACT_AT = 4096

@@ -52,6 +52,16 @@ describe('StreamReader', () => {
     await reader.close()
   })
 
+  it('reads a long range once, in order, however its buffer fills and empties', async () => {
+    const reader = await StreamReader.open(js, 'R', 'r.>', { seq: 1 }, { bufferSize: 2000 })
+    let expected = 1
+    for (let m = await reader.next(500); m; m = reader.poll() ?? (await reader.next(500))) {
+      expect(m.info.streamSequence).toBe(expected++)
+    }
+    expect(expected - 1).toBe(5001)
+    await reader.close()
+  })
+
   it('starts at a stream sequence; a closed reader says so', async () => {
     const reader = await StreamReader.open(js, 'R', 'r.>', { seq: 4990 })
     const first = await reader.next(5000)
