@@ -17,10 +17,12 @@ export type CopyIn = (table: string, columns: readonly string[], payload: string
 export type CopyValue = string | number | Date | null
 
 /** A value as COPY's text format reads it: null is `\N`; backslash, tab, newline and CR escaped. */
-function field(v: CopyValue): string {
+export function copyField(v: CopyValue): string {
   if (v === null) return '\\N'
-  const s = v instanceof Date ? v.toISOString() : String(v)
-  return SPECIAL.test(s) ? s.replace(SPECIAL_ALL, (c) => ESCAPES[c] ?? c) : s
+  // A number or a timestamp never holds a character to escape.
+  if (typeof v === 'number') return String(v)
+  if (v instanceof Date) return v.toISOString()
+  return SPECIAL.test(v) ? v.replace(SPECIAL_ALL, (c) => ESCAPES[c] ?? c) : v
 }
 
 const SPECIAL = /[\\\t\n\r]/
@@ -41,7 +43,27 @@ const ESCAPES: Readonly<Record<string, string>> = {
  */
 export function copyText(rows: readonly (readonly CopyValue[])[]): string {
   let out = ''
-  for (const r of rows) out += r.map(field).join('\t') + '\n'
+  for (const r of rows) {
+    for (let i = 0; i < r.length; i++)
+      out += i === 0 ? copyField(r[i] ?? null) : `\t${copyField(r[i] ?? null)}`
+    out += '\n'
+  }
+  return out
+}
+
+/** {@link copyText} of records, `columns` of each in that order (no tuple built per row). */
+function recordsText<C extends string>(
+  rows: readonly Readonly<Record<C, CopyValue>>[],
+  columns: readonly C[],
+): string {
+  let out = ''
+  for (const r of rows) {
+    for (let i = 0; i < columns.length; i++) {
+      const v = copyField(r[columns[i] as C])
+      out += i === 0 ? v : `\t${v}`
+    }
+    out += '\n'
+  }
   return out
 }
 
@@ -60,9 +82,24 @@ export async function copyRows<C extends string>(
   insertSkipping: () => Promise<unknown>,
 ): Promise<void> {
   if (rows.length === 0) return
+  await copyPayload(trx, copy, table, columns, recordsText(rows, columns), insertSkipping)
+}
+
+/**
+ * {@link copyRows} of a payload already in COPY's text format (a projection that writes its own,
+ * {@link copyField} for each value), at least one row.
+ */
+export async function copyPayload(
+  trx: Transaction<Database>,
+  copy: CopyIn,
+  table: string,
+  columns: readonly string[],
+  payload: string,
+  insertSkipping: () => Promise<unknown>,
+): Promise<void> {
   await sql`savepoint copy_rows`.execute(trx)
   try {
-    await copy(table, columns, copyText(rows.map((r) => columns.map((c) => r[c]))))
+    await copy(table, columns, payload)
   } catch (err) {
     if ((err as { code?: unknown } | null)?.code !== UNIQUE_VIOLATION) throw err
     await sql`rollback to savepoint copy_rows`.execute(trx)

@@ -1,6 +1,6 @@
 import { sql, type Transaction } from 'kysely'
 import type { ReadingRecorded } from '../schemas/events.ts'
-import { copyRows, type CopyIn } from './copy-rows.ts'
+import { copyField as f, copyPayload, type CopyIn } from './copy-rows.ts'
 import { jsonRows } from './json-rows.ts'
 import type { Projection, ProjectedEvent } from './projection.ts'
 import type { Database, ReadingTable } from './tables.ts'
@@ -69,12 +69,13 @@ export const readingsBulkLoad = {
     events: readonly ProjectedEvent[],
     copy: CopyIn,
   ): Promise<void> {
-    const rows = distinctBy(
+    const readings = distinctBy(
       events.filter((p): p is Row => p.event.type === 'reading.recorded'),
       (p) => p.event.eventId,
-    ).map(readingRow)
-    await copyRows(trx, copy, 'readings', READING_COLUMNS, rows, () => {
-      const src = jsonRows('readings', rows)
+    )
+    if (readings.length === 0) return
+    await copyPayload(trx, copy, 'readings', READING_COLUMNS, readingsCopy(readings), () => {
+      const src = jsonRows('readings', readings.map(readingRow))
       return trx
         .insertInto('readings')
         .columns(src.columns)
@@ -115,6 +116,20 @@ const READING_COLUMNS = [
 ] as const satisfies readonly (keyof ReadingTable)[]
 
 type Row = ProjectedEvent<ReadingRecorded>
+
+/**
+ * The COPY text of readings rows, {@link READING_COLUMNS} in order: written straight from the
+ * events, without a row object and a tuple per reading (a rebuild reads ~70k readings a second).
+ */
+function readingsCopy(rows: readonly Row[]): string {
+  let out = ''
+  for (const { event: e, streamSeq, ingestedAt } of rows) {
+    const d = e.data
+    const causation = e.causationId === undefined ? '\\N' : f(e.causationId)
+    out += `${f(e.eventId)}\t${f(e.deviceId)}\t${f(d.metric)}\t${f(d.value)}\t${f(d.unit)}\t${f(e.occurredAt)}\t${f(e.hlc)}\t${f(e.correlationId)}\t${causation}\t${f(streamSeq)}\t${f(ingestedAt)}\n`
+  }
+  return out
+}
 
 function newestPerKey(rows: readonly Row[]): Row[] {
   const best = new Map<string, Row>()

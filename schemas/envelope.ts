@@ -19,7 +19,14 @@ export const HlcString = z.string().regex(HLC_PATTERN)
  * 22008) and UTC offsets within ±15:59 (22009). JS Date reads all of it; the format allows four
  * digit years only, so Postgres's upper bound (294276) and Date's (275760) are never reached.
  */
-const POSTGRES_DATETIME = /^(?!0000)\d{4}-.*(?:Z|[+-](?:0\d|1[0-5]):[0-5]\d)$/
+export const POSTGRES_DATETIME = /^(?!0000)\d{4}-.*(?:Z|[+-](?:0\d|1[0-5]):[0-5]\d)$/
+/** ISO 8601 with a zone, as zod checks it. */
+const IsoDateTime = z.iso.datetime({ offset: true })
+/**
+ * The one pattern {@link IsoDateTime} checks (zod's own), for checks that run without zod; should
+ * a zod version keep none, a pattern that matches nothing leaves every timestamp to zod.
+ */
+export const ISO_DATETIME_PATTERN: RegExp = IsoDateTime._zod.def.pattern ?? /(?!)/
 
 /**
  * An ISO 8601 date-time with a zone that Postgres stores as it is.
@@ -29,7 +36,7 @@ const POSTGRES_DATETIME = /^(?!0000)\d{4}-.*(?:Z|[+-](?:0\d|1[0-5]):[0-5]\d)$/
  * Timestamp.parse('0000-06-01T00:00:00Z')     // refused: year 0000
  * ```
  */
-export const Timestamp = z.iso.datetime({ offset: true }).refine((s) => POSTGRES_DATETIME.test(s), {
+export const Timestamp = IsoDateTime.refine((s) => POSTGRES_DATETIME.test(s), {
   message: 'must be a date-time Postgres can store (year 0001 to 9999, UTC offset within ±15:59)',
   // A string that is no date-time at all is reported once, by the format check.
   when: (payload) => payload.issues.length === 0,

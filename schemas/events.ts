@@ -3,9 +3,12 @@ import { DEVICE_ID_PATTERN, Envelope, EventId, SYSTEM_SOURCE, Text, Timestamp } 
 
 const SiteId = z.string().regex(DEVICE_ID_PATTERN)
 /** Printable, no whitespace or control characters. */
-const Label = (max: number) => z.string().regex(new RegExp(`^[^\\s\\p{C}]{1,${max}}$`, 'u'))
-export const MetricName = z.string().regex(/^[a-z][a-z0-9_]{0,63}$/)
-export const Unit = Label(16)
+const labelPattern = (max: number) => new RegExp(`^[^\\s\\p{C}]{1,${max}}$`, 'u')
+const Label = (max: number) => z.string().regex(labelPattern(max))
+export const METRIC_PATTERN = /^[a-z][a-z0-9_]{0,63}$/
+export const MetricName = z.string().regex(METRIC_PATTERN)
+export const UNIT_PATTERN = labelPattern(16)
+export const Unit = z.string().regex(UNIT_PATTERN)
 export const SensorStatus = z.enum(['active', 'inactive', 'maintenance', 'decommissioned'])
 export type SensorStatus = z.infer<typeof SensorStatus>
 

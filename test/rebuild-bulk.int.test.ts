@@ -31,6 +31,10 @@ function reading(n: number, device: string, value: number, minute = 0): Projecte
     hlc: `1795428000000-${String(n % 3).padStart(6, '0')}-gw-${n}`,
     source: device,
     correlationId: `0193a000-0000-7000-9000-${String(n).padStart(12, '0')}`,
+    // Some caused by another event: the COPY writes both a causation id and \N.
+    ...(n % 3 === 0
+      ? { causationId: `0193a000-0000-7000-a000-${String(n).padStart(12, '0')}` }
+      : {}),
     data: { metric: n % 2 === 0 ? 'temperature' : 'humidity', value, unit: 'C\\x' },
   } as ReadingRecorded
   return { event, streamSeq: n, ingestedAt: new Date(Date.UTC(2026, 10, 23, 10, 5)) }

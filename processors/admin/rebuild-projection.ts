@@ -336,7 +336,7 @@ class RebuildRun {
     }
     const reader = this.#reader as StreamReader
     while (out.length < max && this.#carry.length < MAX_CARRY && !this.#allSlotsCarried()) {
-      const m = await reader.next(out.length === 0 ? 250 : 20)
+      const m = reader.poll() ?? (await reader.next(out.length === 0 ? 250 : 20))
       if (m === undefined) break
       const slot = this.#slotOf(m)
       if (slot === undefined) {
