@@ -5,7 +5,7 @@
 import { JetStreamApiCodes, JetStreamApiError, type JetStreamManager } from '@nats-io/jetstream'
 import { sql } from 'kysely'
 import type { Config } from '../infra/config.ts'
-import { EVENTS_SUBJECT_PREFIX, eventsFilter } from '../schemas/subjects.ts'
+import { EVENTS_SUBJECT_PREFIX, eventsFilter, subjectMatches } from '../schemas/subjects.ts'
 import type { ProcessorSpec } from './runner/types.ts'
 import { OperatorError } from '../schemas/errors.ts'
 
@@ -100,7 +100,7 @@ export async function checkPartitionLayout(
     : undefined
   const find = (filter: string) =>
     opts.newestOnly
-      ? Promise.resolve(newest && subjectMatches(newest.subject, filter) ? newest : undefined)
+      ? Promise.resolve(newest && subjectMatches(filter, newest.subject) ? newest : undefined)
       : lastMessage(jsm, stream, filter)
   const m = await find(wrong)
   if (m !== undefined) {
@@ -117,17 +117,6 @@ export async function checkPartitionLayout(
     : [
         `${stream} holds partition ${partitions} but 'FLEET_PARTITIONS' is ${partitions} (partitions 0 to ${partitions - 1}), so no consumer reads it: 'FLEET_PARTITIONS' must equal N of the server's mapping {{partition(N,1)}}; e.g. '${beyond.subject}' at sequence ${beyond.seq}`,
       ]
-}
-
-/** Whether `subject` matches the NATS filter `filter` (`*` one token, a final `>` one or more). */
-function subjectMatches(subject: string, filter: string): boolean {
-  const s = subject.split('.')
-  const f = filter.split('.')
-  for (let i = 0; i < f.length; i++) {
-    if (f[i] === '>') return s.length > i
-    if (i >= s.length || (f[i] !== '*' && f[i] !== s[i])) return false
-  }
-  return s.length === f.length
 }
 
 async function lastMessage(
