@@ -35,24 +35,13 @@ const ESCAPES: Readonly<Record<string, string>> = {
 }
 
 /**
- * The COPY text of `rows`, each a tuple of the table's columns in the order the COPY names them.
+ * The COPY text of `rows`, `columns` of each in the order the COPY names them.
  *
  * ```ts
- * await copy('readings', ['event_id', 'value'], copyText([['e-1', 20.5], ['e-2', null]]))
+ * await copy('readings', ['event_id', 'value'], copyText([{ event_id: 'e-1', value: 20.5 }], ['event_id', 'value']))
  * ```
  */
-export function copyText(rows: readonly (readonly CopyValue[])[]): string {
-  let out = ''
-  for (const r of rows) {
-    for (let i = 0; i < r.length; i++)
-      out += i === 0 ? copyField(r[i] ?? null) : `\t${copyField(r[i] ?? null)}`
-    out += '\n'
-  }
-  return out
-}
-
-/** {@link copyText} of records, `columns` of each in that order (no tuple built per row). */
-function recordsText<C extends string>(
+export function copyText<C extends string>(
   rows: readonly Readonly<Record<C, CopyValue>>[],
   columns: readonly C[],
 ): string {
@@ -82,7 +71,7 @@ export async function copyRows<C extends string>(
   insertSkipping: () => Promise<unknown>,
 ): Promise<void> {
   if (rows.length === 0) return
-  await copyPayload(trx, copy, table, columns, recordsText(rows, columns), insertSkipping)
+  await copyPayload(trx, copy, table, columns, copyText(rows, columns), insertSkipping)
 }
 
 /**

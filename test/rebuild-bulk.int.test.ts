@@ -57,11 +57,12 @@ describe('a rebuild bulk load', () => {
     await pool.query('create table copy_probe (a text, b float8, c timestamptz, d text)')
     const at = new Date('2026-11-23T10:00:00.123Z')
     const rows = [
-      ['tab\there', 1.5, at, null],
-      ['line\nbreak\r\\n', -0.25, '2026-11-23T11:00:00+01:00', 'x'],
+      { a: 'tab\there', b: 1.5, c: at, d: null },
+      { a: 'line\nbreak\r\\n', b: -0.25, c: '2026-11-23T11:00:00+01:00', d: 'x' },
     ]
+    const columns = ['a', 'b', 'c', 'd'] as const
     await onOneConnection(pool, (one, copy) =>
-      one.transaction().execute(() => copy('copy_probe', ['a', 'b', 'c', 'd'], copyText(rows))),
+      one.transaction().execute(() => copy('copy_probe', columns, copyText(rows, columns))),
     )
     const back = await pool.query<{ a: string; b: number; c: Date; d: string | null }>(
       'select * from copy_probe order by b desc',
