@@ -32,8 +32,13 @@ const MAX_MEMBERS = 64
 export const LEASE_TIMEOUT_MS = 10_000
 /** How often an instance speaks on its lock session: several heartbeats fit in the timeout. */
 const HEARTBEAT_MS = 2_000
-/** How often an instance looks at who else is running, to take or give up slots. */
+/**
+ * How often an instance looks at who else is running, to take or give up slots, when nobody has
+ * told it (an instance that died; see {@link Lease}).
+ */
 export const REBALANCE_MS = 2_000
+/** The channel instances `NOTIFY` on when they join, give a slot back or leave (payload: the processor). */
+const MEMBERSHIP_CHANNEL = 'fleetstream_membership'
 
 /**
  * One Postgres session that holds an instance's locks: its membership (an index among the live
@@ -53,6 +58,11 @@ export const REBALANCE_MS = 2_000
  * Slots are shared out by rank: with M live instances, the one of rank r (by index) should own
  * the slots whose position modulo M is r. An instance gives up a slot it should no longer own
  * (after its batch in hand) and takes one it should own as soon as the lock is free.
+ *
+ * Instances tell each other when that may be the case: joining, giving a slot back and leaving
+ * each send a `NOTIFY` on {@link MEMBERSHIP_CHANNEL}, which every lock session of the processor
+ * listens to, so a hand-over waits for the batch in hand and not for the next look round. The
+ * look round stays: an instance that dies sends nothing.
  */
 export class Lease {
   /** Set when the session broke or went silent too long: nothing is owned any more. */
@@ -76,6 +86,7 @@ export class Lease {
   readonly #onError = (err: Error) => {
     this.#lose(err)
   }
+  readonly #onNotification: (msg: pg.Notification) => void
 
   private constructor(
     client: pg.PoolClient,
@@ -83,12 +94,18 @@ export class Lease {
     renewedAt: number,
     processor: string,
     onLost: (err: Error) => void,
+    onChange: () => void,
   ) {
     this.#client = client
     this.pid = pid
     this.#renewedAt = renewedAt
     this.#processor = processor
     this.#onLost = onLost
+    this.#onNotification = (msg) => {
+      if (msg.channel === MEMBERSHIP_CHANNEL && msg.payload === processor && msg.processId !== pid)
+        onChange()
+    }
+    client.on('notification', this.#onNotification)
     this.#lostSignal = new Promise<never>((_, reject) => {
       this.#rejectLost = reject
     })
@@ -100,12 +117,14 @@ export class Lease {
 
   /**
    * A session of its own from `pool`, set to end when silent for {@link LEASE_TIMEOUT_MS};
-   * `onLost` is called once, when it breaks or goes silent.
+   * `onLost` is called once, when it breaks or goes silent; `onChange` whenever another instance
+   * of the processor joins, gives a slot back or leaves.
    */
   static async open(
     pool: pg.Pool,
     processor: string,
     onLost: (err: Error) => void,
+    onChange: () => void = () => undefined,
   ): Promise<Lease> {
     const client = await pool.connect()
     try {
@@ -114,7 +133,8 @@ export class Lease {
         `select pg_backend_pid() as pid, set_config('idle_session_timeout', $1, false)`,
         [String(LEASE_TIMEOUT_MS)],
       )
-      return new Lease(client, r.rows[0]?.pid ?? 0, sent, processor, onLost)
+      await client.query(`listen ${MEMBERSHIP_CHANNEL}`)
+      return new Lease(client, r.rows[0]?.pid ?? 0, sent, processor, onLost, onChange)
     } catch (err) {
       client.release(err instanceof Error ? err : true)
       throw err
@@ -142,6 +162,7 @@ export class Lease {
       ) // the index itself is the key: members() reads it back
       if (r.rows[0]?.ok === true) {
         this.#member = i
+        await this.#announce()
         return true
       }
     }
@@ -175,10 +196,10 @@ export class Lease {
 
   async release(slotKey: string): Promise<void> {
     if (this.lost || this.#closed) return
-    await this.#query('select pg_advisory_unlock(hashtext($1), hashtext($2))', [
-      SLOT_LOCK_CLASS,
-      slotKey,
-    ])
+    await this.#query(
+      `select pg_advisory_unlock(hashtext($1), hashtext($2)), pg_notify('${MEMBERSHIP_CHANNEL}', $3)`,
+      [SLOT_LOCK_CLASS, slotKey, this.#processor],
+    )
   }
 
   /**
@@ -192,12 +213,22 @@ export class Lease {
     clearInterval(this.#heartbeat)
     await this.#queue // settles within the lease, answered or not
     if (!this.lost) {
-      await this.#client.query('select pg_advisory_unlock_all()').catch((err: unknown) => {
-        this.lost ??= err instanceof Error ? err : new Error(String(err))
-      })
+      await this.#client
+        .query(`select pg_advisory_unlock_all(), pg_notify('${MEMBERSHIP_CHANNEL}', $1)`, [
+          this.#processor,
+        ])
+        .catch((err: unknown) => {
+          this.lost ??= err instanceof Error ? err : new Error(String(err))
+        })
     }
     this.#client.release(this.lost ?? true)
     this.#client.off('error', this.#onError)
+    this.#client.off('notification', this.#onNotification)
+  }
+
+  /** Tells the other instances of the processor to look at their share now. */
+  async #announce(): Promise<void> {
+    await this.#query(`select pg_notify('${MEMBERSHIP_CHANNEL}', $1)`, [this.#processor])
   }
 
   get #memberClass(): string {

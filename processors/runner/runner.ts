@@ -124,17 +124,24 @@ class ProcessorRunner implements RunningProcessor {
     const owned = new Map<Slot, OwnedSlot>()
     const wake = new Wakeup()
     const jsm = await slotJetStreamManager(this.#deps.jsm, this.#deps.nc)
-    const lease = await Lease.open(this.#deps.pool, this.name, (err) => {
-      // Frozen, cut off, or the connection broke: another instance may own these slots already.
-      // Their transactions cannot commit any more (processors/progress/slot-fence.ts); end them now.
-      this.#log.warn(
-        { err: errorSummary(err), slots: [...owned.keys()].map((s) => s.key) },
-        "lost the Postgres session that holds this instance's slots; giving them up",
-      )
-      for (const o of owned.values()) o.session.interrupt()
-      this.stats.state = 'backing-off' // not ready, even while a session cut off still winds down
-      wake.notify()
-    })
+    const lease = await Lease.open(
+      this.#deps.pool,
+      this.name,
+      (err) => {
+        // Frozen, cut off, or the connection broke: another instance may own these slots already.
+        // Their transactions cannot commit any more (processors/progress/slot-fence.ts); end them now.
+        this.#log.warn(
+          { err: errorSummary(err), slots: [...owned.keys()].map((s) => s.key) },
+          "lost the Postgres session that holds this instance's slots; giving them up",
+        )
+        for (const o of owned.values()) o.session.interrupt()
+        this.stats.state = 'backing-off' // not ready, even while a session cut off still winds down
+        wake.notify()
+      },
+      () => {
+        wake.notify() // another instance joined, gave a slot back or left: look at the share now
+      },
+    )
     const backoffs = new Map<Slot, { until: number; delay: IBackoff<unknown> }>()
     try {
       while (!(await lease.join())) {
@@ -265,7 +272,10 @@ async function slotJetStreamManager(
 
 /** How long a slot session waits for a JetStream API answer (see {@link slotJetStreamManager}). */
 const SLOT_API_TIMEOUT_MS = 20_000
-/** While a slot this instance should own is still held by its previous owner, how often it looks. */
+/**
+ * While a slot this instance should own is still held by its previous owner, how often it looks
+ * (the owner's notice on letting go usually wakes it first; see {@link Lease}).
+ */
 const HAND_OVER_POLL_MS = 200
 /** Waits before a slot whose session failed is taken again (by this instance). */
 const SLOT_BACKOFF = new ExponentialBackoff({ initialDelay: 250, maxDelay: 15_000 })
