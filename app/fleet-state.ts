@@ -6,6 +6,7 @@ import { TransientError } from '../schemas/errors.ts'
 import {
   JetStreamApiCodes,
   JetStreamApiError,
+  type ConsumerInfo,
   type JetStreamManager,
   type StreamInfo,
 } from '@nats-io/jetstream'
@@ -94,19 +95,28 @@ export class StreamMissingError extends TransientError {}
 
 /**
  * Reads the NATS side of the figures in one round of requests: stream info, one `last_by_subj`
- * look-up and one consumer info per processor, and the DLQ's per-subject counts.
+ * look-up and one consumer info per processor, and the DLQ's per-subject counts. A consumer whose
+ * counts are `known` (a running instance saw them on its deliveries just now) is not asked for:
+ * on nats-server 2.9 the info of a partition's consumer costs ~40 ms of the server's CPU on a
+ * 200k-event stream, in its one JetStream API queue.
  */
 export async function readNatsFigures(
   jsm: JetStreamManager,
   config: Config,
   processors: readonly ProcessorRef[],
+  known: Readonly<Record<string, ConsumerFigures>> = {},
 ): Promise<NatsFigures> {
   const stream = config.streams.events
   const [info, account, lastSeqs, consumers, dlq] = await Promise.all([
     streamInfo(jsm, stream),
     jsm.getAccountInfo(),
     Promise.all(processors.map((p) => lastMatching(jsm, stream, p.filterSubject))),
-    Promise.all(processors.map((p) => consumerInfo(jsm, stream, p.name))),
+    Promise.all(
+      processors.map(
+        async (p): Promise<ConsumerFigures | undefined> =>
+          known[p.name] ?? consumerFigures(await consumerInfo(jsm, stream, p.name)),
+      ),
+    ),
     dlqDepth({ jsm, config }),
   ])
   const s = info.state
@@ -125,23 +135,23 @@ export async function readNatsFigures(
       ]),
     },
     lastSeq: Object.fromEntries(processors.map((p, i) => [p.name, lastSeqs[i] ?? 0])),
-    consumers: Object.fromEntries(
-      processors.map((p, i) => {
-        const c = consumers[i]
-        const figures: ConsumerFigures | undefined = c && {
-          pending: c.num_pending,
-          ackPending: c.num_ack_pending,
-          deliveredSeq: c.delivered.stream_seq,
-        }
-        return [p.name, figures]
-      }),
-    ),
+    consumers: Object.fromEntries(processors.map((p, i) => [p.name, consumers[i]])),
     dlq: {
       ...Object.fromEntries(processors.map((p) => [p.processor, 0])),
       ...dlq.byProcessor,
     },
     dlqTotal: dlq.total,
   }
+}
+
+function consumerFigures(c: ConsumerInfo | undefined): ConsumerFigures | undefined {
+  return (
+    c && {
+      pending: c.num_pending,
+      ackPending: c.num_ack_pending,
+      deliveredSeq: c.delivered.stream_seq,
+    }
+  )
 }
 
 /** Stream info; a stream that does not exist is a {@link StreamMissingError}. */

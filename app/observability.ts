@@ -20,6 +20,7 @@ import {
   processorRefs,
   readCheckpoints,
   readNatsFigures,
+  type ConsumerFigures,
   type NatsFigures,
   StreamMissingError,
   type ProcessorRef,
@@ -107,9 +108,16 @@ export async function startObservability(
   // request (a slot session's, the watchdog's) would wait behind it.
   let natsRead: Promise<NatsFigures> | undefined
   const readNats = (on: JetStreamManager, ps: readonly ProcessorRef[]): Promise<NatsFigures> =>
-    (natsRead ??= readNatsFigures(on, config, ps).finally(() => {
+    (natsRead ??= readNatsFigures(on, config, ps, delivered()).finally(() => {
       natsRead = undefined
     }))
+  // The counts of the consumers this instance had deliveries from within two refreshes: the
+  // server is asked only for the others (idle, stalled behind Postgres, or just taken over).
+  const delivered = () =>
+    Object.assign(
+      {},
+      ...metrics.processors.map((p) => p.deliveries(2 * config.metrics.refreshSeconds * 1000)),
+    ) as Record<string, ConsumerFigures>
 
   const sample = async (): Promise<LagSample> => {
     if (rt === undefined || jsm === undefined || db === undefined) return {}

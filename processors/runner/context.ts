@@ -3,7 +3,7 @@
  * runner.ts) and {@link SlotState} per slot session (built by slot-session.ts, read and moved by
  * pipeline.ts, commit.ts and stream-watch.ts).
  */
-import type { JetStreamClient } from '@nats-io/jetstream'
+import type { JetStreamClient, JsMsg } from '@nats-io/jetstream'
 import type { Breaker } from '../../infra/failures.ts'
 import type { Logger } from '../../infra/logger.ts'
 import type { Slot } from '../partitions.ts'
@@ -39,6 +39,10 @@ export interface SlotState {
   position: CheckpointPosition
   /** The highest stream sequence delivered in this session. */
   delivered: number
+  /** The newest delivery of this session, and when it came (`performance.now()`). */
+  newest: { readonly msg: JsMsg; readonly at: number } | undefined
+  /** The consumer's delivery sequence acked up to (AckPolicy.All): all before it are acked. */
+  ackedDelivery: number
   /** Set when the stream no longer holds what was applied: the session ends and re-anchors. */
   diverged: Error | undefined
   /** Runs `fn` when the batch or stream check before it has finished (a check may move the checkpoint back). */

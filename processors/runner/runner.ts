@@ -22,7 +22,13 @@ import { fencedDatabase } from '../progress/slot-fence.ts'
 import { isAborted, type RunnerContext } from './context.ts'
 import { ProcessorCounters } from './counters.ts'
 import { SlotSession } from './slot-session.ts'
-import type { ProcessorDeps, ProcessorSpec, ProcessorStats, RunningProcessor } from './types.ts'
+import type {
+  DeliveryFigures,
+  ProcessorDeps,
+  ProcessorSpec,
+  ProcessorStats,
+  RunningProcessor,
+} from './types.ts'
 
 /**
  * Runs a processor until stopped. Never assumes NATS or Postgres is up: every failure is logged
@@ -49,6 +55,8 @@ class ProcessorRunner implements RunningProcessor {
     postgres: 'closed',
   }
   readonly done: Promise<void>
+  /** The slot sessions running now (see {@link deliveries}). */
+  readonly #sessions = new Map<string, SlotSession>()
   readonly #spec: ProcessorSpec
   readonly #deps: ProcessorDeps
   readonly #log: Logger
@@ -83,6 +91,16 @@ class ProcessorRunner implements RunningProcessor {
 
   async #countReconnects(): Promise<void> {
     for await (const s of this.#deps.nc.status()) if (s.type === 'reconnect') this.#reconnects++
+  }
+
+  deliveries(freshMs: number): Record<string, DeliveryFigures> {
+    const now = performance.now()
+    const out: Record<string, DeliveryFigures> = {}
+    for (const [key, session] of this.#sessions) {
+      const figures = session.deliveries(now, freshMs)
+      if (figures !== undefined) out[key] = figures
+    }
+    return out
   }
 
   async stop(): Promise<void> {
@@ -198,11 +216,13 @@ class ProcessorRunner implements RunningProcessor {
               // The slot is given back before the session counts as ended, so the lease is
               // never closed (and its connection returned to the pool) under a release.
               owned.delete(slot)
+              this.#sessions.delete(slot.key)
               this.#counters.slotReleased(slot.key)
               await lease.release(slot.key).catch(() => undefined)
               wake.notify()
             })
           owned.set(slot, entry)
+          this.#sessions.set(slot.key, session)
         }
         const waiting = [...backoffs.values()].some((b) => b.until > Date.now())
         const state = owned.size > 0 ? 'running' : waiting ? 'backing-off' : 'standby'

@@ -18,6 +18,7 @@ import {
 import { isAborted, type RunnerContext, type SlotState } from './context.ts'
 import { runPipeline } from './pipeline.ts'
 import { watchStream, type StreamSeen } from './stream-watch.ts'
+import type { DeliveryFigures } from './types.ts'
 
 /**
  * A slot consumed until stopped, given up or broken: takes batches, applies and acks them. Ends
@@ -52,6 +53,8 @@ export class SlotSession {
       stop: this.#stop.signal,
       position: { lastSeq: 0, hlc: null } satisfies CheckpointPosition,
       delivered: 0,
+      newest: undefined,
+      ackedDelivery: 0,
       diverged: undefined,
       exclusive: (fn) => this.#exclusive(fn),
     }
@@ -122,6 +125,10 @@ export class SlotSession {
         abort_on_missing_resource: true,
         callback: (m: JsMsg) => {
           state.delivered = Math.max(state.delivered, m.info.streamSequence)
+          // Before this session's first ack, what came before its first delivery counts as acked:
+          // the consumer was anchored with nothing in flight (or recreated).
+          if (state.newest === undefined) state.ackedDelivery = m.info.deliverySequence - 1
+          state.newest = { msg: m, at: performance.now() }
           if (gap.skipped === undefined && deliveries.add(m.info.deliverySequence)) buffer.push(m)
           else if (gap.skipped === undefined) {
             gap.skipped = `${deliveries.last} to ${m.info.deliverySequence}`
@@ -138,7 +145,13 @@ export class SlotSession {
       const committer = new BatchCommitter(state)
       await runPipeline(
         state,
-        (prepared, from, s) => committer.commitBatch(prepared, from, s),
+        async (prepared, from, s) => {
+          const pos = await committer.commitBatch(prepared, from, s)
+          // Acked by then: its ack covers every delivery before it (AckPolicy.All).
+          const acked = prepared.newest?.info.deliverySequence ?? 0
+          state.ackedDelivery = Math.max(state.ackedDelivery, acked)
+          return pos
+        },
         async () => {
           if (gap.skipped !== undefined) {
             throw new Error(
@@ -157,6 +170,21 @@ export class SlotSession {
       watching.abort()
       this.#stopping.removeEventListener('abort', stop)
       messages?.stop()
+    }
+  }
+
+  /**
+   * The consumer's counts as of the newest delivery, if it came within `freshMs` of `now`
+   * (see {@link DeliveryFigures}).
+   */
+  deliveries(now: number, freshMs: number): DeliveryFigures | undefined {
+    const newest = this.#state.newest
+    if (newest === undefined || now - newest.at > freshMs) return undefined
+    const info = newest.msg.info
+    return {
+      pending: info.pending,
+      ackPending: Math.max(0, info.deliverySequence - this.#state.ackedDelivery),
+      deliveredSeq: this.#state.delivered,
     }
   }
 

@@ -81,9 +81,27 @@ export interface ProcessorStats {
   postgres: BreakerState
 }
 
+/**
+ * A slot consumer's counts as this instance sees them from its deliveries, the same counts its
+ * consumer info reports, without asking the server for them.
+ */
+export interface DeliveryFigures {
+  /** Matching messages not delivered yet, as of the newest delivery (its `num_pending`). */
+  readonly pending: number
+  /** Delivered and not acked yet. */
+  readonly ackPending: number
+  /** Stream sequence of the newest delivery. */
+  readonly deliveredSeq: number
+}
+
 export interface RunningProcessor {
   readonly name: string
   readonly stats: Readonly<ProcessorStats>
+  /**
+   * Per slot this instance owns and had a delivery for within `freshMs`: its consumer's counts
+   * as of that delivery. A slot left out (idle, stalled, just taken) is for the server to report.
+   */
+  deliveries(freshMs: number): Readonly<Record<string, DeliveryFigures>>
   /** Finish the batch in hand (or abandon it uncommitted if the database is down), then stop. */
   stop(): Promise<void>
   /** Settles when the processor has stopped. */
