@@ -29,7 +29,7 @@ export function runCommand(): Command {
           if (!signal.aborted) await once(signal, 'abort')
           await Promise.all([...running.map((p) => p.stop()), clock])
         },
-        { serve: true },
+        { serve: true, processors: selected },
       )
     })
 }
