@@ -13,6 +13,7 @@ import { NO_OBSERVABILITY, startObservability, type Observability } from '../app
 import { openRuntime, UnreachableError, type Runtime } from '../app/runtime.ts'
 import { openEventsSource, type EventsSource } from './stored-events.ts'
 import { terminalLogs } from './terminal.ts'
+import type { ProcessorName } from '../processors/processor-registry.ts'
 
 let interrupted = false
 
@@ -53,6 +54,8 @@ interface RuntimeOptions {
   postgres?: boolean
   /** Create a missing database (default: the services do, one-shot commands do not). */
   createDatabase?: boolean
+  /** The processors the command uses (default: all): only these are loaded. */
+  processors?: readonly ProcessorName[]
 }
 
 /**
@@ -85,6 +88,7 @@ export async function withRuntime(
       ...(opts.timeoutSeconds !== undefined ? { timeoutMs: opts.timeoutSeconds * 1000 } : {}),
       ...(opts.nats !== undefined ? { nats: opts.nats } : {}),
       ...(opts.postgres !== undefined ? { postgres: opts.postgres } : {}),
+      ...(opts.processors !== undefined ? { processors: opts.processors } : {}),
     })
     await obs.attach(rt)
     await body(rt, signal, obs)

@@ -8,7 +8,9 @@
  * 4 MB semi-spaces, peak RSS after 150k events of the 1M backlog went from 245 to 214 MB
  * (sensor-status), 187 to 163 (readings) and 295 to 267 (alerts), CPU within the noise. V8 sizes
  * the heap when the process starts, so the flag must be on the command line (or in
- * NODE_OPTIONS): `v8.setFlagsFromString` here is too late.
+ * NODE_OPTIONS): `v8.setFlagsFromString` here is too late. The old generation's growth is
+ * another matter: V8 reads that flag at every full GC, and `run` caps it for the alerts processor
+ * alone (cli/heap-growth.ts).
  *
  * Telemetry starts first: the pg instrumentation hooks `pg` as it loads,
  * so the commands (and everything that imports `pg`) are loaded only after it.

@@ -9,6 +9,7 @@ import { setUp } from '../../app/runtime.ts'
 import { PROCESSOR_NAMES } from '../../processors/processor-registry.ts'
 import { startProcessor } from '../../processors/runner/runner.ts'
 import { withRuntime } from '../command-process.ts'
+import { ALERTS_HEAP_GROWING_PERCENT, capHeapGrowth } from '../heap-growth.ts'
 import { selectProcessors } from '../options.ts'
 
 export function runCommand(): Command {
@@ -18,6 +19,7 @@ export function runCommand(): Command {
     .option('--no-clock', 'do not publish clock ticks from this process')
     .action(async (names: string[], opts: { clock: boolean }) => {
       const selected = selectProcessors(names)
+      if (selected.includes('alerts')) capHeapGrowth(ALERTS_HEAP_GROWING_PERCENT)
       await withRuntime(
         'fleetstream-run',
         async (rt, signal, obs) => {
@@ -29,7 +31,7 @@ export function runCommand(): Command {
           if (!signal.aborted) await once(signal, 'abort')
           await Promise.all([...running.map((p) => p.stop()), clock])
         },
-        { serve: true },
+        { serve: true, processors: selected },
       )
     })
 }

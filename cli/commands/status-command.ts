@@ -68,9 +68,10 @@ export function statusCommand(): Command {
         name: 'fleetstream-status',
         destination: terminalLogs(),
       })
-      const specs = await loadProcessors(config)
+      const selected = selectProcessors(names)
+      const specs = await loadProcessors(config, selected)
       const report = await fleetStatus(config, log, {
-        processors: selectProcessors(names).map((n) => specs[n]),
+        processors: selected.map((n) => specs[n]),
         windowSeconds: opts.window,
         timeoutSeconds: opts.timeout,
         ...(opts.maxLag !== undefined ? { maxLag: opts.maxLag } : {}),
