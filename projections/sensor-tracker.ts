@@ -420,7 +420,7 @@ export class TrackerSegment {
           last_seen_event_id = j.last_seen_event_id
         from (select r->>0 as device_id, (r->>1)::timestamptz as last_seen_at,
                 r->>2 as last_seen_hlc, r->>3 as last_seen_event_id
-              from json_array_elements(${JSON.stringify(seen)}::json) as r) as j
+              from jsonb_array_elements(${JSON.stringify(seen)}::jsonb) as r) as j
         where s.device_id = j.device_id`.execute(trx)
     }
     if (whole.length > 0) {
