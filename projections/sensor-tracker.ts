@@ -376,7 +376,7 @@ export class TrackerSegment {
         .where(sql<boolean>`not (event_id = any(${firsts.map((x) => x.event_id)}::text[]))`)
         .execute()
     }
-    const states = rows.map(([id, t]): Written => {
+    const written = ([id, t]: [string, Tracked]): Written => {
       const l = t.lifecycle
       return {
         device_id: id,
@@ -385,7 +385,7 @@ export class TrackerSegment {
         status_event_id: t.statusEventId,
         status_correlation_id: t.statusCorrelationId,
         status_changed_at: t.statusChangedAt?.toISOString() ?? null,
-        last_seen_at: l.lastSeenHlc === null ? null : hlcTime(l.lastSeenHlc).toISOString(),
+        last_seen_at: lastSeenAt(l),
         last_seen_hlc: l.lastSeenHlc,
         last_seen_event_id: l.lastSeenEventId,
         site: l.site,
@@ -400,19 +400,20 @@ export class TrackerSegment {
         declared_event_id: l.declaredEventId,
         partition: t.partition,
       }
-    })
+    }
     // Most sensors only moved their last seen event: those get a narrow update (a fifth of the
-    // bytes to serialise, send and parse), the others the whole row.
+    // bytes to serialise, send and parse; its tuple built without the whole row), the others the
+    // whole row.
     const seen: SeenRow[] = []
     const whole: Written[] = []
-    rows.forEach(([, t], i) => {
-      const w = states[i] as Written
-      if (t.stored && !t.wide)
-        seen.push([w.device_id, w.last_seen_at, w.last_seen_hlc, w.last_seen_event_id])
-      else whole.push(w)
+    for (const row of rows) {
+      const [id, t] = row
+      const l = t.lifecycle
+      if (t.stored && !t.wide) seen.push([id, lastSeenAt(l), l.lastSeenHlc, l.lastSeenEventId])
+      else whole.push(written(row))
       t.stored = true
       t.wide = false
-    })
+    }
     if (seen.length > 0) {
       // The rows are there: load() locked them (a sensor is never deleted).
       await sql`update ${sql.table(this.tracker.table)} as s
@@ -456,6 +457,11 @@ export class TrackerSegment {
 type Written = {
   [K in keyof SensorStateTable]:
     (SensorStateTable[K] extends Date ? string : SensorStateTable[K]) | null
+}
+
+/** `last_seen_at` as written: the wall time of its last seen HLC. */
+function lastSeenAt(l: SensorLifecycle): string | null {
+  return l.lastSeenHlc === null ? null : hlcTime(l.lastSeenHlc).toISOString()
 }
 
 /**
@@ -634,7 +640,12 @@ function addPoint(points: Map<string, Point>, p: ProjectedEvent<DeviceEvent>): b
     case 'reading.recorded':
     case 'heartbeat.received': {
       let changed = false
-      const first = [...points.values()].find((x) => x.kind === 'first')
+      let first: Point | undefined
+      for (const x of points.values())
+        if (x.kind === 'first') {
+          first = x
+          break
+        }
       if (first === undefined || before(e.hlc, e.eventId, first.hlc, first.event_id)) {
         if (first) points.delete(first.event_id)
         points.set(e.eventId, point('first', null, null))
