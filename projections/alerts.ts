@@ -370,7 +370,7 @@ export async function refold(
     ).map((c) => [key(c.device_id, c.rule_id), c]),
   )
   // Slow: alerts before a horizon are final (but the one open there). Fast: the open ones.
-  const read = (
+  const read =
     slow.length === 0 && quick.length === 0
       ? []
       : (
@@ -383,11 +383,8 @@ export async function refold(
          or (a.device_id = any(${quick}::text[]) and a.state <> 'resolved')
       order by a.alert_id for update of a`.execute(trx)
         ).rows
-  ).concat(
-    [...fast].flatMap((d) =>
-      (kept.get(d)?.states ?? []).flatMap((s) => (s.open === null ? [] : [s.open])),
-    ),
-  )
+  for (const d of fast)
+    for (const s of kept.get(d)?.states ?? []) if (s.open !== null) read.push(s.open)
   const loaded = read.filter((a) => {
     if (!rules.some((r) => r.id === a.rule_id)) return false
     if (fast.has(a.device_id)) return true
@@ -458,7 +455,8 @@ export async function refold(
       for (const a of out.alerts) wanted.set(a.alert_id, a)
       if (ended !== undefined) ended[r] = out.states.at(-1) ?? start
       if (rule.kind !== 'threshold') continue
-      const readings = folded.flatMap((i, n) => (i.kind === 'reading' ? [n] : []))
+      const readings: number[] = []
+      for (let n = 0; n < folded.length; n++) if (folded[n]?.kind === 'reading') readings.push(n)
       const lastReading = readings.at(-1)
       const end = lastReading !== undefined ? out.states[lastReading] : isFast ? undefined : start
       if (end === undefined || (!isFast && lastReading === undefined && !horizons.has(k))) continue
@@ -579,20 +577,19 @@ function readingInputs(rows: readonly AlertInputTable[], history: readonly Trans
 
 /** A silent rule's inputs: the sensor's folded status history into and out of `unknown`. */
 function silenceInputs(history: readonly Transition[]): FoldInput[] {
-  return history.flatMap((t): FoldInput[] => {
+  const out: FoldInput[] = []
+  for (const t of history) {
     if (t.to === 'unknown')
-      return [
-        {
-          kind: 'silenced',
-          eventId: t.eventId,
-          hlc: t.hlc,
-          correlationId: t.correlationId,
-          at: t.at,
-        },
-      ]
-    if (t.from === 'unknown') return [{ kind: 'heard', eventId: t.eventId, hlc: t.hlc }]
-    return []
-  })
+      out.push({
+        kind: 'silenced',
+        eventId: t.eventId,
+        hlc: t.hlc,
+        correlationId: t.correlationId,
+        at: t.at,
+      })
+    else if (t.from === 'unknown') out.push({ kind: 'heard', eventId: t.eventId, hlc: t.hlc })
+  }
+  return out
 }
 
 function ackInput(r: AlertInputTable): FoldInput {

@@ -42,7 +42,7 @@ interface Tracked {
   points: Map<string, Point>
   timelineDirty: boolean
   /** Its status when loaded. */
-  readonly loadedStatus: EffectiveStatus | null
+  loadedStatus: EffectiveStatus | null
   /** It has a row (read or written). */
   stored: boolean
   /** A column other than its last seen ones changed since its row was read or written. */
@@ -131,7 +131,11 @@ export class SensorTracker {
       for (const v of versions) {
         const kept = this.#cache.take(v.device_id, v.xmin)
         if (kept === undefined) misses.push(v.device_id)
-        else tracked.set(v.device_id, { ...kept, loadedStatus: kept.status })
+        else {
+          // Taken out of the cache: this batch's alone until it puts it back (no copy made).
+          kept.loadedStatus = kept.status
+          tracked.set(v.device_id, kept)
+        }
       }
       if (misses.length > 0) {
         const rows = (
