@@ -117,34 +117,60 @@ export function alertsProjection(opts: AlertsOptions): Projection {
 
 /** The inputs a device event adds: a value per threshold rule it feeds, or an acknowledgement. */
 export function inputsOf(rules: readonly ThresholdRule[], e: DeviceEvent): AlertInputTable[] {
-  const row = (rule_id: string, kind: 'reading' | 'ack'): AlertInputTable => ({
+  const row = (
+    rule_id: string,
+    kind: 'reading' | 'ack',
+    value: number | null,
+    alert_id: string | null,
+    acknowledged_by: string | null,
+  ): AlertInputTable => ({
     device_id: e.deviceId,
     rule_id,
     event_id: e.eventId,
     kind,
     hlc: e.hlc,
     correlation_id: e.correlationId,
-    value: null,
-    alert_id: null,
-    acknowledged_by: null,
+    value,
+    alert_id,
+    acknowledged_by,
   })
   switch (e.type) {
-    case 'reading.recorded':
-      return rules
-        .filter((r) => r.metric === e.data.metric)
-        .map((r) => ({ ...row(r.id, 'reading'), value: e.data.value }))
+    case 'reading.recorded': {
+      const fed = feeding(rules).byMetric.get(e.data.metric)
+      if (fed === undefined) return []
+      const v = e.data.value
+      return fed.map((r) => row(r.id, 'reading', v, null, null))
+    }
     case 'heartbeat.received': {
       const v = e.data.batteryPercent
       if (v === undefined) return []
-      return rules
-        .filter((r) => r.includeHeartbeatBattery)
-        .map((r) => ({ ...row(r.id, 'reading'), value: v }))
+      return feeding(rules).battery.map((r) => row(r.id, 'reading', v, null, null))
     }
     case 'alert.acknowledged':
-      return [{ ...row('', 'ack'), alert_id: e.data.alertId, acknowledged_by: e.data.by }]
+      return [row('', 'ack', null, e.data.alertId, e.data.by)]
     default:
       return []
   }
+}
+
+/** Which threshold rules a reading of a metric feeds, and which heartbeats feed. */
+interface Feeding {
+  readonly byMetric: ReadonlyMap<string, readonly ThresholdRule[]>
+  readonly battery: readonly ThresholdRule[]
+}
+
+const feedings = new WeakMap<readonly ThresholdRule[], Feeding>()
+
+/** {@link Feeding} of a rule list, worked out once per list (not a filter per event). */
+function feeding(rules: readonly ThresholdRule[]): Feeding {
+  let f = feedings.get(rules)
+  if (f === undefined) {
+    const byMetric = new Map<string, ThresholdRule[]>()
+    for (const r of rules) byMetric.set(r.metric, [...(byMetric.get(r.metric) ?? []), r])
+    f = { byMetric, battery: rules.filter((r) => r.includeHeartbeatBattery) }
+    feedings.set(rules, f)
+  }
+  return f
 }
 
 /** Stores the segment's inputs; returns those that are new (a redelivered one changes nothing). */
@@ -157,6 +183,8 @@ async function addInputs(
   if (rows.length === 0) return []
   // One JSON array of tuples: the column names are not repeated in every row (40% fewer bytes
   // to serialise, send and parse than json-rows.ts' objects; Postgres spends less per row too).
+  // Read as jsonb, not json: json's ->> parses the element's text again for every field it takes
+  // (9 here); jsonb parses it once. Measured: 4.5 us per row instead of 22 (1,500-row batches).
   // A correlation id that is the event's own (an event that starts its chain: every reading a
   // device sends) goes as null and is stored as the event id: ~40 bytes less per row.
   const tuples = rows.map((i) => [
@@ -179,7 +207,7 @@ async function addInputs(
           alert_id, acknowledged_by)
         select r->>0, r->>1, r->>2, r->>3, r->>4, coalesce(r->>5, r->>2), (r->>6)::float8, r->>7,
           r->>8
-        from json_array_elements(${JSON.stringify(tuples)}::json) as r
+        from jsonb_array_elements(${JSON.stringify(tuples)}::jsonb) as r
         on conflict (device_id, rule_id, event_id) do nothing
         returning device_id, rule_id, event_id),
       stored as (select count(*)::integer as n from fresh)
@@ -276,14 +304,18 @@ export async function refold(
   const onward = (d: string) => {
     const tip = tips.get(d)
     if (tip === undefined) return false
+    const own = news.get(d) ?? []
     // Due for pruning: folded again in full, which gives the state where the horizon moves to.
-    const fresh = (news.get(d) ?? []).filter((i) => i.kind === 'reading').length
+    let fresh = 0
+    for (const i of own) if (i.kind === 'reading') fresh++
     if (tip.readings_since_prune + fresh >= window) return false
-    const at = { hlc: tip.hlc, eventId: tip.event_id }
-    return (news.get(d) ?? []).every((i) => byHlcThenId(place(i), at) > 0)
+    for (const i of own) if (!afterPlace(i.hlc, i.event_id, tip.hlc, tip.event_id)) return false
+    return true
   }
+  // Folded on from the tip: computed once per sensor.
+  const onwards = new Set(sorted.filter(onward))
   // Folded on without reading their history: it has not changed, and their status is known.
-  const unchanged = new Set(sorted.filter((d) => settled.has(d) && onward(d)))
+  const unchanged = new Set(sorted.filter((d) => settled.has(d) && onwards.has(d)))
   const histories = group(
     await tracker.histories(
       trx,
@@ -297,7 +329,7 @@ export async function refold(
     sorted.filter((d) => {
       if (unchanged.has(d)) return true
       const tip = tips.get(d)
-      if (tip === undefined || !onward(d)) return false
+      if (tip === undefined || !onwards.has(d)) return false
       const at = { hlc: tip.hlc, eventId: tip.event_id }
       const history = histories.get(d) ?? []
       return digest(history.filter((t) => byHlcThenId(t, at) <= 0)) === tip.history
@@ -338,7 +370,7 @@ export async function refold(
     ).map((c) => [key(c.device_id, c.rule_id), c]),
   )
   // Slow: alerts before a horizon are final (but the one open there). Fast: the open ones.
-  const read = (
+  const read =
     slow.length === 0 && quick.length === 0
       ? []
       : (
@@ -351,11 +383,8 @@ export async function refold(
          or (a.device_id = any(${quick}::text[]) and a.state <> 'resolved')
       order by a.alert_id for update of a`.execute(trx)
         ).rows
-  ).concat(
-    [...fast].flatMap((d) =>
-      (kept.get(d)?.states ?? []).flatMap((s) => (s.open === null ? [] : [s.open])),
-    ),
-  )
+  for (const d of fast)
+    for (const s of kept.get(d)?.states ?? []) if (s.open !== null) read.push(s.open)
   const loaded = read.filter((a) => {
     if (!rules.some((r) => r.id === a.rule_id)) return false
     if (fast.has(a.device_id)) return true
@@ -376,44 +405,58 @@ export async function refold(
     const isFast = fast.has(deviceId)
     const tip = tips.get(deviceId)
     const own = isFast ? (news.get(deviceId) ?? []) : (inputs.get(deviceId) ?? [])
-    const acks = own.filter((i) => i.kind === 'ack').map(ackInput)
+    // One pass over the sensor's inputs: its acknowledgements, its readings by rule, its newest.
+    const acks: FoldInput[] = []
+    const readingsOf = new Map<string, AlertInputTable[]>()
     let newest: Place | undefined = tip && { hlc: tip.hlc, eventId: tip.event_id }
-    const seen = (p: Place) => {
-      if (newest === undefined || byHlcThenId(p, newest) > 0) newest = p
+    for (const i of own) {
+      if (i.kind === 'ack') acks.push(ackInput(i))
+      else {
+        const list = readingsOf.get(i.rule_id)
+        if (list === undefined) readingsOf.set(i.rule_id, [i])
+        else list.push(i)
+      }
+      if (newest === undefined || afterPlace(i.hlc, i.event_id, newest.hlc, newest.eventId))
+        newest = place(i)
     }
-    for (const i of own) seen(place(i))
-    for (const t of history) seen(t)
+    for (const t of history) if (newest === undefined || byHlcThenId(t, newest) > 0) newest = t
+    const fromTip: Place | undefined = tip && { hlc: tip.hlc, eventId: tip.event_id }
+    const keptStates = isFast ? kept.get(deviceId)?.states : undefined
+    const ended: FoldState[] | undefined = isFast ? [] : undefined
+    if (ended !== undefined) ends.set(deviceId, ended)
     for (const [r, rule] of rules.entries()) {
       const k = key(deviceId, rule.id)
       // Where this fold starts: the tip (fast) or the horizon (slow).
-      const from: Place | undefined = isFast
-        ? tip && { hlc: tip.hlc, eventId: tip.event_id }
-        : horizons.get(k)
+      const from: Place | undefined = isFast ? fromTip : horizons.get(k)
       const start: FoldState = isFast
-        ? (kept.get(deviceId)?.states[r] ?? {
+        ? (keptStates?.[r] ?? {
             condition: fromRow(conditions.get(k)),
             open: unresolved.get(k) ?? null,
           })
         : (horizons.get(k)?.state ?? NEW_FOLD)
+      const mine = rule.kind === 'silent' ? undefined : readingsOf.get(rule.id)
       const fed: FoldInput[] =
         rule.kind === 'silent'
           ? silenceInputs(history)
-          : readingInputs(
-              own.filter((i) => i.kind === 'reading' && i.rule_id === rule.id),
-              history,
-            )
-      const folded = [...fed, ...acks]
+          : mine === undefined
+            ? []
+            : readingInputs(mine, history)
+      const folded = (acks.length === 0 ? fed : [...fed, ...acks])
         .filter((i) => from === undefined || byHlcThenId(i, from) > 0)
         .sort(byHlcThenId)
+      // Folded on over nothing (most rules of a sensor in a batch: a reading feeds one metric's
+      // rules): where it was, its open alert unchanged, its condition not written.
+      if (ended !== undefined && folded.length === 0) {
+        if (start.open !== null) wanted.set(start.open.alert_id, start.open)
+        ended[r] = start
+        continue
+      }
       const out = foldRule(rule, deviceId, start, folded)
       for (const a of out.alerts) wanted.set(a.alert_id, a)
-      if (isFast) {
-        const end = ends.get(deviceId) ?? []
-        end[r] = out.states.at(-1) ?? start
-        ends.set(deviceId, end)
-      }
+      if (ended !== undefined) ended[r] = out.states.at(-1) ?? start
       if (rule.kind !== 'threshold') continue
-      const readings = folded.flatMap((i, n) => (i.kind === 'reading' ? [n] : []))
+      const readings: number[] = []
+      for (let n = 0; n < folded.length; n++) if (folded[n]?.kind === 'reading') readings.push(n)
       const lastReading = readings.at(-1)
       const end = lastReading !== undefined ? out.states[lastReading] : isFast ? undefined : start
       if (end === undefined || (!isFast && lastReading === undefined && !horizons.has(k))) continue
@@ -481,6 +524,11 @@ function now(deviceId: string, status: EffectiveStatus | null): Transition {
   }
 }
 
+/** Whether (hlc, eventId) a comes after b: byHlcThenId(a, b) > 0 without the objects. */
+function afterPlace(aHlc: string, aId: string, bHlc: string, bId: string): boolean {
+  return aHlc !== bHlc ? aHlc > bHlc : aId > bId
+}
+
 function place(i: AlertInputTable): Place {
   return { hlc: i.hlc, eventId: i.event_id }
 }
@@ -529,20 +577,19 @@ function readingInputs(rows: readonly AlertInputTable[], history: readonly Trans
 
 /** A silent rule's inputs: the sensor's folded status history into and out of `unknown`. */
 function silenceInputs(history: readonly Transition[]): FoldInput[] {
-  return history.flatMap((t): FoldInput[] => {
+  const out: FoldInput[] = []
+  for (const t of history) {
     if (t.to === 'unknown')
-      return [
-        {
-          kind: 'silenced',
-          eventId: t.eventId,
-          hlc: t.hlc,
-          correlationId: t.correlationId,
-          at: t.at,
-        },
-      ]
-    if (t.from === 'unknown') return [{ kind: 'heard', eventId: t.eventId, hlc: t.hlc }]
-    return []
-  })
+      out.push({
+        kind: 'silenced',
+        eventId: t.eventId,
+        hlc: t.hlc,
+        correlationId: t.correlationId,
+        at: t.at,
+      })
+    else if (t.from === 'unknown') out.push({ kind: 'heard', eventId: t.eventId, hlc: t.hlc })
+  }
+  return out
 }
 
 function ackInput(r: AlertInputTable): FoldInput {
@@ -611,7 +658,7 @@ async function writeConditions(
     insert into alert_conditions as c (device_id, rule_id, consecutive, since_at, since_hlc,
       last_hlc)
     select r->>0, r->>1, (r->>2)::integer, (r->>3)::timestamptz, r->>4, r->>5
-    from json_array_elements(${JSON.stringify(tuples)}::json) as r
+    from jsonb_array_elements(${JSON.stringify(tuples)}::jsonb) as r
     on conflict (device_id, rule_id) do update set consecutive = excluded.consecutive,
       since_at = excluded.since_at, since_hlc = excluded.since_hlc, last_hlc = excluded.last_hlc
     where (c.consecutive, c.since_at, c.since_hlc, c.last_hlc) is distinct from
@@ -834,7 +881,7 @@ async function writeTips(
   await sql`
     insert into alert_tips as t (device_id, hlc, event_id, history, readings_since_prune)
     select r->>0, r->>1, r->>2, coalesce(r->>3, ''), (r->>4)::integer
-    from json_array_elements(${JSON.stringify(tuples)}::json) as r
+    from jsonb_array_elements(${JSON.stringify(tuples)}::jsonb) as r
     on conflict (device_id) do update set hlc = excluded.hlc, event_id = excluded.event_id,
       history = case when excluded.history = '' then t.history else excluded.history end,
       readings_since_prune = excluded.readings_since_prune`.execute(trx)

@@ -42,7 +42,7 @@ interface Tracked {
   points: Map<string, Point>
   timelineDirty: boolean
   /** Its status when loaded. */
-  readonly loadedStatus: EffectiveStatus | null
+  loadedStatus: EffectiveStatus | null
   /** It has a row (read or written). */
   stored: boolean
   /** A column other than its last seen ones changed since its row was read or written. */
@@ -131,7 +131,11 @@ export class SensorTracker {
       for (const v of versions) {
         const kept = this.#cache.take(v.device_id, v.xmin)
         if (kept === undefined) misses.push(v.device_id)
-        else tracked.set(v.device_id, { ...kept, loadedStatus: kept.status })
+        else {
+          // Taken out of the cache: this batch's alone until it puts it back (no copy made).
+          kept.loadedStatus = kept.status
+          tracked.set(v.device_id, kept)
+        }
       }
       if (misses.length > 0) {
         const rows = (
@@ -376,7 +380,7 @@ export class TrackerSegment {
         .where(sql<boolean>`not (event_id = any(${firsts.map((x) => x.event_id)}::text[]))`)
         .execute()
     }
-    const states = rows.map(([id, t]): Written => {
+    const written = ([id, t]: [string, Tracked]): Written => {
       const l = t.lifecycle
       return {
         device_id: id,
@@ -385,7 +389,7 @@ export class TrackerSegment {
         status_event_id: t.statusEventId,
         status_correlation_id: t.statusCorrelationId,
         status_changed_at: t.statusChangedAt?.toISOString() ?? null,
-        last_seen_at: l.lastSeenHlc === null ? null : hlcTime(l.lastSeenHlc).toISOString(),
+        last_seen_at: lastSeenAt(l),
         last_seen_hlc: l.lastSeenHlc,
         last_seen_event_id: l.lastSeenEventId,
         site: l.site,
@@ -400,19 +404,20 @@ export class TrackerSegment {
         declared_event_id: l.declaredEventId,
         partition: t.partition,
       }
-    })
+    }
     // Most sensors only moved their last seen event: those get a narrow update (a fifth of the
-    // bytes to serialise, send and parse), the others the whole row.
+    // bytes to serialise, send and parse; its tuple built without the whole row), the others the
+    // whole row.
     const seen: SeenRow[] = []
     const whole: Written[] = []
-    rows.forEach(([, t], i) => {
-      const w = states[i] as Written
-      if (t.stored && !t.wide)
-        seen.push([w.device_id, w.last_seen_at, w.last_seen_hlc, w.last_seen_event_id])
-      else whole.push(w)
+    for (const row of rows) {
+      const [id, t] = row
+      const l = t.lifecycle
+      if (t.stored && !t.wide) seen.push([id, lastSeenAt(l), l.lastSeenHlc, l.lastSeenEventId])
+      else whole.push(written(row))
       t.stored = true
       t.wide = false
-    })
+    }
     if (seen.length > 0) {
       // The rows are there: load() locked them (a sensor is never deleted).
       await sql`update ${sql.table(this.tracker.table)} as s
@@ -420,7 +425,7 @@ export class TrackerSegment {
           last_seen_event_id = j.last_seen_event_id
         from (select r->>0 as device_id, (r->>1)::timestamptz as last_seen_at,
                 r->>2 as last_seen_hlc, r->>3 as last_seen_event_id
-              from json_array_elements(${JSON.stringify(seen)}::json) as r) as j
+              from jsonb_array_elements(${JSON.stringify(seen)}::jsonb) as r) as j
         where s.device_id = j.device_id`.execute(trx)
     }
     if (whole.length > 0) {
@@ -456,6 +461,11 @@ export class TrackerSegment {
 type Written = {
   [K in keyof SensorStateTable]:
     (SensorStateTable[K] extends Date ? string : SensorStateTable[K]) | null
+}
+
+/** `last_seen_at` as written: the wall time of its last seen HLC. */
+function lastSeenAt(l: SensorLifecycle): string | null {
+  return l.lastSeenHlc === null ? null : hlcTime(l.lastSeenHlc).toISOString()
 }
 
 /**
@@ -634,7 +644,12 @@ function addPoint(points: Map<string, Point>, p: ProjectedEvent<DeviceEvent>): b
     case 'reading.recorded':
     case 'heartbeat.received': {
       let changed = false
-      const first = [...points.values()].find((x) => x.kind === 'first')
+      let first: Point | undefined
+      for (const x of points.values())
+        if (x.kind === 'first') {
+          first = x
+          break
+        }
       if (first === undefined || before(e.hlc, e.eventId, first.hlc, first.event_id)) {
         if (first) points.delete(first.event_id)
         points.set(e.eventId, point('first', null, null))
