@@ -184,20 +184,18 @@ export async function latency(
     opts,
   }
   const worker = new Worker(new URL(import.meta.url), { workerData: job })
+  const exited = new Promise<number>((resolve) => worker.once('exit', resolve))
   try {
     return await new Promise<Latency>((resolve, reject) => {
-      let result: Latency | undefined
-      worker.once('message', (m: Latency) => {
-        result = m
-      })
+      worker.once('message', resolve)
       worker.once('error', reject)
-      // Once it has closed its connections.
-      worker.once('exit', (code) => {
-        if (result !== undefined) resolve(result)
-        else reject(new BenchError(`the latency worker exited with ${code} before its result`))
+      void exited.then((code) => {
+        reject(new BenchError(`the latency worker exited with ${code} before its result`))
       })
     })
   } finally {
+    // It closes its connections after sending the result; a worker that hangs there is ended.
+    await Promise.race([exited, sleep(5_000)])
     await worker.terminate()
   }
 }
