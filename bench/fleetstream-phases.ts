@@ -231,10 +231,27 @@ async function latencyWorker(job: LatencyJob): Promise<void> {
     const publisher = createPublisher(rt.js, {
       clock: new HybridLogicalClock({ node: 'bench-latency', maxOffsetMs: 500 }),
     })
+    await warmUp(publisher, job.opts)
     parentPort?.postMessage(await measureLatency(rt, publisher, job.opts))
   } finally {
     await rt.close()
   }
+}
+
+/**
+ * The worker's isolate compiles the publish path (stamp, zod, JSON, NATS writes, PubAcks) afresh:
+ * a second's worth of events published and acknowledged first, and a second for the processors
+ * to apply them, so the phase measures a warm publisher as the bench's own thread was.
+ */
+async function warmUp(publisher: Publisher, opts: LatencyOptions): Promise<void> {
+  const pipe = new PublishPipeline(WINDOW)
+  const nextId = eventIds()
+  for (let i = 0; i < opts.rate; i++) {
+    const draft = { ...readingDraft(opts.firstIndex + i, opts.devices), eventId: nextId() }
+    await pipe.submit(() => publisher.publish(draft))
+  }
+  await pipe.drain()
+  await sleep(1_000)
 }
 
 if (!isMainThread && (workerData as Partial<LatencyJob> | null)?.fleetstreamLatency === true) {
