@@ -4,13 +4,9 @@
  * to SQL latency at a steady rate, and `fleetstream rebuild`.
  */
 import { setTimeout as sleep } from 'node:timers/promises'
-import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads'
 import { v7 as uuidv7 } from 'uuid'
-import { openRuntime, type Runtime } from '../app/runtime.ts'
-import { loadConfig } from '../infra/config.ts'
-import { createLogger } from '../infra/logger.ts'
-import { createPublisher, PublishPipeline, type Publisher } from '../infra/publisher.ts'
-import { HybridLogicalClock } from '../schemas/hlc.ts'
+import type { Runtime } from '../app/runtime.ts'
+import { PublishPipeline, type Publisher } from '../infra/publisher.ts'
 import { PROCESSOR_NAMES, type ProcessorName } from '../processors/processor-registry.ts'
 import { slotsOf } from '../processors/partitions.ts'
 import { readCheckpointSeqs } from '../processors/progress/checkpoints.ts'
@@ -165,109 +161,15 @@ export interface Latency {
 }
 
 /**
- * Publish -> visible in SQL at a steady `rate` (see {@link measureLatency}), measured from a
- * worker thread with a heap of its own: the bench's main thread holds every event of the run
- * (2.4 GB at 1M events), and each full GC of that heap stopped the publisher and the poller for
- * up to 0.7 s, which the probes counted as latency and the publisher as a lower rate. The worker
- * opens its own connections to the same servers and its own publisher (so `_publisher` is not
- * used); its CPU is the bench process's, as before.
- */
-export async function latency(
-  rt: Runtime,
-  _publisher: Publisher,
-  opts: LatencyOptions,
-): Promise<Latency> {
-  const job: LatencyJob = {
-    fleetstreamLatency: true,
-    natsUrl: rt.config.natsUrl,
-    databaseUrl: rt.config.databaseUrl,
-    opts,
-  }
-  const worker = new Worker(new URL(import.meta.url), { workerData: job })
-  const exited = new Promise<number>((resolve) => worker.once('exit', resolve))
-  try {
-    return await new Promise<Latency>((resolve, reject) => {
-      worker.once('message', resolve)
-      worker.once('error', reject)
-      void exited.then((code) => {
-        reject(new BenchError(`the latency worker exited with ${code} before its result`))
-      })
-    })
-  } finally {
-    // It closes its connections after sending the result; a worker that hangs there is ended.
-    await Promise.race([exited, sleep(5_000)])
-    await worker.terminate()
-  }
-}
-
-interface LatencyOptions {
-  readonly rate: number
-  readonly devices: number
-  readonly seconds: number
-  readonly firstIndex: number
-}
-
-/** What the latency worker is started with. */
-interface LatencyJob {
-  readonly fleetstreamLatency: true
-  readonly natsUrl: string
-  readonly databaseUrl: string
-  readonly opts: LatencyOptions
-}
-
-/** The latency worker: its own runtime and publisher, {@link measureLatency}, the result back. */
-async function latencyWorker(job: LatencyJob): Promise<void> {
-  const config = loadConfig({
-    NATS_URL: job.natsUrl,
-    DATABASE_URL: job.databaseUrl,
-    LOG_LEVEL: 'warn',
-    METRICS_PORT: '0',
-  })
-  const rt = await openRuntime(config, createLogger({ level: 'silent', name: 'bench' }), {
-    name: 'fleetstream-bench-latency',
-    poolSize: 2,
-  })
-  try {
-    const publisher = createPublisher(rt.js, {
-      clock: new HybridLogicalClock({ node: 'bench-latency', maxOffsetMs: 500 }),
-    })
-    await warmUp(publisher, job.opts)
-    parentPort?.postMessage(await measureLatency(rt, publisher, job.opts))
-  } finally {
-    await rt.close()
-  }
-}
-
-/**
- * The worker's isolate compiles the publish path (stamp, zod, JSON, NATS writes, PubAcks) afresh:
- * a second's worth of events published and acknowledged first, and a second for the processors
- * to apply them, so the phase measures a warm publisher as the bench's own thread was.
- */
-async function warmUp(publisher: Publisher, opts: LatencyOptions): Promise<void> {
-  const pipe = new PublishPipeline(WINDOW)
-  const nextId = eventIds()
-  for (let i = 0; i < opts.rate; i++) {
-    const draft = { ...readingDraft(opts.firstIndex + i, opts.devices), eventId: nextId() }
-    await pipe.submit(() => publisher.publish(draft))
-  }
-  await pipe.drain()
-  await sleep(1_000)
-}
-
-if (!isMainThread && (workerData as Partial<LatencyJob> | null)?.fleetstreamLatency === true) {
-  await latencyWorker(workerData as LatencyJob)
-}
-
-/**
  * Publish -> visible in SQL at a steady `rate`: every `sampleEvery`-th event is a probe whose
  * submit time we keep; a poller asks `readings` by primary key for the probes not seen yet,
  * every `pollMs`. A probe's latency ends when the query that first returns it has returned, so
  * it includes up to one poll interval plus one query: an upper bound, never an underestimate.
  */
-async function measureLatency(
+export async function latency(
   rt: Runtime,
   publisher: Publisher,
-  opts: LatencyOptions,
+  opts: { rate: number; devices: number; seconds: number; firstIndex: number },
 ): Promise<Latency> {
   const sampleEvery = 10
   const pollMs = 10
@@ -341,7 +243,7 @@ async function measureLatency(
 /**
  * Unique event ids for the latency phase's publisher, as a device fleet's would be (unique, not
  * random): one uuidv7 per phase, its last 12 hex digits a counter. A `uuidv7()` per event costs
- * a crypto call each (15% of the publisher's CPU), on the cores the processors need.
+ * a crypto call each (9-15% of the publisher's CPU), on the cores the processors need.
  */
 function eventIds(): () => string {
   const base = uuidv7().slice(0, 24) // 'xxxxxxxx-xxxx-7xxx-yxxx-'
