@@ -85,6 +85,30 @@ describe('a slot fenced by its lease', { timeout: 120_000 }, () => {
     }
   })
 
+  it('a stale owner cannot commit once another instance has taken the slot over', async () => {
+    const slot = 'readings-p4'
+    const { lease, lost } = await holding(slot)
+    const next = await Lease.open(rt.pool, 'readings', () => undefined)
+    try {
+      const db = fencedDatabase(rt.pool, lease, slot)
+      await advance(db, slot, 0, 5) // the first commit pins the lease's session
+      await rt.pool.query('select pg_terminate_backend($1)', [lease.pid])
+      await waitFor('the lease to notice', () => lost.length > 0)
+      expect(await next.join()).toBe(true)
+      expect(await next.tryAcquire(slot)).toBe(true)
+      // The slot's lock is held again, by the new owner: the old owner's commit still fails.
+      await expect(advance(db, slot, 5, 10)).rejects.toBeInstanceOf(SlotLostError)
+      expect(await readCheckpoint(rt.db, slot)).toEqual({ lastSeq: 5, hlc: null })
+      expect(await probes(slot)).toBe(1)
+      // The new owner's own commits go through.
+      await advance(fencedDatabase(rt.pool, next, slot), slot, 5, 10)
+      expect(await probes(slot)).toBe(2)
+    } finally {
+      await next.close()
+      await lease.close()
+    }
+  })
+
   it("keeps its session past the server's idle timeout by speaking on it", async () => {
     const slot = 'readings-p1'
     const { lease, lost } = await holding(slot)
