@@ -68,7 +68,7 @@ export interface Figures {
     readonly partitions: number
     readonly runs: readonly ScaleRun[]
   }
-  /** The bench process itself: a 1M run holds every event in memory. */
+  /** The bench process itself: a 1M run holds every event in memory until the ingest. */
   readonly bench: {
     readonly seconds: number
     readonly peakRssMb: number
@@ -404,7 +404,7 @@ export function printReport(f: Figures, json: boolean): void {
     'bench',
     'the bench process itself',
     `${f.bench.peakRssMb.toFixed(0)} MB`,
-    `peak RSS (holds every event); ${f.bench.seconds.toFixed(0)} s in all`,
+    `peak RSS (holds every event until the ingest); ${f.bench.seconds.toFixed(0)} s in all`,
   )
 
   const head = ['', 'measure', 'events', 'seconds', 'events/s', 'vs limit', 'vs naive', 'note']
