@@ -35,30 +35,41 @@ export async function runPipeline(
   let preparedTo = state.position.lastSeq
   const { batchSize, batchLingerMs } = state.ctx.deps.config.processor
   const sizes = batchRamp(batchSize)
-  while (!isAborted(signal)) {
-    const batch = await state.buffer.take(sizes.next(), batchLingerMs, signal, committing)
-    if (state.diverged !== undefined) throw state.diverged
-    if (batch.length === 0) {
-      await committing // what came before is committed (or its failure ends the session)
-      await idle()
-      continue
-    }
-    const prepared = prepare(state, batch, preparedTo)
-    preparedTo = Math.max(preparedTo, prepared.lastSeq)
-    await committing
-    const committed = state.exclusive(async () => {
-      // A check that ran while this batch waited moved the checkpoint back past it.
-      if (state.diverged !== undefined) throw state.diverged
-      state.position = await commit(prepared, state.position, signal)
-    })
-    // Its failure is thrown where it is awaited: before the next commit, or at once when the
-    // loop is waiting for messages (the buffer closes and the wait ends).
-    committed.catch(() => {
-      state.buffer.close()
-    })
-    committing = committed
+  try {
+    await stages()
+  } finally {
+    // Never ends with a commit still running, whatever ended it: the slot is given back only
+    // after the session has ended, and the slot fence (processors/progress/slot-fence.ts)
+    // trusts that no commit of a session outlives it.
+    await committing?.catch(() => undefined)
   }
-  await committing
+
+  async function stages(): Promise<void> {
+    while (!isAborted(signal)) {
+      const batch = await state.buffer.take(sizes.next(), batchLingerMs, signal, committing)
+      if (state.diverged !== undefined) throw state.diverged
+      if (batch.length === 0) {
+        await committing // what came before is committed (or its failure ends the session)
+        await idle()
+        continue
+      }
+      const prepared = prepare(state, batch, preparedTo)
+      preparedTo = Math.max(preparedTo, prepared.lastSeq)
+      await committing
+      const committed = state.exclusive(async () => {
+        // A check that ran while this batch waited moved the checkpoint back past it.
+        if (state.diverged !== undefined) throw state.diverged
+        state.position = await commit(prepared, state.position, signal)
+      })
+      // Its failure is thrown where it is awaited: before the next commit, or at once when the
+      // loop is waiting for messages (the buffer closes and the wait ends).
+      committed.catch(() => {
+        state.buffer.close()
+      })
+      committing = committed
+    }
+    await committing
+  }
 }
 
 /**
