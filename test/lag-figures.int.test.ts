@@ -11,6 +11,57 @@ import type { RunningProcessor } from '../processors/runner/types.ts'
 import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-servers.ts'
 import { readingDraft, testConfig, testPublisher, testRuntime, waitFor } from './fixtures.ts'
 
+/** A readings processor on a server of its own, its figures refreshed every second. */
+interface Site {
+  nats: NatsServer
+  rt: Runtime
+  obs: Observability
+  processor: RunningProcessor
+  /** A connection of its own, to see the requests of the processor's connection. */
+  snoop: NatsConnection
+}
+
+/** Starts a {@link Site} before the suite and stops it after. */
+function site(): Site {
+  const s = {} as Site
+  beforeAll(async () => {
+    s.nats = await startNatsServer()
+    const config = testConfig(s.nats.url, await freshDatabase(), {
+      METRICS_PORT: '0',
+      METRICS_HOST: '127.0.0.1',
+      METRICS_REFRESH_SECONDS: '1',
+    })
+    s.rt = await testRuntime(config)
+    s.obs = await startObservability(config, createLogger({ level: 'silent', name: 'test' }), 'lag')
+    await s.obs.attach(s.rt)
+    s.processor = startProcessor(readingsProcessor, { ...s.rt, metrics: s.obs.metrics })
+    s.snoop = await connect({ servers: s.nats.url })
+  }, 60_000)
+  afterAll(async () => {
+    await s.processor.stop()
+    await s.obs.close()
+    await s.snoop.close()
+    await s.rt.close()
+    await s.nats.cleanup()
+  })
+  return s
+}
+
+/**
+ * When each consumer info request for the readings consumer was sent, as any subscriber on the
+ * account sees them, from now on.
+ */
+async function consumerInfoRequests(s: Site): Promise<number[]> {
+  const asked: number[] = []
+  s.snoop.subscribe(`$JS.API.CONSUMER.INFO.${s.rt.config.streams.events}.readings`, {
+    callback: () => {
+      asked.push(Date.now())
+    },
+  })
+  await s.snoop.flush()
+  return asked
+}
+
 /**
  * The lag figures of /metrics (app/observability.ts) read consumer infos from the JetStream API,
  * which nats-server 2.9 answers one request at a time. While the server answers late, a process
@@ -18,51 +69,19 @@ import { readingDraft, testConfig, testPublisher, testRuntime, waitFor } from '.
  * drains it would hold up every other JetStream request of the fleet.
  */
 describe('the lag figures of a busy server', () => {
-  let nats: NatsServer
-  let rt: Runtime
-  let obs: Observability
-  let processor: RunningProcessor
-  let snoop: NatsConnection
-  beforeAll(async () => {
-    nats = await startNatsServer()
-    const config = testConfig(nats.url, await freshDatabase(), {
-      METRICS_PORT: '0',
-      METRICS_HOST: '127.0.0.1',
-      METRICS_REFRESH_SECONDS: '1',
-    })
-    rt = await testRuntime(config)
-    const log = createLogger({ level: 'silent', name: 'test' })
-    obs = await startObservability(config, log, 'test-lag')
-    await obs.attach(rt)
-    processor = startProcessor(readingsProcessor, { ...rt, metrics: obs.metrics })
-    snoop = await connect({ servers: nats.url })
-  }, 60_000)
-  afterAll(async () => {
-    await processor.stop()
-    await obs.close()
-    await snoop.close()
-    await rt.close()
-    await nats.cleanup()
-  })
+  const s = site()
 
   it('asks again only once the last read is answered', async () => {
-    // Every consumer info request on the stream, as any subscriber on the account sees it.
-    const asked: number[] = []
-    snoop.subscribe(`$JS.API.CONSUMER.INFO.${rt.config.streams.events}.readings`, {
-      callback: () => {
-        asked.push(Date.now())
-      },
-    })
-    await snoop.flush()
+    const asked = await consumerInfoRequests(s)
     await waitFor('the lag figures to be read', () => Promise.resolve(asked.length >= 2), 20_000)
 
     // The server answers nothing for 6 refreshes, then all it was asked at once.
-    process.kill(nats.pid, 'SIGSTOP')
+    process.kill(s.nats.pid, 'SIGSTOP')
     const stopped = Date.now()
     await sleep(6000)
-    process.kill(nats.pid, 'SIGCONT')
+    process.kill(s.nats.pid, 'SIGCONT')
     await sleep(500)
-    await snoop.flush()
+    await s.snoop.flush()
     const during = asked.filter((t) => t >= stopped).length
     // The read in flight when it stopped, and the one sent once that was answered.
     expect(during).toBeGreaterThanOrEqual(1)
@@ -77,41 +96,11 @@ describe('the lag figures of a busy server', () => {
  * 200k-event stream.
  */
 describe('the lag figures of a slot receiving events', () => {
-  let nats: NatsServer
-  let rt: Runtime
-  let obs: Observability
-  let processor: RunningProcessor
-  let snoop: NatsConnection
-  beforeAll(async () => {
-    nats = await startNatsServer()
-    const config = testConfig(nats.url, await freshDatabase(), {
-      METRICS_PORT: '0',
-      METRICS_HOST: '127.0.0.1',
-      METRICS_REFRESH_SECONDS: '1',
-    })
-    rt = await testRuntime(config)
-    obs = await startObservability(config, createLogger({ level: 'silent', name: 'test' }), 'lag')
-    await obs.attach(rt)
-    processor = startProcessor(readingsProcessor, { ...rt, metrics: obs.metrics })
-    snoop = await connect({ servers: nats.url })
-  }, 60_000)
-  afterAll(async () => {
-    await processor.stop()
-    await obs.close()
-    await snoop.close()
-    await rt.close()
-    await nats.cleanup()
-  })
+  const s = site()
 
   it('reads them from the deliveries while events come, and from the server once quiet', async () => {
-    const asked: number[] = []
-    snoop.subscribe(`$JS.API.CONSUMER.INFO.${rt.config.streams.events}.readings`, {
-      callback: () => {
-        asked.push(Date.now())
-      },
-    })
-    await snoop.flush()
-    const publisher = testPublisher(rt)
+    const asked = await consumerInfoRequests(s)
+    const publisher = testPublisher(s.rt)
     const pipe = new PublishPipeline(16)
     const trickle = { on: true, sent: 0 }
     const publishing = (async () => {
@@ -124,19 +113,19 @@ describe('the lag figures of a slot receiving events', () => {
       }
       await pipe.drain()
     })()
-    await waitFor('the first events to be applied', () => processor.stats.applied > 0)
+    await waitFor('the first events to be applied', () => s.processor.stats.applied > 0)
     await sleep(2500) // a read sent before the first delivery has been answered
     const from = Date.now()
     await sleep(4000) // four refreshes, events arriving all along
     const whileReceiving = asked.filter((t) => t >= from).length
-    const scrape = await (await fetch(`${obs.url ?? ''}/metrics`)).text()
+    const scrape = await (await fetch(`${s.obs.url ?? ''}/metrics`)).text()
     trickle.on = false
     await publishing
 
-    await waitFor('every event to be applied', () => processor.stats.applied === trickle.sent)
+    await waitFor('every event to be applied', () => s.processor.stats.applied === trickle.sent)
     const quiet = Date.now()
     await sleep(4000) // two refreshes past the two it counts deliveries as fresh for
-    await snoop.flush()
+    await s.snoop.flush()
     const whileQuiet = asked.filter((t) => t >= quiet).length
 
     expect(whileReceiving).toBe(0)
