@@ -111,12 +111,12 @@ export async function startObservability(
     (natsRead ??= readNatsFigures(on, config, ps, delivered()).finally(() => {
       natsRead = undefined
     }))
-  // The counts of the consumers this instance had deliveries from within two refreshes: the
+  // The counts of the consumers that delivered to this instance since the last refresh: the
   // server is asked only for the others (idle, stalled behind Postgres, or just taken over).
   const delivered = () =>
     Object.assign(
       {},
-      ...metrics.processors.map((p) => p.deliveries(2 * config.metrics.refreshSeconds * 1000)),
+      ...metrics.processors.map((p) => p.deliveries(config.metrics.refreshSeconds * 1000)),
     ) as Record<string, ConsumerFigures>
 
   const sample = async (): Promise<LagSample> => {

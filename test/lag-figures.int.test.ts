@@ -124,7 +124,7 @@ describe('the lag figures of a slot receiving events', () => {
 
     await waitFor('every event to be applied', () => s.processor.stats.applied === trickle.sent)
     const quiet = Date.now()
-    await sleep(4000) // two refreshes past the two it counts deliveries as fresh for
+    await sleep(4000) // past the refresh that last saw a delivery, and the one after it
     await s.snoop.flush()
     const whileQuiet = asked.filter((t) => t >= quiet).length
 

@@ -39,8 +39,8 @@ export interface SlotState {
   position: CheckpointPosition
   /** The highest stream sequence delivered in this session. */
   delivered: number
-  /** The newest delivery of this session, and when it came (`performance.now()`). */
-  newest: { readonly msg: JsMsg; readonly at: number } | undefined
+  /** The newest delivery of this session. */
+  newest: JsMsg | undefined
   /** The consumer's delivery sequence acked up to (AckPolicy.All): all before it are acked. */
   ackedDelivery: number
   /** Set when the stream no longer holds what was applied: the session ends and re-anchors. */

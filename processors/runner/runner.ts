@@ -55,8 +55,8 @@ class ProcessorRunner implements RunningProcessor {
     postgres: 'closed',
   }
   readonly done: Promise<void>
-  /** The slot sessions running now (see {@link deliveries}). */
-  readonly #sessions = new Map<string, SlotSession>()
+  /** The slots this instance owns now, each with its session (kept by {@link #membership}). */
+  readonly #owned = new Map<Slot, OwnedSlot>()
   readonly #spec: ProcessorSpec
   readonly #deps: ProcessorDeps
   readonly #log: Logger
@@ -96,9 +96,9 @@ class ProcessorRunner implements RunningProcessor {
   deliveries(freshMs: number): Record<string, DeliveryFigures> {
     const now = performance.now()
     const out: Record<string, DeliveryFigures> = {}
-    for (const [key, session] of this.#sessions) {
+    for (const [slot, { session }] of this.#owned) {
       const figures = session.deliveries(now, freshMs)
-      if (figures !== undefined) out[key] = figures
+      if (figures !== undefined) out[slot.key] = figures
     }
     return out
   }
@@ -139,7 +139,7 @@ class ProcessorRunner implements RunningProcessor {
   async #membership(signal: AbortSignal, healthy: () => void): Promise<void> {
     // While the breaker is open this fails at once; after its backoff it lets one probe through.
     await this.#postgres.policy.execute(() => this.#deps.pool.query('select 1'))
-    const owned = new Map<Slot, OwnedSlot>()
+    const owned = this.#owned // empty: a membership ends only once every session has
     const wake = new Wakeup()
     const jsm = await slotJetStreamManager(this.#deps.jsm, this.#deps.nc)
     const lease = await Lease.open(
@@ -216,13 +216,11 @@ class ProcessorRunner implements RunningProcessor {
               // The slot is given back before the session counts as ended, so the lease is
               // never closed (and its connection returned to the pool) under a release.
               owned.delete(slot)
-              this.#sessions.delete(slot.key)
               this.#counters.slotReleased(slot.key)
               await lease.release(slot.key).catch(() => undefined)
               wake.notify()
             })
           owned.set(slot, entry)
-          this.#sessions.set(slot.key, session)
         }
         const waiting = [...backoffs.values()].some((b) => b.until > Date.now())
         const state = owned.size > 0 ? 'running' : waiting ? 'backing-off' : 'standby'

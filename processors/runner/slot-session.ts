@@ -36,6 +36,8 @@ export class SlotSession {
   /** Batches and stream checks take turns: a check may move the checkpoint back. */
   #turn: Promise<unknown> = Promise.resolve()
   readonly #stopping: AbortSignal
+  /** The newest delivery {@link deliveries} last saw, and when it first saw it. */
+  #looked = { delivery: 0, at: 0 }
 
   constructor(slot: Slot, ctx: RunnerContext, stopping: AbortSignal) {
     this.#slot = slot
@@ -128,7 +130,7 @@ export class SlotSession {
           // Before this session's first ack, what came before its first delivery counts as acked:
           // the consumer was anchored with nothing in flight (or recreated).
           if (state.newest === undefined) state.ackedDelivery = m.info.deliverySequence - 1
-          state.newest = { msg: m, at: performance.now() }
+          state.newest = m
           if (gap.skipped === undefined && deliveries.add(m.info.deliverySequence)) buffer.push(m)
           else if (gap.skipped === undefined) {
             gap.skipped = `${deliveries.last} to ${m.info.deliverySequence}`
@@ -174,13 +176,18 @@ export class SlotSession {
   }
 
   /**
-   * The consumer's counts as of the newest delivery, if it came within `freshMs` of `now`
-   * (see {@link DeliveryFigures}).
+   * The consumer's counts as of the newest delivery (see {@link DeliveryFigures}), if a look at
+   * most `freshMs` before `now` found it new. Timed by these looks, not per delivery: the hot
+   * path only keeps the newest message.
    */
   deliveries(now: number, freshMs: number): DeliveryFigures | undefined {
     const newest = this.#state.newest
-    if (newest === undefined || now - newest.at > freshMs) return undefined
-    const info = newest.msg.info
+    if (newest === undefined) return undefined
+    const info = newest.info
+    if (info.deliverySequence !== this.#looked.delivery) {
+      this.#looked = { delivery: info.deliverySequence, at: now }
+    }
+    if (now - this.#looked.at > freshMs) return undefined
     return {
       pending: info.pending,
       ackPending: Math.max(0, info.deliverySequence - this.#state.ackedDelivery),

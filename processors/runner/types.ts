@@ -98,8 +98,9 @@ export interface RunningProcessor {
   readonly name: string
   readonly stats: Readonly<ProcessorStats>
   /**
-   * Per slot this instance owns and had a delivery for within `freshMs`: its consumer's counts
-   * as of that delivery. A slot left out (idle, stalled, just taken) is for the server to report.
+   * Per slot this instance owns whose newest delivery was new to a look at most `freshMs` ago
+   * (each call is a look): its consumer's counts as of that delivery. A slot left out (idle,
+   * stalled, just taken) is for the server to report.
    */
   deliveries(freshMs: number): Readonly<Record<string, DeliveryFigures>>
   /** Finish the batch in hand (or abandon it uncommitted if the database is down), then stop. */
