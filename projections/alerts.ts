@@ -269,6 +269,12 @@ interface Place {
  * status history up to the tip is unchanged, is folded on from its current alerts and conditions
  * over the new inputs alone: the common case, events arriving in order. Any other sensor (a late
  * event, a late status change) is folded again from its horizons over its kept inputs.
+ *
+ * `held`: the kept inputs of every sensor folded again, held by the caller instead of stored (a
+ * rebuild's bulk load, whose sensors have nothing stored yet): they are not read, and not pruned
+ * from `alert_inputs`; the caller stores those past the horizons returned.
+ *
+ * Returns the horizons moved.
  */
 export async function refold(
   trx: Transaction<Database>,
@@ -279,8 +285,9 @@ export async function refold(
   devices: readonly string[],
   added: readonly AlertInputTable[],
   settled: ReadonlyMap<string, EffectiveStatus | null> = new Map(),
-): Promise<void> {
-  if (devices.length === 0) return
+  held?: ReadonlyMap<string, readonly AlertInputTable[]>,
+): Promise<readonly AlertHorizonTable[]> {
+  if (devices.length === 0) return []
   const sorted = [...devices].sort()
   const news = group(added, (i) => i.device_id)
   const versions = await sql<{ device_id: string; xmin: string }>`
@@ -339,16 +346,18 @@ export async function refold(
   // Read back: the fast ones this process has not kept.
   const quick = [...fast].filter((d) => !kept.has(d))
 
-  const inputs = group(
-    slow.length === 0
-      ? []
-      : await trx
-          .selectFrom('alert_inputs')
-          .selectAll()
-          .where(sql<boolean>`device_id = any(${slow}::text[])`)
-          .execute(),
-    (i) => i.device_id,
-  )
+  const inputs =
+    held ??
+    group(
+      slow.length === 0
+        ? []
+        : await trx
+            .selectFrom('alert_inputs')
+            .selectAll()
+            .where(sql<boolean>`device_id = any(${slow}::text[])`)
+            .execute(),
+      (i) => i.device_id,
+    )
   const horizons = new Map(
     (slow.length === 0
       ? []
@@ -499,13 +508,14 @@ export async function refold(
   await writeConditions(trx, written)
   await writeOutbox(trx, loaded, wanted)
   await writeTips(trx, newTips, tips)
-  await writeHorizons(trx, prune)
+  await writeHorizons(trx, prune, held === undefined)
   // Acks fold after the last reading change no condition: the last state is what was written.
   const me = await transactionId(trx)
   for (const tip of newTips) {
     const states = ends.get(tip.device_id)
     if (states !== undefined) folds.put(tip.device_id, me, { tip, states })
   }
+  return prune
 }
 
 /** A stand-in history for a sensor whose history is unchanged: its status, from the start. */
@@ -887,10 +897,11 @@ async function writeTips(
       readings_since_prune = excluded.readings_since_prune`.execute(trx)
 }
 
-/** Moves horizons forward and drops the readings up to them. */
+/** Moves horizons forward and drops the stored readings up to them (`stored`: there are some). */
 async function writeHorizons(
   trx: Transaction<Database>,
   rows: readonly AlertHorizonTable[],
+  stored: boolean,
 ): Promise<void> {
   if (rows.length === 0) return
   const src = jsonRows('alert_horizons', rows)
@@ -906,6 +917,7 @@ async function writeHorizons(
       })),
     )
     .execute()
+  if (!stored) return
   await sql`
     delete from alert_inputs i using unnest(${rows.map((h) => h.device_id)}::text[],
       ${rows.map((h) => h.rule_id)}::text[], ${rows.map((h) => h.hlc)}::text[],

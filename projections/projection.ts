@@ -66,7 +66,7 @@ export function anyEvents<T extends EventType>(projection: Projection<T>): AnyPr
  */
 export interface BulkLoad {
   apply(trx: Transaction<Database>, events: readonly ProjectedEvent[], copy: CopyIn): Promise<void>
-  finish(trx: Transaction<Database>): Promise<void>
+  finish(trx: Transaction<Database>, copy: CopyIn): Promise<void>
   /**
    * It keeps what chunks gave it in memory until `finish` (or writes it in a later chunk): a chunk
    * whose transaction failed cannot be given again, and the rebuild starts over instead.

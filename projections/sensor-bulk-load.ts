@@ -19,7 +19,7 @@ export interface SensorWindow {
   /** The sensors added so far. */
   readonly deviceIds: ReadonlySet<string>
   /** Writes every sensor added; the window is not used after. */
-  flush(trx: Transaction<Database>): Promise<void>
+  flush(trx: Transaction<Database>, copy: CopyIn): Promise<void>
 }
 
 /**
@@ -79,23 +79,23 @@ export class SensorBulkLoad {
       await this.#window.add(trx, fresh, copy)
     }
     if (tick >= 0) {
-      await this.#flush(trx)
+      await this.#flush(trx, copy)
       this.#live = true
       await this.projection.apply(trx, handled.slice(tick))
     } else if ((this.#window?.deviceIds.size ?? 0) > this.maxSensors) {
-      await this.#flush(trx)
+      await this.#flush(trx, copy)
     }
   }
 
-  async finish(trx: Transaction<Database>): Promise<void> {
-    await this.#flush(trx)
+  async finish(trx: Transaction<Database>, copy: CopyIn): Promise<void> {
+    await this.#flush(trx, copy)
   }
 
-  async #flush(trx: Transaction<Database>): Promise<void> {
+  async #flush(trx: Transaction<Database>, copy: CopyIn): Promise<void> {
     const window = this.#window
     if (window === undefined) return
     this.#window = undefined
-    await window.flush(trx)
+    await window.flush(trx, copy)
     for (const id of window.deviceIds) this.#written.add(id)
   }
 }

@@ -237,7 +237,9 @@ describe('the bulk loads of sensor-status and alerts', () => {
         one.transaction().execute((trx) => load.apply(trx, c, copy)),
       )
     }
-    await onOneConnection(pool, (one) => one.transaction().execute((trx) => load.finish(trx)))
+    await onOneConnection(pool, (one, copy) =>
+      one.transaction().execute((trx) => load.finish(trx, copy)),
+    )
   }
 
   async function compare(
@@ -245,13 +247,14 @@ describe('the bulk loads of sensor-status and alerts', () => {
     events: readonly FleetEvent[],
     chunkSize: number,
     maxSensors: number,
+    maxHeldInputs?: number,
   ): Promise<Record<string, number>> {
     const chunks = chunked(projected(events), chunkSize)
     const counts: Record<string, number> = {}
     const specs = [
       {
         make: () => anyEvents(alertsProjection(ALERTS)),
-        load: (p: AnyProjection) => alertsBulkLoad(p, ALERTS, maxSensors),
+        load: (p: AnyProjection) => alertsBulkLoad(p, ALERTS, maxSensors, maxHeldInputs),
       },
       {
         make: () => anyEvents(sensorStatusProjection(STATUS)),
@@ -296,6 +299,15 @@ describe('the bulk loads of sensor-status and alerts', () => {
     const events = stream(false, 11).filter((e) => e.type !== 'sensor.registered')
     const counts = await compare('bound', events, 40, 3)
     expect(counts.alert_horizons).toBeGreaterThan(0)
+  })
+
+  it('past the bound of held inputs, stores them as it goes and prunes them in the table', async () => {
+    // The window holds 10 inputs, then stores them and every later one as its chunk arrives;
+    // the flush reads them back, and prunes them in alert_inputs.
+    const events = stream(false, 19)
+    const counts = await compare('spill', events, 7, 1000, 10)
+    expect(counts.alert_horizons).toBeGreaterThan(0)
+    expect(counts.alert_inputs).toBeGreaterThan(0)
   })
 
   it('at the first clock tick, writes the window and applies the rest as apply does', async () => {

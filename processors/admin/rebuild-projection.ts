@@ -436,8 +436,11 @@ class RebuildRun {
    */
   async #endBulk(db: Kysely<Database>): Promise<void> {
     const bulk = this.#bulk
-    if (bulk === undefined) return
-    await db.transaction().execute((trx) => bulk.finish(trx))
+    const pool = this.#scratchPool
+    if (bulk === undefined || pool === undefined) return
+    await onOneConnection(pool, (one, copy) =>
+      one.transaction().execute((trx) => bulk.finish(trx, copy)),
+    )
     await restoreIndexes(db, this.#deferredIndexes)
     this.#bulk = undefined
   }
