@@ -81,9 +81,20 @@ describe('a rebuild bulk load', () => {
       ...reading(n, `d-${n % 7}`, n / 4, n % 3),
       streamSeq: seq,
     })
+    // Two readings with one HLC, the newest of their sensor and metric: the greater event id wins,
+    // whichever came first.
+    const tied = (n: number, id: string, seq: number): ProjectedEvent => {
+      const r = reading(n, 'd-0', n)
+      const e = r.event as ReadingRecorded
+      return {
+        ...r,
+        streamSeq: seq,
+        event: { ...e, eventId: id, hlc: '1795428000000-000009-gw-t' },
+      }
+    }
     const chunks = [
-      [...events.slice(0, 150), again(10, 1001)],
-      [again(20, 1002), ...events.slice(150), again(160, 1003)],
+      [...events.slice(0, 150), again(10, 1001), tied(302, 'tie-b', 1004)],
+      [again(20, 1002), ...events.slice(150), again(160, 1003), tied(304, 'tie-a', 1005)],
     ]
     for (const chunk of chunks) {
       await db.transaction().execute((trx) => readings.apply(trx, chunk))
@@ -122,6 +133,11 @@ describe('a rebuild bulk load', () => {
         ).rows
       expect(await rows(scratchSchemaName('readings')), table).toEqual(await rows('public'))
     }
+    const newest = await sql<{ event_id: string }>`select event_id from ${sql.id(
+      scratchSchemaName('readings'),
+      'latest_readings',
+    )} where device_id = 'd-0' and metric = 'temperature'`.execute(db)
+    expect(newest.rows).toEqual([{ event_id: 'tie-b' }])
     const indexes = await pool.query<{ name: string }>(
       `select indexname as name from pg_indexes where schemaname = $1
          and tablename in ('readings', 'latest_readings', 'readings_per_minute') order by 1`,

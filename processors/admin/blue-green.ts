@@ -123,13 +123,19 @@ export async function deferIndexes(
   return indexes.rows.map((i) => i.def)
 }
 
-/** Creates the indexes {@link deferIndexes} dropped, each in one sort (with room to sort in memory). */
+/**
+ * Creates the indexes {@link deferIndexes} dropped, each in one sort (with room to sort in memory)
+ * and its own transaction: it holds one table's lock at a time, so it may run beside a
+ * transaction that writes the scratch tables (a bulk load's `finish`) without a deadlock; each
+ * waits for the other at most once.
+ */
 export async function restoreIndexes(db: Kysely<Database>, defs: readonly string[]): Promise<void> {
-  if (defs.length === 0) return
-  await db.transaction().execute(async (trx) => {
-    await sql`select set_config('maintenance_work_mem', '256MB', true)`.execute(trx)
-    for (const def of defs) await sql.raw(def).execute(trx)
-  })
+  for (const def of defs) {
+    await db.transaction().execute(async (trx) => {
+      await sql`select set_config('maintenance_work_mem', '256MB', true)`.execute(trx)
+      await sql.raw(def).execute(trx)
+    })
+  }
 }
 
 /** Refreshes the planner's statistics of the scratch tables, so the swapped-in tables plan well at once. */

@@ -438,10 +438,16 @@ class RebuildRun {
     const bulk = this.#bulk
     const pool = this.#scratchPool
     if (bulk === undefined || pool === undefined) return
-    await onOneConnection(pool, (one, copy) =>
-      one.transaction().execute((trx) => bulk.finish(trx, copy)),
-    )
-    await restoreIndexes(db, this.#deferredIndexes)
+    // Side by side, on the scratch pool's two connections: the indexes are sorts of what the bulk
+    // load wrote, and its finish (the readings' rollups: seconds at 1M events) mostly reads.
+    // Both end before a failure of either is thrown: nothing runs on after the rebuild failed.
+    const ended = await Promise.allSettled([
+      onOneConnection(pool, (one, copy) =>
+        one.transaction().execute((trx) => bulk.finish(trx, copy)),
+      ),
+      restoreIndexes(db, this.#deferredIndexes),
+    ])
+    for (const e of ended) if (e.status === 'rejected') throw e.reason
     this.#bulk = undefined
   }
 
