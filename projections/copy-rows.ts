@@ -10,8 +10,19 @@
 import { sql, type Transaction } from 'kysely'
 import type { Database } from './tables.ts'
 
-/** Sends a COPY payload (text format) into `table` (`columns` in the payload's order), in the caller's transaction. */
-export type CopyIn = (table: string, columns: readonly string[], payload: string) => Promise<void>
+/** Sends a COPY payload (text format) into `table` (`columns` in the payload's order). */
+export type CopySend = (table: string, columns: readonly string[], payload: string) => Promise<void>
+
+/** A COPY sender in the caller's transaction, and one beside it. */
+export interface CopyIn extends CopySend {
+  /**
+   * The same on another connection, committed on its own: for rows nothing in the transaction
+   * reads back, sent while it goes on (Postgres stores them while the caller works on). Only for
+   * a rebuild's bulk phase, which is all or nothing: when it fails, its scratch schema is dropped
+   * with whatever was sent aside.
+   */
+  readonly aside: CopySend
+}
 
 /** What a COPY field may hold: text, a number, a timestamp, or null. */
 export type CopyValue = string | number | Date | null

@@ -7,13 +7,14 @@ import type pg from 'pg'
 import { from as copyFrom } from 'pg-copy-streams'
 import { Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
-import type { CopyIn } from '../../projections/copy-rows.ts'
+import type { CopyIn, CopySend } from '../../projections/copy-rows.ts'
 import type { Database } from '../../projections/tables.ts'
 
 /**
  * Runs `fn` on one connection of `pool`: `db` runs every statement on it (a transaction begun
- * on `db` holds it), `copy` sends COPY payloads on it. The connection goes back to the pool after,
- * or is closed when `fn` failed (it may be mid-COPY).
+ * on `db` holds it), `copy` sends COPY payloads on it, and `copy.aside` on another connection of
+ * the pool, each in a transaction of its own. The connection goes back to the pool after, or is
+ * closed when `fn` failed (it may be mid-COPY).
  */
 export async function onOneConnection<T>(
   pool: pg.Pool,
@@ -29,14 +30,23 @@ export async function onOneConnection<T>(
       pool: { connect: () => Promise.resolve(shared), end: () => Promise.resolve() },
     }),
   })
-  const copy: CopyIn = async (table, columns, payload) => {
-    const quoted = columns.map((c) => `"${c.replaceAll('"', '""')}"`).join(', ')
-    const into = `"${table.replaceAll('"', '""')}"`
-    await pipeline(
-      Readable.from([payload]),
-      client.query(copyFrom(`copy ${into} (${quoted}) from stdin`)),
-    )
+  const aside: CopySend = async (table, columns, payload) => {
+    const other = await pool.connect()
+    let failed: Error | undefined
+    try {
+      await copyOn(other, table, columns, payload)
+    } catch (err) {
+      failed = err instanceof Error ? err : new Error(String(err))
+      throw err
+    } finally {
+      other.release(failed)
+    }
   }
+  const copy: CopyIn = Object.assign(
+    (table: string, columns: readonly string[], payload: string) =>
+      copyOn(client, table, columns, payload),
+    { aside },
+  )
   let failed: Error | undefined
   try {
     return await fn(db, copy)
@@ -47,4 +57,18 @@ export async function onOneConnection<T>(
     client.release(failed)
     await db.destroy()
   }
+}
+
+async function copyOn(
+  client: pg.PoolClient,
+  table: string,
+  columns: readonly string[],
+  payload: string,
+): Promise<void> {
+  const quoted = columns.map((c) => `"${c.replaceAll('"', '""')}"`).join(', ')
+  const into = `"${table.replaceAll('"', '""')}"`
+  await pipeline(
+    Readable.from([payload]),
+    client.query(copyFrom(`copy ${into} (${quoted}) from stdin`)),
+  )
 }

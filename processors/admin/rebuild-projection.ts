@@ -220,8 +220,9 @@ class RebuildRun {
     )
     this.#log.info({ scratch, parked: this.#parked.size }, 'rebuilding into scratch tables')
     // Only the scratch schema: a name the copy lacks fails loudly instead of reaching a live table.
+    // Three connections: a batch's transaction, its COPYs aside, and the deferred indexes.
     const pool = createPool(config.databaseUrl, {
-      max: 2,
+      max: 3,
       applicationName: `fleetstream-rebuild-${this.#spec.name}`,
       log: this.#log,
       searchPath: [scratch],
