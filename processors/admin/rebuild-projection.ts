@@ -439,8 +439,8 @@ class RebuildRun {
     const bulk = this.#bulk
     const pool = this.#scratchPool
     if (bulk === undefined || pool === undefined) return
-    // Side by side, on the scratch pool's two connections: the indexes are sorts of what the bulk
-    // load wrote, and its finish (the readings' rollups: seconds at 1M events) mostly reads.
+    // Side by side, on connections of their own: the indexes are sorts of what the bulk load
+    // wrote, and its finish (the readings' rollups: seconds at 1M events) mostly reads.
     // Both end before a failure of either is thrown: nothing runs on after the rebuild failed.
     const ended = await Promise.allSettled([
       onOneConnection(pool, (one, copy) =>
