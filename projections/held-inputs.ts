@@ -29,8 +29,8 @@ export class HeldInputs {
   #length = new Uint16Array(1024)
   #value = new Float64Array(1024)
   #count = 0
-  /** The event whose text was written last: the next input of the same event reuses it. */
-  #lastEventId: string | undefined
+  /** The input whose text was written last: the next one of the same event reuses it. */
+  #last: AlertInputTable | undefined
   #acks: AlertInputTable[] = []
   /** Per device index: where its inputs start in {@link #order} (built once, by `of`). */
   #starts: Uint32Array | undefined
@@ -56,7 +56,14 @@ export class HeldInputs {
     this.#device[n] = indexOf(this.#deviceIndex, this.#devices, i.device_id)
     this.#rule[n] = indexOf(this.#ruleIndex, this.#rules, i.rule_id)
     this.#value[n] = i.value ?? Number.NaN
-    if (i.event_id !== this.#lastEventId) {
+    const last = this.#last
+    // The same event: its id, and (an id another event reused) its HLC and correlation id too.
+    if (
+      last === undefined ||
+      i.event_id !== last.event_id ||
+      i.hlc !== last.hlc ||
+      i.correlation_id !== last.correlation_id
+    ) {
       const text = `${i.event_id}\u0000${i.hlc}\u0000${i.correlation_id === i.event_id ? '' : i.correlation_id}`
       // Ids and HLCs are ASCII (their patterns): one byte a character.
       while (this.#textLength + text.length > this.#text.length) {
@@ -65,7 +72,7 @@ export class HeldInputs {
         this.#text = bigger
       }
       this.#text.write(text, this.#textLength, 'latin1')
-      this.#lastEventId = i.event_id
+      this.#last = i
       this.#at[n] = this.#textLength
       this.#length[n] = text.length
       this.#textLength += text.length
