@@ -1,6 +1,13 @@
 import { sql, type Transaction } from 'kysely'
 import type { ThresholdRule } from './alert-rules.ts'
-import { inputsOf, keptReadings, refold, type AlertsOptions, type KeptFold } from './alerts.ts'
+import {
+  afterPlace,
+  inputsOf,
+  keptReadings,
+  refold,
+  type AlertsOptions,
+  type KeptFold,
+} from './alerts.ts'
 import { copyRows, copyText, type CopyIn } from './copy-rows.ts'
 import { jsonRows } from './json-rows.ts'
 import type { AnyProjection } from './projection.ts'
@@ -151,8 +158,9 @@ function pastHorizons(
   const at = new Map(horizons.map((h) => [`${h.device_id}\u0000${h.rule_id}`, h]))
   return inputs.filter((i) => {
     const h = at.get(`${i.device_id}\u0000${i.rule_id}`)
-    if (i.kind !== 'reading' || h === undefined) return true
-    return i.hlc !== h.hlc ? i.hlc > h.hlc : i.event_id > h.event_id
+    return (
+      i.kind !== 'reading' || h === undefined || afterPlace(i.hlc, i.event_id, h.hlc, h.event_id)
+    )
   })
 }
 

@@ -535,7 +535,7 @@ function now(deviceId: string, status: EffectiveStatus | null): Transition {
 }
 
 /** Whether (hlc, eventId) a comes after b: byHlcThenId(a, b) > 0 without the objects. */
-function afterPlace(aHlc: string, aId: string, bHlc: string, bId: string): boolean {
+export function afterPlace(aHlc: string, aId: string, bHlc: string, bId: string): boolean {
   return aHlc !== bHlc ? aHlc > bHlc : aId > bId
 }
 

@@ -516,6 +516,8 @@ class RebuildRun {
     const sm = await this.#deps.jsm.streams.getMessage(stream, { seq }).catch(() => null)
     const info = { stream, streamSequence: seq }
     if (sm === null) return { key: parkedKey({ info }), subject: '?' }
+    // A getter: a stored message parses its header block when it is read, and a malformed one
+    // (a device's) throws there, inside parkedKey, which reads it as no headers.
     const msg: { readonly headers: MsgHdrs | undefined; readonly info: typeof info } = {
       get headers() {
         return sm.header
