@@ -303,7 +303,9 @@ describe('metrics, health and readiness of a `run` process', () => {
     expect(valueOf(s, 'fleetstream_postgres_circuit_state', { processor: 'readings' })).toBe(0)
     // An outage is not poison: nothing more was parked.
     expect(valueOf(s, 'fleetstream_dlq_depth', { processor: 'readings' })).toBe(3)
-  })
+    // Longer than its waits (15 + 45 + 60 + 60 s): one that stalls fails naming its step and the
+    // process's last lines, not the test's timeout.
+  }, 200_000)
 
   it('still answers scrapes in bounded time while NATS is down, and is not ready', async () => {
     await nats.stop()
