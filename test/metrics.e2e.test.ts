@@ -298,6 +298,14 @@ describe('metrics, health and readiness of a `run` process', () => {
         )
       },
       60_000,
+      () =>
+        `published ${published.readings}\n` +
+        s
+          .filter((x) => x.name.startsWith('fleetstream_') && !x.name.includes('_bucket'))
+          .filter((x) => x.labels.processor !== 'sensor-status')
+          .map((x) => `${x.name}${JSON.stringify(x.labels)} ${x.value}`)
+          .join('\n') +
+        `\n${proc.output().split('\n').slice(-40).join('\n')}`,
     )
     expect(await rows()).toBe(published.readings)
     expect(valueOf(s, 'fleetstream_postgres_circuit_state', { processor: 'readings' })).toBe(0)
