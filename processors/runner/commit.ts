@@ -253,6 +253,7 @@ export class BatchCommitter {
     const signal = this.#s.stop
     let stub = false
     let attempt = 0
+    let duplicate = false
     const again = retry(
       handleWhen(() => !isAborted(signal)),
       { maxAttempts: PARK_ATTEMPTS - 1, backoff: PARK_BACKOFF },
@@ -277,6 +278,7 @@ export class BatchCommitter {
           limits,
           { stub },
         )
+        duplicate = parked.duplicate
         this.#s.log.warn(
           {
             ...fields,
@@ -298,7 +300,9 @@ export class BatchCommitter {
         { cause: err },
       )
     }
-    this.#s.ctx.counters.parked(d.reason)
+    // Parked before (a batch applied again after a crash, within the DLQ's duplicate window):
+    // the DLQ holds it once, and so does the count.
+    if (!duplicate) this.#s.ctx.counters.parked(d.reason)
   }
 
   /**
