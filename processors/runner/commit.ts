@@ -253,7 +253,6 @@ export class BatchCommitter {
     const signal = this.#s.stop
     let stub = false
     let attempt = 0
-    let duplicate = false
     const again = retry(
       handleWhen(() => !isAborted(signal)),
       { maxAttempts: PARK_ATTEMPTS - 1, backoff: PARK_BACKOFF },
@@ -269,8 +268,9 @@ export class BatchCommitter {
       )
       if (refused) stub = true
     })
+    let duplicate: boolean
     try {
-      await again.execute(async () => {
+      duplicate = await again.execute(async () => {
         attempt++
         const parked = await parkInDlq(
           this.#s.ctx.js,
@@ -278,7 +278,6 @@ export class BatchCommitter {
           limits,
           { stub },
         )
-        duplicate = parked.duplicate
         this.#s.log.warn(
           {
             ...fields,
@@ -289,6 +288,7 @@ export class BatchCommitter {
           },
           'event parked in the DLQ',
         )
+        return parked.duplicate
       })
     } catch (err) {
       this.#s.log.error(
