@@ -187,6 +187,37 @@ describe('poison', () => {
     expect((await rt.jsm.streams.info(rt.config.streams.dlq)).state.messages).toBe(0)
   }, 90_000)
 
+  it('an event parked again by a later session (its batch never committed) is in the DLQ once, and counted once', async () => {
+    await sql`alter table readings rename to readings_moved`.execute(rt.db)
+    processor = startProcessor(readingsProcessor, rt)
+    const h = headers()
+    h.set(Headers.Hlc, encodeHlc({ wallMs: Date.now(), logical: 0, node: 'gw' }))
+    await rt.js.publish('fleet.events.p-6.reading', '{"not": json', {
+      msgID: 'garbage-1',
+      headers: h,
+    })
+    const publisher = testPublisher(rt)
+    let last = 0
+    for (let i = 0; i < 5; i++) last = (await publisher.publish(readingDraft('p-6', i))).seq
+    // Parked before the commit, which fails until the table is back: each session that gives up
+    // leaves the batch unacked, and the next one takes it again and parks the garbage again.
+    await waitFor(
+      'a second session to take the batch again',
+      () => processor!.stats.received >= 12,
+      60_000,
+      () => JSON.stringify(processor!.stats),
+    )
+    await sql`alter table readings_moved rename to readings`.execute(rt.db)
+    await waitFor(
+      'the checkpoint to pass every event',
+      () => processor!.stats.checkpoint === last,
+      60_000,
+    )
+    expect(await rows()).toHaveLength(5)
+    expect((await rt.jsm.streams.info(rt.config.streams.dlq)).state.messages).toBe(1)
+    expect(processor.stats.rejected).toBe(1)
+  }, 150_000)
+
   it('an event with an HLC beyond max offset is quarantined and moves no state and no clock', async () => {
     processor = startProcessor(readingsProcessor, rt)
     const publisher = testPublisher(rt)
