@@ -45,6 +45,15 @@ describe('poison', () => {
     await nats.cleanup()
   })
 
+  /** Puts back the `readings` table a test renamed away, then waits for the checkpoint at `last`. */
+  const tableBackThenCaughtUp = async (last: number) => {
+    await sql`alter table readings_moved rename to readings`.execute(rt.db)
+    await waitFor(
+      'the checkpoint to pass every event',
+      () => processor!.stats.checkpoint === last,
+      60_000,
+    )
+  }
   const rows = async () =>
     (await rt.db.selectFrom('readings').select('value').orderBy('value').execute()).map(
       (r) => r.value,
@@ -177,12 +186,7 @@ describe('poison', () => {
       () => processor!.stats.retries > 0 || processor!.stats.state === 'backing-off',
     )
     expect(processor.stats.rejected).toBe(0)
-    await sql`alter table readings_moved rename to readings`.execute(rt.db)
-    await waitFor(
-      'the checkpoint to pass every event',
-      () => processor!.stats.checkpoint === last,
-      60_000,
-    )
+    await tableBackThenCaughtUp(last)
     expect(await rows()).toHaveLength(20)
     expect((await rt.jsm.streams.info(rt.config.streams.dlq)).state.messages).toBe(0)
   }, 90_000)
@@ -207,12 +211,7 @@ describe('poison', () => {
       60_000,
       () => JSON.stringify(processor!.stats),
     )
-    await sql`alter table readings_moved rename to readings`.execute(rt.db)
-    await waitFor(
-      'the checkpoint to pass every event',
-      () => processor!.stats.checkpoint === last,
-      60_000,
-    )
+    await tableBackThenCaughtUp(last)
     expect(await rows()).toHaveLength(5)
     expect((await rt.jsm.streams.info(rt.config.streams.dlq)).state.messages).toBe(1)
     expect(processor.stats.rejected).toBe(1)
