@@ -101,7 +101,8 @@ export function alertsBulkLoad(
           const all = held
           held = undefined
           // The inputs kept go aside (nothing here reads them back): Postgres stores a slice's
-          // while the next one is folded. One COPY at a time; a failed one is thrown at the next.
+          // while the next one is folded. One COPY at a time; a failed one is thrown where it is
+          // awaited (before the next one, or at the end), never left unhandled meanwhile.
           let sending: Promise<void> = Promise.resolve()
           try {
             for (const group of slices(devices, FOLD_SENSORS)) {
@@ -119,13 +120,13 @@ export function alertsBulkLoad(
               )
               const kept = pastHorizons([...inputs.values()].flat(), horizons)
               await sending
-              sending =
-                kept.length === 0
-                  ? Promise.resolve()
-                  : copy.aside('alert_inputs', INPUT_COLUMNS, copyText(kept, INPUT_COLUMNS))
+              if (kept.length === 0) continue
+              sending = copy.aside('alert_inputs', INPUT_COLUMNS, copyText(kept, INPUT_COLUMNS))
+              sending.catch(() => undefined)
             }
-          } finally {
-            await sending.catch(() => undefined)
+          } catch (err) {
+            await sending.catch(() => undefined) // no COPY outlives the flush
+            throw err
           }
           await sending
         },

@@ -345,4 +345,20 @@ describe('the bulk loads of sensor-status and alerts', () => {
     ])
       expect(await rows(builtA.db, table), table).toEqual(await rows(givenA.db, table))
   })
+
+  it('a COPY aside that fails while the next slice folds fails the flush, and nothing else', async () => {
+    // 350 sensors, one reading each: four slices at the flush, each slice's inputs sent aside
+    // while the next one folds. Postgres refuses one input of the second (its connection open by then: it fails fast).
+    const events: FleetEvent[] = Array.from({ length: 350 }, (_, i) => ({
+      ...envelope(i + 1, `s-${String(i).padStart(3, '0')}`, T0 + i),
+      type: 'reading.recorded',
+      data: { metric: 'temperature', value: i === 150 ? 999 : 20, unit: 'C' },
+    }))
+    const built = await schema('aside')
+    await sql`alter table alert_inputs add constraint below_500 check (value < 500)`.execute(
+      built.db,
+    )
+    const load = alertsBulkLoad(anyEvents(alertsProjection(ALERTS)), ALERTS)
+    await expect(bulk(built.pool, load, [projected(events)])).rejects.toThrow(/below_500/)
+  })
 })
