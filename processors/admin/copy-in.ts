@@ -30,32 +30,35 @@ export async function onOneConnection<T>(
       pool: { connect: () => Promise.resolve(shared), end: () => Promise.resolve() },
     }),
   })
-  const aside: CopySend = async (table, columns, payload) => {
-    const other = await pool.connect()
-    let failed: Error | undefined
-    try {
-      await copyOn(other, table, columns, payload)
-    } catch (err) {
-      failed = err instanceof Error ? err : new Error(String(err))
-      throw err
-    } finally {
-      other.release(failed)
-    }
-  }
+  const aside: CopySend = async (table, columns, payload) =>
+    releasedAfter(await pool.connect(), (other) => copyOn(other, table, columns, payload))
   const copy: CopyIn = Object.assign(
     (table: string, columns: readonly string[], payload: string) =>
       copyOn(client, table, columns, payload),
     { aside },
   )
-  let failed: Error | undefined
   try {
-    return await fn(db, copy)
-  } catch (err) {
-    failed = err instanceof Error ? err : new Error(String(err))
-    throw err
+    return await releasedAfter(client, () => fn(db, copy))
   } finally {
-    client.release(failed)
     await db.destroy()
+  }
+}
+
+/**
+ * Runs `fn` on `client`, then gives it back to its pool; closes it instead when `fn` failed (it
+ * may be mid-COPY).
+ */
+async function releasedAfter<T>(
+  client: pg.PoolClient,
+  fn: (client: pg.PoolClient) => Promise<T>,
+): Promise<T> {
+  try {
+    const out = await fn(client)
+    client.release()
+    return out
+  } catch (err) {
+    client.release(err instanceof Error ? err : new Error(String(err)))
+    throw err
   }
 }
 
