@@ -68,7 +68,8 @@ export interface Processors {
   readonly seconds: number
   /**
    * Per processor: seconds from spawning until its first checkpoint moved (process start-up,
-   * connecting, its first applied batch); with several slots, the first of its slots.
+   * connecting, its first applied batch); with several slots, the first of its slots. The
+   * processors start at once, on the same cores.
    */
   readonly startupSeconds: Readonly<Record<string, number>>
   /** Per processor: seconds from spawning until every checkpoint of it reached its target. */
@@ -89,6 +90,8 @@ export async function endToEnd(
   instances = 1,
 ): Promise<Processors> {
   const want = await targets(rt)
+  // Where each checkpoint stood at spawning: a processor has started once its own moved on.
+  const initial = await checkpoints(rt)
   const owner = new Map<string, string>()
   for (const name of PROCESSOR_NAMES) {
     for (const slot of slotsOf(rt.processors[name], rt.config)) owner.set(slot.key, name)
@@ -116,7 +119,8 @@ export async function endToEnd(
       const now = (performance.now() - start) / 1000
       for (const [key, seq] of seen) {
         const name = owner.get(key)
-        if (name !== undefined && seq > 0 && startup[name] === undefined) startup[name] = now
+        if (name !== undefined && seq > (initial.get(key) ?? 0) && startup[name] === undefined)
+          startup[name] = now
       }
       const late = new Set(behind().map(([k]) => owner.get(k)))
       for (const name of PROCESSOR_NAMES) {
@@ -144,6 +148,55 @@ export async function endToEnd(
     caughtUpSeconds: caughtUp,
     cpuSeconds: cpu,
   }
+}
+
+export interface StartupAlone {
+  /** Per processor: seconds from spawning until its first checkpoint moved. */
+  readonly seconds: Readonly<Record<string, number>>
+  /** Per processor: the events it had applied when it stopped (a head start for the next phase). */
+  readonly applied: Readonly<Record<string, number>>
+}
+
+/**
+ * Start-up of each processor on its own: spawned alone on the backlog (nothing else starting
+ * beside it), timed until its first applied batch, then stopped. The end-to-end phase starts all
+ * three at once on the 2 cores, so its start-up figures also hold the other two's start-up.
+ */
+export async function startupAlone(
+  rt: Runtime,
+  env: Record<string, string>,
+  timeoutMs: number,
+): Promise<StartupAlone> {
+  const seconds: Record<string, number> = {}
+  const applied: Record<string, number> = {}
+  for (const name of PROCESSOR_NAMES) {
+    const own = async (): Promise<number> => {
+      const seen = await checkpoints(rt)
+      const keys = slotsOf(rt.processors[name], rt.config).map((s) => s.key)
+      return keys.reduce((n, k) => n + (seen.get(k) ?? 0), 0)
+    }
+    const before = await own()
+    const start = performance.now()
+    const child = spawnCli(name, ['run', name, '--no-clock'], env)
+    try {
+      await waitUntil(
+        `processor ${name} (started alone) to apply its first batch`,
+        async () => {
+          if (!child.running()) {
+            throw new BenchError(`processor ${name} exited early:\n${child.output()}`)
+          }
+          return (await own()) > before
+        },
+        timeoutMs,
+        10,
+      )
+      seconds[name] = (performance.now() - start) / 1000
+    } finally {
+      await child.stop()
+    }
+    applied[name] = (await own()) - before
+  }
+  return { seconds, applied }
 }
 
 export interface Latency {

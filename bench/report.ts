@@ -1,4 +1,4 @@
-import type { Latency, Rebuild } from './fleetstream-phases.ts'
+import type { Latency, Rebuild, StartupAlone } from './fleetstream-phases.ts'
 
 export interface Rate {
   readonly events: number
@@ -45,6 +45,8 @@ export interface Figures {
   readonly jsPublish: Rate
   readonly fleetstream: {
     readonly ingest: Rate
+    /** Each processor started alone on the backlog, before the end-to-end phase. */
+    readonly startupAlone: StartupAlone
     readonly endToEnd: Rate & {
       /** Per processor: spawn to its first applied batch (first checkpoint move). */
       readonly startupSeconds: Readonly<Record<string, number>>
@@ -53,7 +55,10 @@ export interface Figures {
       /** CPU per event over the phase: each processor, nats-server, Postgres (all processes). */
       readonly cpuUsPerEvent: Readonly<Record<string, number>>
     }
-    readonly latency: Latency
+    readonly latency: Latency & {
+      /** Cores each process used while the phase ran (CPU seconds per second). */
+      readonly cpuCores: Readonly<Record<string, number>>
+    }
     readonly rebuild: Readonly<Record<string, Rebuild & { readonly rate: number }>>
     readonly peakRssMb: Readonly<Record<string, number>>
     /** CPU seconds each processor used over its life (end-to-end and latency phases). */
@@ -189,12 +194,15 @@ export function goals(f: Figures): Goal[] {
       (lat.missing > 0 ? `; ${lat.missing} probes never seen` : ''),
     threshold: `< 250 ms, reached >= ${num(REACHED * JUDGED_RATE)} ev/s`,
   })
-  const startup = fs.endToEnd.startupSeconds
+  const startup = fs.startupAlone.seconds
+  const together = fs.endToEnd.startupSeconds
   const processors = Object.keys(fs.peakRssMb)
   out.push({
-    goal: 'start-up of each processor to its first applied batch < 1 s on the backlog',
+    goal: 'start-up of each processor (started alone) to its first applied batch < 1 s on the backlog',
     met: processors.every((p) => (startup[p] ?? Number.POSITIVE_INFINITY) < 1),
-    figure: processors.map((p) => `${p} ${secs(startup[p])}`).join(', '),
+    figure:
+      processors.map((p) => `${p} ${secs(startup[p])}`).join(', ') +
+      ` (all three at once, end-to-end phase: ${processors.map((p) => secs(together[p])).join(' / ')})`,
     threshold: '< 1 s each',
   })
   out.push({
@@ -372,6 +380,22 @@ export function printReport(f: Figures, json: boolean): void {
     `${lat.p50Ms.toFixed(0)} / ${lat.p99Ms.toFixed(0)} / ${lat.maxMs.toFixed(0)} ms`,
     `reached ${num(lat.rate)} of ${num(lat.targetRate)} ev/s asked, ${num(f.devices)} sensors, ` +
       `${num(lat.samples)} probes, ${lat.missing} missing, poll ${lat.pollMs} ms`,
+  )
+  const cores = Object.entries(lat.cpuCores)
+  other(
+    '',
+    'cores used, latency phase',
+    `${cores.reduce((n, [, c]) => n + c, 0).toFixed(2)} of ${f.machine.cores}`,
+    cores.map(([k, c]) => `${k} ${c.toFixed(2)}`).join(', '),
+  )
+  other(
+    '',
+    'start-up alone (first batch)',
+    Object.values(fs.startupAlone.seconds)
+      .map((t) => t.toFixed(2))
+      .join(' / ') + ' s',
+    `${Object.keys(fs.startupAlone.seconds).join(' / ')}: each spawned alone on the backlog, ` +
+      'stopped after its first applied batch, before the end-to-end phase',
   )
   for (const [name, mb] of Object.entries(fs.peakRssMb)) {
     other(
