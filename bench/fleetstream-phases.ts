@@ -24,7 +24,7 @@ import {
 } from './common.ts'
 
 /** Publishes in flight, as the simulator's default. */
-export const WINDOW = 256
+export const WINDOW = 1024
 
 /** Ingest through fleetstream's publisher: dedup ids, every PubAck checked, `WINDOW` in flight. */
 export async function ingest(

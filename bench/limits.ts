@@ -4,17 +4,15 @@ import {
   jetstream,
   type JetStreamManager,
   type JsMsg,
-  type PubAck,
 } from '@nats-io/jetstream'
 import type { NatsConnection } from '@nats-io/transport-node'
 import type pg from 'pg'
-import { PublishPipeline } from '../infra/publisher.ts'
 import type { ReadingRecorded } from '../schemas/events.ts'
 import { type BenchEvent, BenchError, waitUntil } from './common.ts'
 
 /** A scratch stream with FLEET_EVENTS' settings, on its own subjects, for the raw limits. */
 export const RAW_STREAM = 'BENCH_RAW'
-const RAW_PREFIX = 'bench.raw.'
+export const RAW_PREFIX = 'bench.raw.'
 
 export async function createRawStream(jsm: JetStreamManager, like: string): Promise<void> {
   const { config } = await jsm.streams.info(like)
@@ -50,29 +48,6 @@ export async function corePublish(
     if (!(err instanceof BenchError)) throw err
   })
   return { seconds: (performance.now() - start) / 1000, stored }
-}
-
-/**
- * (a') not a limit but a decomposition of ingest: raw `js.publish` with the eventId as
- * Nats-Msg-Id and the same number in flight as fleetstream's pipeline, without its headers,
- * validation, spans and retries. Run after (b) so that (b) reads only the core publishes.
- */
-export async function jsPublish(
-  nc: NatsConnection,
-  events: readonly BenchEvent[],
-  window: number,
-): Promise<{ seconds: number }> {
-  const js = jetstream(nc)
-  // The same window as fleetstream's ingest, so the two rows differ only in what is published.
-  const pipe = new PublishPipeline<PubAck>(window)
-  const start = performance.now()
-  for (const e of events) {
-    await pipe.submit(() =>
-      js.publish(RAW_PREFIX + e.subject, e.body, { msgID: `js-${e.event.eventId}` }),
-    )
-  }
-  await pipe.drain()
-  return { seconds: (performance.now() - start) / 1000 }
 }
 
 /** (b) a raw JetStream consume, AckPolicy.All, acking one message in `ackEvery`. */

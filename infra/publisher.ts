@@ -285,10 +285,20 @@ export function eventHeaders(event: FleetEvent): MsgHdrs {
  * MsgHdrsImpl built key by key costs a tenth of a publish. The values are the event's validated
  * ids, HLC and type (patterns without CR or LF). Reading or changing them decodes them first.
  */
-function encodedEventHeaders(event: FleetEvent): MsgHdrs {
+function encodedEventHeaders(event: FleetEvent): EncodedHeaders {
   let s = `NATS/1.0\r\n${Headers.Hlc}: ${event.hlc}\r\n${Headers.CorrelationId}: ${event.correlationId}\r\n`
   if (event.causationId !== undefined) s += `${Headers.CausationId}: ${event.causationId}\r\n`
   return new EncodedHeaders(`${s}${Headers.EventType}: ${event.type}\r\n`)
+}
+
+/**
+ * The header bytes `publish` sends for an event outside any span: its headers and `Nats-Msg-Id`
+ * (the bench's publish ceiling sends exactly these).
+ */
+export function eventHeaderBytes(event: FleetEvent): Uint8Array {
+  const h = encodedEventHeaders(event)
+  h.set(Headers.MsgId, event.eventId)
+  return h.encode()
 }
 
 /** Headers kept as their wire form until someone reads or changes them. */

@@ -111,7 +111,7 @@ export async function simulateFleet(
   const remember = (e: FleetEvent) => {
     recent[stats.stored % 1000] = e
   }
-  const pipe = new PublishPipeline(opts.window ?? 256, (r: PublishResult) => {
+  const pipe = new PublishPipeline(opts.window ?? 1024, (r: PublishResult) => {
     if (r.duplicate) stats.duplicateAcks++
     else {
       stats.stored++
