@@ -8,6 +8,7 @@ import {
   type NatsConnection,
 } from '@nats-io/transport-node'
 import { context, SpanKind, SpanStatusCode, trace } from '@opentelemetry/api'
+import { randomFillSync } from 'node:crypto'
 import { v7 as uuidv7 } from 'uuid'
 import { FleetEvent, type EventOfType, type EventType } from '../schemas/events.ts'
 import { encodeHlc, decodeHlc, type HybridLogicalClock } from '../schemas/hlc.ts'
@@ -145,7 +146,7 @@ class PublisherImpl implements Publisher {
     const hlc = draft.causedBy
       ? this.#clock.receive(decodeHlc(draft.causedBy.hlc))
       : this.#clock.now()
-    const eventId = draft.eventId ?? uuidv7()
+    const eventId = draft.eventId ?? newEventId()
     const event = {
       eventId,
       deviceId: draft.deviceId,
@@ -260,6 +261,30 @@ class PublisherImpl implements Publisher {
     else this.stats.published++
     return { event, seq: ack.seq, duplicate: ack.duplicate }
   }
+}
+
+/**
+ * Random bytes for event ids, drawn from the CSPRNG a pool at a time: uuid's own source asks
+ * WebCrypto for 16 bytes per id, which was 4.6 us of a 12 us stamp (0.3 us this way).
+ */
+const randomPool = new Uint8Array(4096)
+let randomAt = randomPool.length
+function pooledRandom16(): Uint8Array {
+  if (randomAt + 16 > randomPool.length) {
+    randomFillSync(randomPool)
+    randomAt = 0
+  }
+  randomAt += 16
+  return randomPool.subarray(randomAt - 16, randomAt)
+}
+
+/**
+ * A UUIDv7: time-ordered by its millisecond; with a source of its own, uuid draws the rest at
+ * random (ids of one millisecond are not ordered among themselves: nothing orders by eventId,
+ * events are ordered by HLC).
+ */
+function newEventId(): string {
+  return uuidv7({ rng: pooledRandom16 })
 }
 
 function deepFreeze(o: object): void {
