@@ -118,8 +118,8 @@ export interface Ceiling {
 }
 
 /**
- * Publishes every event with up to `window` PubAcks outstanding; resolves when all are acked and
- * the stream holds them.
+ * Publishes every event with about `window` PubAcks outstanding (a slice of `SLICE` is sent whole
+ * once fewer than `window` are); resolves when all are acked and the stream holds them.
  */
 export async function publishCeiling(
   target: CeilingTarget,
