@@ -60,6 +60,7 @@ import {
   rawWrite,
 } from './limits.ts'
 import { publishCeiling } from './publish-ceiling.ts'
+import { quietPostgres } from './quiet-postgres.ts'
 import { type Figures, printReport, type ScaleRun } from './report.ts'
 
 /**
@@ -385,7 +386,10 @@ async function main(opts: Options): Promise<Figures> {
     note(
       `scale-out: ${opts.scaleEvents} events over ${opts.partitions} partitions; 1, then 2 instances of each processor`,
     )
-    const scale = await scaleOut(pgc, events, opts.partitions)
+    // The phases before are done with their databases: the scale-out runs drop them first.
+    await rt.close()
+    rt = undefined
+    const scale = await scaleOut(pgc, events, opts.partitions, ['bench', 'bench_job'])
 
     return {
       machine,
@@ -434,12 +438,14 @@ async function main(opts: Options): Promise<Figures> {
 /**
  * The same events on a stream split into partitions by the server's subject mapping, processed
  * end to end by one process of each processor (owning every partition), then, into a fresh
- * database, by two processes of each sharing the partitions.
+ * database, by two processes of each sharing the partitions. Each run starts on a quiet Postgres
+ * (bench/quiet-postgres.ts): the databases before it (`done`, then the previous run's) dropped.
  */
 async function scaleOut(
   pgc: PgCluster,
   events: readonly BenchEvent[],
   partitions: number,
+  done: readonly string[],
 ): Promise<Figures['scaleOut']> {
   const m = partitionMapping(partitions)
   const nats = await startNatsServer({
@@ -449,10 +455,15 @@ async function scaleOut(
   let rt: Runtime | undefined
   let children: readonly Child[] = []
   try {
+    let drop = done
     for (const instances of [1, 2]) {
+      const busy = await quietPostgres(pgc, drop)
+      if (busy.length > 0) note(`scale-out: autovacuum still running (${busy.join('; ')})`)
+      const database = `bench_scale_${instances}`
+      drop = [database]
       const env = {
         NATS_URL: nats.url,
-        DATABASE_URL: await pgc.createDatabase(`bench_scale_${instances}`),
+        DATABASE_URL: await pgc.createDatabase(database),
         LOG_LEVEL: 'warn',
         METRICS_PORT: '0',
         METRICS_HOST: '127.0.0.1',
