@@ -1,6 +1,6 @@
 import pg from 'pg'
 import type { ThresholdRule } from '../projections/alert-rules.ts'
-import { WINDOW_READINGS } from '../projections/alerts.ts'
+import { trimAfter, WINDOW_READINGS } from '../projections/alerts.ts'
 import { hlcTime } from '../projections/sensor-lifecycle.ts'
 import { type BenchEvent, BenchError } from './common.ts'
 
@@ -30,18 +30,18 @@ import { type BenchEvent, BenchError } from './common.ts'
  * - alerts: `alert_sensors` and `alert_sensors_timeline` as above, `alert_conditions` (upsert
  *   per sensor and threshold rule of its metric, to the newest reading), `alert_inputs` (a row per
  *   reading and threshold rule of its metric), `alert_tips` (per sensor) and, once a sensor's
- *   readings of a rule pass the projection's window (64 with the default rules), the trimming to
- *   that window: `alert_horizons` upserted, older `alert_inputs` deleted. The bench's readings stay
+ *   reading inputs since its last trim reach its trim point (`trimAfter` in
+ *   projections/alerts.ts: between the window, 64 with the default rules, and twice it), the
+ *   trimming to that window: `alert_horizons` upserted, older `alert_inputs` deleted. The bench's readings stay
  *   inside every rule's range (checked before the run), so each condition is reset and no alert
  *   or notification row is written, as in the processors' run.
  *
  * The trimming follows the projection batch by batch (a sensor is folded again in full, and
- * trimmed, when it is new or its new readings since the last trim reach the window), so the
+ * trimmed, when it is new or its new inputs since the last trim reach its trim point), so the
  * inputs kept depend on the batches when one batch holds several readings of a sensor. With at
  * least as many sensors as events in a batch, here ({@link JOB_BATCH}) and in the processors
  * (PROCESSOR_BATCH_SIZE, 1000 by default), no batch does, and the rows are the processors' own
- * (the bench's default 10,000 sensors; a million events is 100 readings per sensor, trimmed at
- * the 65th and 97th of a temperature sensor and at the 65th of a humidity sensor). With fewer
+ * (the bench's default 10,000 sensors; a million events is 100 readings per sensor). With fewer
  * sensors, `alert_inputs` may differ by a few rows per sensor, and the row comparison says so.
  */
 export interface JobLimit {
@@ -58,7 +58,7 @@ export const JOB_BATCH = 5000
 
 const IN_COLUMNS = `event_id text, device_id text, metric text, value float8, unit text,
   occurred_at timestamptz, hlc text collate "C", hlc_at timestamptz, correlation_id text,
-  causation_id text, stream_seq int8, ingested_at timestamptz`
+  causation_id text, stream_seq int8, ingested_at timestamptz, trim_after int4`
 
 /** The earliest and the newest reading of each sensor in the batch (order: HLC, then event id). */
 const FIRST_LAST = `
@@ -138,7 +138,7 @@ function statements(model: JobModel, rules: readonly ThresholdRule[]): string {
       const ruleRows = rules.map((r) => `(${literal(r.id)}, ${literal(r.metric)})`).join(', ')
       if (ruleRows === '')
         return `${sensorState('alert_sensors')} select count(*) from up;
-        ${tips('', alertWindow(rules))}`
+        ${tips('')}`
       const ruleTable = `(values ${ruleRows}) as r (rule_id, metric)`
       return `${sensorState('alert_sensors')}
       insert into alert_conditions as c (device_id, rule_id, consecutive, since_at, since_hlc,
@@ -151,7 +151,7 @@ function statements(model: JobModel, rules: readonly ThresholdRule[]): string {
         since_at = excluded.since_at, since_hlc = excluded.since_hlc, last_hlc = excluded.last_hlc
       where (c.consecutive, c.since_at, c.since_hlc, c.last_hlc) is distinct from
             (excluded.consecutive, excluded.since_at, excluded.since_hlc, excluded.last_hlc);
-      ${tips(ruleTable, alertWindow(rules))}
+      ${tips(ruleTable)}
       ${prune(alertWindow(rules))}`
     }
   }
@@ -171,10 +171,11 @@ export function alertWindow(rules: readonly ThresholdRule[]): number {
  * of the batch that got inputs or is new to the read model, moved to the newest of its old tip,
  * its new inputs and (new sensor) its `first` point; its `history` the digest of its status
  * history, which for these sensors is that one `first` transition (null -> active); its
- * `readings_since_prune` reset to 0 when the projection folds it again in full (new sensor, the
- * window reached, or an input at or before the tip), else grown by the batch's new inputs.
+ * `readings_since_prune` reset to 0 when the projection folds it again in full (new sensor, its
+ * trim point reached: `job_in.trim_after`, or an input at or before the tip), else grown by the
+ * batch's new inputs.
  */
-function tips(ruleTable: string, window: number): string {
+function tips(ruleTable: string): string {
   const added =
     ruleTable === ''
       ? `added as (select null::text as device_id, null::text as hlc, null::text as event_id
@@ -193,7 +194,7 @@ function tips(ruleTable: string, window: number): string {
       || convert_to(x.f_event, 'UTF8') || decode('0000', 'hex') || convert_to('active', 'UTF8')
       || decode('01', 'hex')), 'base64'), '='), '+/', '-_')`
   return `with ${added},
-  firsts as (select distinct on (device_id) device_id, hlc, event_id from job_in
+  firsts as (select distinct on (device_id) device_id, hlc, event_id, trim_after from job_in
              order by device_id, hlc, event_id collate "C"),
   fed as (select device_id, count(*) as fresh from added group by device_id),
   newest as (select distinct on (device_id) device_id, hlc, event_id from added
@@ -204,7 +205,7 @@ function tips(ruleTable: string, window: number): string {
     select d.device_id, t.hlc as t_hlc, t.event_id as t_event, t.history,
            t.readings_since_prune as rsp, coalesce(fed.fresh, 0) as fresh,
            n.hlc as n_hlc, n.event_id as n_event, o.hlc as o_hlc, o.event_id as o_event,
-           f.hlc as f_hlc, f.event_id as f_event
+           f.hlc as f_hlc, f.event_id as f_event, f.trim_after
     from (select device_id from fed
           union select device_id from firsts
           where not exists (select from alert_tips t where t.device_id = firsts.device_id)) d
@@ -214,7 +215,7 @@ function tips(ruleTable: string, window: number): string {
   )
   insert into alert_tips as t (device_id, hlc, event_id, history, readings_since_prune)
   select x.device_id, p.hlc, p.event_id, coalesce(x.history, ${digest}),
-         case when x.t_hlc is null or x.rsp + x.fresh >= ${window}
+         case when x.t_hlc is null or x.rsp + x.fresh >= x.trim_after
                 or (x.o_hlc, x.o_event collate "C") <= (x.t_hlc, x.t_event collate "C") then 0
               else x.rsp + x.fresh end
   from x cross join lateral (
@@ -277,7 +278,12 @@ function cell(v: string | number | null): string {
 }
 
 /** One batch as a COPY text payload, in `job_in`'s column order. */
-function payload(events: readonly BenchEvent[], firstSeq: number, ingestedAt: string): Buffer {
+function payload(
+  events: readonly BenchEvent[],
+  firstSeq: number,
+  ingestedAt: string,
+  window: number,
+): Buffer {
   let out = ''
   for (let i = 0; i < events.length; i++) {
     const e = (events[i] as BenchEvent).event
@@ -295,6 +301,7 @@ function payload(events: readonly BenchEvent[], firstSeq: number, ingestedAt: st
         e.causationId ?? null,
         firstSeq + i,
         ingestedAt,
+        trimAfter(e.deviceId, window),
       ]
         .map(cell)
         .join('\t') + '\n'
@@ -333,13 +340,14 @@ class Payloads {
   constructor(
     private readonly events: readonly BenchEvent[],
     private readonly users: number,
+    private readonly window: number,
   ) {}
 
   take(from: number): Buffer {
     let hit = this.#cache.get(from)
     if (hit === undefined) {
       const batch = this.events.slice(from, from + JOB_BATCH)
-      hit = { data: payload(batch, from + 1, this.#ingestedAt), uses: 0 }
+      hit = { data: payload(batch, from + 1, this.#ingestedAt, this.window), uses: 0 }
       this.#cache.set(from, hit)
     }
     if (++hit.uses === this.users) this.#cache.delete(from)
@@ -379,7 +387,7 @@ export async function jobWrite(
     for (const c of clients) {
       await c.query(`create temp table job_in (${IN_COLUMNS}) on commit delete rows`)
     }
-    const payloads = new Payloads(events, models.length)
+    const payloads = new Payloads(events, models.length, alertWindow(rules))
     const start = performance.now()
     const perModel = await Promise.all(
       models.map(async (model, m) => {

@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto'
 import { sql, type Transaction } from 'kysely'
 import type { DeviceEvent } from '../schemas/events.ts'
-import { notificationSubject } from '../schemas/subjects.ts'
+import { fnv1a, notificationSubject } from '../schemas/subjects.ts'
 import {
   byHlcThenId,
   foldRule,
@@ -223,6 +223,25 @@ async function addInputs(
   return rows.filter((i) => added.delete(inputKey(i.device_id, i.rule_id, i.event_id)))
 }
 
+/**
+ * The reading inputs a sensor's rules fold on from its tip before they are folded again from their
+ * horizons and the kept readings trimmed to the window: between the window and twice the window,
+ * fixed per sensor by the hash of its id that also picks its partition, shifted so that the two
+ * are not one choice.
+ *
+ * Why not the window for every sensor: sensors that report at one rate (a fleet, a replay, a
+ * bench) then come due in the same batches. Measured with the bench's readings (10,000 sensors):
+ * each trim came as a run of batches that each folded ~100k stored inputs again and deleted
+ * ~576k rows (1.1 s of Postgres per batch); alone on a 700k backlog, the alerts processor's
+ * commits had a p99 of 1,013 ms (max 1,656, 8 over 1 s) and its peak RSS was 241 MB. Spread:
+ * p99 173 ms, max 238, peak RSS 173 MB, same CPU and time. Trimming after more than the window
+ * also reads fewer stored inputs again per reading (1.7 on average instead of 2), for ~17% more
+ * rows kept on average.
+ */
+export function trimAfter(deviceId: string, window: number): number {
+  return window + ((fnv1a(deviceId) >>> 8) % window)
+}
+
 function inputKey(deviceId: string, ruleId: string, eventId: string): string {
   return `${deviceId}\u0000${ruleId}\u0000${eventId}`
 }
@@ -315,7 +334,7 @@ export async function refold(
     // Due for pruning: folded again in full, which gives the state where the horizon moves to.
     let fresh = 0
     for (const i of own) if (i.kind === 'reading') fresh++
-    if (tip.readings_since_prune + fresh >= window) return false
+    if (tip.readings_since_prune + fresh >= trimAfter(d, window)) return false
     for (const i of own) if (!afterPlace(i.hlc, i.event_id, tip.hlc, tip.event_id)) return false
     return true
   }

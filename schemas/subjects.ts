@@ -66,12 +66,17 @@ export function partitionMapping(partitions: number): { from: string; to: string
  * that reached a partition other than its device's (published straight into a partition).
  */
 export function partitionOf(deviceId: string, partitions: number): number {
+  return fnv1a(deviceId) % partitions
+}
+
+/** FNV-1a (32 bit) of the UTF-8 bytes of `text`, as nats-server's partition mapping hashes. */
+export function fnv1a(text: string): number {
   let h = 0x811c9dc5
-  for (const b of Buffer.from(deviceId)) {
+  for (const b of Buffer.from(text)) {
     h ^= b
     h = Math.imul(h, 0x01000193) >>> 0
   }
-  return h % partitions
+  return h
 }
 
 export interface EventSubject {

@@ -2,7 +2,7 @@ import { sql, type Kysely } from 'kysely'
 import pino from 'pino'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { createKysely, createPool } from '../infra/database.ts'
-import { alertId, alertsProjection } from '../projections/alerts.ts'
+import { alertId, alertsProjection, trimAfter } from '../projections/alerts.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
 import { migrateTo, migrateToLatest } from '../projections/migrate.ts'
 import { anyEvents, type AnyProjection } from '../projections/projection.ts'
@@ -140,8 +140,8 @@ describe('alerts folded in HLC order', () => {
     const kept = Number(
       (await sql<{ n: string }>`select count(*) n from alert_inputs`.execute(db)).rows[0]?.n,
     )
-    // the bound: twice the window plus one batch
-    expect(kept).toBeLessThanOrEqual(2 * 4 + 3)
+    // the bound: the window, what this sensor folds on before a trim, and one batch
+    expect(kept).toBeLessThanOrEqual(4 + trimAfter(DEVICE, 4) + 3)
 
     // a late breaching reading just before the newest pair's run (within the window) moves it
     await apply(p, [reading('late-in', 10 + 27.5, 45)])
@@ -152,6 +152,46 @@ describe('alerts folded in HLC order', () => {
     // a late breaching reading older than the window changes nothing
     await apply(p, [reading('late-out', 10 + 2.5, 45), reading('late-out2', 10 + 2.6, 45)])
     expect(await alerts()).toEqual(after)
+  })
+
+  it('sensors reporting at one rate are trimmed a few at a time, never all in one batch', async () => {
+    const window = 4
+    const p = anyEvents(
+      alertsProjection({ rules: RULES, defaultTimeoutSeconds: 60, windowReadings: window }),
+    )
+    const sensors = Array.from({ length: 200 }, (_, i) => `sensor-${String(i).padStart(3, '0')}`)
+    const horizons = async () =>
+      new Map(
+        (await db.selectFrom('alert_horizons').select(['device_id', 'hlc']).execute()).map((h) => [
+          h.device_id,
+          h.hlc,
+        ]),
+      )
+    const trimmed: number[] = []
+    // given every sensor sending one reading per batch, in step, for three windows
+    for (let round = 0; round < 3 * window; round++) {
+      const before = await horizons()
+      await apply(
+        p,
+        sensors.map((d) => temperatureReading(d, `${d}-${round}`, T0, 10 + round, 30)),
+      )
+      const after = await horizons()
+      trimmed.push(sensors.filter((d) => after.get(d) !== before.get(d)).length)
+    }
+    // then each batch trims a share of them (one trim point for all would trim all 200 at once)
+    expect(Math.max(...trimmed)).toBeLessThanOrEqual(sensors.length / 2)
+    expect(trimmed.filter((n) => n > 0).length).toBeGreaterThanOrEqual(window)
+    // and every sensor keeps at least the window, at most what it folds on before a trim, plus one
+    const kept = await db
+      .selectFrom('alert_inputs')
+      .select(['device_id', sql<number>`count(*)::int`.as('n')])
+      .groupBy('device_id')
+      .execute()
+    expect(kept).toHaveLength(sensors.length)
+    for (const k of kept) {
+      expect(k.n).toBeGreaterThanOrEqual(window)
+      expect(k.n).toBeLessThanOrEqual(window + trimAfter(k.device_id, window) + 1)
+    }
   })
 
   it('a redelivered reading is one input, in the batch and after it; correlation ids as sent', async () => {
