@@ -32,9 +32,9 @@ import { type BenchEvent, BenchError } from './common.ts'
  *   reading and threshold rule of its metric), `alert_tips` (per sensor) and, once a sensor's
  *   reading inputs since its last trim reach its trim point (`trimAfter` in
  *   projections/alerts.ts: between the window, 64 with the default rules, and twice it), the
- *   trimming to that window: `alert_horizons` upserted, older `alert_inputs` deleted. The bench's readings stay
- *   inside every rule's range (checked before the run), so each condition is reset and no alert
- *   or notification row is written, as in the processors' run.
+ *   trimming to that window: `alert_horizons` upserted, older `alert_inputs` deleted. The
+ *   bench's readings stay inside every rule's range (checked before the run), so each condition
+ *   is reset and no alert or notification row is written, as in the processors' run.
  *
  * The trimming follows the projection batch by batch (a sensor is folded again in full, and
  * trimmed, when it is new or its new inputs since the last trim reach its trim point), so the
