@@ -236,7 +236,9 @@ async function addInputs(
  * commits had a p99 of 1,013 ms (max 1,656, 8 over 1 s) and its peak RSS was 241 MB. Spread:
  * p99 173 ms, max 238, peak RSS 173 MB, same CPU and time. Trimming after more than the window
  * also reads fewer stored inputs again per reading (1.7 on average instead of 2), for ~17% more
- * rows kept on average.
+ * rows kept on average. The price: in a steady stream every batch pays its share of the trims.
+ * In a 15-s round at 5,000 ev/s on a 1M backlog (the bench's 2-core VM, saturated), the processor
+ * ended 26,550 events behind, against 6,965 with one trim point, whose bursts missed that round.
  */
 export function trimAfter(deviceId: string, window: number): number {
   return window + ((fnv1a(deviceId) >>> 8) % window)
