@@ -336,7 +336,9 @@ export async function refold(
     // Due for pruning: folded again in full, which gives the state where the horizon moves to.
     let fresh = 0
     for (const i of own) if (i.kind === 'reading') fresh++
-    if (tip.readings_since_prune + fresh >= trimAfter(d, window)) return false
+    // The hash only once a trim can be due: trimAfter is never below the window.
+    const since = tip.readings_since_prune + fresh
+    if (since >= window && since >= trimAfter(d, window)) return false
     for (const i of own) if (!afterPlace(i.hlc, i.event_id, tip.hlc, tip.event_id)) return false
     return true
   }
