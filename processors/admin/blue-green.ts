@@ -89,6 +89,7 @@ export async function prepareScratch(
         trx,
       )
       await renameIndexesLikeLive(trx, scratch, table)
+      await copyStorageParameters(trx, scratch, table)
       await copyGrants(trx, scratch, table)
     }
   })
@@ -226,6 +227,26 @@ function indexShape(def: string): string {
   return def.replace(/^CREATE (UNIQUE )?INDEX \S+ ON (ONLY )?\S+ /, (_m, unique?: string) =>
     unique ? 'UNIQUE ' : '',
   )
+}
+
+/**
+ * The live table's storage parameters (`fillfactor`, an operator's `autovacuum_*`), set on the
+ * copy: `like ... including all` copies none of them. Without this a rebuild dropped the fillfactor
+ * of the rows every event rewrites (migrations 2026-12-03-01 and 2026-12-04-01), and their updates
+ * stopped being HOT from the swap on.
+ */
+async function copyStorageParameters(
+  trx: Transaction<Database>,
+  scratch: string,
+  table: string,
+): Promise<void> {
+  const { rows } = await sql<{ name: string; value: string }>`
+    select o.option_name as name, o.option_value as value
+    from pg_class c, pg_options_to_table(c.reloptions) o
+    where c.oid = ${regclass('public', table)}::regclass`.execute(trx)
+  if (rows.length === 0) return
+  const set = rows.map((o) => sql`${sql.id(o.name)} = ${sql.lit(o.value)}`)
+  await sql`alter table ${sql.id(scratch, table)} set (${sql.join(set)})`.execute(trx)
 }
 
 /** Grants on the live table, repeated on the copy (readers keep their access after the swap). */
