@@ -7,6 +7,7 @@ import * as streamMarks from './migrations/2026-11-23-05-stream-marks.ts'
 import * as statusTimeline from './migrations/2026-12-02-01-status-timeline.ts'
 import * as alertInputs from './migrations/2026-12-02-02-alert-inputs.ts'
 import * as hotUpdates from './migrations/2026-12-03-01-hot-updates.ts'
+import * as hotReadings from './migrations/2026-12-04-01-hot-readings.ts'
 
 /**
  * Every migration, by name in the order they run. Listed here rather than read from a folder so
@@ -21,6 +22,7 @@ export const migrations: Readonly<Record<string, Migration>> = {
   '2026-12-02-01-status-timeline': statusTimeline,
   '2026-12-02-02-alert-inputs': alertInputs,
   '2026-12-03-01-hot-updates': hotUpdates,
+  '2026-12-04-01-hot-readings': hotReadings,
 }
 
 /** Brings the schema up to date; concurrent callers are serialised by Kysely's migration lock. */
