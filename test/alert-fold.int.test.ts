@@ -1,14 +1,12 @@
 import { sql, type Kysely } from 'kysely'
-import pino from 'pino'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
-import { createKysely, createPool } from '../infra/database.ts'
 import { alertId, alertsProjection, trimAfter } from '../projections/alerts.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
-import { migrateTo, migrateToLatest } from '../projections/migrate.ts'
+import { migrateToLatest } from '../projections/migrate.ts'
 import { anyEvents, type AnyProjection } from '../projections/projection.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
-import { freshDatabase } from './harness/test-servers.ts'
+import { migratedDatabase } from './harness/test-servers.ts'
 import { temperatureReading, TEMPERATURE_HIGH } from './fixtures.ts'
 
 /**
@@ -32,9 +30,7 @@ describe('alerts folded in HLC order', () => {
   let db: Kysely<Database>
   let seq = 0
   beforeAll(async () => {
-    const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
-    db = createKysely<Database>(pool)
-    await migrateToLatest(db as Kysely<unknown>)
+    db = await migratedDatabase()
   })
   afterAll(async () => {
     await db.destroy()
@@ -219,10 +215,8 @@ describe('alerts folded in HLC order', () => {
 
 describe('upgrading to folded alerts', () => {
   it('keeps the alerts and conditions there are: a sensor goes on from where it stood', async () => {
-    const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
-    const db = createKysely<Database>(pool)
+    const db = await migratedDatabase('2026-12-02-01-status-timeline')
     try {
-      await migrateTo(db as Kysely<unknown>, '2026-12-02-01-status-timeline')
       // given an alert raised before the upgrade, and its rule's condition
       const raising = reading('old-2', 2, 45)
       const id = alertId('temperature-high', DEVICE, 'old-2')

@@ -1,15 +1,12 @@
 import { sql, type Kysely } from 'kysely'
-import pino from 'pino'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
-import { createKysely, createPool } from '../infra/database.ts'
 import { alertsProjection } from '../projections/alerts.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
-import { migrateToLatest } from '../projections/migrate.ts'
 import { anyEvents, type AnyProjection } from '../projections/projection.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
-import { freshDatabase } from './harness/test-servers.ts'
+import { migratedDatabase } from './harness/test-servers.ts'
 import { temperatureReading, TEMPERATURE_HIGH } from './fixtures.ts'
 
 /**
@@ -61,9 +58,7 @@ class RolledBack extends Error {}
 describe('the alerts projection keeps only what it committed', () => {
   let db: Kysely<Database>
   beforeAll(async () => {
-    const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
-    db = createKysely<Database>(pool)
-    await migrateToLatest(db as Kysely<unknown>)
+    db = await migratedDatabase()
   })
   afterAll(async () => {
     await db.destroy()

@@ -1,11 +1,9 @@
 import fc from 'fast-check'
 import { sql, type Kysely } from 'kysely'
-import pino from 'pino'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { createKysely, createPool } from '../infra/database.ts'
 import { alertId, alertsProjection } from '../projections/alerts.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
-import { migrateTo, migrateToLatest } from '../projections/migrate.ts'
+import { migrateToLatest } from '../projections/migrate.ts'
 import { anyEvents, type AnyProjection, type ProjectedEvent } from '../projections/projection.ts'
 import { readingsProjection } from '../projections/readings.ts'
 import { foldTimeline } from '../projections/sensor-tracker.ts'
@@ -13,7 +11,7 @@ import { sensorStatusProjection } from '../projections/sensor-status.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent, SensorStatus } from '../schemas/events.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
-import { freshDatabase } from './harness/test-servers.ts'
+import { migratedDatabase } from './harness/test-servers.ts'
 import { TEMPERATURE_HIGH } from './fixtures.ts'
 
 /**
@@ -268,11 +266,8 @@ const byHlc = (a: FleetEvent, b: FleetEvent) =>
 
 describe('every read model is a function of the set of events, not of their arrival order', () => {
   let db: Kysely<Database>
-  let pool: ReturnType<typeof createPool>
   beforeAll(async () => {
-    pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
-    db = createKysely<Database>(pool)
-    await migrateToLatest(db as Kysely<unknown>)
+    db = await migratedDatabase()
   })
   afterAll(async () => {
     await db.destroy()
@@ -298,7 +293,7 @@ describe('every read model is a function of the set of events, not of their arri
     const out: Record<string, unknown[]> = {}
     for (const t of tables) {
       const omit = ARRIVAL_DEPENDENT[t] ?? []
-      const { rows } = await pool.query<Record<string, unknown>>(`select * from ${t}`)
+      const { rows } = await sql<Record<string, unknown>>`select * from ${sql.table(t)}`.execute(db)
       out[t] = rows
         .map((r) => Object.fromEntries(Object.entries(r).filter(([c]) => !omit.includes(c))))
         .map((r) => JSON.parse(JSON.stringify(r)) as unknown)
@@ -437,10 +432,8 @@ function differences(a: Record<string, unknown[]>, b: Record<string, unknown[]>)
 
 describe('upgrading to status timelines', () => {
   it('keeps an existing history: the migration reads the timeline back from it', async () => {
-    const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
-    const db = createKysely<Database>(pool)
+    const db = await migratedDatabase('2026-11-23-05-stream-marks')
     try {
-      await migrateTo(db as Kysely<unknown>, '2026-11-23-05-stream-marks')
       const h = (
         id: string,
         from: string | null,

@@ -1,17 +1,14 @@
 import { sql, type Kysely } from 'kysely'
-import pino from 'pino'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { createKysely, createPool } from '../infra/database.ts'
 import { prepareScratch } from '../processors/admin/blue-green.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
 import { alertsProjection } from '../projections/alerts.ts'
-import { migrateToLatest } from '../projections/migrate.ts'
 import { anyEvents, type AnyProjection } from '../projections/projection.ts'
 import { readingsProjection } from '../projections/readings.ts'
 import { sensorStatusProjection } from '../projections/sensor-status.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
-import { freshDatabase } from './harness/test-servers.ts'
+import { migratedDatabase } from './harness/test-servers.ts'
 import { temperatureReading, TEMPERATURE_HIGH } from './fixtures.ts'
 
 /**
@@ -46,9 +43,7 @@ const readings = (fleet: string, sensors: readonly number[], at: number): FleetE
 describe('rows every reading rewrites are updated in place (HOT)', () => {
   let db: Kysely<Database>
   beforeAll(async () => {
-    const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
-    db = createKysely<Database>(pool)
-    await migrateToLatest(db as Kysely<unknown>)
+    db = await migratedDatabase()
   })
   afterAll(async () => {
     await db.destroy()

@@ -1,16 +1,13 @@
 import { sql, type Kysely } from 'kysely'
-import pino from 'pino'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
-import { createKysely, createPool } from '../infra/database.ts'
 import { alertsProjection } from '../projections/alerts.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
-import { migrateToLatest } from '../projections/migrate.ts'
 import { anyEvents, type AnyProjection } from '../projections/projection.ts'
 import { sensorStatusProjection } from '../projections/sensor-status.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
-import { freshDatabase } from './harness/test-servers.ts'
+import { migratedDatabase } from './harness/test-servers.ts'
 import { temperatureReading, TEMPERATURE_HIGH } from './fixtures.ts'
 
 /**
@@ -74,9 +71,7 @@ describe.each(Object.keys(PROJECTIONS))('%s writes only what changed', (name) =>
   const tables = projection().tables
   let db: Kysely<Database>
   beforeAll(async () => {
-    const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
-    db = createKysely<Database>(pool)
-    await migrateToLatest(db as Kysely<unknown>)
+    db = await migratedDatabase()
   })
   afterAll(async () => {
     await db.destroy()

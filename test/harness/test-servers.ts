@@ -1,9 +1,15 @@
 /**
  * What the test files import to get their servers: the throwaway nats-server and Postgres of
  * testbed/ (shared with the bench), the nats-servers that run the repository's own configs
- * (roles, the 3-node cluster), and {@link freshDatabase} on the run's one Postgres cluster.
+ * (roles, the 3-node cluster), and {@link freshDatabase} (or {@link migratedDatabase}) on the run's
+ * one Postgres cluster.
  */
+import type { Kysely } from 'kysely'
+import pino from 'pino'
 import { inject } from 'vitest'
+import { createKysely, createPool } from '../../infra/database.ts'
+import { migrateTo } from '../../projections/migrate.ts'
+import type { Database } from '../../projections/tables.ts'
 import { createDatabase } from '../../testbed/postgres.ts'
 import { HarnessError } from '../../testbed/processes.ts'
 
@@ -33,4 +39,20 @@ export async function freshDatabase(): Promise<string> {
     )
   }
   return createDatabase(port)
+}
+
+/**
+ * A {@link freshDatabase} migrated to `migration` (the newest when none is named), through a Kysely
+ * on a pool of two connections: what a test of the projections' SQL starts from.
+ * `db.destroy()` closes it.
+ *
+ * @example
+ * const db = await migratedDatabase()
+ * const old = await migratedDatabase('2026-11-23-05-stream-marks') // to test an upgrade
+ */
+export async function migratedDatabase(migration?: string): Promise<Kysely<Database>> {
+  const pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
+  const db = createKysely<Database>(pool)
+  await migrateTo(db as Kysely<unknown>, migration)
+  return db
 }
