@@ -16,7 +16,9 @@ import { sql, type Kysely } from 'kysely'
  *
  * Half of each page is left free. For `readings_per_minute`, which grows by a row per sensor and
  * metric every minute, that doubles its size on disk: it holds a row per minute where `readings`
- * holds every reading, so it stays a fraction of it.
+ * holds every reading, so it stays a fraction of it. Pages written before this migration stay
+ * full; a row on one moves, at its next update, to a page that leaves the room (Postgres honours
+ * the fillfactor for the new version of a row too), so the tables converge without a rewrite.
  */
 const TABLES = ['latest_readings', 'readings_per_minute']
 
