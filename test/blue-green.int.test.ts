@@ -58,16 +58,21 @@ describe('blue/green tables', () => {
        union all
        select conname, pg_get_constraintdef(oid) from pg_constraint
        where conrelid = format('%I.%I', $1::text, $2::text)::regclass
+       union all
+       select 'storage parameters', array_to_string(reloptions, ', ') from pg_class
+       where oid = format('%I.%I', $1::text, $2::text)::regclass
        order by 1, 2`,
       [schema, table],
     )
     return r.rows
   }
 
-  it('given live tables, the scratch copies have the same columns, index and constraint names, partial indexes and grants', async () => {
+  it('given live tables, the scratch copies have the same columns, index and constraint names, partial indexes, storage parameters and grants', async () => {
     const role = `reader_${randomBytes(4).toString('hex')}`
     await pool.query(`create role ${role}`)
     await pool.query(`grant select on sensor_status, alerts to ${role}`)
+    // an operator's own setting, beside the migrations' fillfactor (sensor_status, alert_conditions)
+    await pool.query('alter table sensor_status set (autovacuum_vacuum_scale_factor = 0.05)')
     const alerts = {
       ...sensorStatus,
       name: 'alerts',
@@ -97,6 +102,12 @@ describe('blue/green tables', () => {
     expect((await shape('rebuild_alerts', 'alerts')).map((r) => r.def)).toContain(
       "CREATE UNIQUE INDEX alerts_one_unresolved ON t USING btree (device_id, rule_id) WHERE (state <> 'resolved'::text)",
     )
+    // `like ... including all` copies no storage parameters: these were set on the copy
+    expect(await shape('rebuild_sensor_status', 'sensor_status')).toContainEqual({
+      name: 'storage parameters',
+      def: 'fillfactor=50, autovacuum_vacuum_scale_factor=0.05',
+    })
+    await pool.query('alter table sensor_status reset (autovacuum_vacuum_scale_factor)')
     await pool.query('drop schema rebuild_alerts, rebuild_sensor_status cascade')
   })
 

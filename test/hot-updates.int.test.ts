@@ -1,6 +1,5 @@
 import { sql, type Kysely } from 'kysely'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { prepareScratch } from '../processors/admin/blue-green.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
 import { alertsProjection } from '../projections/alerts.ts'
 import { anyEvents, type AnyProjection } from '../projections/projection.ts'
@@ -14,8 +13,8 @@ import { temperatureReading, TEMPERATURE_HIGH } from './fixtures.ts'
 /**
  * The rows that every reading rewrites (a sensor's state and alert tip, its newest value, the
  * current minute's rollup) are updated in place, as heap-only tuples: no new index entry and no
- * new page per update. Each table leaves room on its pages for that (its fillfactor), and a
- * rebuild's new tables keep it.
+ * new page per update. Each table leaves room on its pages for that (its fillfactor; a rebuild's
+ * new tables keep it: test/blue-green.int.test.ts).
  *
  * Counted in the updating transaction itself (`pg_stat_xact_user_tables`): one batch inserts the
  * rows of 400 sensors, the next rewrites half of them. With full pages (the default fillfactor)
@@ -88,30 +87,5 @@ describe('rows every reading rewrites are updated in place (HOT)', () => {
       ),
     )
     expect(again).toEqual({ updated: SENSORS / 2, hot: SENSORS / 2 })
-  })
-
-  it("a rebuild's new tables keep the live tables' storage parameters", async () => {
-    await sql`alter table sensor_status set (autovacuum_vacuum_scale_factor = 0.05)`.execute(db)
-    try {
-      const options = async (schema: string) =>
-        (
-          await sql<{ options: string[] | null }>`
-          select reloptions as options from pg_class
-          where oid = ${`${schema}.sensor_status`}::regclass`.execute(db)
-        ).rows[0]?.options
-      const scratch = await prepareScratch(
-        db,
-        'sensor-status',
-        REWRITTEN.sensor_status as AnyProjection,
-      )
-      expect(await options('public')).toEqual([
-        'fillfactor=50',
-        'autovacuum_vacuum_scale_factor=0.05',
-      ])
-      expect(await options(scratch)).toEqual(await options('public'))
-      await sql`drop schema ${sql.id(scratch)} cascade`.execute(db)
-    } finally {
-      await sql`alter table sensor_status reset (autovacuum_vacuum_scale_factor)`.execute(db)
-    }
   })
 })
