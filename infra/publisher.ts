@@ -143,6 +143,19 @@ class PublisherImpl implements Publisher {
   }
 
   stamp<T extends EventType>(draft: EventDraft<T>): EventOfType<T> {
+    const valid = this.#stamp(draft)
+    // Frozen, so that publishEvent may trust it as validated here (zod is a third of a publish).
+    deepFreeze(valid)
+    this.#stamped.add(valid)
+    return valid
+  }
+
+  /**
+   * The stamped, validated event. `publish` sends it at once, so it is neither frozen nor kept
+   * in the set of stamped events: both cost a publish 4-9 us of its 30-100 us of CPU, measured
+   * with the bench's publisher alone at 2,500-40,000 events/s (up to 17 us at the slowest rate).
+   */
+  #stamp<T extends EventType>(draft: EventDraft<T>): EventOfType<T> {
     const hlc = draft.causedBy
       ? this.#clock.receive(decodeHlc(draft.causedBy.hlc))
       : this.#clock.now()
@@ -158,11 +171,7 @@ class PublisherImpl implements Publisher {
       ...(draft.causedBy ? { causationId: draft.causedBy.eventId } : {}),
       data: draft.data,
     }
-    const valid = parseOrThrow(FleetEvent, event, `${draft.type} event`) as EventOfType<T>
-    // Frozen, so that publishEvent may trust it as validated here (zod is a third of a publish).
-    deepFreeze(valid)
-    this.#stamped.add(valid)
-    return valid
+    return parseOrThrow(FleetEvent, event, `${draft.type} event`) as EventOfType<T>
   }
 
   publish<T extends EventType>(
@@ -171,7 +180,7 @@ class PublisherImpl implements Publisher {
   ): Promise<PublishResult> {
     let event: FleetEvent
     try {
-      event = this.stamp(draft)
+      event = this.#stamp(draft)
     } catch (err) {
       this.stats.failed++
       return Promise.reject(toError(err))
