@@ -73,42 +73,46 @@ describe('blue/green tables', () => {
     await pool.query(`grant select on sensor_status, alerts to ${role}`)
     // an operator's own setting, beside the migrations' fillfactor (sensor_status, alert_conditions)
     await pool.query('alter table sensor_status set (autovacuum_vacuum_scale_factor = 0.05)')
-    const alerts = {
-      ...sensorStatus,
-      name: 'alerts',
-      tables: ['alerts', 'alert_conditions', 'notification_outbox'] as const,
-    }
-    for (const [name, projection] of [
-      ['sensor-status', sensorStatus],
-      ['alerts', alerts],
-    ] as const) {
-      const scratch = await prepareScratch(db, name, projection)
-      for (const table of [...projection.tables, 'processor_checkpoints']) {
-        expect(await shape(scratch, table), table).toEqual(await shape('public', table))
+    try {
+      const alerts = {
+        ...sensorStatus,
+        name: 'alerts',
+        tables: ['alerts', 'alert_conditions', 'notification_outbox'] as const,
       }
+      for (const [name, projection] of [
+        ['sensor-status', sensorStatus],
+        ['alerts', alerts],
+      ] as const) {
+        const scratch = await prepareScratch(db, name, projection)
+        for (const table of [...projection.tables, 'processor_checkpoints']) {
+          expect(await shape(scratch, table), table).toEqual(await shape('public', table))
+        }
+      }
+      const granted = await pool.query<{ table_schema: string; table_name: string }>(
+        `select table_schema, table_name from information_schema.role_table_grants
+         where grantee = $1 and privilege_type = 'SELECT' order by 1, 2`,
+        [role],
+      )
+      expect(granted.rows).toEqual([
+        { table_schema: 'public', table_name: 'alerts' },
+        { table_schema: 'public', table_name: 'sensor_status' },
+        { table_schema: 'rebuild_alerts', table_name: 'alerts' },
+        { table_schema: 'rebuild_sensor_status', table_name: 'sensor_status' },
+      ])
+      // the partial unique index still allows one unresolved alert per sensor and rule only
+      expect((await shape('rebuild_alerts', 'alerts')).map((r) => r.def)).toContain(
+        "CREATE UNIQUE INDEX alerts_one_unresolved ON t USING btree (device_id, rule_id) WHERE (state <> 'resolved'::text)",
+      )
+      // `like ... including all` copies no storage parameters: these were set on the copy
+      expect(await shape('rebuild_sensor_status', 'sensor_status')).toContainEqual({
+        name: 'storage parameters',
+        def: 'fillfactor=50, autovacuum_vacuum_scale_factor=0.05',
+      })
+    } finally {
+      // the operator's setting and the scratch schemas go, whatever the assertions said
+      await pool.query('alter table sensor_status reset (autovacuum_vacuum_scale_factor)')
+      await pool.query('drop schema if exists rebuild_alerts, rebuild_sensor_status cascade')
     }
-    const granted = await pool.query<{ table_schema: string; table_name: string }>(
-      `select table_schema, table_name from information_schema.role_table_grants
-       where grantee = $1 and privilege_type = 'SELECT' order by 1, 2`,
-      [role],
-    )
-    expect(granted.rows).toEqual([
-      { table_schema: 'public', table_name: 'alerts' },
-      { table_schema: 'public', table_name: 'sensor_status' },
-      { table_schema: 'rebuild_alerts', table_name: 'alerts' },
-      { table_schema: 'rebuild_sensor_status', table_name: 'sensor_status' },
-    ])
-    // the partial unique index still allows one unresolved alert per sensor and rule only
-    expect((await shape('rebuild_alerts', 'alerts')).map((r) => r.def)).toContain(
-      "CREATE UNIQUE INDEX alerts_one_unresolved ON t USING btree (device_id, rule_id) WHERE (state <> 'resolved'::text)",
-    )
-    // `like ... including all` copies no storage parameters: these were set on the copy
-    expect(await shape('rebuild_sensor_status', 'sensor_status')).toContainEqual({
-      name: 'storage parameters',
-      def: 'fillfactor=50, autovacuum_vacuum_scale_factor=0.05',
-    })
-    await pool.query('alter table sensor_status reset (autovacuum_vacuum_scale_factor)')
-    await pool.query('drop schema rebuild_alerts, rebuild_sensor_status cascade')
   })
 
   it('a write waiting on the swap lands in the new table; the retired one keeps what it had', async () => {
