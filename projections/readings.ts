@@ -9,7 +9,7 @@ import type { Database, ReadingTable } from './tables.ts'
  * readings: every distinct reading, the newest value per sensor and metric, and per-minute
  * rollups (count, min, max, exact sum) by the device's clock.
  *
- * Set-based: one INSERT ... SELECT per table per batch, from one JSON parameter. Idempotent: a reading
+ * Set-based: one statement per batch, from one JSON parameter. Idempotent: a reading
  * is keyed by eventId, and `latest_readings` only moves to a strictly newer (HLC, event id), so a redelivered,
  * re-published or late event changes nothing it should not.
  */
@@ -20,30 +20,42 @@ export const readingsProjection: Projection<'reading.recorded'> = {
   async apply(trx, events) {
     if (events.length === 0) return
     const rows = distinctBy(events, (e) => e.event.eventId)
-    // Each source is one JSON parameter (projections/json-rows.ts), not a text array per column.
-    const inserts = jsonRows('readings', rows.map(readingRow))
-    // Rollups take only the rows this statement inserted: a redelivered or re-published reading
-    // is not inserted again, so it is never counted twice.
+    // One statement from one JSON parameter (projections/json-rows.ts), parsed once and read by
+    // all three writes: the readings, their rollups, the newest value per sensor and metric.
+    // Measured against a second statement with its own JSON of the newest rows: Postgres parsed
+    // every reading twice (~4 us of 10 per row for the newest values' JSON alone), and node built
+    // and serialised a second row per reading.
+    const src = jsonRows('readings', rows.map(readingRow))
+    const columns = sql.join(src.columns.map((c) => sql.ref(c)))
     await sql`
-      with inserted as (
-        insert into readings (${sql.join(inserts.columns.map((c) => sql.ref(c)))})
-        ${inserts.select}
+      with batch as materialized (${src.select}),
+      -- Rollups take only the rows this statement inserted: a redelivered or re-published
+      -- reading is not inserted again, so it is never counted twice.
+      inserted as (
+        insert into readings (${columns})
+        select ${columns} from batch
         on conflict (event_id) do nothing
         returning device_id, metric, value, occurred_at
+      ),
+      rollups as (
+        insert into readings_per_minute as r (device_id, metric, minute, count, min, max, sum)
+        select device_id, metric,
+               date_bin('1 minute', occurred_at, timestamptz '2000-01-01 00:00:00+00'),
+               count(*), min(value), max(value), sum(value::numeric)
+        from inserted group by 1, 2, 3
+        on conflict (device_id, metric, minute) do update set
+          count = r.count + excluded.count, min = least(r.min, excluded.min),
+          max = greatest(r.max, excluded.max), sum = r.sum + excluded.sum
       )
-      insert into readings_per_minute as r (device_id, metric, minute, count, min, max, sum)
-      select device_id, metric, date_bin('1 minute', occurred_at, timestamptz '2000-01-01 00:00:00+00'),
-             count(*), min(value), max(value), sum(value::numeric)
-      from inserted group by 1, 2, 3
-      on conflict (device_id, metric, minute) do update set
-        count = r.count + excluded.count, min = least(r.min, excluded.min),
-        max = greatest(r.max, excluded.max), sum = r.sum + excluded.sum`.execute(trx)
-
-    // One candidate per (sensor, metric): an upsert may not touch the same row twice.
-    const newest = jsonRows('latest_readings', newestPerKey(rows).map(latestRow))
-    await sql`
-      insert into latest_readings as l (${sql.join(newest.columns.map((c) => sql.ref(c)))})
-      ${newest.select}
+      -- One candidate per (sensor, metric), the greatest (HLC, event id): an upsert may not touch
+      -- the same row twice, and the winner must not depend on which reading arrived first.
+      -- Encoded HLCs compare as strings in clock order; "C" compares ids as node does.
+      insert into latest_readings as l (device_id, metric, value, unit, occurred_at, hlc,
+                                        event_id, correlation_id, stream_seq)
+      select distinct on (device_id, metric) device_id, metric, value, unit, occurred_at, hlc,
+             event_id, correlation_id, stream_seq
+      from batch
+      order by device_id, metric, hlc collate "C" desc, event_id collate "C" desc
       on conflict (device_id, metric) do update set
         value = excluded.value, unit = excluded.unit, occurred_at = excluded.occurred_at,
         hlc = excluded.hlc, event_id = excluded.event_id, correlation_id = excluded.correlation_id,
@@ -137,23 +149,6 @@ function readingsCopy(rows: readonly Row[]): string {
   return out
 }
 
-function newestPerKey(rows: readonly Row[]): Row[] {
-  const best = new Map<string, Row>()
-  for (const r of rows) {
-    const key = `${r.event.deviceId}\u0000${r.event.data.metric}`
-    const seen = best.get(key)
-    // Encoded HLCs compare as strings in clock order; the event id breaks a tie between distinct
-    // readings with one HLC, so that the winner does not depend on which arrived first.
-    if (
-      seen === undefined ||
-      seen.event.hlc < r.event.hlc ||
-      (seen.event.hlc === r.event.hlc && seen.event.eventId < r.event.eventId)
-    )
-      best.set(key, r)
-  }
-  return [...best.values()]
-}
-
 function distinctBy<T>(items: readonly T[], key: (t: T) => string): T[] {
   const seen = new Set<string>()
   return items.filter((t) => {
@@ -178,19 +173,5 @@ function readingRow(r: Row) {
     causation_id: r.event.causationId ?? null,
     stream_seq: r.streamSeq,
     ingested_at: r.ingestedAt,
-  }
-}
-
-function latestRow(r: Row) {
-  return {
-    device_id: r.event.deviceId,
-    metric: r.event.data.metric,
-    value: r.event.data.value,
-    unit: r.event.data.unit,
-    occurred_at: r.event.occurredAt,
-    hlc: r.event.hlc,
-    event_id: r.event.eventId,
-    correlation_id: r.event.correlationId,
-    stream_seq: r.streamSeq,
   }
 }
