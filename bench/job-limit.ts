@@ -27,14 +27,14 @@ import { type BenchEvent, BenchError } from './common.ts'
  *   earliest reading, else last seen moved to its newest), and for a sensor created by the batch
  *   its `first` point in `sensor_status_timeline` and its "first seen" row in
  *   `sensor_status_history`;
- * - alerts: `alert_sensors` and `alert_sensors_timeline` as above, `alert_conditions` (upsert
- *   per sensor and threshold rule of its metric, to the newest reading), `alert_inputs` (a row per
+ * - alerts: `alert_sensors` and `alert_sensors_timeline` as above, `alert_inputs` (a row per
  *   reading and threshold rule of its metric), `alert_tips` (per sensor) and, once a sensor's
  *   reading inputs since its last trim reach its trim point (`trimAfter` in
  *   projections/alerts.ts: between the window, 64 with the default rules, and twice it), the
  *   trimming to that window: `alert_horizons` upserted, older `alert_inputs` deleted. The
- *   bench's readings stay inside every rule's range (checked before the run), so each condition
- *   is reset and no alert or notification row is written, as in the processors' run.
+ *   bench's readings stay inside every rule's range (checked before the run), so no rule is in a
+ *   breach (`alert_conditions` holds none) and no alert or notification row is written, as in the
+ *   processors' run.
  *
  * The trimming follows the projection batch by batch (a sensor is folded again in full, and
  * trimmed, when it is new or its new inputs since the last trim reach its trim point), so the
@@ -141,16 +141,6 @@ function statements(model: JobModel, rules: readonly ThresholdRule[]): string {
         ${tips('')}`
       const ruleTable = `(values ${ruleRows}) as r (rule_id, metric)`
       return `${sensorState('alert_sensors')}
-      insert into alert_conditions as c (device_id, rule_id, consecutive, since_at, since_hlc,
-                                         last_hlc)
-      select distinct on (j.device_id, r.rule_id) j.device_id, r.rule_id, 0, null::timestamptz,
-             null, j.hlc
-      from job_in j join ${ruleTable} using (metric)
-      order by j.device_id, r.rule_id, j.hlc desc, j.event_id collate "C" desc
-      on conflict (device_id, rule_id) do update set consecutive = excluded.consecutive,
-        since_at = excluded.since_at, since_hlc = excluded.since_hlc, last_hlc = excluded.last_hlc
-      where (c.consecutive, c.since_at, c.since_hlc, c.last_hlc) is distinct from
-            (excluded.consecutive, excluded.since_at, excluded.since_hlc, excluded.last_hlc);
       ${tips(ruleTable)}
       ${prune(alertWindow(rules))}`
     }

@@ -8,6 +8,7 @@ import * as statusTimeline from './migrations/2026-12-02-01-status-timeline.ts'
 import * as alertInputs from './migrations/2026-12-02-02-alert-inputs.ts'
 import * as hotUpdates from './migrations/2026-12-03-01-hot-updates.ts'
 import * as hotReadings from './migrations/2026-12-04-01-hot-readings.ts'
+import * as breachConditions from './migrations/2026-12-04-02-breach-conditions.ts'
 
 /**
  * Every migration, by name in the order they run. Listed here rather than read from a folder so
@@ -23,6 +24,7 @@ export const migrations: Readonly<Record<string, Migration>> = {
   '2026-12-02-02-alert-inputs': alertInputs,
   '2026-12-03-01-hot-updates': hotUpdates,
   '2026-12-04-01-hot-readings': hotReadings,
+  '2026-12-04-02-breach-conditions': breachConditions,
 }
 
 /** Brings the schema up to date; concurrent callers are serialised by Kysely's migration lock. */

@@ -189,15 +189,16 @@ export interface AlertTable {
 }
 export type Alert = Selectable<AlertTable>
 
-/** Where a threshold rule stands for one sensor: consecutive breaching readings and since when. */
+/**
+ * A threshold rule in a breach for one sensor: consecutive breaching readings so far (at least
+ * one) and since when. A rule not in a breach has no row.
+ */
 export interface AlertConditionTable {
   device_id: string
   rule_id: string
   consecutive: number
   since_at: Date | null
   since_hlc: string | null
-  /** Newest reading evaluated; older or repeated ones are skipped. */
-  last_hlc: string
 }
 
 /** Notifications written with the alert change, published by the relay, once. */
