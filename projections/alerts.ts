@@ -593,14 +593,15 @@ async function storedConditions(
       last_hlc: string | null
     }>`
       with newest as (
-        select device_id, rule_id, max(hlc) as hlc from alert_inputs
+        select device_id, rule_id, max(hlc collate "C") as hlc from alert_inputs
         where device_id = any(${devices}::text[]) and kind = 'reading'
           and not (event_id = any(${fresh}::text[]))
         group by device_id, rule_id
         union all
         select device_id, rule_id, state -> 'condition' ->> 'lastHlc' from alert_horizons
         where device_id = any(${devices}::text[])),
-      last as (select device_id, rule_id, max(hlc) as hlc from newest group by 1, 2)
+      -- HLCs compare as strings in clock order: byte order, whatever the database's collation.
+      last as (select device_id, rule_id, max(hlc collate "C") as hlc from newest group by 1, 2)
       select coalesce(c.device_id, l.device_id) as device_id,
              coalesce(c.rule_id, l.rule_id) as rule_id,
              c.consecutive, c.since_at, c.since_hlc, l.hlc as last_hlc

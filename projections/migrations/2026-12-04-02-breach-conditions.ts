@@ -23,7 +23,7 @@ export async function down(db: Kysely<any>): Promise<void> {
   await sql`alter table alert_conditions add column last_hlc text collate "C"`.execute(db)
   await sql`
     update alert_conditions c set last_hlc = l.hlc
-    from (select device_id, rule_id, max(hlc) as hlc
+    from (select device_id, rule_id, max(hlc collate "C") as hlc
           from (select device_id, rule_id, hlc from alert_inputs where kind = 'reading'
                 union all
                 select device_id, rule_id, state -> 'condition' ->> 'lastHlc' from alert_horizons) n
