@@ -152,6 +152,26 @@ describe('the alerts projection keeps only what it committed', () => {
     expect(out.alerts[0]).toContain('"state":"resolved"')
   })
 
+  it('read again, a rule skips a second reading at the HLC it evaluated last, as when kept', async () => {
+    // r1b has r1's HLC (another event): evaluated after r1, it is skipped. The newest reading a
+    // rule evaluated is not stored (alert_conditions holds the breach alone): read again, it is
+    // derived from the kept readings. Had it been lost, r1b would make the second breaching
+    // reading in a row and raise.
+    const out = (await expectExact([
+      { events: [reading('r0', 0, 20)] },
+      { events: [reading('r1', 1, 45)] },
+      { events: [reading('r1b', 1, 46)] },
+      { events: [reading('r2', 2, 30)] },
+      { events: [reading('r3', 3, 45)] },
+      { events: [reading('r4', 4, 46)] },
+    ])) as { alerts: string[]; alert_conditions: string[] }
+    expect(out.alerts).toHaveLength(1)
+    expect(out.alerts[0]).toContain('"raised_event_id":"r4"')
+    // the breach goes on while the alert is open
+    expect(out.alert_conditions).toHaveLength(1)
+    expect(out.alert_conditions[0]).toContain('"consecutive":2')
+  })
+
   it('a tick in the batch silences what it kept, and it is heard again after', async () => {
     const out = (await expectExact([
       { events: [reading('r1', 1, 45)] },
