@@ -140,7 +140,7 @@ function statements(model: JobModel, rules: readonly ThresholdRule[]): string {
         return `${sensorState('alert_sensors')} select count(*) from up;
         ${tips('')}`
       const ruleTable = `(values ${ruleRows}) as r (rule_id, metric)`
-      return `${sensorState('alert_sensors')}
+      return `${sensorState('alert_sensors')} select count(*) from up;
       ${tips(ruleTable)}
       ${prune(alertWindow(rules))}`
     }
