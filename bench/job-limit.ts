@@ -136,13 +136,11 @@ function statements(model: JobModel, rules: readonly ThresholdRule[]): string {
       on conflict (device_id, event_id) do nothing;`
     case 'alerts': {
       const ruleRows = rules.map((r) => `(${literal(r.id)}, ${literal(r.metric)})`).join(', ')
-      if (ruleRows === '')
-        return `${sensorState('alert_sensors')} select count(*) from up;
-        ${tips('')}`
-      const ruleTable = `(values ${ruleRows}) as r (rule_id, metric)`
+      // Without threshold rules there are no inputs: nothing to add or to trim.
+      const ruleTable = ruleRows === '' ? '' : `(values ${ruleRows}) as r (rule_id, metric)`
       return `${sensorState('alert_sensors')} select count(*) from up;
       ${tips(ruleTable)}
-      ${prune(alertWindow(rules))}`
+      ${ruleTable === '' ? '' : prune(alertWindow(rules))}`
     }
   }
 }
