@@ -327,6 +327,7 @@ class Payloads {
   readonly #ingestedAt = new Date().toISOString()
   constructor(
     private readonly events: readonly BenchEvent[],
+    private readonly batch: number,
     private readonly users: number,
     private readonly window: number,
   ) {}
@@ -334,8 +335,8 @@ class Payloads {
   take(from: number): Buffer {
     let hit = this.#cache.get(from)
     if (hit === undefined) {
-      const batch = this.events.slice(from, from + JOB_BATCH)
-      hit = { data: payload(batch, from + 1, this.#ingestedAt, this.window), uses: 0 }
+      const events = this.events.slice(from, from + this.batch)
+      hit = { data: payload(events, from + 1, this.#ingestedAt, this.window), uses: 0 }
       this.#cache.set(from, hit)
     }
     if (++hit.uses === this.users) this.#cache.delete(from)
@@ -361,11 +362,15 @@ export function checkNoBreach(events: readonly BenchEvent[], rules: readonly Thr
   }
 }
 
-/** Writes every event into the migrated database at `url`; three connections at once. */
+/**
+ * Writes every event into the migrated database at `url`; three connections at once, `batch`
+ * events per transaction.
+ */
 export async function jobWrite(
   url: string,
   events: readonly BenchEvent[],
   rules: readonly ThresholdRule[],
+  batch = JOB_BATCH,
 ): Promise<JobLimit> {
   checkNoBreach(events, rules)
   const models: JobModel[] = ['readings', 'sensor-status', 'alerts']
@@ -375,21 +380,21 @@ export async function jobWrite(
     for (const c of clients) {
       await c.query(`create temp table job_in (${IN_COLUMNS}) on commit delete rows`)
     }
-    const payloads = new Payloads(events, models.length, alertWindow(rules))
+    const payloads = new Payloads(events, batch, models.length, alertWindow(rules))
     const start = performance.now()
     const perModel = await Promise.all(
       models.map(async (model, m) => {
         const client = clients[m] as pg.Client
         const sql = statements(model, rules)
-        for (let i = 0; i < events.length; i += JOB_BATCH) {
+        for (let i = 0; i < events.length; i += batch) {
           const data = payloads.take(i)
-          const last = events[Math.min(events.length, i + JOB_BATCH) - 1] as BenchEvent
+          const last = events[Math.min(events.length, i + batch) - 1] as BenchEvent
           await client.query('begin')
           await copyFrom(client, 'copy job_in from stdin', data)
           // The checkpoint commits with the rows, as a processor's does.
           await client.query(`${sql}
             insert into processor_checkpoints (processor, stream, last_seq, hlc)
-            values ('job-${model}', 'FLEET_EVENTS', ${Math.min(events.length, i + JOB_BATCH)}, ${literal(last.event.hlc)})
+            values ('job-${model}', 'FLEET_EVENTS', ${Math.min(events.length, i + batch)}, ${literal(last.event.hlc)})
             on conflict (processor) do update set last_seq = excluded.last_seq, hlc = excluded.hlc,
               updated_at = now();
             commit;`)
@@ -404,7 +409,7 @@ export async function jobWrite(
         'sensor-status': perModel[1] ?? Number.NaN,
         alerts: perModel[2] ?? Number.NaN,
       },
-      batch: JOB_BATCH,
+      batch,
     }
   } finally {
     await Promise.all(clients.map((c) => c.end().catch(() => undefined)))
