@@ -5,6 +5,7 @@
  */
 import type { ConsumerInfo, ConsumerMessages, JsMsg } from '@nats-io/jetstream'
 import type { Logger } from '../../infra/logger.ts'
+import { primeDeliveryInfo } from '../delivery-info.ts'
 import type { Slot } from '../partitions.ts'
 import { readCheckpoint, type CheckpointPosition } from '../progress/checkpoints.ts'
 import { BatchCommitter } from './commit.ts'
@@ -126,6 +127,7 @@ export class SlotSession {
         // Stop when the consumer disappears, so the session re-anchors it from the checkpoint.
         abort_on_missing_resource: true,
         callback: (m: JsMsg) => {
+          primeDeliveryInfo(m)
           state.delivered = Math.max(state.delivered, m.info.streamSequence)
           // Before this session's first ack, what came before its first delivery counts as acked:
           // the consumer was anchored with nothing in flight (or recreated).
