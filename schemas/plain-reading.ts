@@ -39,7 +39,8 @@ export function plainReading(json: unknown): ReadingRecorded | undefined {
   let typed = false
   let versioned = false
   // Every key, so that an unknown one (the schema is strict) is noticed; each key once at most.
-  for (const key of Object.keys(json)) {
+  // for-in, not Object.keys: no array of keys per object (its prototype is Object.prototype).
+  for (const key in json) {
     const v = json[key]
     switch (key) {
       case 'eventId':
@@ -123,7 +124,8 @@ function plainData(json: unknown): ReadingRecorded['data'] | undefined {
   let metric: string | undefined
   let value: number | undefined
   let unit: string | undefined
-  for (const key of Object.keys(json)) {
+  // for-in, not Object.keys: no array of keys per object (its prototype is Object.prototype).
+  for (const key in json) {
     const v = json[key]
     switch (key) {
       case 'metric':

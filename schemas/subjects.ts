@@ -91,17 +91,33 @@ export interface EventSubject {
  * `undefined` when the subject has neither shape.
  */
 export function parseEventSubject(subject: string): EventSubject | undefined {
-  const tokens = subject.split('.')
-  if (`${tokens[0]}.${tokens[1]}` !== EVENTS_SUBJECT_PREFIX) return undefined
+  // By index, not split: this runs for every message every processor decides.
+  const start = EVENTS_SUBJECT_PREFIX.length + 1
+  if (!subject.startsWith(EVENTS_SUBJECT_PREFIX) || subject.charCodeAt(start - 1) !== DOT) {
+    return undefined
+  }
+  const first = subject.indexOf('.', start)
+  if (first < 0) return undefined
+  const second = subject.indexOf('.', first + 1)
   let partition: number | undefined
-  if (tokens.length === 5) {
-    if (!/^(0|[1-9][0-9]{0,3})$/.test(tokens[2] ?? '')) return undefined
-    partition = Number(tokens[2])
-  } else if (tokens.length !== 4) return undefined
-  const [deviceId = '', kind = ''] = tokens.slice(-2)
+  let deviceId: string
+  let kind: string
+  if (second < 0) {
+    deviceId = subject.slice(start, first)
+    kind = subject.slice(first + 1)
+  } else {
+    if (subject.indexOf('.', second + 1) >= 0) return undefined
+    const token = subject.slice(start, first)
+    if (!/^(0|[1-9][0-9]{0,3})$/.test(token)) return undefined
+    partition = Number(token)
+    deviceId = subject.slice(first + 1, second)
+    kind = subject.slice(second + 1)
+  }
   if (!DEVICE_ID_PATTERN.test(deviceId) && deviceId !== SYSTEM_SOURCE) return undefined
   return partition === undefined ? { deviceId, kind } : { deviceId, kind, partition }
 }
+
+const DOT = 0x2e
 
 /** The token that marks an event put back from the DLQ: see {@link redriveSubject}. */
 export const REDRIVE_TOKEN = 'redrive'
