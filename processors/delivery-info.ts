@@ -16,7 +16,8 @@ const DOT = 46
 const EXACT_DIGITS = 15
 /** Where the dots are: reused, so a parse allocates nothing for them. */
 const dots = new Int32Array(12)
-const latin1 = new TextDecoder('latin1')
+/** As nats.js decodes a subject (UTF-8, not fatal). */
+const utf8 = new TextDecoder()
 
 /**
  * The delivery info of an ack subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.
@@ -68,18 +69,12 @@ class WireDeliveryInfo implements DeliveryInfo {
   constructor(reply: Uint8Array, dotCount: number, shift: 0 | 2) {
     this.#reply = reply
     this.#shift = shift
-    const num = (k: number) =>
-      numberAt(
-        reply,
-        (dots[k - 1] as number) + 1,
-        k < dotCount ? (dots[k] as number) : reply.length,
-      )
-    this.deliveryCount = num(4 + shift)
+    this.deliveryCount = tokenNumber(reply, dotCount, 4 + shift)
     this.redelivered = this.deliveryCount > 1
-    this.streamSequence = num(5 + shift)
-    this.deliverySequence = num(6 + shift)
-    this.timestampNanos = num(7 + shift)
-    this.pending = num(8 + shift)
+    this.streamSequence = tokenNumber(reply, dotCount, 5 + shift)
+    this.deliverySequence = tokenNumber(reply, dotCount, 6 + shift)
+    this.timestampNanos = tokenNumber(reply, dotCount, 7 + shift)
+    this.pending = tokenNumber(reply, dotCount, 8 + shift)
   }
 
   get stream(): string {
@@ -108,19 +103,36 @@ class WireDeliveryInfo implements DeliveryInfo {
     for (let seen = 0; seen < k; from++) if (r[from] === DOT) seen++
     let to = from
     while (to < r.length && r[to] !== DOT) to++
-    return latin1.decode(r.subarray(from, to))
+    return utf8.decode(r.subarray(from, to))
   }
 }
 
-/** The decimal at [from, to), as `parseInt(token, 10)` reads the server's digits. */
-function numberAt(reply: Uint8Array, from: number, to: number): number {
-  if (to - from > EXACT_DIGITS) return parseInt(latin1.decode(reply.subarray(from, to)), 10)
+/** Token `k` (k >= 1) as a number, while {@link dots} holds the `dotCount` dots of `reply`. */
+function tokenNumber(reply: Uint8Array, dotCount: number, k: number): number {
+  const from = (dots[k - 1] as number) + 1
+  const to = k < dotCount ? (dots[k] as number) : reply.length
+  if (to - from <= EXACT_DIGITS) {
+    const v = digitsAt(reply, from, to)
+    if (!Number.isNaN(v)) return v
+  } else if (to - from <= EXACT_DIGITS + 9) {
+    // A timestamp in nanoseconds has 19 digits: as `high * 1e9 + low`, the nearest double to the
+    // decimal (as parseInt gives it) while `high * 1e9` is itself exact: 1e9 is 2^9 * 1953125.
+    const high = digitsAt(reply, from, to - 9)
+    const low = digitsAt(reply, to - 9, to)
+    if (!Number.isNaN(high + low) && high * 1953125 < 2 ** 53) return high * 1e9 + low
+  }
+  // Anything else as nats.js reads it.
+  return parseInt(utf8.decode(reply.subarray(from, to)), 10)
+}
+
+/** The digits at [from, to) as a number (exact up to 15 of them); NaN unless all are digits. */
+function digitsAt(reply: Uint8Array, from: number, to: number): number {
+  if (from >= to) return Number.NaN
   let v = 0
-  let i = from
-  for (; i < to; i++) {
+  for (let i = from; i < to; i++) {
     const d = (reply[i] as number) - 48
-    if (d < 0 || d > 9) break
+    if (d < 0 || d > 9) return Number.NaN
     v = v * 10 + d
   }
-  return i === from ? Number.NaN : v
+  return v
 }

@@ -41,11 +41,32 @@ describe('deliveryInfoOf', () => {
       '$JS.ACK.hub.ACCHASH.FLEET_EVENTS.readings.2.17.5.1733340000000000001.3.r4nd0m',
       '$JS.ACK._.ACCHASH.S.c.1.12345678901234567.7.1.0.xyz',
       '$JS.ACK.hub.H.S.c.1.2.3.4.5',
+      '$JS.ACK.S.c.1x.02.3.4.-5', // not the server's, but read as nats.js reads it
+      '$JS.ACK.Strömung.verbraucher.1.2.3.4.5',
     ]
     for (const s of subjects) {
       const ours = deliveryInfoOf(bytes(s))
       expect(ours, s).toBeDefined()
       expect(fields(ours as DeliveryInfo), s).toEqual(fields(parseInfo(s)))
+    }
+  })
+
+  it('reads a nanosecond timestamp as the same double as parseInt, digit for digit', () => {
+    const digits = (n: number) =>
+      Array.from(
+        { length: n },
+        (_, i) => (i === 0 ? 1 : 0) + Math.floor(Math.random() * (i === 0 ? 9 : 10)),
+      ).join('')
+    const stamps = [
+      '1733340000123456789',
+      '9007199254740993000', // past where high * 1e9 is exact: read as nats.js reads it
+      '99999999999999999999',
+      '0000000000000000001',
+      ...Array.from({ length: 2000 }, () => digits(16 + Math.floor(Math.random() * 4))),
+    ]
+    for (const t of stamps) {
+      const s = `$JS.ACK.S.c.1.2.3.${t}.0`
+      expect(deliveryInfoOf(bytes(s))?.timestampNanos, t).toBe(parseInfo(s).timestampNanos)
     }
   })
 
