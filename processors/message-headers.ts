@@ -33,10 +33,9 @@ export class HeaderBlockError extends BadInputError {}
  * ```
  */
 export function headersOf(msg: JsMsg): HeaderReader | undefined {
-  const block = rawHeaderBlock(msg)
-  if (block === null) return natsHeadersOf(msg)
-  if (block === undefined) return undefined
-  const text = utf8.decode(block)
+  const text = rawHeaderText(msg)
+  if (text === null) return natsHeadersOf(msg)
+  if (text === undefined) return undefined
   // Non-ASCII, a lone CR or LF, or a line whose name nats.js would refuse (it throws): its
   // decoder, not this one, says what the message holds.
   if (!PLAIN_BLOCK.test(text)) return natsHeadersOf(msg)
@@ -82,6 +81,9 @@ export function readableHeaders(msg: {
 /** How much of a refused header block its error shows. */
 const SHOWN_BYTES = 200
 
+/** What {@link PlainHeaders.get} looks for, per header name: not a new string per look-up. */
+const NEEDLES = new Map<string, string>()
+
 /** A plain header block ({@link PLAIN_BLOCK}) as text. */
 class PlainHeaders implements HeaderReader {
   readonly #text: string
@@ -93,7 +95,9 @@ class PlainHeaders implements HeaderReader {
   get(name: string): string {
     const text = this.#text
     // A CRLF starts a line only: the block has no other CR or LF.
-    const at = text.indexOf(`\r\n${name}:`)
+    let needle = NEEDLES.get(name)
+    if (needle === undefined) NEEDLES.set(name, (needle = `\r\n${name}:`))
+    const at = text.indexOf(needle)
     if (at < 0) return ''
     const from = at + 2 + name.length + 1
     const end = text.indexOf('\r\n', from)
@@ -110,6 +114,24 @@ const PLAIN_BLOCK = /^[\t\x20-\x7e]*(?:\r\n(?:[\x21-\x39\x3b-\x7e]*:[\t\x20-\x7e
 
 /** The bytes nats.js decodes its header block from (`TextDecoder` without `fatal`). */
 const utf8 = new TextDecoder()
+
+/**
+ * {@link rawHeaderBlock} as text, read as Latin-1: a plain block is ASCII, and any byte past
+ * ASCII fails {@link PLAIN_BLOCK} as it would once decoded as UTF-8 (it then goes to nats.js).
+ * Straight from the buffer where it is one: no view per message.
+ */
+function rawHeaderText(msg: JsMsg): string | undefined | null {
+  const core = (msg as { msg?: { _rdata?: unknown; _msg?: { hdr?: unknown } } }).msg
+  const data = core?._rdata
+  const hdr = core?._msg?.hdr
+  if (!(data instanceof Uint8Array) || typeof hdr !== 'number') return null
+  if (hdr <= -1) return undefined
+  return Buffer.isBuffer(data)
+    ? data.toString('latin1', 0, hdr)
+    : latin1.decode(data.subarray(0, hdr))
+}
+
+const latin1 = new TextDecoder('latin1')
 
 /**
  * The raw header block of a message delivered by nats.js 3 (`JsMsgImpl.msg`, a `MsgImpl`):
