@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto'
 import type { SilentRule, ThresholdRule } from './alert-rules.ts'
+import { checkedHlcWallMs } from '../schemas/hlc.ts'
 import { hlcTime } from './sensor-lifecycle.ts'
 import type { AlertTable } from './tables.ts'
 
@@ -149,19 +150,20 @@ export function foldRule(
 ): { alerts: FoldedAlert[]; states: FoldState[] } {
   // Most (rule, sensor) pairs of a batch have nothing new (a reading feeds one metric's rules).
   if (inputs.length === 0) return { alerts: start.open ? [start.open] : [], states: [] }
-  const alerts = new Map<string, FoldedAlert>()
+  // Made once an alert is open or resolved: most folds (a reading within its limits) have none.
+  let alerts: Map<string, FoldedAlert> | undefined
   let condition = start.condition
   let open = start.open
-  if (open) alerts.set(open.alert_id, open)
   const states: FoldState[] = []
   const put = (a: FoldedAlert | null) => {
-    if (a) alerts.set(a.alert_id, a)
+    if (a) (alerts ??= new Map()).set(a.alert_id, a)
   }
+  put(open)
   for (const i of inputs) {
     switch (i.kind) {
       case 'reading': {
         if (rule.kind !== 'threshold') break
-        const atMs = hlcTime(i.hlc).getTime()
+        const atMs = checkedHlcWallMs(i.hlc)
         const out = evaluateThreshold(rule, condition, { value: i.value, atMs, hlc: i.hlc }, !!open)
         condition = out.condition
         if (out.verdict === 'raise' && !i.quiet) {
@@ -202,7 +204,7 @@ export function foldRule(
     put(open)
     states.push({ condition, open })
   }
-  return { alerts: [...alerts.values()], states }
+  return { alerts: alerts === undefined ? [] : [...alerts.values()], states }
 }
 
 const SILENT_MESSAGE = 'no events within the inactivity timeout: status unknown'

@@ -1,5 +1,5 @@
 import type { DeviceEvent, SensorStatus } from '../schemas/events.ts'
-import { decodeHlc } from '../schemas/hlc.ts'
+import { checkedHlcWallMs } from '../schemas/hlc.ts'
 
 /** What fleetstream says about a sensor; `unknown` is "not heard from within its timeout". */
 export type EffectiveStatus = SensorStatus | 'unknown'
@@ -111,12 +111,12 @@ export function isSilent(
 ): boolean {
   if (nowMs === null || s.lastSeenHlc === null) return false
   const timeout = (s.inactivityTimeoutSeconds ?? defaultTimeoutSeconds) * 1000
-  return nowMs - decodeHlc(s.lastSeenHlc).wallMs > timeout
+  return nowMs - checkedHlcWallMs(s.lastSeenHlc) > timeout
 }
 
 /** Wall time of an HLC, as stored in `last_seen_at` columns. */
 export function hlcTime(hlc: string): Date {
-  return new Date(decodeHlc(hlc).wallMs)
+  return new Date(checkedHlcWallMs(hlc))
 }
 
 /**

@@ -485,8 +485,10 @@ const SEEN_KEYS: ReadonlySet<string> = new Set<keyof SensorLifecycle>([
  * field is compared, so a field added to the lifecycle is never left out of the narrow update.
  */
 function onlySeenMoved(before: SensorLifecycle, after: SensorLifecycle): boolean {
-  for (const k of Object.keys(after) as (keyof SensorLifecycle)[]) {
-    if (!SEEN_KEYS.has(k) && before[k] !== after[k]) return false
+  // for-in, not Object.keys: no array per sensor and batch (a lifecycle is a plain object).
+  for (const k in after) {
+    const key = k as keyof SensorLifecycle
+    if (!SEEN_KEYS.has(key) && before[key] !== after[key]) return false
   }
   return true
 }

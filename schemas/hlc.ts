@@ -91,9 +91,7 @@ export function encodeHlc(h: Hlc): string {
 }
 
 export function decodeHlc(s: string): Hlc {
-  if (!HLC_PATTERN.test(s)) {
-    throw new HlcFormatError(`HLC must match ${HLC_PATTERN}, got '${s}'`)
-  }
+  checkHlc(s)
   return {
     wallMs: Number(s.slice(0, WALL_DIGITS)),
     logical: Number(s.slice(WALL_DIGITS + 1, WALL_DIGITS + 1 + LOGICAL_DIGITS)),
@@ -115,6 +113,18 @@ export function hlcWallMs(s: string): number {
     ms = ms * 10 + d
   }
   return ms
+}
+
+/** {@link hlcWallMs} of a checked HLC: throws {@link HlcFormatError} as {@link decodeHlc} does. */
+export function checkedHlcWallMs(s: string): number {
+  checkHlc(s)
+  return hlcWallMs(s)
+}
+
+function checkHlc(s: string): void {
+  if (!HLC_PATTERN.test(s)) {
+    throw new HlcFormatError(`HLC must match ${HLC_PATTERN}, got '${s}'`)
+  }
 }
 
 /** Clock order; node id breaks ties. Agrees with comparing the encoded strings. */
