@@ -17,6 +17,7 @@ import { RowCache, transactionId } from './row-cache.ts'
 import type { ProjectedEvent, Projection } from './projection.ts'
 import type { EffectiveStatus } from './sensor-lifecycle.ts'
 import { deviceIdsOf, SensorTracker, splitAtTicks, type Transition } from './sensor-tracker.ts'
+import { textArray } from './text-array.ts'
 import type {
   AlertHorizonTable,
   AlertInputTable,
@@ -317,7 +318,7 @@ export async function refold(
   const news = group(added, (i) => i.device_id)
   const versions = await sql<{ device_id: string; xmin: string }>`
     select device_id, xmin::text as xmin from alert_tips
-    where device_id = any(${sorted}::text[])`.execute(trx)
+    where device_id = any(${textArray(sorted)}::text[])`.execute(trx)
   const kept = new Map<string, KeptFold>()
   const missed: string[] = []
   for (const v of versions.rows) {
@@ -330,7 +331,7 @@ export async function refold(
     for (const t of await trx
       .selectFrom('alert_tips')
       .selectAll()
-      .where(sql<boolean>`device_id = any(${missed}::text[])`)
+      .where(sql<boolean>`device_id = any(${textArray(missed)}::text[])`)
       .execute())
       tips.set(t.device_id, t)
   const onward = (d: string) => {
@@ -381,7 +382,7 @@ export async function refold(
         : await trx
             .selectFrom('alert_inputs')
             .selectAll()
-            .where(sql<boolean>`device_id = any(${slow}::text[])`)
+            .where(sql<boolean>`device_id = any(${textArray(slow)}::text[])`)
             .execute(),
       (i) => i.device_id,
     )
@@ -391,7 +392,7 @@ export async function refold(
       : await trx
           .selectFrom('alert_horizons')
           .selectAll()
-          .where(sql<boolean>`device_id = any(${slow}::text[])`)
+          .where(sql<boolean>`device_id = any(${textArray(slow)}::text[])`)
           .execute()
     ).map((h) => [key(h.device_id, h.rule_id), toHorizon(h)]),
   )
@@ -408,10 +409,10 @@ export async function refold(
           await sql<AlertRow>`
       select a.* from alerts a
       left join alert_horizons h on h.device_id = a.device_id and h.rule_id = a.rule_id
-      where (a.device_id = any(${slow}::text[])
+      where (a.device_id = any(${textArray(slow)}::text[])
              and (h.hlc is null or a.raised_hlc >= h.hlc or a.state <> 'resolved'
                   or a.alert_id = h.state -> 'open' ->> 'alert_id'))
-         or (a.device_id = any(${quick}::text[]) and a.state <> 'resolved')
+         or (a.device_id = any(${textArray(quick)}::text[]) and a.state <> 'resolved')
       order by a.alert_id for update of a`.execute(trx)
         ).rows
   for (const d of fast)
@@ -608,18 +609,18 @@ async function storedConditions(
     }>`
       with newest as (
         select device_id, rule_id, max(hlc collate "C") as hlc from alert_inputs
-        where device_id = any(${devices}::text[]) and kind = 'reading'
-          and not (event_id = any(${fresh}::text[]))
+        where device_id = any(${textArray(devices)}::text[]) and kind = 'reading'
+          and not (event_id = any(${textArray(fresh)}::text[]))
         group by device_id, rule_id
         union all
         select device_id, rule_id, state -> 'condition' ->> 'lastHlc' from alert_horizons
-        where device_id = any(${devices}::text[])),
+        where device_id = any(${textArray(devices)}::text[])),
       -- HLCs compare as strings in clock order: byte order, whatever the database's collation.
       last as (select device_id, rule_id, max(hlc collate "C") as hlc from newest group by 1, 2)
       select coalesce(c.device_id, l.device_id) as device_id,
              coalesce(c.rule_id, l.rule_id) as rule_id,
              c.consecutive, c.since_at, c.since_hlc, l.hlc as last_hlc
-      from (select * from alert_conditions where device_id = any(${devices}::text[])) c
+      from (select * from alert_conditions where device_id = any(${textArray(devices)}::text[])) c
       full join last l on l.device_id = c.device_id and l.rule_id = c.rule_id`.execute(trx)
   ).rows
   for (const r of rows)
@@ -703,7 +704,7 @@ async function writeAlerts(
   if (gone.length > 0)
     await trx
       .deleteFrom('alerts')
-      .where(sql<boolean>`alert_id = any(${gone}::text[])`)
+      .where(sql<boolean>`alert_id = any(${textArray(gone)}::text[])`)
       .execute()
   const changed = [...wanted.values()]
     .filter((a) => {
@@ -784,7 +785,7 @@ async function writeOutbox(
   const rows = await trx
     .selectFrom('notification_outbox')
     .selectAll()
-    .where(sql<boolean>`alert_id = any(${ids}::text[])`)
+    .where(sql<boolean>`alert_id = any(${textArray(ids)}::text[])`)
     .orderBy('notification_id')
     .forUpdate()
     .execute()
@@ -832,7 +833,7 @@ async function writeOutbox(
   if (remove.length > 0)
     await trx
       .deleteFrom('notification_outbox')
-      .where(sql<boolean>`notification_id = any(${remove}::text[])`)
+      .where(sql<boolean>`notification_id = any(${textArray(remove)}::text[])`)
       .where('published_at', 'is', null)
       .execute()
   if (upsert.length > 0) {

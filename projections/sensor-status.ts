@@ -2,6 +2,7 @@ import { sql, type Transaction } from 'kysely'
 import type { Projection } from './projection.ts'
 import { SensorTracker, splitAtTicks, type Transition } from './sensor-tracker.ts'
 import type { Database } from './tables.ts'
+import { textArray } from './text-array.ts'
 
 export interface SensorStatusOptions {
   /** Silence after which a sensor without its own timeout becomes `unknown`. */
@@ -70,7 +71,7 @@ export async function rewriteHistory(
   const history = await tracker.histories(trx, deviceIds)
   await trx
     .deleteFrom('sensor_status_history')
-    .where(sql<boolean>`device_id = any(${[...deviceIds]}::text[])`)
+    .where(sql<boolean>`device_id = any(${textArray([...deviceIds])}::text[])`)
     .execute()
   await writeHistory(trx, history)
 }

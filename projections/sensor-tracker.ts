@@ -12,6 +12,7 @@ import {
   type SensorLifecycle,
 } from './sensor-lifecycle.ts'
 import type { Database, SensorStateTable, SensorTimelineTable } from './tables.ts'
+import { textArray } from './text-array.ts'
 
 /** A sensor's status moved, and which event moved it. */
 export interface Transition {
@@ -124,7 +125,7 @@ export class SensorTracker {
     if (deviceIds.length > 0) {
       const versions = (
         await sql<{ device_id: string; xmin: string }>`select device_id, xmin::text as xmin
-          from ${sql.table(this.table)} where device_id = any(${deviceIds}::text[])
+          from ${sql.table(this.table)} where device_id = any(${textArray(deviceIds)}::text[])
           order by device_id for update`.execute(trx)
       ).rows
       const misses: string[] = []
@@ -140,7 +141,7 @@ export class SensorTracker {
       if (misses.length > 0) {
         const rows = (
           await sql<SensorStateTable>`select * from ${sql.table(this.table)}
-            where device_id = any(${misses}::text[])`.execute(trx)
+            where device_id = any(${textArray(misses)}::text[])`.execute(trx)
         ).rows
         for (const r of rows) tracked.set(r.device_id, fromRow(r))
         for (const [deviceId, points] of await this.points(trx, misses)) {
@@ -167,7 +168,7 @@ export class SensorTracker {
     const rows = await trx
       .selectFrom(this.timeline)
       .selectAll()
-      .where(sql<boolean>`device_id = any(${[...deviceIds]}::text[])`)
+      .where(sql<boolean>`device_id = any(${textArray([...deviceIds])}::text[])`)
       .execute()
     for (const r of rows) {
       const m = out.get(r.device_id) ?? new Map<string, Point>()
@@ -186,7 +187,7 @@ export class SensorTracker {
     const points = await this.points(trx, deviceIds)
     const rows = (
       await sql<SensorStateTable>`select * from ${sql.table(this.table)}
-        where device_id = any(${[...deviceIds]}::text[])`.execute(trx)
+        where device_id = any(${textArray([...deviceIds])}::text[])`.execute(trx)
     ).rows
     return rows.flatMap((r) => {
       const t = { ...fromRow(r), points: points.get(r.device_id) ?? new Map<string, Point>() }
@@ -376,8 +377,10 @@ export class TrackerSegment {
       await trx
         .deleteFrom(this.tracker.timeline)
         .where('kind', '=', 'first')
-        .where(sql<boolean>`device_id = any(${firsts.map((x) => x.device_id)}::text[])`)
-        .where(sql<boolean>`not (event_id = any(${firsts.map((x) => x.event_id)}::text[]))`)
+        .where(sql<boolean>`device_id = any(${textArray(firsts.map((x) => x.device_id))}::text[])`)
+        .where(
+          sql<boolean>`not (event_id = any(${textArray(firsts.map((x) => x.event_id))}::text[]))`,
+        )
         .execute()
     }
     const written = ([id, t]: [string, Tracked]): Written => {
