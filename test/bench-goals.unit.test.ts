@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it, vi } from 'vitest'
-import { cpuFloor, type Figures, goals, printReport } from '../bench/report.ts'
+import { beside, cpuFloor, type Figures, goals, printReport } from '../bench/report.ts'
 
 const rate = (events: number, r: number) => ({ events, seconds: events / r, rate: r })
 const each = <T>(v: T) => ({ readings: v, 'sensor-status': v, alerts: v })
@@ -155,5 +155,17 @@ describe('bench goals (issue 13)', () => {
     out = ''
     printReport(figures(), false)
     expect(out).toContain('goals of issue 13 (judged: 1,000,000 events): 12/12 met')
+  })
+})
+
+describe('beside', () => {
+  it('shows a figure on the side of its threshold that it is on', () => {
+    expect(beside(0.8955, 0.9, 2)).toBe('0.895')
+    expect(beside(0.8999, 0.9, 2)).toBe('0.8999')
+    expect(beside(0.93, 0.9, 2)).toBe('0.93')
+    expect(beside(0.9, 0.9, 2)).toBe('0.90')
+    expect(beside(49.6, 50, 0)).toBe('49.6')
+    expect(beside(50.4, 50, 0)).toBe('50')
+    expect(beside(47.2, 50, 0)).toBe('47')
   })
 })
