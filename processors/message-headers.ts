@@ -121,10 +121,12 @@ const utf8 = new TextDecoder()
  * Straight from the buffer where it is one: no view per message.
  */
 function rawHeaderText(msg: JsMsg): string | undefined | null {
-  const core = (msg as { msg?: { _rdata?: unknown; _msg?: { hdr?: unknown } } }).msg
-  const data = core?._rdata
-  const hdr = core?._msg?.hdr
-  if (!(data instanceof Uint8Array) || typeof hdr !== 'number') return null
+  const core = natsCore(msg)
+  if (core === undefined) return null
+  const {
+    _rdata: data,
+    _msg: { hdr },
+  } = core
   if (hdr <= -1) return undefined
   return Buffer.isBuffer(data)
     ? data.toString('latin1', 0, hdr)
@@ -139,9 +141,21 @@ const latin1 = new TextDecoder('latin1')
  * version or a test double), so the caller asks `msg.headers` instead.
  */
 function rawHeaderBlock(msg: JsMsg): Uint8Array | undefined | null {
-  const core = (msg as { msg?: { _rdata?: unknown; _msg?: { hdr?: unknown } } }).msg
-  const data = core?._rdata
-  const hdr = core?._msg?.hdr
-  if (!(data instanceof Uint8Array) || typeof hdr !== 'number') return null
+  const core = natsCore(msg)
+  if (core === undefined) return null
+  const {
+    _rdata: data,
+    _msg: { hdr },
+  } = core
   return hdr > -1 ? data.subarray(0, hdr) : undefined
+}
+
+/**
+ * The `MsgImpl` of nats.js 3 inside a delivered message: its raw bytes (the header block, then
+ * the payload) and where the header block ends (-1: none); `undefined` for any other shape.
+ */
+function natsCore(msg: JsMsg): { _rdata: Uint8Array; _msg: { hdr: number } } | undefined {
+  const core = (msg as { msg?: { _rdata?: unknown; _msg?: { hdr?: unknown } } }).msg
+  if (!(core?._rdata instanceof Uint8Array) || typeof core._msg?.hdr !== 'number') return undefined
+  return core as { _rdata: Uint8Array; _msg: { hdr: number } }
 }

@@ -371,6 +371,7 @@ export async function refold(
     }),
   )
   const slow = sorted.filter((d) => !fast.has(d))
+  const slowIds = textArray(slow)
   // Read back: the fast ones this process has not kept.
   const quick = [...fast].filter((d) => !kept.has(d))
 
@@ -382,7 +383,7 @@ export async function refold(
         : await trx
             .selectFrom('alert_inputs')
             .selectAll()
-            .where(sql<boolean>`device_id = any(${textArray(slow)}::text[])`)
+            .where(sql<boolean>`device_id = any(${slowIds}::text[])`)
             .execute(),
       (i) => i.device_id,
     )
@@ -392,7 +393,7 @@ export async function refold(
       : await trx
           .selectFrom('alert_horizons')
           .selectAll()
-          .where(sql<boolean>`device_id = any(${textArray(slow)}::text[])`)
+          .where(sql<boolean>`device_id = any(${slowIds}::text[])`)
           .execute()
     ).map((h) => [key(h.device_id, h.rule_id), toHorizon(h)]),
   )
@@ -409,7 +410,7 @@ export async function refold(
           await sql<AlertRow>`
       select a.* from alerts a
       left join alert_horizons h on h.device_id = a.device_id and h.rule_id = a.rule_id
-      where (a.device_id = any(${textArray(slow)}::text[])
+      where (a.device_id = any(${slowIds}::text[])
              and (h.hlc is null or a.raised_hlc >= h.hlc or a.state <> 'resolved'
                   or a.alert_id = h.state -> 'open' ->> 'alert_id'))
          or (a.device_id = any(${textArray(quick)}::text[]) and a.state <> 'resolved')
@@ -598,6 +599,7 @@ async function storedConditions(
 ): Promise<Map<string, Condition>> {
   const out = new Map<string, Condition>()
   if (devices.length === 0) return out
+  const ids = textArray(devices)
   const rows = (
     await sql<{
       device_id: string
@@ -609,18 +611,18 @@ async function storedConditions(
     }>`
       with newest as (
         select device_id, rule_id, max(hlc collate "C") as hlc from alert_inputs
-        where device_id = any(${textArray(devices)}::text[]) and kind = 'reading'
+        where device_id = any(${ids}::text[]) and kind = 'reading'
           and not (event_id = any(${textArray(fresh)}::text[]))
         group by device_id, rule_id
         union all
         select device_id, rule_id, state -> 'condition' ->> 'lastHlc' from alert_horizons
-        where device_id = any(${textArray(devices)}::text[])),
+        where device_id = any(${ids}::text[])),
       -- HLCs compare as strings in clock order: byte order, whatever the database's collation.
       last as (select device_id, rule_id, max(hlc collate "C") as hlc from newest group by 1, 2)
       select coalesce(c.device_id, l.device_id) as device_id,
              coalesce(c.rule_id, l.rule_id) as rule_id,
              c.consecutive, c.since_at, c.since_hlc, l.hlc as last_hlc
-      from (select * from alert_conditions where device_id = any(${textArray(devices)}::text[])) c
+      from (select * from alert_conditions where device_id = any(${ids}::text[])) c
       full join last l on l.device_id = c.device_id and l.rule_id = c.rule_id`.execute(trx)
   ).rows
   for (const r of rows)

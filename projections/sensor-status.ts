@@ -71,7 +71,7 @@ export async function rewriteHistory(
   const history = await tracker.histories(trx, deviceIds)
   await trx
     .deleteFrom('sensor_status_history')
-    .where(sql<boolean>`device_id = any(${textArray([...deviceIds])}::text[])`)
+    .where(sql<boolean>`device_id = any(${textArray(deviceIds)}::text[])`)
     .execute()
   await writeHistory(trx, history)
 }

@@ -168,7 +168,7 @@ export class SensorTracker {
     const rows = await trx
       .selectFrom(this.timeline)
       .selectAll()
-      .where(sql<boolean>`device_id = any(${textArray([...deviceIds])}::text[])`)
+      .where(sql<boolean>`device_id = any(${textArray(deviceIds)}::text[])`)
       .execute()
     for (const r of rows) {
       const m = out.get(r.device_id) ?? new Map<string, Point>()
@@ -187,7 +187,7 @@ export class SensorTracker {
     const points = await this.points(trx, deviceIds)
     const rows = (
       await sql<SensorStateTable>`select * from ${sql.table(this.table)}
-        where device_id = any(${textArray([...deviceIds])}::text[])`.execute(trx)
+        where device_id = any(${textArray(deviceIds)}::text[])`.execute(trx)
     ).rows
     return rows.flatMap((r) => {
       const t = { ...fromRow(r), points: points.get(r.device_id) ?? new Map<string, Point>() }
@@ -329,15 +329,13 @@ export class TrackerSegment {
   async flush(trx: Transaction<Database>): Promise<string[]> {
     const rows = [...this.sensors.entries()].filter(([, t]) => t.dirty && t.status !== null)
     if (rows.length === 0) return []
-    const changed = rows
-      .filter(([, t]) => t.timelineDirty || t.status !== t.loadedStatus)
-      .map(([id]) => id)
+    const changed = rows.filter(([, t]) => moved(t)).map(([id]) => id)
     for (const [id, t] of rows) {
       // Its points and status as loaded (most sensors of a batch: only their last seen moved):
       // the fold is a function of those and of the status fields the flush that wrote them set
       // from this same fold (a tick sets what the fold of its silent point gives), so it would
       // give them again. Not folded: ~0.6 KB of garbage per event in sensor-status and alerts.
-      if (!t.timelineDirty && t.status === t.loadedStatus) continue
+      if (!moved(t)) continue
       const history = reconcile(id, foldTimeline(id, t.points), t)
       const last = history.at(-1)
       if (last === undefined) continue
@@ -607,6 +605,11 @@ export function splitAtTicks(events: readonly ProjectedEvent[]): Segment[] {
   }
   if (run.length > 0) out.push({ events: run })
   return out
+}
+
+/** Whether a sensor's timeline or status moved since it was loaded. */
+function moved(t: Tracked): boolean {
+  return t.timelineDirty || t.status !== t.loadedStatus
 }
 
 /** Distinct device ids of a run, sorted (rows are locked in this order: no deadlocks). */
