@@ -463,8 +463,10 @@ export async function refold(
       }
     const fromTip: Place | undefined = tip && { hlc: tip.hlc, eventId: tip.event_id }
     const keptStates = isFast ? kept.get(deviceId)?.states : undefined
-    const ended: FoldState[] | undefined = isFast ? [] : undefined
-    if (ended !== undefined) ends.set(deviceId, ended)
+    // Where each rule ends, kept for the next batch whichever way it was folded: a sensor folded
+    // again in full (a trim, a late event) is folded on from here next time, not read back.
+    const ended: FoldState[] = []
+    ends.set(deviceId, ended)
     // Allocation-lean: this runs per sensor and rule of every batch (its own allocations were the
     // largest of the alerts processor's, ~3 KB per event), and most rules get nothing new.
     for (let r = 0; r < rules.length; r++) {
@@ -495,14 +497,14 @@ export async function refold(
               .sort(byHlcThenId)
       // Folded on over nothing (most rules of a sensor in a batch: a reading feeds one metric's
       // rules): where it was, its open alert unchanged, its condition not written.
-      if (ended !== undefined && folded.length === 0) {
+      if (isFast && folded.length === 0) {
         if (start.open !== null) wanted.set(start.open.alert_id, start.open)
         ended[r] = start
         continue
       }
       const out = foldRule(rule, deviceId, start, folded)
       for (const a of out.alerts) wanted.set(a.alert_id, a)
-      if (ended !== undefined) ended[r] = out.states.at(-1) ?? start
+      ended[r] = out.states.at(-1) ?? start
       if (rule.kind !== 'threshold') continue
       const readings: number[] = []
       for (let n = 0; n < folded.length; n++) if (folded[n]?.kind === 'reading') readings.push(n)

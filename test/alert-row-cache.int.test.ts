@@ -172,6 +172,24 @@ describe('the alerts projection keeps only what it committed', () => {
     expect(out.alert_conditions[0]).toContain('"consecutive":2')
   })
 
+  it('after a late reading folds the sensor again in full, goes on from where that fold ended', async () => {
+    // r2 arrives after r3: the sensor is folded again from its start, r2-r3 make the run that
+    // raises, and what that fold ends with is kept. The next batches fold on from it: r4 and r5
+    // go on in the open alert (no second raise), r6 resolves it.
+    const out = (await expectExact([
+      { events: [reading('r1', 1, 20)] },
+      { events: [reading('r3', 3, 46)] },
+      { events: [reading('r2', 2, 45)] },
+      { events: [reading('r4', 4, 47)] },
+      { events: [reading('r5', 5, 48)] },
+      { events: [reading('r6', 6, 30)] },
+    ])) as { alerts: string[]; alert_conditions: string[] }
+    expect(out.alerts).toHaveLength(1)
+    expect(out.alerts[0]).toContain('"raised_event_id":"r3"')
+    expect(out.alerts[0]).toContain('"resolved_event_id":"r6"')
+    expect(out.alert_conditions).toEqual([])
+  })
+
   it('a tick in the batch silences what it kept, and it is heard again after', async () => {
     const out = (await expectExact([
       { events: [reading('r1', 1, 45)] },
