@@ -11,17 +11,13 @@ import { freshDatabase, startNatsServer, type NatsServer } from './harness/test-
 import { readingDraft, testConfig, testPublisher, testRuntime, waitFor } from './fixtures.ts'
 
 /**
- * The processor's stages overlap (batch k+1 is taken and decided while batch k commits, and
- * commits beside it when the two share no sensor), and the slots of a partitioned processor commit
- * side by side, from two instances here. What must hold whatever the interleaving: each event is
- * applied in exactly one committed transaction, and a checkpoint never covers a sequence whose
- * event is not committed (a low-watermark).
+ * The processor's stages overlap (batch k+1 is taken and decided while batch k commits), and the
+ * slots of a partitioned processor commit side by side, from two instances here. What must hold
+ * whatever the interleaving: each event is applied in exactly one committed transaction, and a
+ * checkpoint never covers a sequence whose event is not committed (a low-watermark).
  */
 const PARTITIONS = 4
-/** Enough that a partition's consecutive batches mostly share no sensor, and commit side by side. */
-const DEVICES = 1000
-/** Every HOT_EVERY-th event is one sensor's: the batches that hold it commit one after the other. */
-const HOT_EVERY = 37
+const DEVICES = 120
 const EVENTS = 3000
 
 let nats: NatsServer
@@ -123,8 +119,7 @@ describe('the pipelined processor', () => {
     })()
 
     for (let i = 0; i < EVENTS; i++) {
-      const device = i % HOT_EVERY === 0 ? 'pipe-hot' : `pipe-${i % DEVICES}`
-      await pipe.submit(() => publisher.publish(readingDraft(device, i)))
+      await pipe.submit(() => publisher.publish(readingDraft(`pipe-${i % DEVICES}`, i)))
       if (i === Math.floor(EVENTS / 3)) {
         // Once some batches are committed, fail every commit for long enough that sessions end
         // (five attempts in place, ~4 s) while the batches behind them are prepared.
@@ -175,7 +170,5 @@ describe('the pipelined processor', () => {
     expect(samples).toBeGreaterThan(10)
     // The fault was hit, and lasted past the in-place attempts: sessions ended and started again.
     expect(running.reduce((n, p) => n + p.stats.retries, 0)).toBeGreaterThanOrEqual(4)
-    // Batches did commit beside the one before them.
-    expect(running.reduce((n, p) => n + p.stats.overlapped, 0)).toBeGreaterThan(0)
   }, 240_000)
 })

@@ -30,32 +30,24 @@ import type { BatchSpans } from '../tracing.ts'
 import { isAborted, type SlotState } from './context.ts'
 import type { Accepted, Prepared } from './pipeline.ts'
 
-/** Commits one batch of a slot session. */
+/** Commits the batches of one slot session, one at a time. */
 export class BatchCommitter {
   readonly #s: SlotState
-  /** Spans of the batch. */
+  /** Spans of the batch in hand (one batch at a time). */
   #spans: BatchSpans | undefined
-  /** The new messages of the batch, in stream order: each commit marks its range of them. */
+  /** The new messages of the batch in hand, in stream order: each commit marks its range of them. */
   #inHand: readonly JsMsg[] = []
-  /**
-   * The commit of the batch before, when this one runs beside it (processors/runner/pipeline.ts):
-   * each transaction of this batch applies its events, then waits for it before it moves the
-   * checkpoint.
-   */
-  readonly #after: Promise<CheckpointPosition> | undefined
 
-  constructor(state: SlotState, after?: Promise<CheckpointPosition>) {
+  constructor(state: SlotState) {
     this.#s = state
-    this.#after = after
   }
 
   /**
-   * The second stage, in stream order: parks what was refused; applies the rest with the
-   * checkpoint (moved only once the batch before has committed), splitting the batch to isolate
-   * an event the projection fails on every time; terminates what was parked; acks the batch.
-   * Returns the new checkpoint. A transient failure (or too much poison at once) ends the session
-   * with nothing of the uncommitted part applied or acked; the next session resumes at the
-   * checkpoint.
+   * The second stage, one batch at a time in stream order: parks what was refused; applies the
+   * rest with the checkpoint, splitting the batch to isolate an event the projection fails on
+   * every time; terminates what was parked; acks the batch. Returns the new checkpoint. A
+   * transient failure (or too much poison at once) ends the session with nothing of the
+   * uncommitted part applied or acked; the next session resumes at the checkpoint.
    */
   async commitBatch(
     prepared: Prepared,
@@ -337,8 +329,7 @@ export class BatchCommitter {
           isTransient(err) &&
           !(err instanceof BrokenCircuitError) &&
           !(err instanceof CheckpointConflictError) &&
-          !(err instanceof StorageRefused) &&
-          !(err instanceof OutOfTurn),
+          !(err instanceof StorageRefused),
       ),
       { maxAttempts: COMMIT_ATTEMPTS - 1, backoff: COMMIT_BACKOFF },
     )
@@ -361,7 +352,6 @@ export class BatchCommitter {
             this.#s.ctx.deps.db.transaction().execute(async (trx) => {
               if (eachUnderSavepoint) await this.#applyEach(trx, events)
               else await this.#s.ctx.spec.projection.apply(trx, events)
-              if (this.#after !== undefined) await this.#inTurn(from)
               await advanceCheckpoint(
                 trx,
                 this.#s.slot.key,
@@ -390,30 +380,10 @@ export class BatchCommitter {
       })
     } catch (err) {
       // Someone else moved the checkpoint: end the session, re-read it and re-anchor.
-      if (
-        err instanceof CheckpointConflictError ||
-        err instanceof StorageRefused ||
-        err instanceof OutOfTurn
-      )
-        throw err
+      if (err instanceof CheckpointConflictError || err instanceof StorageRefused) throw err
       if (err instanceof StoppedError || signal.aborted) throw err
       if (!isTransient(err)) throw new DeterministicFailure(err)
       throw new Error(`not committed after ${attempts} attempts`, { cause: err })
-    }
-  }
-
-  /**
-   * Waits for the commit of the batch before; throws {@link OutOfTurn} (the transaction rolls
-   * back) unless it committed and left the checkpoint at `from`.
-   */
-  async #inTurn(from: CheckpointPosition): Promise<void> {
-    const at = await (this.#after as Promise<CheckpointPosition>).catch((err: unknown) => {
-      throw new OutOfTurn('the batch before it was not committed', { cause: err })
-    })
-    if (at.lastSeq !== from.lastSeq || at.hlc !== from.hlc) {
-      throw new OutOfTurn(
-        `the batch before it left the checkpoint at ${at.lastSeq}, not at ${from.lastSeq}`,
-      )
     }
   }
 
@@ -452,13 +422,6 @@ class DeterministicFailure extends BadInputError {
     super(errorSummary(cause), { cause })
   }
 }
-
-/**
- * A batch that ran beside the one before it cannot commit: that one failed, or left the
- * checkpoint elsewhere than this batch started from (it parked an event). The session ends; the
- * next one starts from the checkpoint.
- */
-class OutOfTurn extends Error {}
 
 /** The session stopped while a commit waited to be tried again. */
 class StoppedError extends TransientError {}

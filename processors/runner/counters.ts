@@ -50,11 +50,6 @@ export class ProcessorCounters {
     this.#stats.poisoned++
   }
 
-  /** A batch's transaction started beside the one before it. */
-  overlapped(): void {
-    this.#stats.overlapped++
-  }
-
   /** A transaction failed transiently and is tried again. */
   retried(): void {
     this.#stats.retries++

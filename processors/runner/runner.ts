@@ -51,7 +51,6 @@ class ProcessorRunner implements RunningProcessor {
     slots: {},
     retries: 0,
     poisoned: 0,
-    overlapped: 0,
     state: 'starting',
     postgres: 'closed',
   }

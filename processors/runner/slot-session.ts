@@ -146,10 +146,11 @@ export class SlotSession {
       })
 
       void watchStream(state, seen, watching.signal)
+      const committer = new BatchCommitter(state)
       await runPipeline(
         state,
-        async (prepared, from, s, after) => {
-          const pos = await new BatchCommitter(state, after).commitBatch(prepared, from, s)
+        async (prepared, from, s) => {
+          const pos = await committer.commitBatch(prepared, from, s)
           // Acked by then: its ack covers every delivery before it (AckPolicy.All).
           const acked = prepared.newest?.info.deliverySequence ?? 0
           state.ackedDelivery = Math.max(state.ackedDelivery, acked)

@@ -76,8 +76,6 @@ export interface ProcessorStats {
   retries: number
   /** Events parked because the projection failed on them every time (a subset of `rejected`). */
   poisoned: number
-  /** Batches whose transaction ran beside the one before it (processors/runner/pipeline.ts). */
-  overlapped: number
   state: 'starting' | 'standby' | 'running' | 'backing-off' | 'stopped'
   /** The Postgres circuit breaker: open means the processor has stopped fetching. */
   postgres: BreakerState
