@@ -50,11 +50,11 @@ function natsHeadersOf(msg: JsMsg): MsgHdrs | undefined {
   try {
     return msg.headers
   } catch (err) {
-    const block = rawHeaderBlock(msg)
+    const core = natsCore(msg)
     const shown =
-      block === null || block === undefined
+      core === undefined || core._msg.hdr <= -1
         ? ''
-        : `; the block starts ${JSON.stringify(utf8.decode(block.subarray(0, SHOWN_BYTES)))}`
+        : `; the block starts ${JSON.stringify(utf8.decode(core._rdata.subarray(0, Math.min(core._msg.hdr, SHOWN_BYTES))))}`
     throw new HeaderBlockError(
       `headers: a header name must be visible ASCII without ':' and a value one line; ` +
         `the NATS client refused the block: ${err instanceof Error ? err.message : String(err)}${shown}`,
@@ -116,9 +116,11 @@ const PLAIN_BLOCK = /^[\t\x20-\x7e]*(?:\r\n(?:[\x21-\x39\x3b-\x7e]*:[\t\x20-\x7e
 const utf8 = new TextDecoder()
 
 /**
- * {@link rawHeaderBlock} as text, read as Latin-1: a plain block is ASCII, and any byte past
- * ASCII fails {@link PLAIN_BLOCK} as it would once decoded as UTF-8 (it then goes to nats.js).
- * Straight from the buffer where it is one: no view per message.
+ * The raw header block of a message delivered by nats.js 3 (`JsMsgImpl.msg`, a `MsgImpl`) as
+ * text, read as Latin-1: `undefined` when it has none, `null` when the message is not of that
+ * shape (another client version or a test double), so the caller asks `msg.headers` instead. A
+ * plain block is ASCII, and any byte past ASCII fails {@link PLAIN_BLOCK} as it would once decoded
+ * as UTF-8 (it then goes to nats.js). Straight from the buffer where it is one: no view per message.
  */
 function rawHeaderText(msg: JsMsg): string | undefined | null {
   const core = natsCore(msg)
@@ -134,21 +136,6 @@ function rawHeaderText(msg: JsMsg): string | undefined | null {
 }
 
 const latin1 = new TextDecoder('latin1')
-
-/**
- * The raw header block of a message delivered by nats.js 3 (`JsMsgImpl.msg`, a `MsgImpl`):
- * `undefined` when it has none, `null` when the message is not of that shape (another client
- * version or a test double), so the caller asks `msg.headers` instead.
- */
-function rawHeaderBlock(msg: JsMsg): Uint8Array | undefined | null {
-  const core = natsCore(msg)
-  if (core === undefined) return null
-  const {
-    _rdata: data,
-    _msg: { hdr },
-  } = core
-  return hdr > -1 ? data.subarray(0, hdr) : undefined
-}
 
 /**
  * The `MsgImpl` of nats.js 3 inside a delivered message: its raw bytes (the header block, then
