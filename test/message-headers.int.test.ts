@@ -67,6 +67,16 @@ describe('headersOf', () => {
     }
   })
 
+  it('a refused block is named with its start, its CRs and LFs visible', () => {
+    const refused = msgs.filter((m) => outcome(() => m.headers?.get('Fleet-Hlc')).error)
+    expect(refused.length).toBeGreaterThan(0)
+    for (const m of refused) {
+      const err = outcome(() => headersOf(m)?.get('Fleet-Hlc')).error ?? ''
+      expect(err, m.subject).toContain('the NATS client refused the block')
+      expect(err, m.subject).toContain('; the block starts "NATS/1.0\\r\\n')
+    }
+  })
+
   it("reads a plain block without building nats.js's header map", () => {
     const plain = msgs.find((m) => m.subject === 'h.plain') as JsMsg
     const core = (plain as unknown as { msg: { _headers?: unknown } }).msg
