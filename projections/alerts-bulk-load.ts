@@ -1,21 +1,22 @@
-import { sql, type Transaction } from 'kysely'
+import { sql } from 'kysely'
 import type { ThresholdRule } from './alert-rules.ts'
 import {
   afterPlace,
+  INPUT_COLUMNS,
   inputsOf,
   keptReadings,
   refold,
+  storeInputs,
   type AlertsOptions,
   type KeptFold,
 } from './alerts.ts'
-import { copyRows, copyText, type CopyIn } from './copy-rows.ts'
-import { jsonRows } from './json-rows.ts'
+import { copyText } from './copy-rows.ts'
 import type { AnyProjection } from './projection.ts'
 import { HeldInputs } from './held-inputs.ts'
 import { RowCache } from './row-cache.ts'
 import { SensorBulkLoad, slices, type SensorWindow } from './sensor-bulk-load.ts'
 import { SensorTracker } from './sensor-tracker.ts'
-import type { AlertHorizonTable, AlertInputTable, Database } from './tables.ts'
+import type { AlertHorizonTable, AlertInputTable } from './tables.ts'
 
 /**
  * A rebuild's bulk load of the alerts tables (projections/sensor-bulk-load.ts): each sensor's
@@ -76,13 +77,16 @@ export function alertsBulkLoad(
               fed.add(i.device_id)
             }
           }
-          if (held === undefined) return addInputs(trx, rows, copy)
+          if (held === undefined) {
+            await storeInputs(trx, rows, copy)
+            return
+          }
           for (const r of rows) held.add(r)
           if (held.bytes <= maxHeldBytes) return
           const all = held
           held = undefined
           for (const group of slices([...deviceIds].sort(), FOLD_SENSORS))
-            await addInputs(trx, [...all.of(group).values()].flat(), copy)
+            await storeInputs(trx, [...all.of(group).values()].flat(), copy)
         },
         async flush(trx, copy) {
           const moved = await segment.flush(trx)
@@ -162,39 +166,6 @@ function pastHorizons(
     return (
       i.kind !== 'reading' || h === undefined || afterPlace(i.hlc, i.event_id, h.hlc, h.event_id)
     )
-  })
-}
-
-/** Columns of `alert_inputs`, in the order the COPY sends them. */
-const INPUT_COLUMNS = [
-  'device_id',
-  'rule_id',
-  'event_id',
-  'kind',
-  'hlc',
-  'correlation_id',
-  'value',
-  'alert_id',
-  'acknowledged_by',
-] as const satisfies readonly (keyof AlertInputTable)[]
-
-/**
- * Adds inputs by COPY. An input an earlier chunk stored (an event re-published outside the
- * dedup window) fails the COPY; then they go by an insert that keeps the stored one.
- */
-async function addInputs(
-  trx: Transaction<Database>,
-  rows: readonly AlertInputTable[],
-  copy: CopyIn,
-): Promise<void> {
-  await copyRows(trx, copy, 'alert_inputs', INPUT_COLUMNS, rows, () => {
-    const src = jsonRows('alert_inputs', rows)
-    return trx
-      .insertInto('alert_inputs')
-      .columns(src.columns)
-      .expression(src.select)
-      .onConflict((oc) => oc.columns(['device_id', 'rule_id', 'event_id']).doNothing())
-      .execute()
   })
 }
 

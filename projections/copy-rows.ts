@@ -1,5 +1,6 @@
 /**
- * Many rows as one COPY payload (text format), for a rebuild's bulk load into empty tables.
+ * Many rows as one COPY payload (text format): a rebuild's bulk load into empty tables, and the
+ * rows a live commit only inserts (the alerts' inputs).
  *
  * Why: Postgres reads a COPY row with no per-row plan, no JSON parse and no parameter binding.
  * Measured on this machine (the readings table, its primary key only): COPY ~9 us per row of
@@ -68,30 +69,15 @@ export function copyText<C extends string>(
 }
 
 /**
- * COPYs `rows` (`columns` of each, in that order) into `table`, in `trx`. COPY cannot skip a row
- * whose key is there already (an event an earlier chunk stored, re-published outside the dedup
- * window): then it is rolled back to a savepoint and `insertSkipping` inserts the rows, skipping
- * the stored ones, so the first copy stays, as in the live run.
- */
-export async function copyRows<C extends string>(
-  trx: Transaction<Database>,
-  copy: CopyIn,
-  table: string,
-  columns: readonly C[],
-  rows: readonly Readonly<Record<C, CopyValue>>[],
-  insertSkipping: () => Promise<unknown>,
-): Promise<void> {
-  if (rows.length === 0) return
-  await copyPayload(trx, copy, table, columns, copyText(rows, columns), insertSkipping)
-}
-
-/**
- * {@link copyRows} of a payload already in COPY's text format (a projection that writes its own,
- * {@link copyField} for each value), at least one row.
+ * COPYs `payload` (COPY's text format: {@link copyText}, or {@link copyField} for each value;
+ * at least one row) into `table`, in `trx`. COPY cannot skip a row whose key is there already
+ * (an event stored before, re-published outside the dedup window): then it is rolled back to a
+ * savepoint and `insertSkipping` inserts the rows, skipping the stored ones, so the first copy
+ * stays, as in the live run.
  */
 export async function copyPayload(
   trx: Transaction<Database>,
-  copy: CopyIn,
+  copy: CopySend,
   table: string,
   columns: readonly string[],
   payload: string,
@@ -102,9 +88,13 @@ export async function copyPayload(
     await copy(table, columns, payload)
   } catch (err) {
     if ((err as { code?: unknown } | null)?.code !== UNIQUE_VIOLATION) throw err
-    await sql`rollback to savepoint copy_rows`.execute(trx)
+    await sql`rollback to savepoint copy_rows; release savepoint copy_rows`.execute(trx)
     await insertSkipping()
+    return
   }
+  // What follows runs in the transaction itself again, not in the savepoint's subtransaction:
+  // the rows it writes carry the transaction's id (projections/row-cache.ts checks it).
+  await sql`release savepoint copy_rows`.execute(trx)
 }
 
 /** Postgres' unique_violation. */

@@ -1,6 +1,6 @@
 import type { Transaction } from 'kysely'
 import type { EventOfType, EventType, FleetEvent } from '../schemas/events.ts'
-import type { CopyIn } from './copy-rows.ts'
+import type { CopyIn, CopySend } from './copy-rows.ts'
 import type { Database } from './tables.ts'
 
 /** A validated event as a processor hands it to a projection. */
@@ -19,7 +19,10 @@ export interface ProjectedEvent<E extends FleetEvent = FleetEvent> {
 
 /**
  * Event -> SQL. `apply` runs inside the processor's transaction, together with its checkpoint,
- * and must be idempotent by eventId: applying the same event twice changes nothing.
+ * and must be idempotent by eventId: applying the same event twice changes nothing. `copy`, when
+ * given, sends COPY payloads in `trx` (a processor's commit gives it; a test's plain transaction
+ * may not): for rows that are only inserted, with {@link copyPayload}'s fallback for keys stored
+ * already.
  *
  * ```ts
  * export const readingsProjection: Projection<'reading.recorded'> = {
@@ -35,6 +38,7 @@ export interface Projection<T extends EventType = EventType> {
   apply(
     trx: Transaction<Database>,
     events: readonly ProjectedEvent<EventOfType<T>>[],
+    copy?: CopySend,
   ): Promise<void>
 }
 
@@ -43,7 +47,11 @@ export interface AnyProjection {
   readonly name: string
   readonly handles: readonly EventType[]
   readonly tables: readonly (keyof Database)[]
-  apply(trx: Transaction<Database>, events: readonly ProjectedEvent[]): Promise<void>
+  apply(
+    trx: Transaction<Database>,
+    events: readonly ProjectedEvent[],
+    copy?: CopySend,
+  ): Promise<void>
 }
 
 export function anyEvents<T extends EventType>(projection: Projection<T>): AnyProjection {
@@ -54,7 +62,7 @@ export function anyEvents<T extends EventType>(projection: Projection<T>): AnyPr
     name: projection.name,
     handles,
     tables: projection.tables,
-    apply: (trx, events) => projection.apply(trx, events.filter(mine)),
+    apply: (trx, events, copy) => projection.apply(trx, events.filter(mine), copy),
   }
 }
 

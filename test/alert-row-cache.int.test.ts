@@ -1,12 +1,18 @@
-import { sql, type Kysely } from 'kysely'
+import { sql, type Kysely, type Transaction } from 'kysely'
+import type pg from 'pg'
+import pino from 'pino'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
+import { createKysely, createPool } from '../infra/database.ts'
+import { onOneConnection } from '../processors/admin/copy-in.ts'
 import { alertsProjection } from '../projections/alerts.ts'
 import { parseAlertRules } from '../projections/alert-rules.ts'
+import type { CopySend } from '../projections/copy-rows.ts'
 import { anyEvents, type AnyProjection } from '../projections/projection.ts'
+import { migrateTo } from '../projections/migrate.ts'
 import type { Database } from '../projections/tables.ts'
 import type { FleetEvent } from '../schemas/events.ts'
 import { encodeHlc } from '../schemas/hlc.ts'
-import { migratedDatabase } from './harness/test-servers.ts'
+import { freshDatabase } from './harness/test-servers.ts'
 import { temperatureReading, TEMPERATURE_HIGH } from './fixtures.ts'
 
 /**
@@ -14,6 +20,10 @@ import { temperatureReading, TEMPERATURE_HIGH } from './fixtures.ts'
  * keeps must never outlive the rows it mirrors: after a rolled back batch, a savepoint rolled back,
  * another instance writing the same sensors, or a tick in the same transaction, the tables must be
  * exactly what a projection that keeps nothing (a new one per batch) makes of the committed events.
+ *
+ * Each scenario runs twice: its transactions as a test's (the inputs go by insert), and as a
+ * processor's commits, which can COPY (the inputs go by COPY under a savepoint, by insert when one
+ * is stored already). The projection that keeps nothing always inserts.
  */
 const RULES = parseAlertRules({
   rules: [TEMPERATURE_HIGH, { id: 'sensor-silent', kind: 'silent', severity: 'warning' }],
@@ -55,10 +65,16 @@ interface Step {
 
 class RolledBack extends Error {}
 
-describe('the alerts projection keeps only what it committed', () => {
+describe.each([
+  { inputs: 'by insert', copying: false },
+  { inputs: 'by COPY', copying: true },
+])('the alerts projection keeps only what it committed (inputs $inputs)', ({ copying }) => {
+  let pool: pg.Pool
   let db: Kysely<Database>
   beforeAll(async () => {
-    db = await migratedDatabase()
+    pool = createPool(await freshDatabase(), { max: 2, log: pino({ level: 'silent' }) })
+    db = createKysely<Database>(pool)
+    await migrateTo(db as Kysely<unknown>)
   })
   afterAll(async () => {
     await db.destroy()
@@ -84,20 +100,25 @@ describe('the alerts projection keeps only what it committed', () => {
     const other = projection()
     for (const s of steps) {
       const p: AnyProjection = fresh ? projection() : s.byOther ? other : mine
-      await db
-        .transaction()
-        .execute(async (trx) => {
+      const batch = (trx: Transaction<Database>, copy?: CopySend) =>
+        (async () => {
           if (s.undoneFirst !== undefined) {
             await sql`savepoint undone`.execute(trx)
-            await p.apply(trx, projected(s.undoneFirst))
+            await p.apply(trx, projected(s.undoneFirst), copy)
             await sql`rollback to savepoint undone`.execute(trx)
           }
-          await p.apply(trx, projected(s.events))
+          await p.apply(trx, projected(s.events), copy)
           if (s.rolledBack) throw new RolledBack()
-        })
-        .catch((err: unknown) => {
-          if (!(err instanceof RolledBack)) throw err
-        })
+        })()
+      await (
+        copying && !fresh
+          ? onOneConnection(pool, (one, copy) =>
+              one.transaction().execute((trx) => batch(trx, copy)),
+            )
+          : db.transaction().execute((trx) => batch(trx))
+      ).catch((err: unknown) => {
+        if (!(err instanceof RolledBack)) throw err
+      })
     }
     const out: Record<string, unknown> = {}
     for (const t of TABLES) {
@@ -188,6 +209,19 @@ describe('the alerts projection keeps only what it committed', () => {
     expect(out.alerts[0]).toContain('"raised_event_id":"r3"')
     expect(out.alerts[0]).toContain('"resolved_event_id":"r6"')
     expect(out.alert_conditions).toEqual([])
+  })
+
+  it('a batch holding a reading stored already (re-published) stores the others once, and folds on', async () => {
+    const out = (await expectExact([
+      { events: [reading('r1', 1, 45)] },
+      { events: [reading('r1', 1, 45), reading('r2', 2, 46)] },
+      { events: [reading('r2', 2, 46), reading('r3', 3, 47), reading('r3', 3, 47)] },
+      { events: [reading('r4', 4, 30)] },
+    ])) as { alerts: string[]; alert_inputs: string[] }
+    expect(out.alert_inputs).toHaveLength(4)
+    expect(out.alerts).toHaveLength(1)
+    expect(out.alerts[0]).toContain('"raised_event_id":"r2"')
+    expect(out.alerts[0]).toContain('"resolved_event_id":"r4"')
   })
 
   it('a tick in the batch silences what it kept, and it is heard again after', async () => {

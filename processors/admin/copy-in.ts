@@ -4,11 +4,9 @@
  */
 import { Kysely, PostgresDialect, type PostgresPoolClient } from 'kysely'
 import type pg from 'pg'
-import { from as copyFrom } from 'pg-copy-streams'
-import { Readable } from 'node:stream'
-import { pipeline } from 'node:stream/promises'
 import type { CopyIn, CopySend } from '../../projections/copy-rows.ts'
 import type { Database } from '../../projections/tables.ts'
+import { copyOn } from '../../infra/copy-connection.ts'
 
 /**
  * Runs `fn` on one connection of `pool`: `db` runs every statement on it (a transaction begun
@@ -60,18 +58,4 @@ async function releasedAfter<T>(
     client.release(err instanceof Error ? err : new Error(String(err)))
     throw err
   }
-}
-
-async function copyOn(
-  client: pg.PoolClient,
-  table: string,
-  columns: readonly string[],
-  payload: string,
-): Promise<void> {
-  const quoted = columns.map((c) => `"${c.replaceAll('"', '""')}"`).join(', ')
-  const into = `"${table.replaceAll('"', '""')}"`
-  await pipeline(
-    Readable.from([payload]),
-    client.query(copyFrom(`copy ${into} (${quoted}) from stdin`)),
-  )
 }

@@ -13,6 +13,7 @@ import {
   type TransactionSettings,
 } from 'kysely'
 import type pg from 'pg'
+import { CopyConnection } from '../../infra/copy-connection.ts'
 import { CheckpointConflictError } from './checkpoints.ts'
 import type { Database } from '../../projections/tables.ts'
 import { grantedLocks, LEASE_TIMEOUT_MS, SLOT_LOCK_CLASS, sqlLiteral, type Lease } from './locks.ts'
@@ -40,6 +41,9 @@ export class SlotLostError extends CheckpointConflictError {
  * idle (its instance frozen or cut off mid-way) is ended by the server after half the lease, so
  * its row locks never hold up the instance that takes the slot over.
  *
+ * Its connections also COPY (infra/copy-connection.ts: `copyOf(trx)`), so that a commit can
+ * store rows by COPY in its transaction.
+ *
  * Between that check and the commit's arrival the lease can still run out; the checkpoint fence
  * (processors/progress/checkpoints.ts) covers that gap: of two commits from one checkpoint, one fails.
  *
@@ -66,6 +70,7 @@ const SLOT_LOST_SQLSTATE = 'FSL01'
 const IDLE_IN_TRANSACTION = `set local idle_in_transaction_session_timeout = ${LEASE_TIMEOUT_MS / 2}`
 
 class FencedDriver extends PostgresDriver {
+  readonly #pool: pg.Pool
   readonly #lease: Lease
   readonly #slotKey: string
   /**
@@ -76,6 +81,7 @@ class FencedDriver extends PostgresDriver {
 
   constructor(pool: pg.Pool, lease: Lease, slotKey: string) {
     super({ pool })
+    this.#pool = pool
     this.#lease = lease
     this.#slotKey = slotKey
   }
@@ -115,6 +121,15 @@ class FencedDriver extends PostgresDriver {
        end $$; commit`,
     )
     return this.#checkAndCommit
+  }
+
+  override async acquireConnection(): Promise<DatabaseConnection> {
+    return new CopyConnection(await this.#pool.connect())
+  }
+
+  override releaseConnection(connection: DatabaseConnection): Promise<void> {
+    if (connection instanceof CopyConnection) connection.release()
+    return Promise.resolve()
   }
 
   override async beginTransaction(

@@ -9,11 +9,13 @@ import { context, trace } from '@opentelemetry/api'
 import { BrokenCircuitError, ExponentialBackoff, handleType, handleWhen, retry } from 'cockatiel'
 import { sql, type Transaction } from 'kysely'
 import { BadInputError, TransientError } from '../../schemas/errors.ts'
+import { copyOf } from '../../infra/copy-connection.ts'
 import { isDataError, isJetStreamUnavailable, isTransient } from '../../infra/failures.ts'
 import { errorSummary } from '../../infra/retry.ts'
 import { sleep } from '../../infra/sleep.ts'
 import { dlqStreamSpec } from '../../infra/streams.ts'
 import { traceFields } from '../../infra/telemetry.ts'
+import type { CopySend } from '../../projections/copy-rows.ts'
 import type { ProjectedEvent } from '../../projections/projection.ts'
 import type { Database } from '../../projections/tables.ts'
 import type { RejectReason } from '../../schemas/decode.ts'
@@ -350,8 +352,9 @@ export class BatchCommitter {
         try {
           await this.#s.ctx.postgres.policy.execute(() =>
             this.#s.ctx.deps.db.transaction().execute(async (trx) => {
-              if (eachUnderSavepoint) await this.#applyEach(trx, events)
-              else await this.#s.ctx.spec.projection.apply(trx, events)
+              const copy = await copyOf(trx)
+              if (eachUnderSavepoint) await this.#applyEach(trx, events, copy)
+              else await this.#s.ctx.spec.projection.apply(trx, events, copy)
               await advanceCheckpoint(
                 trx,
                 this.#s.slot.key,
@@ -391,12 +394,16 @@ export class BatchCommitter {
    * Applies each event under its own savepoint; throws {@link StorageRefused} (after trying them
    * all) when Postgres refused the values of some. Any other failure ends the transaction.
    */
-  async #applyEach(trx: Transaction<Database>, events: readonly ProjectedEvent[]): Promise<void> {
+  async #applyEach(
+    trx: Transaction<Database>,
+    events: readonly ProjectedEvent[],
+    copy: CopySend | undefined,
+  ): Promise<void> {
     const refused: { seq: number; cause: unknown }[] = []
     for (const e of events) {
       await sql`savepoint fleet_event`.execute(trx)
       try {
-        await this.#s.ctx.spec.projection.apply(trx, [e])
+        await this.#s.ctx.spec.projection.apply(trx, [e], copy)
       } catch (err) {
         if (!isDataError(err)) throw err
         await sql`rollback to savepoint fleet_event`.execute(trx)
