@@ -1,6 +1,7 @@
 /**
- * A quiet Postgres cluster before each run of a phase that compares runs (the scale-out phase):
- * what the phases before left behind must not be paid for by one run and not by the other.
+ * A quiet Postgres cluster before each run of a phase that compares runs (the scale-out phase),
+ * and before the latency phase, which measures the steady state: what the phases before left
+ * behind must not be paid for by one run and not by the other, nor by the steady state.
  *
  * Measured on this project's 2-core VM (200k events, 4 partitions, runs one after the other in one
  * cluster): whichever run came second was the slower by 8-20%, whether it had one instance of each

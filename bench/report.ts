@@ -66,6 +66,11 @@ export interface Figures {
     readonly latency: Latency & {
       /** Cores each process used while the phase ran (CPU seconds per second). */
       readonly cpuCores: Readonly<Record<string, number>>
+      /**
+       * Seconds waited before the phase for Postgres to finish what the backlog left it
+       * (autovacuum, a checkpoint): the phase measures the steady state. Absent in older runs.
+       */
+      readonly quietSeconds?: number
     }
     readonly rebuild: Readonly<Record<string, Rebuild & { readonly rate: number }>>
     readonly peakRssMb: Readonly<Record<string, number>>
@@ -403,7 +408,10 @@ export function printReport(f: Figures, json: boolean): void {
     `publish->SQL p50 / p99 / max`,
     `${lat.p50Ms.toFixed(0)} / ${lat.p99Ms.toFixed(0)} / ${lat.maxMs.toFixed(0)} ms`,
     `reached ${num(lat.rate)} of ${num(lat.targetRate)} ev/s asked, ${num(f.devices)} sensors, ` +
-      `${num(lat.samples)} probes, ${lat.missing} missing, poll ${lat.pollMs} ms`,
+      `${num(lat.samples)} probes, ${lat.missing} missing, poll ${lat.pollMs} ms` +
+      (lat.quietSeconds === undefined
+        ? ''
+        : `; started after ${lat.quietSeconds.toFixed(1)} s of autovacuum and a checkpoint of the backlog`),
   )
   const cores = Object.entries(lat.cpuCores)
   other(
