@@ -30,7 +30,8 @@ import { type BenchEvent, BenchError } from './common.ts'
  * - alerts: `alert_sensors` and `alert_sensors_timeline` as above, `alert_inputs` (a row per
  *   reading and threshold rule of its metric), `alert_tips` (per sensor) and, once a sensor's
  *   reading inputs since its last trim reach its trim point (`trimAfter` in
- *   projections/alerts.ts: between the window, 64 with the default rules, and twice it), the
+ *   projections/alerts.ts: between the window, 64 with the default rules, and twice it, times the
+ *   threshold rules), the
  *   trimming to that window: `alert_horizons` upserted, older `alert_inputs` deleted. The
  *   bench's readings stay inside every rule's range (checked before the run), so no rule is in a
  *   breach (`alert_conditions` holds none) and no alert or notification row is written, as in the
@@ -271,6 +272,7 @@ function payload(
   firstSeq: number,
   ingestedAt: string,
   window: number,
+  fedRules: number,
 ): Buffer {
   let out = ''
   for (let i = 0; i < events.length; i++) {
@@ -289,7 +291,7 @@ function payload(
         e.causationId ?? null,
         firstSeq + i,
         ingestedAt,
-        trimAfter(e.deviceId, window),
+        trimAfter(e.deviceId, window, fedRules),
       ]
         .map(cell)
         .join('\t') + '\n'
@@ -330,13 +332,17 @@ class Payloads {
     private readonly batch: number,
     private readonly users: number,
     private readonly window: number,
+    private readonly fedRules: number,
   ) {}
 
   take(from: number): Buffer {
     let hit = this.#cache.get(from)
     if (hit === undefined) {
       const events = this.events.slice(from, from + this.batch)
-      hit = { data: payload(events, from + 1, this.#ingestedAt, this.window), uses: 0 }
+      hit = {
+        data: payload(events, from + 1, this.#ingestedAt, this.window, this.fedRules),
+        uses: 0,
+      }
       this.#cache.set(from, hit)
     }
     if (++hit.uses === this.users) this.#cache.delete(from)
@@ -380,7 +386,7 @@ export async function jobWrite(
     for (const c of clients) {
       await c.query(`create temp table job_in (${IN_COLUMNS}) on commit delete rows`)
     }
-    const payloads = new Payloads(events, batch, models.length, alertWindow(rules))
+    const payloads = new Payloads(events, batch, models.length, alertWindow(rules), rules.length)
     const start = performance.now()
     const perModel = await Promise.all(
       models.map(async (model, m) => {

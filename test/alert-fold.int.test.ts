@@ -137,7 +137,7 @@ describe('alerts folded in HLC order', () => {
       (await sql<{ n: string }>`select count(*) n from alert_inputs`.execute(db)).rows[0]?.n,
     )
     // the bound: the window, what this sensor folds on before a trim, and one batch
-    expect(kept).toBeLessThanOrEqual(4 + trimAfter(DEVICE, 4) + 3)
+    expect(kept).toBeLessThanOrEqual(4 + trimAfter(DEVICE, 4, 1) + 3)
 
     // a late breaching reading just before the newest pair's run (within the window) moves it
     await apply(p, [reading('late-in', 10 + 27.5, 45)])
@@ -186,8 +186,59 @@ describe('alerts folded in HLC order', () => {
     expect(kept).toHaveLength(sensors.length)
     for (const k of kept) {
       expect(k.n).toBeGreaterThanOrEqual(window)
-      expect(k.n).toBeLessThanOrEqual(window + trimAfter(k.device_id, window) + 1)
+      expect(k.n).toBeLessThanOrEqual(window + trimAfter(k.device_id, window, 1) + 1)
     }
+  })
+
+  it('a sensor whose readings feed several rules is folded again in full only when a rule has readings past the window', async () => {
+    const window = 4
+    // Every temperature reading feeds two rules (two inputs), humidity-high none of them.
+    const rules = parseAlertRules({
+      rules: [
+        TEMPERATURE_HIGH,
+        { ...TEMPERATURE_HIGH, id: 'temperature-low', above: undefined, below: -10, clear: -5 },
+        { ...TEMPERATURE_HIGH, id: 'humidity-high', metric: 'humidity', above: 90, clear: 85 },
+      ],
+    })
+    const p = anyEvents(
+      alertsProjection({ rules, defaultTimeoutSeconds: 60, windowReadings: window }),
+    )
+    const tip = async () =>
+      (
+        await db
+          .selectFrom('alert_tips')
+          .select('readings_since_prune')
+          .where('device_id', '=', DEVICE)
+          .executeTakeFirstOrThrow()
+      ).readings_since_prune
+    const horizons = async () =>
+      JSON.stringify(await db.selectFrom('alert_horizons').selectAll().orderBy('rule_id').execute())
+    await apply(p, [reading('r00', 10, 20)]) // a new sensor: folded in full once
+    let refolds = 0
+    let pruned = 0
+    for (let i = 1; i < 40; i++) {
+      const before = await horizons()
+      const since = await tip()
+      await apply(p, [reading(`r${String(i).padStart(2, '0')}`, 10 + i, 20)])
+      if ((await tip()) > since) continue
+      refolds++
+      if ((await horizons()) !== before) pruned++
+    }
+    // Folded again in full once the sensor's inputs since the last reached its trim point, which
+    // counts the three rules (counted against the window alone: 19 refolds of 39 readings), and
+    // each time both temperature rules had readings to prune.
+    const inputs = 39 * 2
+    expect(refolds).toBeGreaterThanOrEqual(Math.floor(inputs / trimAfter(DEVICE, window, 3)) - 1)
+    expect(refolds).toBeLessThanOrEqual(Math.floor(inputs / trimAfter(DEVICE, window, 3)))
+    expect(pruned).toBe(refolds)
+    const kept = await db
+      .selectFrom('alert_inputs')
+      .select(['rule_id', sql<number>`count(*)::int`.as('n')])
+      .groupBy('rule_id')
+      .orderBy('rule_id')
+      .execute()
+    expect(kept.map((k) => k.rule_id)).toEqual(['temperature-high', 'temperature-low'])
+    for (const k of kept) expect(k.n).toBeLessThanOrEqual(trimAfter(DEVICE, window, 3) / 2 + window)
   })
 
   it('a redelivered reading is one input, in the batch and after it; correlation ids as sent', async () => {

@@ -32,10 +32,11 @@ async function dump(pool: pg.Pool, table: string): Promise<unknown[]> {
  */
 describe("the bench's (d), the job's rows written by hand", () => {
   // Fewer sensors than the bench, so that each gets past its trim point more than once (humidity
-  // feeds one rule, temperature two: 150 readings are 150-300 inputs, trims at 64-127). No batch
-  // may hold a sensor twice (job-limit.ts), so both write batches of one reading per sensor.
-  const SENSORS = 50
-  const EVENTS = 7_500
+  // feeds one rule, temperature two: 720 readings are 1,080 inputs; the default rules have four
+  // threshold rules, so trims come at 256-508). No batch may hold a sensor twice (job-limit.ts),
+  // so both write batches of one reading per sensor.
+  const SENSORS = 25
+  const EVENTS = 18_000
   let p: Pipeline
   let events: BenchEvent[]
   let rules: ThresholdRule[]
