@@ -68,7 +68,7 @@ export interface Figures {
       readonly cpuCores: Readonly<Record<string, number>>
       /**
        * Seconds waited before the phase for Postgres to finish what the backlog left it
-       * (autovacuum, a checkpoint): the phase measures the steady state. Absent in older runs.
+       * (vacuum, a checkpoint): the phase measures the steady state. Absent in older runs.
        */
       readonly quietSeconds?: number
     }
@@ -411,7 +411,8 @@ export function printReport(f: Figures, json: boolean): void {
       `${num(lat.samples)} probes, ${lat.missing} missing, poll ${lat.pollMs} ms` +
       (lat.quietSeconds === undefined
         ? ''
-        : `; started after ${lat.quietSeconds.toFixed(1)} s of autovacuum and a checkpoint of the backlog`),
+        : `; after ${lat.quietSeconds.toFixed(1)} s of vacuum and a checkpoint of the backlog`) +
+      (lat.warmupSeconds === undefined ? '' : ` and ${lat.warmupSeconds} s at the rate unmeasured`),
   )
   const cores = Object.entries(lat.cpuCores)
   other(
