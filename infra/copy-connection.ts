@@ -39,9 +39,9 @@ export class CopyConnection implements DatabaseConnection {
     throw new Error('streaming queries need a cursor, which this connection does not have')
   }
 
-  /** Back to the pool; closed instead after `err` (the client may be mid-statement). */
-  release(err?: Error): void {
-    this.#client.release(err)
+  /** Back to the pool, as Kysely's own Postgres connection goes. */
+  release(): void {
+    this.#client.release()
   }
 }
 
