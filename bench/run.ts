@@ -413,11 +413,18 @@ async function main(opts: Options): Promise<Figures> {
     // The phases before are done with their databases: the scale-out runs drop them first.
     await rt.close()
     rt = undefined
-    // The same workload's first --scale-events readings, stamped again (new ids and HLCs).
-    const scaleEvents = Array.from({ length: opts.scaleEvents }, (_, i) =>
-      stampReading(publisher, i, opts.devices),
+    // The same workload's first --scale-events readings, stamped again (new ids and HLCs) for
+    // the phase's one ingest and dropped after it: no run of it shares the cores with a GC of them.
+    const scale = await scaleOut(
+      pgc,
+      opts.scaleEvents,
+      () =>
+        Array.from({ length: opts.scaleEvents }, (_, i) =>
+          stampReading(publisher, i, opts.devices),
+        ),
+      opts.partitions,
+      ['bench', 'bench_job'],
     )
-    const scale = await scaleOut(pgc, scaleEvents, opts.partitions, ['bench', 'bench_job'])
 
     return {
       machine,
@@ -464,14 +471,16 @@ async function main(opts: Options): Promise<Figures> {
 }
 
 /**
- * The same events on a stream split into partitions by the server's subject mapping, processed
+ * `count` events (`stamp` makes them, once, for the ingest) on a stream split into partitions by
+ * the server's subject mapping, processed
  * end to end by one process of each processor (owning every partition), then, into a fresh
  * database, by two processes of each sharing the partitions. Each run starts on a quiet Postgres
  * (bench/quiet-postgres.ts): the databases before it (`done`, then the previous run's) dropped.
  */
 async function scaleOut(
   pgc: PgCluster,
-  events: readonly BenchEvent[],
+  count: number,
+  stamp: () => readonly BenchEvent[],
   partitions: number,
   done: readonly string[],
 ): Promise<Figures['scaleOut']> {
@@ -505,21 +514,21 @@ async function scaleOut(
         const publisher = createPublisher(rt.js, {
           clock: new HybridLogicalClock({ node: 'bench', maxOffsetMs: 500 }),
         })
-        const ing = await ingest(publisher, events)
-        if (ing.stored !== events.length) {
-          throw new BenchError(`scale-out ingest stored ${ing.stored} of ${events.length} events`)
+        const ing = await ingest(publisher, stamp())
+        if (ing.stored !== count) {
+          throw new BenchError(`scale-out ingest stored ${ing.stored} of ${count} events`)
         }
       }
       note(`scale-out: ${instances} instance(s) of each processor`)
-      const e2e = await endToEnd(rt, env, phaseTimeoutMs(events.length), instances)
+      const e2e = await endToEnd(rt, env, phaseTimeoutMs(count), instances)
       children = e2e.children
       const usage = await stopProcessors(children)
       children = []
       runs.push({
         instances,
-        events: events.length,
+        events: count,
         seconds: e2e.seconds,
-        rate: events.length / e2e.seconds,
+        rate: count / e2e.seconds,
         startupSeconds: e2e.startupSeconds,
         caughtUpSeconds: e2e.caughtUpSeconds,
         peakRssMb: Math.max(...Object.values(usage.rssMb)),
