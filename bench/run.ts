@@ -472,9 +472,8 @@ async function main(opts: Options): Promise<Figures> {
 
 /**
  * `count` events (`stamp` makes them, once, for the ingest) on a stream split into partitions by
- * the server's subject mapping, processed
- * end to end by one process of each processor (owning every partition), then, into a fresh
- * database, by two processes of each sharing the partitions. Each run starts on a quiet Postgres
+ * the server's subject mapping, processed end to end by one process of each processor (owning
+ * every partition), then, into a fresh database, by two processes of each sharing the partitions. Each run starts on a quiet Postgres
  * (bench/quiet-postgres.ts): the databases before it (`done`, then the previous run's) dropped.
  */
 async function scaleOut(

@@ -397,9 +397,7 @@ export async function refold(
       .where(sql<boolean>`device_id = any(${textArray(missed)}::text[])`)
       .execute())
       tips.set(t.device_id, t)
-  let fedRules = 0
-  for (const r of rules) if (r.kind === 'threshold') fedRules++
-  fedRules = Math.max(1, fedRules)
+  const fedRules = Math.max(1, rules.filter((r) => r.kind === 'threshold').length)
   const onward = (d: string) => {
     const tip = tips.get(d)
     if (tip === undefined) return false
