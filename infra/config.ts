@@ -86,6 +86,11 @@ const Env = z.object({
    */
   PROCESSOR_MAX_ACK_PENDING: int(1, 1_000_000).optional(),
   PROCESSOR_ACK_WAIT_SECONDS: int(1, 3600).default(60),
+  /**
+   * How long an instance alone after joining leaves the partitions a second instance would own,
+   * for one starting beside it to take (processors/runner/runner.ts); 0: takes them all at once.
+   */
+  PROCESSOR_JOIN_GRACE_MS: int(0, 60_000).default(500),
   /** Seconds between clock ticks published into the stream (stream time for silence). */
   CLOCK_TICK_SECONDS: int(1, 3600).default(10),
   /** Silence after which a sensor without its own timeout becomes unknown. */
@@ -155,6 +160,7 @@ export interface Config {
     readonly batchLingerMs: number
     readonly maxAckPending: number
     readonly ackWaitSeconds: number
+    readonly joinGraceMs: number
   }
   readonly clockTickSeconds: number
   readonly sensorInactivityTimeoutSeconds: number
@@ -244,6 +250,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
         e.PROCESSOR_BATCH_SIZE,
       ),
       ackWaitSeconds: e.PROCESSOR_ACK_WAIT_SECONDS,
+      joinGraceMs: e.PROCESSOR_JOIN_GRACE_MS,
     },
     clockTickSeconds: e.CLOCK_TICK_SECONDS,
     sensorInactivityTimeoutSeconds: e.SENSOR_INACTIVITY_TIMEOUT_SECONDS,

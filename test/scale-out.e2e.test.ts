@@ -42,10 +42,11 @@ interface Site {
   processes: CliProcess[]
 }
 
-async function site(): Promise<Site> {
+async function site(settings: Record<string, string> = {}): Promise<Site> {
   const nats = await partitionedServer()
   const db = await freshDatabase()
   const extra = {
+    ...settings,
     FLEET_PARTITIONS: String(PARTITIONS),
     PROCESSOR_BATCH_SIZE: '50',
     PROCESSOR_BATCH_LINGER_MS: '2',
@@ -59,6 +60,12 @@ async function site(): Promise<Site> {
   }
   const rt = await testRuntime(testConfig(nats.url, db, extra))
   return { nats, rt, env: testEnv(nats.url, db, extra), processes: [] }
+}
+
+/** How many times the processes of `s` logged `msg`. */
+function logged(s: Site, msg: string): number {
+  const line = `"msg":${JSON.stringify(msg)}`
+  return s.processes.flatMap((p) => p.output().split('\n')).filter((l) => l.includes(line)).length
 }
 
 function startInstance(s: Site): CliProcess {
@@ -262,7 +269,12 @@ describe(
     let one: Site
     let two: Site
     beforeAll(async () => {
-      ;[one, two] = await Promise.all([site(), site()])
+      // The second site's instances start together: with a join grace no start can outrun, the
+      // first to join leaves the second's partitions to it (and logs at info, to show it).
+      ;[one, two] = await Promise.all([
+        site(),
+        site({ LOG_LEVEL: 'info', PROCESSOR_JOIN_GRACE_MS: '10000' }),
+      ])
     })
     afterAll(async () => {
       for (const s of [one, two]) {
@@ -281,7 +293,7 @@ describe(
 
     let first: { event: FleetEvent; partition?: number }[] = []
 
-    it('two instances over 4 partitions end with the same tables as one instance', async () => {
+    it('two instances started together share 4 partitions without a hand-over and end with the same tables as one instance', async () => {
       first = fleetInput(one.rt, 120, { from: 0, to: 30 })
       startInstance(one)
       startInstance(two)
@@ -298,6 +310,8 @@ describe(
         allCaughtUp(two.rt, consumerNames(two), 180_000),
       ])
       await sharedAs(two, '2,2')
+      // Started together, they shared the partitions out without handing any over.
+      expect(logged(two, 'handing the slot over to another instance')).toBe(0)
 
       // Stored under their partition by the server's mapping: every partition got some.
       const info = await two.rt.jsm.streams.info(two.rt.config.streams.events, {

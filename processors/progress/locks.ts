@@ -178,14 +178,14 @@ export class Lease {
     return r.rows.map((row) => row.i)
   }
 
-  /** Which of `slots` this instance should own, given the live instances. */
-  async share<T>(slots: readonly T[]): Promise<Set<T>> {
+  /** Which of `slots` this instance should own, given the live instances, and how many live. */
+  async share<T>(slots: readonly T[]): Promise<{ mine: Set<T>; instances: number }> {
     const me = this.#member
-    if (me === undefined) return new Set()
+    if (me === undefined) return { mine: new Set(), instances: 0 }
     const members = await this.members()
     const rank = Math.max(0, members.indexOf(me))
     const count = Math.max(1, members.length)
-    return new Set(slots.filter((_, i) => i % count === rank))
+    return { mine: new Set(slots.filter((_, i) => i % count === rank)), instances: count }
   }
 
   /** Takes the slot's lock if no other instance holds it. */
