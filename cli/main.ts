@@ -68,6 +68,14 @@ function exitCodeAfter(err: unknown): number {
   return wasInterrupted() && code !== EXIT_USAGE ? EXIT_INTERRUPTED : code
 }
 
+// `fleetstream events list | head`: once the reader has gone, a write to stdout fails with EPIPE.
+// Unix tools die of SIGPIPE then, quietly; Node ignores that signal, and the failed write would
+// crash the process with a stack trace. Stop as they do instead.
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code !== 'EPIPE') throw err
+  process.exit(typeof process.exitCode === 'number' ? process.exitCode : EXIT_OK)
+})
+
 try {
   await withUsageHints(program).parseAsync()
 } catch (err) {

@@ -1,7 +1,8 @@
+import { spawn } from 'node:child_process'
 import { readFile } from 'node:fs/promises'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { CONFIG_VARIABLES } from '../infra/config.ts'
-import { natsAdmin, repoRoot, runCli, testEnv } from './fixtures.ts'
+import { cliPath, natsAdmin, repoRoot, runCli, testEnv } from './fixtures.ts'
 import {
   freshDatabase,
   startNatsServer,
@@ -41,6 +42,19 @@ describe('the CLI says what is wrong, the same way everywhere', () => {
     const dlq = await runCli(['dlq', 'show', '999'], env)
     expect(dlq.code, dlq.output).toBe(2)
     expect(dlq.output).toContain("'seq' must be the sequence of an entry in FLEET_DLQ, got 999")
+  })
+
+  it('stops quietly when the reader of its output has gone (`fleetstream --help | head`)', async () => {
+    const child = spawn(process.execPath, [cliPath, '--help'], {
+      env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    })
+    child.stdout.destroy() // gone before the CLI has loaded, so its first write finds no reader
+    let stderr = ''
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()))
+    const code = await new Promise<number | null>((resolve) => child.on('exit', resolve))
+    expect(stderr).toBe('')
+    expect(code).toBe(0)
   })
 
   it('setup --help names all three streams it creates', async () => {
