@@ -271,6 +271,7 @@ function meanCaughtUp(
   })
   return times.length === 0 ? undefined : times.reduce((a, b) => a + b, 0) / times.length
 }
+
 export function printReport(f: Figures, json: boolean): void {
   const out = (line = ''): void => {
     process.stdout.write(`${line}\n`)
