@@ -64,6 +64,11 @@ const MEMBERSHIP_CHANNEL = 'fleetstream_membership'
  * listens to, so a hand-over waits for the batch in hand and not for the next look round. The
  * look round stays: an instance that dies sends nothing.
  */
+/** The slots the instance of rank `rank` (from 0) owns among `count` live instances. */
+export function shareOf<T>(slots: readonly T[], rank: number, count: number): Set<T> {
+  return new Set(slots.filter((_, i) => i % count === rank))
+}
+
 export class Lease {
   /** Set when the session broke or went silent too long: nothing is owned any more. */
   lost: Error | undefined
@@ -183,9 +188,8 @@ export class Lease {
     const me = this.#member
     if (me === undefined) return { mine: new Set(), instances: 0 }
     const members = await this.members()
-    const rank = Math.max(0, members.indexOf(me))
     const count = Math.max(1, members.length)
-    return { mine: new Set(slots.filter((_, i) => i % count === rank)), instances: count }
+    return { mine: shareOf(slots, Math.max(0, members.indexOf(me)), count), instances: count }
   }
 
   /** Takes the slot's lock if no other instance holds it. */

@@ -17,7 +17,7 @@ import { errorSummary } from '../../infra/retry.ts'
 import { sleep, Wakeup } from '../../infra/sleep.ts'
 import type { Database } from '../../projections/tables.ts'
 import { slotsOf, type Slot } from '../partitions.ts'
-import { Lease, REBALANCE_MS } from '../progress/locks.ts'
+import { Lease, REBALANCE_MS, shareOf } from '../progress/locks.ts'
 import { fencedDatabase } from '../progress/slot-fence.ts'
 import { isAborted, type RunnerContext } from './context.ts'
 import { ProcessorCounters } from './counters.ts'
@@ -182,15 +182,16 @@ class ProcessorRunner implements RunningProcessor {
         // slot handed over started its first batch ~2.5 s after the others, its four JetStream
         // API requests queued in nats-server 2.9's one API queue behind every starting slot's.
         const graceLeft = instances === 1 ? joinedAt + graceMs - Date.now() : 0
+        // Alone, it ranks first once another joins: a later instance takes a higher member index.
+        const takeNow = graceLeft > 0 ? shareOf(this.#slots, 0, 2) : wanted
         let handingOver = false
-        for (const [index, slot] of this.#slots.entries()) {
+        for (const slot of this.#slots) {
           const mine = owned.get(slot)
           if (mine !== undefined) {
             if (!wanted.has(slot)) mine.session.giveUp() // another instance's share now
             continue
           }
-          if (!wanted.has(slot) || (backoffs.get(slot)?.until ?? 0) > Date.now()) continue
-          if (graceLeft > 0 && index % 2 !== 0) continue // a second instance's, if one joins
+          if (!takeNow.has(slot) || (backoffs.get(slot)?.until ?? 0) > Date.now()) continue
           if (!(await lease.tryAcquire(slot.key))) {
             handingOver = true // its owner has not let go yet: it will after its batch in hand
             continue
