@@ -160,6 +160,23 @@ export function cpuFloor(f: Figures): { usPerEvent: number; maxRate: number } {
   return { usPerEvent, maxRate: (f.machine.cores * 1e6) / usPerEvent }
 }
 
+/**
+ * Cores the end-to-end phase used on average: every process's CPU (the processors, nats-server,
+ * Postgres) over the phase's wall time. Below the machine's cores, some stood idle.
+ */
+function endToEndCores(f: Figures): number {
+  const e = f.fleetstream.endToEnd
+  const us = Object.values(e.cpuUsPerEvent).reduce((a, b) => a + b, 0)
+  return (us * e.events) / 1e6 / e.seconds
+}
+
+/** How long the processor caught up last ran after the others had: the phase's tail. */
+function lastAlone(caughtUp: Readonly<Record<string, number>>): string {
+  const [last, before] = Object.entries(caughtUp).sort(([, a], [, b]) => b - a)
+  if (last === undefined || before === undefined) return 'one processor'
+  return `${last[0]} ran ${(last[1] - before[1]).toFixed(1)} s after the others had caught up`
+}
+
 /** The processors of the end-to-end run, each consuming the whole stream. */
 const PROCESSOR_COUNT = 3
 
@@ -390,6 +407,12 @@ export function printReport(f: Figures, json: boolean): void {
     Object.entries(cpu)
       .map(([k, v]) => `${k} ${num(v)}`)
       .join(', ') + ' (us; Postgres: all its processes)',
+  )
+  other(
+    '',
+    'cores used, end-to-end phase',
+    `${endToEndCores(f).toFixed(2)} of ${f.machine.cores}`,
+    `on average; ${lastAlone(fs.endToEnd.caughtUpSeconds)}`,
   )
   const floor = cpuFloor(f)
   other(

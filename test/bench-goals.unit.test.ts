@@ -156,6 +156,24 @@ describe('bench goals (issue 13)', () => {
     printReport(figures(), false)
     expect(out).toContain('goals of issue 13 (judged: 1,000,000 events): 12/12 met')
   })
+
+  it("shows the cores the end-to-end phase used and its tail, the last processor's run alone", () => {
+    let out = ''
+    vi.spyOn(process.stdout, 'write').mockImplementation((s) => {
+      out += String(s)
+      return true
+    })
+    const f = figures()
+    const e2e = f.fleetstream.endToEnd
+    const caughtUpSeconds = { 'sensor-status': 50.5, readings: 64.5, alerts: 83.3 }
+    printReport(
+      { ...f, fleetstream: { ...f.fleetstream, endToEnd: { ...e2e, caughtUpSeconds } } },
+      false,
+    )
+    // 160 us of CPU per event for 1M events in 83.3 s: 1.92 cores.
+    const row = out.split('\n').find((l) => l.includes('cores used, end-to-end phase'))
+    expect(row).toMatch(/1\.92 of 2 +on average; alerts ran 18\.8 s after the others had caught up/)
+  })
 })
 
 describe('beside', () => {
