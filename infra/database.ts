@@ -3,6 +3,7 @@ import { Kysely, PostgresDialect } from 'kysely'
 import pg from 'pg'
 import { ConfigError } from './config.ts'
 import type { Logger } from './logger.ts'
+import { prepareRepeated } from './prepared-statements.ts'
 import { redact } from './redact.ts'
 import { withBackoff } from './retry.ts'
 
@@ -22,6 +23,12 @@ export function createPool(
     queryTimeoutMs?: number
     /** Schemas unqualified names resolve in (e.g. a rebuild's scratch schema); the server's default otherwise. */
     searchPath?: readonly string[]
+    /**
+     * Name repeated parameterised statements so that Postgres parses and plans them once
+     * (infra/prepared-statements.ts; default true). The bench's raw limits turn it off: they
+     * measure what a raw user's connection does.
+     */
+    namedStatements?: boolean
   },
 ): pg.Pool {
   const pool = new pg.Pool({
@@ -48,6 +55,7 @@ export function createPool(
   // two queries): a server going away then would crash the process. Every client keeps one; the
   // query in progress, if any, still fails and is retried as a transient failure.
   pool.on('connect', (client) => {
+    if (opts.namedStatements !== false) prepareRepeated(client)
     client.on('error', (err) => {
       opts.log.warn({ err: err.message }, 'Postgres connection lost')
     })
