@@ -4,6 +4,7 @@
  * to SQL latency at a steady rate, and `fleetstream rebuild`.
  */
 import { setTimeout as sleep } from 'node:timers/promises'
+import type pg from 'pg'
 import { v7 as uuidv7 } from 'uuid'
 import type { Runtime } from '../app/runtime.ts'
 import { PublishPipeline, type Publisher } from '../infra/publisher.ts'
@@ -225,7 +226,7 @@ export interface Latency {
  * in the first seconds of a lighter load).
  */
 export async function latency(
-  rt: Runtime,
+  pool: pg.Pool,
   publisher: Publisher,
   opts: {
     rate: number
@@ -244,7 +245,7 @@ export async function latency(
     while (state.publishing || pending.size > 0) {
       if (pending.size > 0) {
         const ids = [...pending.keys()]
-        const { rows } = await rt.pool.query<{ event_id: string }>(
+        const { rows } = await pool.query<{ event_id: string }>(
           'select event_id from readings where event_id = any($1::text[])',
           [ids],
         )

@@ -164,6 +164,7 @@ async function main(opts: Options): Promise<Figures> {
   let rt: Runtime | undefined
   let processors: readonly Child[] = []
   let jobPool: pg.Pool | undefined
+  let rawPool: pg.Pool | undefined
   const benchStart = performance.now()
   try {
     const loadAtStart = loadavg()[0] ?? Number.NaN
@@ -194,6 +195,14 @@ async function main(opts: Options): Promise<Figures> {
       name: 'fleetstream-bench',
     })
     await setUp(rt)
+    // What the bench's own SQL goes through ((c), the naive consumer, the latency phase's poller):
+    // a connection as a raw user would open it, every statement unnamed (node-postgres' default),
+    // as in the runs before fleetstream named its repeated statements.
+    rawPool = createPool(databaseUrl, {
+      log: createLogger({ level: 'silent', name: 'bench' }),
+      max: 2,
+      namedStatements: false,
+    })
     const backendPid = (await rt.pool.query<{ pid: number }>('select pg_backend_pid() as pid'))
       .rows[0]?.pid
     if (backendPid === undefined) throw new BenchError('no pg_backend_pid()')
@@ -241,8 +250,8 @@ async function main(opts: Options): Promise<Figures> {
       const natsCpuB = cpuSeconds(nats.pid) - natsCpuB0
       const benchCpuB = cpuSeconds(process.pid) - benchCpuB0
       note('(c) raw set-based Postgres write')
-      await createScratchTables(rt.pool)
-      const c = await rawWrite(rt.pool, events)
+      await createScratchTables(rawPool)
+      const c = await rawWrite(rawPool, events)
       note("(d) the job's write limit: the three read models' rows by hand, 3 connections at once")
       const pgCpu0 = treeCpuSeconds(postmaster)
       const benchCpu0 = cpuSeconds(process.pid)
@@ -274,7 +283,7 @@ async function main(opts: Options): Promise<Figures> {
         },
       }
       note(`naive consumer on ${opts.naiveEvents} events`)
-      const n = await naive(raw, rt.jsm, rt.pool, opts.naiveEvents)
+      const n = await naive(raw, rt.jsm, rawPool, opts.naiveEvents)
       naiveResult = {
         events: opts.naiveEvents,
         seconds: n.seconds,
@@ -302,7 +311,7 @@ async function main(opts: Options): Promise<Figures> {
         benchCpuUsPerEvent: (j.clientCpuSeconds * 1e6) / events.length,
       }
       await rt.jsm.streams.delete(RAW_STREAM)
-      await rt.pool.query('drop table bench_raw, bench_naive')
+      await rawPool.query('drop table bench_raw, bench_naive')
     } finally {
       await raw.close()
     }
@@ -385,7 +394,7 @@ async function main(opts: Options): Promise<Figures> {
     })
     const latCpu0 = cpuNow()
     const latStart = performance.now()
-    const lat = await latency(rt, publisher, {
+    const lat = await latency(rawPool, publisher, {
       rate: opts.latencyRate,
       devices: opts.devices,
       seconds: opts.latencySeconds,
@@ -464,6 +473,7 @@ async function main(opts: Options): Promise<Figures> {
   } finally {
     await Promise.all(processors.map((c) => c.stop(2000)))
     await jobPool?.end().catch(() => undefined)
+    await rawPool?.end().catch(() => undefined)
     await rt?.close().catch(() => undefined)
     await Promise.all([
       nats?.cleanup().catch(() => undefined),
