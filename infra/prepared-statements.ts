@@ -4,9 +4,9 @@
  * Kysely sends every statement unnamed: Postgres parses it and plans it again at each execution.
  * The processors' statements are the same few texts commit after commit (the projections' CTEs,
  * the checkpoint), so that is repeated work. Measured at a steady 5,000 events/s (the bench's latency
- * rig, `log_min_duration_statement=0` over 2-s windows): parse 79-83 ms and bind (where an unnamed
- * statement is planned) 160-174 ms per window; with this, 20-32 and 59-80. That is ~0.08 of a core
- * of Postgres on the bench's two.
+ * rig, `log_min_duration_statement=0` over 2-s windows): the processors' parse and bind (where an
+ * unnamed statement is planned) took ~190 ms per window, ~50 with this: ~0.07 of a core of
+ * Postgres on the bench's two.
  *
  * As the JDBC driver's `prepareThreshold` does: a parameterised statement is named on its
  * {@link PREPARE_AFTER}th use on a connection, at most {@link MAX_NAMED} per connection (a
@@ -47,6 +47,11 @@ export function prepareRepeated(client: pg.ClientBase): void {
   const unnamed = new Set<string>()
   let next = 0
   const query = client.query.bind(client) as (...args: unknown[]) => unknown
+  const never = (text: string): void => {
+    // Bounded as the counts are; a text forgotten here is judged again on its next uses.
+    if (unnamed.size >= MAX_COUNTED) unnamed.clear()
+    unnamed.add(text)
+  }
 
   const nameOf = (text: string): string | undefined => {
     const known = names.get(text)
@@ -59,7 +64,7 @@ export function prepareRepeated(client: pg.ClientBase): void {
     }
     uses.delete(text)
     if (STAR.test(text)) {
-      unnamed.add(text)
+      never(text)
       return undefined
     }
     const name = `fleet_${next++}`
@@ -77,7 +82,7 @@ export function prepareRepeated(client: pg.ClientBase): void {
     return (query({ name, text, values }) as Promise<unknown>).catch((err: unknown) => {
       if (!isStalePlan(err)) throw err
       names.delete(text)
-      unnamed.add(text)
+      never(text)
       throw new StalePreparedStatementError(
         `a prepared statement's result columns changed (a migration ran); it is sent unnamed from now on`,
         { cause: err },
