@@ -40,6 +40,11 @@ export const REBALANCE_MS = 2_000
 /** The channel instances `NOTIFY` on when they join, give a slot back or leave (payload: the processor). */
 const MEMBERSHIP_CHANNEL = 'fleetstream_membership'
 
+/** The slots the instance of rank `rank` (from 0) owns among `count` live instances. */
+export function shareOf<T>(slots: readonly T[], rank: number, count: number): Set<T> {
+  return new Set(slots.filter((_, i) => i % count === rank))
+}
+
 /**
  * One Postgres session that holds an instance's locks: its membership (an index among the live
  * instances of its processor) and the slots it owns. When the instance dies, Postgres ends the
@@ -64,11 +69,6 @@ const MEMBERSHIP_CHANNEL = 'fleetstream_membership'
  * listens to, so a hand-over waits for the batch in hand and not for the next look round. The
  * look round stays: an instance that dies sends nothing.
  */
-/** The slots the instance of rank `rank` (from 0) owns among `count` live instances. */
-export function shareOf<T>(slots: readonly T[], rank: number, count: number): Set<T> {
-  return new Set(slots.filter((_, i) => i % count === rank))
-}
-
 export class Lease {
   /** Set when the session broke or went silent too long: nothing is owned any more. */
   lost: Error | undefined
