@@ -13,7 +13,7 @@ import { availableParallelism, cpus, loadavg } from 'node:os'
 import { parseArgs } from 'node:util'
 import { JetStreamApiCodes, JetStreamApiError } from '@nats-io/jetstream'
 import { connect } from '@nats-io/transport-node'
-import type pg from 'pg'
+import pg from 'pg'
 import { openRuntime, setUp, type Runtime } from '../app/runtime.ts'
 import { loadConfig } from '../infra/config.ts'
 import { createLogger } from '../infra/logger.ts'
@@ -198,11 +198,7 @@ async function main(opts: Options): Promise<Figures> {
     // What the bench's own SQL goes through ((c), the naive consumer, the latency phase's poller):
     // a connection as a raw user would open it, every statement unnamed (node-postgres' default),
     // as in the runs before fleetstream named its repeated statements.
-    rawPool = createPool(databaseUrl, {
-      log: createLogger({ level: 'silent', name: 'bench' }),
-      max: 2,
-      namedStatements: false,
-    })
+    rawPool = new pg.Pool({ connectionString: databaseUrl, max: 2 })
     const backendPid = (await rt.pool.query<{ pid: number }>('select pg_backend_pid() as pid'))
       .rows[0]?.pid
     if (backendPid === undefined) throw new BenchError('no pg_backend_pid()')

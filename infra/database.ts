@@ -23,12 +23,6 @@ export function createPool(
     queryTimeoutMs?: number
     /** Schemas unqualified names resolve in (e.g. a rebuild's scratch schema); the server's default otherwise. */
     searchPath?: readonly string[]
-    /**
-     * Name repeated parameterised statements so that Postgres parses and plans them once
-     * (infra/prepared-statements.ts; default true). The bench's raw limits turn it off: they
-     * measure what a raw user's connection does.
-     */
-    namedStatements?: boolean
   },
 ): pg.Pool {
   const pool = new pg.Pool({
@@ -55,7 +49,8 @@ export function createPool(
   // two queries): a server going away then would crash the process. Every client keeps one; the
   // query in progress, if any, still fails and is retried as a transient failure.
   pool.on('connect', (client) => {
-    if (opts.namedStatements !== false) prepareRepeated(client)
+    // Repeated statements named: Postgres parses and plans them once (prepared-statements.ts).
+    prepareRepeated(client)
     client.on('error', (err) => {
       opts.log.warn({ err: err.message }, 'Postgres connection lost')
     })
