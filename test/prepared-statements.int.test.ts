@@ -92,6 +92,29 @@ describe('prepared statements', () => {
     expect(await count('t_old')).toBe(PREPARE_AFTER)
   })
 
+  it('a value Postgres refuses fails a named statement as it would an unnamed one', async () => {
+    const text = 'insert into t (id, v) values ($1, $2)'
+    for (let i = 1; i <= PREPARE_AFTER; i++) await client.query(text, [i, 'ok'])
+    expect(await prepared()).toEqual([text])
+    // Out of int4's range, and a NUL byte: the event's fault (a data error), never transient.
+    for (const values of [
+      [2 ** 31, 'x'],
+      [10, 'nul\u0000byte'],
+    ]) {
+      const err = await client.query(text, values).then(
+        () => undefined,
+        (e: unknown) => e,
+      )
+      expect(err).not.toBeInstanceOf(StalePreparedStatementError)
+      expect((err as { code?: string }).code).toMatch(/^22/)
+      expect(isTransient(err)).toBe(false)
+    }
+    await client.query(text, [11, 'after'])
+    const { rows } = await client.query<{ n: number }>('select count(*)::int as n from t')
+    expect(rows[0]?.n).toBe(PREPARE_AFTER + 1)
+    expect(await prepared()).toEqual([text])
+  })
+
   it('a named statement whose result changed fails as transient, then runs unnamed', async () => {
     const text = 'select v from t where id = $1'
     await client.query('insert into t (id, v) values (1, $1)', ['a'])
