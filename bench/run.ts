@@ -63,6 +63,7 @@ import {
 } from './limits.ts'
 import { publishCeiling } from './publish-ceiling.ts'
 import { quietPostgres } from './quiet-postgres.ts'
+import { collectGarbage } from './collect-garbage.ts'
 import { type Figures, printReport, type ScaleRun } from './report.ts'
 
 /**
@@ -323,8 +324,10 @@ async function main(opts: Options): Promise<Figures> {
     // process through every processor phase, and each full GC of them (V8's memory reducer runs
     // them while this thread idles) takes CPU from the processors and, in the latency phase,
     // pauses the publisher and the poller: the phase's p99 was 227-387 ms in 1M runs holding the
-    // scale-out's 200k, 87-144 ms in rigs holding none.
+    // scale-out's 200k, 87-144 ms in rigs holding none. Dropped, they are freed here, not in a
+    // later phase (bench/collect-garbage.ts).
     events.splice(0)
+    note(`the bench's garbage collected in ${collectGarbage().toFixed(0)} ms`)
     note('start-up: each processor alone on the backlog, until its first applied batch')
     const alone = await startupAlone(rt, env, phaseTimeoutMs(opts.events))
     note(
@@ -373,6 +376,8 @@ async function main(opts: Options): Promise<Figures> {
     await rt.pool.query('vacuum (analyze)')
     const stillBusy = await quietPostgres(pgc, [])
     const quietSeconds = (performance.now() - quietStart) / 1000
+    // And this process's own, left while it waited for the processors (bench/collect-garbage.ts).
+    collectGarbage()
     if (stillBusy.length > 0) note(`latency: autovacuum still running (${stillBusy.join('; ')})`)
     note(
       `latency: ${opts.latencyRate} events/s from ${opts.devices} sensors for ${opts.latencySeconds} s, ` +
@@ -533,6 +538,8 @@ async function scaleOut(
         if (ing.stored !== count) {
           throw new BenchError(`scale-out ingest stored ${ing.stored} of ${count} events`)
         }
+        // The events just ingested are garbage: freed now, not beside one run and not the others.
+        collectGarbage()
       }
       note(`scale-out: ${instances} instance(s) of each processor`)
       const e2e = await endToEnd(rt, env, phaseTimeoutMs(count), instances)
