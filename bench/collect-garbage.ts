@@ -10,7 +10,8 @@
  * poller) by up to 133 ms. Measured in a rig (300k events ingested by the process that then
  * publishes at 5,000 ev/s and polls): every run had such a stall ~10 s into the phase, and p99
  * publish -> SQL was 279-410 ms (max 378-518); collected first (60 ms), p99 162 ms, max 207. In
- * the next 1M run of the bench, p99 189 ms (max 228), against 401 ms (max 480) in the run before.
+ * the next two 1M runs of the bench, p99 189 and 252 ms (max 228 and 329), against 401 ms (max
+ * 480) in the run before.
  */
 import { BenchError } from './common.ts'
 
