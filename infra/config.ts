@@ -82,7 +82,9 @@ const Env = z.object({
    * Default: three batches, what the pipeline uses (one committing, one prepared, one arriving).
    * More only sits in the buffer, long enough to be promoted into V8's old space: 10,000 raised
    * each processor's peak RSS by 25-95 MB for no CPU per event or throughput (measured, 3000 vs
-   * 10,000, three processors at once on a 100k backlog).
+   * 10,000, three processors at once on a 100k backlog). It is per consumer, so per partition an
+   * instance owns: one instance owning 4 partitions peaked 40-50 MB higher than with 1,000 (README,
+   * "Scale out by partition").
    */
   PROCESSOR_MAX_ACK_PENDING: int(1, 1_000_000).optional(),
   PROCESSOR_ACK_WAIT_SECONDS: int(1, 3600).default(60),
