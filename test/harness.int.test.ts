@@ -1,7 +1,9 @@
 import { jetstreamManager } from '@nats-io/jetstream'
 import { connect } from '@nats-io/transport-node'
 import pg from 'pg'
+import { createServer, type Server } from 'node:net'
 import { afterAll, describe, expect, it } from 'vitest'
+import { freePort, onFreePorts } from '../testbed/processes.ts'
 import {
   type NatsServer,
   type PgCluster,
@@ -61,6 +63,54 @@ describe('startNatsServer', () => {
     } finally {
       await again.close()
     }
+  })
+})
+
+/** A port held by this process until `close`, as another process would hold it. */
+async function holdPort(): Promise<{ port: number; server: Server }> {
+  const server = createServer()
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const address = server.address()
+  if (address === null || typeof address !== 'object') throw new Error('no address')
+  return { port: address.port, server }
+}
+
+describe('onFreePorts', () => {
+  it('starts a server again on fresh ports when one it picked was taken meanwhile', async () => {
+    const held = await holdPort()
+    const monitors: number[] = []
+    try {
+      const ns = await onFreePorts(async () => {
+        // The first pick is one another process took after it was picked.
+        const monitor = monitors.length === 0 ? held.port : await freePort()
+        monitors.push(monitor)
+        return startNatsServer({ extraConfig: `http: "127.0.0.1:${monitor}"` })
+      })
+      cleanups.push(() => ns.cleanup())
+      expect(monitors).toHaveLength(2)
+      expect(monitors[0]).toBe(held.port)
+      const res = await fetch(`http://127.0.0.1:${monitors[1]}/varz`)
+      expect(res.status).toBe(200)
+    } finally {
+      held.server.close()
+    }
+  })
+
+  it('gives up after three attempts, and at once on any other failure', async () => {
+    let calls = 0
+    const taken = onFreePorts(() => {
+      calls++
+      return Promise.reject(new Error('listen tcp 127.0.0.1:1: bind: address already in use'))
+    })
+    await expect(taken).rejects.toThrow('address already in use')
+    expect(calls).toBe(3)
+    calls = 0
+    const other = onFreePorts(() => {
+      calls++
+      return Promise.reject(new Error('nats-server not found'))
+    })
+    await expect(other).rejects.toThrow('nats-server not found')
+    expect(calls).toBe(1)
   })
 })
 

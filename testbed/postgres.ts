@@ -16,6 +16,7 @@ import {
   findOnPath,
   freePort,
   isExecutable,
+  onFreePorts,
   run,
   tailFile,
 } from './processes.ts'
@@ -56,7 +57,6 @@ export const PG_BINARIES_NOT_FOUND =
 const PG_LIB_DIR = '/usr/lib/postgresql'
 const INITDB_TIMEOUT_MS = 60_000
 const PG_CTL_TIMEOUT_S = 30
-const START_ATTEMPTS = 3
 const DATABASE_NAME = /^[a-z_][a-z0-9_]{0,62}$/
 
 /** Creates a fresh cluster in a temp dir and starts it; see {@link PgCluster}. */
@@ -154,17 +154,12 @@ class PgClusterImpl implements PgCluster {
     )
   }
 
-  /** The port is free when picked but may be taken before postgres binds it: pick again then. */
+  /** On a free port, picked again when it was taken before postgres bound it. */
   async startOnFreePort(): Promise<void> {
-    for (let attempt = 1; ; attempt++) {
+    await onFreePorts(async () => {
       this.port = await freePort()
-      const result = await this.pgCtlStart()
-      if (result.code === 0) return
-      const log = await tailFile(this.logFile)
-      if (attempt >= START_ATTEMPTS || !log.includes('could not bind')) {
-        throw await this.failure(`pg_ctl start on port ${this.port} failed`, result)
-      }
-    }
+      await this.start()
+    })
   }
 
   async start(): Promise<void> {

@@ -1,7 +1,7 @@
 /**
  * What starting and watching a throwaway server takes: find its binary, run a command to the end,
- * pick a free port, check that a port answers, read a log's tail, and {@link HarnessError} for
- * whatever of that fails.
+ * pick a free port (and pick again when it was taken), check that a port answers, read a log's
+ * tail, and {@link HarnessError} for whatever of that fails.
  */
 import { execFile } from 'node:child_process'
 import { constants } from 'node:fs'
@@ -105,6 +105,26 @@ export function freePort(): Promise<number> {
     })
   })
 }
+
+/**
+ * Starts a server on ports picked by {@link freePort}, again on fresh ones when it could not bind
+ * one: a port is free when picked, and another process can take it before the server binds it
+ * (any outgoing connection takes an ephemeral port from the range the OS picks free ports from).
+ * `start` picks its ports itself, and fails with the server's "address already in use" in its
+ * error (nats-server's log and Postgres' say so in these words) when one was taken.
+ */
+export async function onFreePorts<T>(start: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await start()
+    } catch (err) {
+      if (attempt >= FREE_PORT_ATTEMPTS || !/address already in use/i.test(String(err))) throw err
+    }
+  }
+}
+
+/** Starts on fresh ports at most this many times (see {@link onFreePorts}). */
+const FREE_PORT_ATTEMPTS = 3
 
 /** Resolves with the promise's value, or with 'timeout' after `ms`; the timer never outlives it. */
 export async function within<T>(promise: Promise<T>, ms: number): Promise<T | 'timeout'> {

@@ -17,7 +17,7 @@ import {
   type Role,
   type RoleSecrets,
 } from './nats-roles.ts'
-import { freePort, HarnessError } from '../../testbed/processes.ts'
+import { freePort, HarnessError, onFreePorts } from '../../testbed/processes.ts'
 
 /** The node names of the cluster, as in infra/docker-compose.yml. */
 export const CLUSTER_NODES = ['n1', 'n2', 'n3'] as const
@@ -110,15 +110,7 @@ export async function startNatsCluster(opts: NatsClusterOptions = {}): Promise<N
       await copyFile(join(repoRoot, 'infra', 'nats', f), join(confDir, f))
     const devices: Record<string, DeviceCredential> = {}
     for (const d of opts.devices ?? []) devices[d.id] = await addDevice(confDir, d.id, d.mqtt)
-    // Ports are picked free, then bound by nats-server a moment later: another process can take
-    // one in between (seen in CI beside other test files). Then start again on fresh ports.
-    for (let attempt = 1; ; attempt++) {
-      try {
-        return await startOnFreePorts(secrets, confDir, devices)
-      } catch (err) {
-        if (attempt >= 3 || !/address already in use/.test(String(err))) throw err
-      }
-    }
+    return await onFreePorts(() => startOnFreePorts(secrets, confDir, devices))
   } catch (err) {
     await rm(confDir, { recursive: true, force: true })
     throw err

@@ -8,7 +8,7 @@ import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
 import { connect, type ConnectionOptions, type NatsConnection } from '@nats-io/transport-node'
 import { startNatsServer, type NatsServer } from '../../testbed/nats-server.ts'
 import type { DeviceCredential } from '../../cli/commands/devices-command.ts'
-import { freePort, HarnessError } from '../../testbed/processes.ts'
+import { freePort, HarnessError, onFreePorts } from '../../testbed/processes.ts'
 
 /** The repository root (the harness lives in test/harness/). */
 export const repoRoot = fileURLToPath(new URL('../..', import.meta.url))
@@ -120,7 +120,6 @@ export async function startRoleNatsServer(
   opts: RoleNatsServerOptions = {},
 ): Promise<RoleNatsServer> {
   const secrets = generateSecrets()
-  const [port, monitorPort, mqttPort] = [await freePort(), await freePort(), await freePort()]
   // A copy of the repository's configs, so that `fleetstream devices` rewrites this server's
   // devices.conf and never the repository's.
   const confDir = await mkdtemp(join(tmpdir(), 'fleetstream-nats-conf-'))
@@ -132,10 +131,14 @@ export async function startRoleNatsServer(
   const pidFile = join(confDir, 'nats.pid')
   // The flags infra/dev-services.sh passes, with ports of our own; the store under the
   // server's temp dir (its working directory).
-  const server = await startNatsServer({
-    configFile: join(confDir, 'nats.conf'),
-    args: [...['-a', '127.0.0.1', '-p', String(port), '-m', String(monitorPort), '-P', pidFile]],
-    env: { ...passwordEnv(secrets), NATS_MQTT_PORT: String(mqttPort), NATS_STORE_DIR: 'js' },
+  const { server, monitorPort, mqttPort } = await onFreePorts(async () => {
+    const [port, monitorPort, mqttPort] = [await freePort(), await freePort(), await freePort()]
+    const server = await startNatsServer({
+      configFile: join(confDir, 'nats.conf'),
+      args: [...['-a', '127.0.0.1', '-p', String(port), '-m', String(monitorPort), '-P', pidFile]],
+      env: { ...passwordEnv(secrets), NATS_MQTT_PORT: String(mqttPort), NATS_STORE_DIR: 'js' },
+    })
+    return { server, monitorPort, mqttPort }
   })
   const url = server.url
   const ns: RoleNatsServer = {
