@@ -1,6 +1,7 @@
 import { sql, type Transaction } from 'kysely'
 import type { ReadingRecorded } from '../schemas/events.ts'
 import { copyField as f, copyPayload, type CopyIn } from './copy-rows.ts'
+import { isoTime } from './iso-time.ts'
 import { jsonRows } from './json-rows.ts'
 import type { Projection, ProjectedEvent } from './projection.ts'
 import type { Database, ReadingTable } from './tables.ts'
@@ -144,7 +145,7 @@ function readingsCopy(rows: readonly Row[]): string {
   for (const { event: e, streamSeq, ingestedAt } of rows) {
     const d = e.data
     const causation = e.causationId === undefined ? '\\N' : f(e.causationId)
-    out += `${f(e.eventId)}\t${f(e.deviceId)}\t${f(d.metric)}\t${f(d.value)}\t${f(d.unit)}\t${f(e.occurredAt)}\t${f(e.hlc)}\t${f(e.correlationId)}\t${causation}\t${f(streamSeq)}\t${f(ingestedAt)}\n`
+    out += `${f(e.eventId)}\t${f(e.deviceId)}\t${f(d.metric)}\t${f(d.value)}\t${f(d.unit)}\t${f(e.occurredAt)}\t${f(e.hlc)}\t${f(e.correlationId)}\t${causation}\t${f(streamSeq)}\t${isoTime(ingestedAt)}\n`
   }
   return out
 }
@@ -172,6 +173,6 @@ function readingRow(r: Row) {
     correlation_id: r.event.correlationId,
     causation_id: r.event.causationId ?? null,
     stream_seq: r.streamSeq,
-    ingested_at: r.ingestedAt,
+    ingested_at: isoTime(r.ingestedAt),
   }
 }
