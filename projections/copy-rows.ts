@@ -9,6 +9,7 @@
  */
 
 import { sql, type Transaction } from 'kysely'
+import { isoTime } from './iso-time.ts'
 import type { Database } from './tables.ts'
 
 /** Sends a COPY payload (text format) into `table` (`columns` in the payload's order). */
@@ -33,7 +34,7 @@ export function copyField(v: CopyValue): string {
   if (v === null) return '\\N'
   // A number or a timestamp never holds a character to escape.
   if (typeof v === 'number') return String(v)
-  if (v instanceof Date) return v.toISOString()
+  if (v instanceof Date) return isoTime(v)
   return SPECIAL.test(v) ? v.replace(SPECIAL_ALL, (c) => ESCAPES[c] ?? c) : v
 }
 

@@ -145,7 +145,7 @@ function readingsCopy(rows: readonly Row[]): string {
   for (const { event: e, streamSeq, ingestedAt } of rows) {
     const d = e.data
     const causation = e.causationId === undefined ? '\\N' : f(e.causationId)
-    out += `${f(e.eventId)}\t${f(e.deviceId)}\t${f(d.metric)}\t${f(d.value)}\t${f(d.unit)}\t${f(e.occurredAt)}\t${f(e.hlc)}\t${f(e.correlationId)}\t${causation}\t${f(streamSeq)}\t${isoTime(ingestedAt)}\n`
+    out += `${f(e.eventId)}\t${f(e.deviceId)}\t${f(d.metric)}\t${f(d.value)}\t${f(d.unit)}\t${f(e.occurredAt)}\t${f(e.hlc)}\t${f(e.correlationId)}\t${causation}\t${f(streamSeq)}\t${f(ingestedAt)}\n`
   }
   return out
 }
