@@ -422,9 +422,14 @@ async function main(opts: Options): Promise<Figures> {
     note(
       `scale-out: ${opts.scaleEvents} events over ${opts.partitions} partitions; 1, then 2 instances of each processor`,
     )
-    // The phases before are done with their databases: the scale-out runs drop them first.
+    // The phases before are done with their databases: the scale-out runs drop them first, so
+    // every connection to them is closed here. An idle one left in a pool was terminated by the
+    // drop, and its pool's 'error' ended the bench (a quick run, whose rebuilds took less than
+    // the pool's 10-s idle timeout).
     await rt.close()
     rt = undefined
+    await rawPool.end()
+    rawPool = undefined
     // The same workload's first --scale-events readings, stamped again (new ids and HLCs) for
     // the phase's one ingest and dropped after it: no run of it shares the cores with a GC of them.
     const scale = await scaleOut(
